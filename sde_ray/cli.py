@@ -1,0 +1,179 @@
+"""The `sde-ray` console script: train | tune | eval | compare | config | data | bench.
+
+Every command that reads a config takes `--config PATH` followed by dotted overrides
+(`train.lr=3e-4 loss.name=infonce`); precedence is CLI > file > defaults. Config errors are printed
+as one clear line and exit with status 2 before anything starts. Heavy modules are imported inside
+the handlers so `sde-ray config show` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from sde_ray.config import ConfigError, dump_yaml, load_config
+
+BENCHMARKS = ("spectral", "data", "train", "eval")
+
+
+def _add_config_args(parser: argparse.ArgumentParser, default: str | None = "configs/default.yaml") -> None:
+    parser.add_argument("--config", default=default, help="YAML config file (default: %(default)s).")
+    parser.add_argument("overrides", nargs="*", help="Dotted overrides key.sub=value (CLI > file > defaults).")
+
+
+def _load(args: argparse.Namespace, extra: list[str] | None = None):
+    path = args.config if args.config and Path(args.config).exists() else None
+    if args.config and path is None and args.config != "configs/default.yaml":
+        raise ConfigError(f"Config file not found: {args.config}")
+    return load_config(path, list(args.overrides) + list(extra or []))
+
+
+def _output_override(args: argparse.Namespace) -> list[str]:
+    return [f"train.output_dir={Path(args.output_dir).resolve()}"] if getattr(args, "output_dir", None) else []
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sde-ray", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="Train on Ray Train + DeepSpeed, then evaluate.")
+    _add_config_args(train)
+    train.add_argument("--output-dir", help="Run outputs (overrides train.output_dir).")
+    train.add_argument("--dry-run", action="store_true", help="Validate, build model and DeepSpeed config, exit.")
+
+    tune = commands.add_parser("tune", help="Ray Tune sweep over curricula and loss weights.")
+    _add_config_args(tune, default=None)
+    tune.add_argument("--output-dir", help="Sweep outputs (trials.csv, best_config.yaml, plots).")
+
+    evaluate = commands.add_parser("eval", help="MMEB P@1 of a checkpoint; `eval compare A B` diffs two runs.")
+    evaluate.add_argument("--checkpoint", required=True, help="Run dir, Ray checkpoint or save_pretrained dir.")
+    evaluate.add_argument("--data", default="", help="MMEB-eval layout root (default: synthetic eval split).")
+    evaluate.add_argument("--datasets", nargs="*", default=None, help="Subset of datasets.")
+    evaluate.add_argument("--output-dir", default=None, help="Where results.{json,md,csv} and plots go.")
+    evaluate.add_argument("--gap-remedy", default=None, choices=["none", "procrustes", "shared_projection"])
+    _add_config_args(evaluate, default=None)
+
+    compare = commands.add_parser("compare", help="Train several objectives × seeds on equal terms; table.")
+    _add_config_args(compare)
+    compare.add_argument("--objectives", default="sde,infonce,fanoise,disncl,dsrsd,gap")
+    compare.add_argument("--seeds", type=int, default=3)
+    compare.add_argument("--noisy-correspondence", default="0")
+    compare.add_argument("--output-dir", default="runs/compare")
+
+    config = commands.add_parser("config", help="Config utilities.")
+    config_commands = config.add_subparsers(dest="config_command", required=True)
+    show = config_commands.add_parser("show", help="Print the resolved config as YAML.")
+    _add_config_args(show)
+
+    data = commands.add_parser("data", help="Dataset tools.")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    convert = data_commands.add_parser("convert-mmeb", help="MMEB-train parquet + images -> WebDataset shards.")
+    convert.add_argument("--src", required=True)
+    convert.add_argument("--out", required=True)
+    convert.add_argument("--subsets", nargs="*", default=None)
+    convert.add_argument("--split", default="original")
+    convert.add_argument("--samples-per-shard", type=int, default=256)
+    convert.add_argument("--workers", type=int, default=1)
+    synth = data_commands.add_parser("synth", help="Write the synthetic MMEB (train + eval layouts).")
+    synth.add_argument("--out", required=True)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--train-per-subset", type=int, default=384)
+    synth.add_argument("--eval-per-dataset", type=int, default=100)
+    synth.add_argument("--noisy-correspondence", type=float, default=0.0)
+
+    bench = commands.add_parser("bench", help="Benchmarks (ratios measured side by side in one run).")
+    bench.add_argument("name", choices=BENCHMARKS)
+    bench.add_argument("--json", default=None, help="Also write the results as JSON here.")
+    bench.add_argument("--quick", action="store_true", help="A smaller grid (used by the tests).")
+    _add_config_args(bench)
+    return parser
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "config":
+        print(dump_yaml(_load(args)), end="")
+        return 0
+    if args.command == "train":
+        from sde_ray.train.driver import run_train
+
+        run_train(_load(args, _output_override(args)), dry_run=args.dry_run)
+        return 0
+    if args.command == "tune":
+        from sde_ray.tune.driver import run_tune
+
+        if not args.config:
+            raise ConfigError("sde-ray tune needs --config configs/sweeps/NAME.yaml")
+        run_tune(args.config, list(args.overrides), output_dir=args.output_dir)
+        return 0
+    if args.command == "eval":
+        from sde_ray.eval.runner import run_eval
+
+        config = _load(args) if args.config else load_config(None, list(args.overrides))
+        run_eval(
+            checkpoint=args.checkpoint,
+            data_dir=args.data,
+            datasets=args.datasets,
+            output_dir=args.output_dir,
+            config=config,
+            gap_remedy=args.gap_remedy,
+        )
+        return 0
+    if args.command == "compare":
+        from sde_ray.tune.compare import run_compare
+
+        run_compare(
+            _load(args),
+            objectives=[o.strip() for o in args.objectives.split(",") if o.strip()],
+            seeds=args.seeds,
+            noisy_correspondence=[float(x) for x in args.noisy_correspondence.split(",") if x.strip()],
+            output_dir=args.output_dir,
+        )
+        return 0
+    if args.command == "data" and args.data_command == "convert-mmeb":
+        from sde_ray.data.convert import convert_mmeb
+
+        manifest = convert_mmeb(
+            args.src, args.out, subsets=args.subsets, split=args.split,
+            samples_per_shard=args.samples_per_shard, workers=args.workers,
+        )
+        print(json.dumps({k: manifest[k] for k in ("num_samples", "num_shards", "rejected") if k in manifest}))
+        return 0
+    if args.command == "data" and args.data_command == "synth":
+        from sde_ray.data.synthetic import write_synthetic_mmeb
+
+        write_synthetic_mmeb(
+            args.out, seed=args.seed, train_per_subset=args.train_per_subset,
+            eval_per_dataset=args.eval_per_dataset, noisy_correspondence=args.noisy_correspondence,
+        )
+        return 0
+    if args.command == "bench":
+        import importlib
+
+        module = importlib.import_module(f"sde_ray.bench.{args.name}")
+        module.main(json_path=args.json, config=_load(args), quick=args.quick)
+        return 0
+    raise AssertionError(f"unhandled command {args.command}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["eval", "compare"]:
+        from sde_ray.eval.report import compare_runs
+
+        if len(argv) != 4:
+            print("usage: sde-ray eval compare RUN_A RUN_B", file=sys.stderr)
+            return 2
+        print(compare_runs(argv[2], argv[3]))
+        return 0
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

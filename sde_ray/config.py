@@ -1,0 +1,548 @@
+"""The one typed config tree of sde_ray, with strict YAML loading and dotted overrides.
+
+Precedence is CLI override > YAML file > the defaults written here. Loading is strict: an unknown
+key or a value of the wrong type raises `ConfigError` naming the dotted key and the closest valid
+names, and `validate()` rejects invalid combinations before any Ray worker starts. Every field
+carries its documentation in `metadata["doc"]`; `describe()` prints them.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key, value or combination that cannot be used; the message names the key."""
+
+
+def doc(default: Any, text: str) -> Any:
+    """A dataclass field with a default (copied for mutables) and its documentation."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: copy.deepcopy(d), metadata={"doc": text})
+    if dataclasses.is_dataclass(default):
+        return field(default_factory=lambda d=default: copy.deepcopy(d), metadata={"doc": text})
+    return field(default=default, metadata={"doc": text})
+
+
+ScheduleKind = Literal["linear", "cosine", "sigmoid", "step", "constant"]
+
+
+@dataclass
+class ScheduleConfig:
+    """A curriculum curve on t = step / total_steps, rising from `start` to `end`."""
+
+    kind: ScheduleKind = doc("cosine", "Curve shape: linear | cosine | sigmoid | step | constant.")
+    warmup: float = doc(0.0, "Fraction of training held at `start` before the curve begins.")
+    start: float = doc(0.0, "Value at t <= warmup.")
+    end: float = doc(1.0, "Value at t = 1.")
+    sigmoid_steepness: float = doc(10.0, "Steepness of the sigmoid curve (logistic slope at its centre).")
+    num_steps: int = doc(4, "Number of equal plateaus for the `step` curve.")
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = doc(False, "Wrap the backbone with peft LoRA adapters.")
+    r: int = doc(8, "LoRA rank (VLM2Vec's best Phi-3.5-V model uses 8).")
+    alpha: int = doc(16, "LoRA alpha.")
+    dropout: float = doc(0.05, "LoRA dropout.")
+    target_modules: list[str] = doc(["q_proj", "k_proj", "v_proj", "o_proj"], "Module names to adapt.")
+
+
+@dataclass
+class ModelConfig:
+    kind: Literal["dual_encoder", "vlm"] = doc(
+        "dual_encoder", "dual_encoder: CLIP/SigLIP-style towers; vlm: VLM2Vec-style last-token embedder."
+    )
+    name_or_path: str = doc(
+        "tiny-clip",
+        "Hugging Face id or local path passed to from_pretrained. The names tiny-clip, tiny-siglip and "
+        "tiny-qwen2-vl build a randomly initialised tiny model (and tokenizer/processor) in code.",
+    )
+    image_size: int = doc(32, "Input resolution of the tiny models (real checkpoints use their processor's).")
+    max_text_length: int = doc(48, "Token limit for queries and targets.")
+    image_token: str = doc("<|image_1|>", "MMEB's image placeholder, swapped for the backbone's own token.")
+    normalize: bool = doc(True, "L2-normalise embeddings before the contrastive logits.")
+    gradient_checkpointing: bool = doc(False, "Enable activation checkpointing in the backbone.")
+    lora: LoraConfig = doc(LoraConfig(), "Optional LoRA adapters.")
+
+
+@dataclass
+class SynthConfig:
+    seed: int = doc(0, "Seed of the synthetic MMEB generator.")
+    train_per_subset: int = doc(384, "Training pairs per synthetic MMEB-train subset.")
+    eval_per_dataset: int = doc(100, "Queries per synthetic MMEB-eval dataset.")
+    num_candidates: int = doc(8, "Candidates per eval query (the positive is candidate 0).")
+    noisy_correspondence: float = doc(0.0, "Fraction of training pairs whose positive is swapped for a mismatch.")
+    image_size: int = doc(32, "Side of the generated square images, in pixels.")
+
+
+@dataclass
+class DataConfig:
+    source: Literal["synthetic", "mmeb"] = doc(
+        "synthetic", "synthetic: generate the built-in synthetic MMEB into the cache; mmeb: use `mmeb_train_dir`."
+    )
+    cache_dir: str = doc("~/.cache/sde_ray", "Where generated data and converted shards are cached.")
+    mmeb_train_dir: str = doc("", "Root of MMEB-train as released (one folder per subset).")
+    mmeb_eval_dir: str = doc("", "Root of MMEB-eval as released (one folder per dataset).")
+    shards: list[str] = doc([], "WebDataset shard paths or globs (local or fsspec URLs); empty: the converted cache.")
+    subsets: list[str] = doc([], "MMEB-train subsets to use; empty means all found.")
+    split: str = doc("original", "MMEB-train split: original | diverse_instruction | train (legacy).")
+    samples_per_shard: int = doc(256, "Samples per .tar shard written by the converter.")
+    shuffle_seed: int = doc(0, "Seed of the per-epoch shard-order and sample shuffle.")
+    shuffle_buffer: int = doc(256, "Rows in the local shuffle buffer of the Ray Data iterator.")
+    preprocess_concurrency: int = doc(1, "Ray Data CPU actors that decode, resize and tokenize.")
+    preprocess_batch_size: int = doc(64, "Rows per map_batches call.")
+    data_cpus: float = doc(1.0, "CPUs reserved for Ray Data, never handed to training workers.")
+    synth: SynthConfig = doc(SynthConfig(), "The synthetic MMEB generator.")
+
+
+@dataclass
+class SpectralConfig:
+    mode: Literal["gather", "gram", "auto"] = doc(
+        "auto", "gather: all-gather rows then SVD; gram: all-reduce FᵀF then eigh; auto: pick by shape."
+    )
+    noise_estimator: Literal["gavish_donoho", "iqr"] = doc(
+        "gavish_donoho", "Robust estimate of the noise entry std s from the bulk of the spectrum."
+    )
+    tw_margin: float = doc(3.0, "Tracy-Widom margin: the MP edge is raised by this many min(N,d)^(-2/3) relative units.")
+    fence: Literal["iqr", "energy", "log_gap"] = doc("iqr", "Rule that separates strong from weak above the noise edge.")
+    iqr_k: float = doc(1.5, "Tukey fence multiplier k in Q3 + k·IQR.")
+    energy_fraction: float = doc(0.5, "For fence=energy: strong directions hold this share of the signal energy.")
+    eps_strong: float = doc(0.1, "ε_s: strength of the strong-subspace perturbation.")
+    eps_weak: float = doc(0.1, "ε_w: how far weak directions are scaled down at α = 1.")
+    eps_noise: float = doc(0.5, "ε_n: how hard noise directions are attenuated at α = 0.")
+    rho: float = doc(0.1, "Frobenius bound: ‖Δ‖_F ≤ ρ‖Σ‖_F.")
+    strong_perturbation: Literal["random", "adversarial"] = doc(
+        "random", "ξ for strong directions: uniform in [-1, 1], or the sign that increases the contrastive loss."
+    )
+    alpha: ScheduleConfig = doc(ScheduleConfig(kind="cosine"), "Curriculum α(t) of the enhancement.")
+    auto_gram_ratio: float = doc(
+        1.0, "mode=auto picks gram when N·d·ratio >= d² (i.e. the global batch is at least d/ratio rows)."
+    )
+
+
+@dataclass
+class FANoiseConfig:
+    power: float = doc(0.5, "Per-direction noise std ∝ σ_i^p (sublinear for p < 1).")
+    strength: float = doc(0.1, "Peak relative noise energy (share of ‖F‖²_F).")
+    schedule: ScheduleConfig = doc(ScheduleConfig(kind="cosine", start=1.0, end=0.0), "Noise strength over training.")
+
+
+@dataclass
+class DisNCLConfig:
+    invariant_fraction: float = doc(0.5, "Share of the embedding dimensions used as the modality-invariant part.")
+    soft_target_smoothing: float = doc(0.1, "Weight of intra-modal similarity in the soft many-to-many targets.")
+    soft_target_temperature: float = doc(0.1, "Temperature of the intra-modal similarity used for soft targets.")
+    mismatch_temperature: float = doc(0.1, "Temperature of the pair-confidence weights (lower: harsher down-weighting).")
+    w_exclusive: float = doc(0.1, "Weight of the decorrelation between invariant and exclusive parts.")
+
+
+@dataclass
+class DSRSDConfig:
+    shared_dim: int = doc(32, "Dimension of the shared (projection) stream.")
+    w_decorrelation: float = doc(0.05, "Weight of the off-diagonal shared-covariance penalty.")
+    w_orthogonality: float = doc(0.05, "Weight of the shared/private orthogonality penalty.")
+    w_regression: float = doc(0.1, "Weight of the cross-modal regression between shared factors.")
+
+
+@dataclass
+class GapConfig:
+    remedy: Literal["procrustes", "shared_projection"] = doc("procrustes", "Which modality-gap remedy to regularise.")
+    w_gap: float = doc(0.1, "Weight of the gap regulariser.")
+    k: int = doc(8, "Rank of the shared subspace for shared_projection.")
+
+
+LossName = Literal["sde", "infonce", "fanoise", "disncl", "dsrsd", "gap"]
+
+
+@dataclass
+class LossConfig:
+    name: LossName = doc("sde", "Objective: sde | infonce | fanoise | disncl | dsrsd | gap.")
+    temperature: float = doc(0.05, "InfoNCE temperature τ (VLM2Vec uses 0.02 with pretrained backbones).")
+    learnable_temperature: bool = doc(False, "Learn log(1/τ) as a parameter, clamped to [0, ln 100].")
+    lambda_schedule: ScheduleConfig = doc(
+        ScheduleConfig(kind="linear", start=0.5, end=1.0), "λ(t) weighting instance vs spectral terms; start = λ_0."
+    )
+    w_hellinger: float = doc(1.0, "Weight of the Hellinger spectral-distribution term.")
+    w_subspace: float = doc(1.0, "Weight of the subspace-consistency term.")
+    w_snr: float = doc(0.1, "Weight of the SNR regulariser.")
+    hellinger_on: Literal["singular", "energy"] = doc("singular", "Distributions compared: σ/Σσ or σ²/Σσ².")
+    subspace_k: int = doc(8, "Rank k of the compared top-k right singular subspaces.")
+    subspace_form: Literal["projector", "surrogate"] = doc(
+        "surrogate", "projector: ‖P_q − P_t‖²/2k; surrogate: 1 − ‖F_t V_q‖²/‖F_t‖² with detached bases."
+    )
+    duplicate_targets: Literal["ignore", "mask", "multi_positive"] = doc(
+        "ignore", "Identical targets in a batch: ignore (one-hot), mask them from negatives, or count them positive."
+    )
+    fanoise: FANoiseConfig = doc(FANoiseConfig(), "FANoise settings.")
+    disncl: DisNCLConfig = doc(DisNCLConfig(), "DisNCL settings.")
+    dsrsd: DSRSDConfig = doc(DSRSDConfig(), "DSRSD-Net settings.")
+    gap: GapConfig = doc(GapConfig(), "Modality-gap regulariser settings.")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = doc(60, "Optimizer steps in the run.")
+    global_batch_size: int = doc(64, "Samples per optimizer step across all workers (the contrastive batch).")
+    grad_accumulation: int = doc(1, "Micro-steps per optimizer step (per-worker micro batch = global / workers / accum).")
+    lr: float = doc(1e-3, "Peak learning rate.")
+    weight_decay: float = doc(0.01, "AdamW weight decay.")
+    warmup_steps: int = doc(10, "Linear learning-rate warm-up steps.")
+    lr_schedule: Literal["cosine", "linear", "constant"] = doc("cosine", "Decay after warm-up.")
+    grad_clip: float = doc(1.0, "Gradient norm clip (0 disables).")
+    seed: int = doc(0, "Global seed (model init, enhancement noise).")
+    checkpoint_every: int = doc(20, "Steps between checkpoints (a final one is always written).")
+    keep_checkpoints: int = doc(2, "Checkpoints kept on storage.")
+    eval_every: int = doc(0, "Steps between on-the-fly P@1 validations (0: only at the end).")
+    log_every: int = doc(5, "Steps between metric reports.")
+    nan_policy: Literal["raise", "skip"] = doc("raise", "A non-finite loss aborts the run, or skips that step.")
+    max_nan_skips: int = doc(3, "With nan_policy=skip, consecutive non-finite steps tolerated before aborting.")
+    output_dir: str = doc("runs/default", "Run outputs: resolved config, metrics, checkpoints, plots, results.")
+    storage_path: str = doc("", "Ray Train storage (shared FS or s3:// for multi-node); empty: <output_dir>/ray.")
+    run_name: str = doc("sde", "Ray Train run name; relaunching with the same name resumes.")
+
+
+@dataclass
+class ScalingConfig:
+    num_workers: int = doc(2, "Training workers (fixed size).")
+    min_workers: int = doc(0, "Elastic lower bound; 0 disables elastic training.")
+    max_workers: int = doc(0, "Elastic upper bound (used with min_workers).")
+    cpus_per_worker: float = doc(1.0, "CPUs per training worker.")
+    use_gpu: bool = doc(False, "One GPU per worker (NCCL); CPU runs use gloo.")
+    max_failures: int = doc(2, "Worker-group restarts from the latest checkpoint before giving up.")
+    elastic_resize_monitor_interval_s: float = doc(10.0, "How often an elastic run reconsiders its size.")
+    address: str = doc("", "Ray cluster address; empty: join RAY_ADDRESS if set, else start a local Ray.")
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = doc(2, "ZeRO stage 0-3.")
+    precision: Literal["fp32", "bf16", "fp16"] = doc("fp32", "Training precision (fp16 needs a GPU).")
+    offload_optimizer: bool = doc(False, "ZeRO-Offload of optimizer state to CPU memory.")
+    overrides: dict[str, Any] = doc({}, "Raw DeepSpeed JSON keys applied last (logged on rank 0).")
+
+
+@dataclass
+class TuneConfig:
+    num_samples: int = doc(4, "Trials to sample from the search space.")
+    metric: str = doc("val_p_at_1", "Metric the scheduler and search optimise.")
+    mode: Literal["max", "min"] = doc("max", "Whether the metric is maximised or minimised.")
+    search_alg: Literal["random", "grid", "optuna", "hyperopt"] = doc("random", "Search algorithm.")
+    scheduler: Literal["asha", "hyperband", "fifo"] = doc("asha", "Trial scheduler (early stopping).")
+    grace_period: int = doc(1, "ASHA/HyperBand: reports before a trial may be stopped.")
+    reduction_factor: int = doc(2, "ASHA/HyperBand reduction factor.")
+    max_concurrent_trials: int = doc(0, "Concurrent trials; 0: as many as the cluster's CPUs/GPUs fit.")
+    space: dict[str, Any] = doc({}, "Search space: dotted config key -> {type: choice|uniform|loguniform|randint|grid, ...}.")
+
+
+@dataclass
+class EvalConfig:
+    data_dir: str = doc("", "MMEB-eval layout root; empty: the synthetic eval split in the cache.")
+    datasets: list[str] = doc([], "Datasets to evaluate; empty means all found.")
+    batch_size: int = doc(64, "Encoding batch size.")
+    num_workers: int = doc(1, "Ray workers encoding in parallel.")
+    val_queries: int = doc(200, "Queries in the held-out slice used for on-the-fly validation P@1.")
+    gap_remedy: Literal["none", "procrustes", "shared_projection"] = doc("none", "Eval-time modality-gap remedy.")
+
+
+@dataclass
+class LoggingConfig:
+    wandb: bool = doc(True, "Log to Weights & Biases on rank 0.")
+    wandb_project: str = doc("sde_ray", "W&B project.")
+    wandb_group: str = doc("", "W&B group (sweeps set one per sweep).")
+    wandb_mode: Literal["offline", "online", "disabled", "auto"] = doc(
+        "auto", "auto: online when WANDB_API_KEY is set, else offline."
+    )
+    console_every: int = doc(5, "Steps between console progress lines.")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = doc(ModelConfig(), "The encoder.")
+    data: DataConfig = doc(DataConfig(), "Data source, shards and the Ray Data pipeline.")
+    spectral: SpectralConfig = doc(SpectralConfig(), "SDE's spectral stage.")
+    loss: LossConfig = doc(LossConfig(), "The objective.")
+    train: TrainConfig = doc(TrainConfig(), "Optimisation, checkpoints and outputs.")
+    scaling: ScalingConfig = doc(ScalingConfig(), "Ray Train workers and fault tolerance.")
+    deepspeed: DeepSpeedConfig = doc(DeepSpeedConfig(), "DeepSpeed engine.")
+    tune: TuneConfig = doc(TuneConfig(), "Ray Tune sweeps.")
+    eval: EvalConfig = doc(EvalConfig(), "MMEB evaluation.")
+    logging: LoggingConfig = doc(LoggingConfig(), "Console and W&B.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Strict conversion from plain YAML data
+
+
+def _close_names(name: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    return f"{hint} Valid keys: {', '.join(sorted(valid))}."
+
+
+def _convert(value: Any, annotation: Any, key: str) -> Any:
+    """Checks `value` against `annotation`, converting ints to floats; raises ConfigError on mismatch."""
+    origin = get_origin(annotation)
+    if dataclasses.is_dataclass(annotation):
+        if isinstance(value, annotation):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}.")
+        return _build(annotation, value, key)
+    if annotation is Any:
+        return value
+    if origin is Literal:
+        choices = get_args(annotation)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}.")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in get_args(annotation):
+            if option is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _convert(value, option, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}.")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}.")
+        (item_type,) = get_args(annotation)
+        return [_convert(item, item_type, f"{key}[{i}]") for i, item in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}.")
+        return dict(value)
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}.")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}.")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}.")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}.")
+        return value
+    raise ConfigError(f"{key}: unsupported annotation {annotation!r}.")
+
+
+def _build(cls: type, data: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(f"Unknown config key '{dotted}'.{_close_names(str(key), names)}")
+        kwargs[key] = _convert(value, hints[key], dotted)
+    return cls(**kwargs)
+
+
+def to_dict(config: Any) -> dict:
+    """A plain nested dict (YAML/JSON friendly) of a config dataclass."""
+    return dataclasses.asdict(config)
+
+
+def from_dict(data: dict | None, cls: type = Config) -> Any:
+    """Builds a config strictly from nested plain data; missing keys take their defaults."""
+    return _build(cls, data or {}, "")
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in ("overrides", "space"):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (['a', 'b', 'c'], value parsed as YAML, so 3 -> int, [1,2] -> list)."""
+    if "=" not in text:
+        raise ConfigError(f"Override '{text}' must look like key.sub=value.")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"Override '{text}' has an empty key part.")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"Override '{text}': value is not valid YAML ({exc}).") from exc
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Applies dotted overrides to nested plain data, checking each key against the schema."""
+    out = copy.deepcopy(data)
+    for text in overrides:
+        parts, value = parse_override(text)
+        cls: Any = Config
+        node = out
+        for depth, part in enumerate(parts):
+            dotted = ".".join(parts[: depth + 1])
+            is_free_dict = cls is None
+            if not is_free_dict:
+                names = [f.name for f in dataclasses.fields(cls)]
+                if part not in names:
+                    raise ConfigError(f"Unknown config key '{dotted}'.{_close_names(part, names)}")
+                annotation = typing.get_type_hints(cls)[part]
+                cls = annotation if dataclasses.is_dataclass(annotation) else None
+            if depth == len(parts) - 1:
+                node[part] = value
+            else:
+                if not dataclasses.is_dataclass(cls) and not is_free_dict:
+                    if get_origin(annotation) is not dict:
+                        raise ConfigError(f"'{dotted}' is a value, not a section; cannot set '{text}'.")
+                node = node.setdefault(part, {})
+                if not isinstance(node, dict):
+                    raise ConfigError(f"'{dotted}' is not a mapping; cannot set '{text}'.")
+    return out
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"Config file not found: {path}")
+    with path.open() as handle:
+        data = yaml.safe_load(handle) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping.")
+    return data
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file <- dotted overrides, strictly checked and validated."""
+    data = read_yaml(path) if path else {}
+    data = apply_overrides(data, overrides or [])
+    config = from_dict(data)
+    validate(config)
+    return config
+
+
+def dump_yaml(config: Any) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+def replace(config: Config, overrides: list[str]) -> Config:
+    """A new validated config with dotted overrides applied to an existing one."""
+    merged = apply_overrides(to_dict(config), overrides)
+    new = from_dict(merged)
+    validate(new)
+    return new
+
+
+# ---------------------------------------------------------------------------------------------
+# Cross-field validation (runs on the driver before any worker starts)
+
+
+def worker_counts(scaling: ScalingConfig) -> list[int]:
+    """Every world size the run may have: one for fixed runs, min..max for elastic ones."""
+    if scaling.min_workers or scaling.max_workers:
+        return list(range(scaling.min_workers, scaling.max_workers + 1))
+    return [scaling.num_workers]
+
+
+def is_elastic(scaling: ScalingConfig) -> bool:
+    return bool(scaling.min_workers or scaling.max_workers)
+
+
+def _check_schedule(schedule: ScheduleConfig, key: str) -> None:
+    if not 0.0 <= schedule.warmup < 1.0:
+        raise ConfigError(f"{key}.warmup must be in [0, 1), got {schedule.warmup}.")
+    for name in ("start", "end"):
+        value = getattr(schedule, name)
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{key}.{name} must be in [0, 1], got {value}.")
+    if schedule.num_steps < 1:
+        raise ConfigError(f"{key}.num_steps must be >= 1.")
+
+
+def validate(config: Config) -> None:
+    """Rejects invalid combinations with a message naming the keys involved."""
+    s, t, d = config.scaling, config.train, config.deepspeed
+    if is_elastic(s):
+        if not (1 <= s.min_workers <= s.max_workers):
+            raise ConfigError(
+                f"scaling.min_workers ({s.min_workers}) and scaling.max_workers ({s.max_workers}) "
+                "must satisfy 1 <= min <= max."
+            )
+    elif s.num_workers < 1:
+        raise ConfigError(f"scaling.num_workers must be >= 1, got {s.num_workers}.")
+    for workers in worker_counts(s):
+        if t.global_batch_size % (workers * t.grad_accumulation):
+            raise ConfigError(
+                f"train.global_batch_size ({t.global_batch_size}) must be divisible by "
+                f"workers × train.grad_accumulation ({workers} × {t.grad_accumulation}); "
+                "with elastic scaling, by every worker count in [min_workers, max_workers]."
+            )
+    if t.max_steps < 1:
+        raise ConfigError("train.max_steps must be >= 1.")
+    if t.checkpoint_every < 1:
+        raise ConfigError("train.checkpoint_every must be >= 1.")
+    if t.log_every < 1:
+        raise ConfigError("train.log_every must be >= 1.")
+    if t.lr <= 0:
+        raise ConfigError("train.lr must be > 0.")
+    if d.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {d.zero_stage}.")
+    if d.precision == "fp16" and not s.use_gpu:
+        raise ConfigError("deepspeed.precision=fp16 needs a GPU (scaling.use_gpu=true); use bf16 or fp32 on CPU.")
+    if config.loss.temperature <= 0:
+        raise ConfigError("loss.temperature must be > 0.")
+    if config.loss.subspace_k < 1:
+        raise ConfigError("loss.subspace_k must be >= 1.")
+    sp = config.spectral
+    for name in ("eps_strong", "eps_weak", "eps_noise", "rho"):
+        if getattr(sp, name) < 0:
+            raise ConfigError(f"spectral.{name} must be >= 0.")
+    if sp.eps_weak > 1 or sp.eps_noise > 1:
+        raise ConfigError("spectral.eps_weak and spectral.eps_noise must be <= 1 (they scale σ down, never flip it).")
+    _check_schedule(sp.alpha, "spectral.alpha")
+    _check_schedule(config.loss.lambda_schedule, "loss.lambda_schedule")
+    _check_schedule(config.loss.fanoise.schedule, "loss.fanoise.schedule")
+    if not 0.0 <= config.data.synth.noisy_correspondence <= 1.0:
+        raise ConfigError("data.synth.noisy_correspondence must be in [0, 1].")
+    if config.data.source == "mmeb" and not (config.data.mmeb_train_dir or config.data.shards):
+        raise ConfigError("data.source=mmeb needs data.mmeb_train_dir or data.shards.")
+    if not 0 < config.loss.disncl.invariant_fraction <= 1:
+        raise ConfigError("loss.disncl.invariant_fraction must be in (0, 1].")
+    if config.scaling.cpus_per_worker <= 0:
+        raise ConfigError("scaling.cpus_per_worker must be > 0.")
+    if config.data.data_cpus < 0:
+        raise ConfigError("data.data_cpus must be >= 0.")
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, documentation) for every leaf field: the reference table in the docs."""
+    rows = []
+    instance = cls()
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        dotted = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows.extend(describe(hints[f.name], dotted + "."))
+        else:
+            rows.append((dotted, repr(getattr(instance, f.name)), f.metadata.get("doc", "")))
+    return rows

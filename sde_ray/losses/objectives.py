@@ -1,0 +1,48 @@
+"""The plain InfoNCE baseline objective (`loss.name=infonce`) and the temperature shared by all."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from sde_ray.losses import StepContext
+from sde_ray.losses.infonce import info_nce
+
+
+class Temperature(torch.nn.Module):
+    """1/τ, fixed or learnable as log(1/τ) clamped to [0, ln 100] like CLIP."""
+
+    def __init__(self, temperature: float, learnable: bool):
+        super().__init__()
+        value = torch.tensor(math.log(1.0 / temperature))
+        if learnable:
+            self.log_scale = torch.nn.Parameter(value)
+        else:
+            self.register_buffer("log_scale", value)
+
+    def forward(self) -> torch.Tensor:
+        return self.log_scale.clamp(0.0, math.log(100.0)).exp()
+
+
+class InfoNCEObjective(torch.nn.Module):
+    """Symmetric InfoNCE on L2-normalised features over the global batch."""
+
+    def __init__(self, temperature: float, learnable_temperature: bool, duplicates: str):
+        super().__init__()
+        self.scale = Temperature(temperature, learnable_temperature)
+        self.duplicates = duplicates
+
+    def forward(self, query: torch.Tensor, target: torch.Tensor, context: StepContext):
+        q, t = F.normalize(query, dim=-1), F.normalize(target, dim=-1)
+        loss = info_nce(
+            q, t, self.scale(), context.rank, context.world_size, context.target_ids, self.duplicates
+        )
+        return loss, {"loss_instance": float(loss.detach())}
+
+
+def build_infonce(config, embed_dim: int) -> InfoNCEObjective:
+    del embed_dim
+    loss = config.loss
+    return InfoNCEObjective(loss.temperature, loss.learnable_temperature, loss.duplicate_targets)
