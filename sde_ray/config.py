@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -290,6 +291,9 @@ def _close_names(name: str, valid: list[str]) -> str:
     return f"{hint} Valid keys: {', '.join(sorted(valid))}."
 
 
+_YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _convert(value: Any, annotation: Any, key: str) -> Any:
     """Checks `value` against `annotation`, converting ints to floats; raises ConfigError on mismatch."""
     origin = get_origin(annotation)
@@ -336,6 +340,8 @@ def _convert(value: Any, annotation: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}.")
         return value
     if annotation is float:
+        if isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
+            return float(value)  # PyYAML (YAML 1.1) reads `3e-4` as a string; users mean a number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}.")
         return float(value)
