@@ -15,7 +15,7 @@ from pathlib import Path
 
 from sde_ray.config import ConfigError, dump_yaml, load_config
 
-BENCHMARKS = ("spectral", "data", "train", "eval")
+BENCHMARKS = ("spectral", "data", "train", "eval", "models")
 
 
 def _add_config_args(parser: argparse.ArgumentParser, default: str | None = "configs/default.yaml") -> None:

@@ -69,7 +69,11 @@ class ModelConfig:
         "Hugging Face id or local path passed to from_pretrained. The names tiny-clip, tiny-siglip and "
         "tiny-qwen2-vl build a randomly initialised tiny model (and tokenizer/processor) in code.",
     )
-    image_size: int = doc(32, "Input resolution of the tiny models (real checkpoints use their processor's).")
+    image_size: int = doc(
+        32,
+        "Input resolution of the tiny models, and the fixed resolution of VLM backbones (Qwen2-VL: rounded up "
+        "to a multiple of patch×merge, e.g. 448 -> 256 image tokens); CLIP/SigLIP checkpoints use their processor's.",
+    )
     max_text_length: int = doc(48, "Token limit for queries and targets.")
     image_token: str = doc("<|image_1|>", "MMEB's image placeholder, swapped for the backbone's own token.")
     normalize: bool = doc(True, "L2-normalise embeddings before the contrastive logits.")
@@ -137,6 +141,7 @@ class FANoiseConfig:
     power: float = doc(0.5, "Per-direction noise std ∝ σ_i^p (sublinear for p < 1).")
     strength: float = doc(0.1, "Peak relative noise energy (share of ‖F‖²_F).")
     schedule: ScheduleConfig = doc(ScheduleConfig(kind="cosine", start=1.0, end=0.0), "Noise strength over training.")
+    inject: Literal["both", "query", "target"] = doc("both", "Which modality's features get the noise.")
 
 
 @dataclass
@@ -146,6 +151,7 @@ class DisNCLConfig:
     soft_target_temperature: float = doc(0.1, "Temperature of the intra-modal similarity used for soft targets.")
     mismatch_temperature: float = doc(0.1, "Temperature of the pair-confidence weights (lower: harsher down-weighting).")
     w_exclusive: float = doc(0.1, "Weight of the decorrelation between invariant and exclusive parts.")
+    mismatch_warmup: float = doc(0.1, "Fraction of training with all pair weights 1 (similarities are meaningless at init).")
 
 
 @dataclass
@@ -154,6 +160,7 @@ class DSRSDConfig:
     w_decorrelation: float = doc(0.05, "Weight of the off-diagonal shared-covariance penalty.")
     w_orthogonality: float = doc(0.05, "Weight of the shared/private orthogonality penalty.")
     w_regression: float = doc(0.1, "Weight of the cross-modal regression between shared factors.")
+    w_instance: float = doc(1.0, "Weight of InfoNCE on the full features (what the evaluator embeds); 0: shared stream only.")
 
 
 @dataclass
@@ -161,6 +168,7 @@ class GapConfig:
     remedy: Literal["procrustes", "shared_projection"] = doc("procrustes", "Which modality-gap remedy to regularise.")
     w_gap: float = doc(0.1, "Weight of the gap regulariser.")
     k: int = doc(8, "Rank of the shared subspace for shared_projection.")
+    w_centroid: float = doc(0.1, "Weight of the squared centroid gap ‖μ_q − μ_t‖² of normalised features.")
 
 
 LossName = Literal["sde", "infonce", "fanoise", "disncl", "dsrsd", "gap"]
@@ -534,21 +542,44 @@ def validate(config: Config) -> None:
         raise ConfigError("data.source=mmeb needs data.mmeb_train_dir or data.shards.")
     if not 0 < config.loss.disncl.invariant_fraction <= 1:
         raise ConfigError("loss.disncl.invariant_fraction must be in (0, 1].")
+    losses = config.loss
+    positive = {
+        "loss.fanoise.power": losses.fanoise.power,
+        "loss.disncl.soft_target_temperature": losses.disncl.soft_target_temperature,
+        "loss.disncl.mismatch_temperature": losses.disncl.mismatch_temperature,
+        "loss.dsrsd.shared_dim": losses.dsrsd.shared_dim,
+        "loss.gap.k": losses.gap.k,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be > 0, got {value}.")
+    if losses.fanoise.strength < 0:
+        raise ConfigError("loss.fanoise.strength must be >= 0.")
+    for key, value in {
+        "loss.disncl.soft_target_smoothing": losses.disncl.soft_target_smoothing,
+        "loss.disncl.mismatch_warmup": losses.disncl.mismatch_warmup,
+    }.items():
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{key} must be in [0, 1], got {value}.")
     if config.scaling.cpus_per_worker <= 0:
         raise ConfigError("scaling.cpus_per_worker must be > 0.")
     if config.data.data_cpus < 0:
         raise ConfigError("data.data_cpus must be >= 0.")
 
 
-def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted key, default, documentation) for every leaf field: the reference table in the docs."""
+def describe(instance: Any = None, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, documentation) for every leaf field: the reference table in the docs.
+
+    Nested defaults come from the parent's instance, so `loss.fanoise.schedule.start` shows FANoise's
+    own default rather than `ScheduleConfig`'s.
+    """
+    instance = Config() if instance is None else instance
     rows = []
-    instance = cls()
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
+    for f in dataclasses.fields(instance):
         dotted = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(hints[f.name]):
-            rows.extend(describe(hints[f.name], dotted + "."))
+        value = getattr(instance, f.name)
+        if dataclasses.is_dataclass(value):
+            rows.extend(describe(value, dotted + "."))
         else:
-            rows.append((dotted, repr(getattr(instance, f.name)), f.metadata.get("doc", "")))
+            rows.append((dotted, repr(value), f.metadata.get("doc", "")))
     return rows

@@ -13,6 +13,11 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "1")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# On a 2-core box intra-op threads fight Ray workers and each other: tiny models ran 10-20x slower
+# with 2 threads than with 1 under load. Tests that measure nothing gain nothing from more.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,514 @@
+"""The Ray Data pipeline: WebDataset shards -> CPU preprocessing actors -> per-worker torch batches.
+
+Driver side:
+- `prepare_data(config)`: generates/converts into the cache on first use and returns absolute
+  shard paths, the eval root and the manifest (Ray Train chdirs workers, so paths are absolute).
+- `check_shards(shards, manifest)`: expands globs/folders and drops corrupt or truncated shards
+  (tar headers past the end of the file, sizes or sample counts that disagree with the manifest,
+  optionally sha256), reporting each skipped shard with its reason. Nothing is fatal but an empty
+  result.
+- `build_train_dataset(...)`: `read_webdataset(decoder=None)` (raw bytes) with a seeded file-order
+  shuffle that changes every epoch (execution), then `map_batches` on CPU actors that turn rows into
+  the *raw batch* of docs/architecture.md and call the model's batch processor.
+- `data_resources(...)` / `check_cpu_budget(...)`: the CPU reservation rule for the data stage.
+
+Worker side:
+- `iter_worker_batches(data_iterator, batch_size, seed=, epoch=, rank=)`: equal-sized torch batches
+  via `iter_torch_batches(drop_last=True)`, shuffled across a buffer of whole batches with a
+  generator seeded by (seed, epoch, rank). Since Ray Train's `streaming_split(n, equal=True)` gives
+  each worker the same number of rows, every worker gets exactly `batches_per_epoch(...)` batches.
+
+This module imports `ray.data` only (never `ray.train`).
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# convert/synthetic (pyarrow.parquet, PIL drawing, tqdm) are imported where used: the preprocessing
+# actors unpickle this module, and every import here slows each actor's start.
+MANIFEST = "manifest.json"
+
+logger = logging.getLogger(__name__)
+
+RAW_TEXT_COLUMNS = ("qry_text", "pos_text", "target_hash", "subset", "key")
+RAW_IMAGE_COLUMNS = ("qry_image", "pos_image")
+
+# ---------------------------------------------------------------------------------------------
+# Shards: expansion and validation on the driver
+
+
+def _is_remote(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def expand_shards(shards: list[str] | str) -> list[str]:
+    """Files from paths, folders (their *.tar) and globs; local paths made absolute; order kept."""
+    items = [shards] if isinstance(shards, str) else list(shards)
+    out: list[str] = []
+    for item in items:
+        item = str(item)
+        if _is_remote(item):
+            if any(ch in item for ch in "*?["):
+                import fsspec
+
+                _fs, _, matches = fsspec.get_fs_token_paths(item)
+                protocol = item.split("://", 1)[0]
+                out.extend(f"{protocol}://{m}" if "://" not in m else m for m in sorted(matches))
+            else:
+                out.append(item)
+            continue
+        local = os.path.abspath(os.path.expanduser(item.removeprefix("file://")))
+        if os.path.isdir(local):
+            out.extend(sorted(glob.glob(os.path.join(local, "*.tar"))))
+        elif any(ch in local for ch in "*?["):
+            out.extend(sorted(glob.glob(local)))
+        else:
+            out.append(local)
+    if not out:
+        raise FileNotFoundError(f"no WebDataset shards match {items}")
+    return out
+
+
+def tar_sample_count(path: str) -> int:
+    """Samples in a local tar, reading headers only; raises ValueError for truncated or corrupt files."""
+    size = os.path.getsize(path)
+    keys = set()
+    try:
+        with tarfile.open(path, mode="r:") as archive:
+            for member in archive:
+                if member.offset_data + member.size > size:
+                    raise ValueError(f"member {member.name!r} runs past the end of the file (truncated)")
+                if member.isreg():
+                    keys.add(member.name.split("/")[-1].split(".", 1)[0] if "." in member.name else member.name)
+    except tarfile.TarError as exc:
+        raise ValueError(f"not a readable tar: {exc}") from None
+    return len(keys)
+
+
+@dataclass
+class ShardCheck:
+    """Shards that passed the checks, those skipped (path -> reason), and sample counts if known."""
+
+    paths: list[str]
+    skipped: dict[str, str] = field(default_factory=dict)
+    samples: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def num_samples(self) -> int | None:
+        if any(p not in self.samples for p in self.paths):
+            return None
+        return sum(self.samples[p] for p in self.paths)
+
+
+def check_shards(shards: list[str] | str, manifest: dict | None = None, verify_sha256: bool = False) -> ShardCheck:
+    """Drops corrupt, truncated or manifest-mismatching local shards (remote ones are taken on trust).
+
+    A shard is checked against the manifest entry with the same file name when one is given: byte
+    size, sample count and (with `verify_sha256`) checksum. Empty shards are dropped silently, as
+    they carry nothing. Raises only when no usable shard is left.
+    """
+    expected = {entry["name"]: entry for entry in (manifest or {}).get("shards", [])}
+    check = ShardCheck(paths=[])
+    for path in expand_shards(shards):
+        entry = expected.get(os.path.basename(path))
+        if _is_remote(path):
+            check.paths.append(path)
+            if entry:
+                check.samples[path] = entry["num_samples"]
+            continue
+        try:
+            if not os.path.isfile(path):
+                raise ValueError("file not found")
+            if entry and os.path.getsize(path) != entry["bytes"]:
+                raise ValueError(f"size {os.path.getsize(path)} != manifest {entry['bytes']} bytes")
+            count = tar_sample_count(path)
+            if entry and count != entry["num_samples"]:
+                raise ValueError(f"{count} samples != manifest {entry['num_samples']}")
+            if entry and verify_sha256:
+                from sde_ray.data.convert import sha256_file
+
+                if sha256_file(path) != entry["sha256"]:
+                    raise ValueError("sha256 differs from the manifest")
+        except (OSError, ValueError) as exc:
+            check.skipped[path] = str(exc)
+            continue
+        if count:
+            check.paths.append(path)
+            check.samples[path] = count
+    if check.skipped:
+        logger.warning("skipping %d corrupt shard(s): %s", len(check.skipped),
+                       "; ".join(f"{p}: {r}" for p, r in check.skipped.items()))
+    if not check.paths:
+        raise RuntimeError(f"no usable WebDataset shard left out of {shards}; skipped: {check.skipped}")
+    return check
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows -> raw batch -> model batch (runs in the CPU actors)
+
+
+def _bytes_or_none(value: Any) -> bytes | None:
+    return bytes(value) if isinstance(value, (bytes, bytearray, memoryview)) else None
+
+
+def raw_batch_from_rows(batch: dict[str, Any]) -> dict[str, list]:
+    """A read_webdataset batch (raw bytes, columns json/qry.img/pos.img) -> the raw-batch contract."""
+    metas = [json.loads(bytes(value)) for value in batch["json"]]
+    n = len(metas)
+    raw = {
+        "qry_text": [m["qry_text"] for m in metas],
+        "pos_text": [m["pos_text"] for m in metas],
+        "qry_image": [_bytes_or_none(v) for v in batch["qry.img"]] if "qry.img" in batch else [None] * n,
+        "pos_image": [_bytes_or_none(v) for v in batch["pos.img"]] if "pos.img" in batch else [None] * n,
+        "target_hash": [m["target_hash"] for m in metas],
+        "subset": [m["subset"] for m in metas],
+        "key": [str(k) for k in batch["__key__"]] if "__key__" in batch else [""] * n,
+    }
+    return raw
+
+
+class Preprocessor:
+    """Ray Data callable class: raw rows -> `processor(raw_batch)` (a dict of fixed-shape arrays)."""
+
+    def __init__(self, processor_factory: Callable[[], Callable[[dict], dict]]) -> None:
+        self.processor = processor_factory()
+
+    def __call__(self, frame) -> dict[str, np.ndarray]:
+        return self.processor(raw_batch_from_rows({name: frame[name].tolist() for name in frame.columns}))
+
+
+class SimpleProcessor:
+    """A model-free batch processor (the data benchmark's and the tests' stand-in for the model's).
+
+    Decodes each image to RGB `image_size`² float32 in [0, 1] (zeros when absent) and hashes text
+    into `max_len` int64 token ids, so its cost resembles a real processor's decode + tokenize.
+    Also emits `key_id` (a stable int64 per sample key) so tests can count samples.
+    """
+
+    def __init__(self, image_size: int = 32, max_len: int = 16, vocab: int = 4096) -> None:
+        self.image_size, self.max_len, self.vocab = image_size, max_len, vocab
+
+    def _pixels(self, images: list) -> tuple[np.ndarray, np.ndarray]:
+        import io
+
+        from PIL import Image
+
+        out = np.zeros((len(images), 3, self.image_size, self.image_size), dtype=np.float32)
+        present = np.zeros(len(images), dtype=bool)
+        for i, data in enumerate(images):
+            if data is None:
+                continue
+            with Image.open(io.BytesIO(data)) as image:
+                rgb = image.convert("RGB").resize((self.image_size, self.image_size), Image.BILINEAR)
+            out[i] = np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1) / 255.0
+            present[i] = True
+        return out, present
+
+    def _tokens(self, texts: list[str]) -> np.ndarray:
+        ids = np.zeros((len(texts), self.max_len), dtype=np.int64)
+        for i, text in enumerate(texts):
+            words = text.split()[: self.max_len]
+            ids[i, : len(words)] = [1 + int.from_bytes(hashlib.blake2b(w.encode(), digest_size=4).digest(), "little")
+                                    % (self.vocab - 1) for w in words]
+        return ids
+
+    def __call__(self, raw: dict[str, list]) -> dict[str, np.ndarray]:
+        out = {}
+        for side in ("qry", "pos"):
+            out[f"{side}_input_ids"] = self._tokens(raw[f"{side}_text"])
+            out[f"{side}_attention_mask"] = (out[f"{side}_input_ids"] > 0).astype(np.int64)
+            out[f"{side}_pixel_values"], out[f"{side}_has_image"] = self._pixels(raw[f"{side}_image"])
+        out["target_id"] = np.array([stable_id(h) for h in raw["target_hash"]], dtype=np.int64)
+        out["key_id"] = np.array([stable_id(k) for k in raw["key"]], dtype=np.int64)
+        return out
+
+
+def stable_id(text: str) -> int:
+    """A non-negative int64 from a string, the same in every process (unlike hash())."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU reservation for the data stage
+
+
+@dataclass(frozen=True)
+class DataResources:
+    """How the data stage's CPUs are spent: concurrent read tasks and preprocessing actors."""
+
+    read_cpus: float
+    read_concurrency: int
+    actor_cpus: float
+    concurrency: int
+
+    @property
+    def total(self) -> float:
+        return self.read_cpus * self.read_concurrency + self.actor_cpus * self.concurrency
+
+
+def data_resources(data_cpus: float, preprocess_concurrency: int) -> DataResources:
+    """Splits `data_cpus` evenly over one read-task slot per preprocessing actor and the actors.
+
+    The trap (DESIGN.md): Ray Data's read tasks ask for 1 CPU by default, and once the training
+    workers hold the rest of the cluster a read that cannot be scheduled stalls forever. Sizing the
+    read tasks and actors to fit inside `data_cpus` (which the train driver keeps out of the
+    training workers' share) means the whole stage always fits. The read concurrency is capped too:
+    fractional read tasks without a cap start many cold worker processes at once (measured here:
+    7x slower than one read task per actor on 2 cores).
+    """
+    if data_cpus <= 0:
+        raise ValueError(f"data.data_cpus must be > 0 for a Ray Data pipeline, got {data_cpus}")
+    if preprocess_concurrency < 1:
+        raise ValueError(f"data.preprocess_concurrency must be >= 1, got {preprocess_concurrency}")
+    share = data_cpus / (2 * preprocess_concurrency)
+    return DataResources(read_cpus=share, read_concurrency=preprocess_concurrency,
+                         actor_cpus=share, concurrency=preprocess_concurrency)
+
+
+def check_cpu_budget(cluster_cpus: float, train_cpus: float, data_cpus: float) -> None:
+    """Fails fast, with the numbers, when the training workers would leave the data stage too little."""
+    if train_cpus + data_cpus > cluster_cpus + 1e-9:
+        raise RuntimeError(
+            f"the cluster has {cluster_cpus:g} CPUs but training workers take {train_cpus:g} and the data "
+            f"stage needs data.data_cpus={data_cpus:g}: Ray Data would stall waiting for CPU. Lower "
+            "scaling.num_workers or scaling.cpus_per_worker, lower data.data_cpus, or start Ray with "
+            "more logical CPUs (ray.init(num_cpus=...) / ray start --num-cpus)."
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# The dataset
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{epoch}".encode()).digest()[:4], "little")
+
+
+def build_config_dataset(config, prepared: PreparedData, processor_factory: Callable[[], Callable[[dict], dict]],
+                         *, epoch: int = 0):
+    """`build_train_dataset` with every knob taken from `config.data` (what the train driver calls)."""
+    data = config.data
+    resources = data_resources(data.data_cpus, data.preprocess_concurrency)
+    return build_train_dataset(
+        prepared.shards, processor_factory, seed=data.shuffle_seed, epoch=epoch,
+        preprocess_concurrency=resources.concurrency, preprocess_batch_size=data.preprocess_batch_size,
+        num_cpus_per_actor=resources.actor_cpus, read_cpus=resources.read_cpus,
+        read_concurrency=resources.read_concurrency, check=prepared.check)
+
+
+def build_train_dataset(shards: list[str] | str, processor_factory: Callable[[], Callable[[dict], dict]], *,
+                        seed: int, epoch: int = 0, preprocess_concurrency: int = 1,
+                        preprocess_batch_size: int = 64, num_cpus_per_actor: float | None = None,
+                        read_cpus: float | None = None, read_concurrency: int | None = None,
+                        manifest: dict | None = None,
+                        check: ShardCheck | None = None, preserve_order: bool = True):
+    """The training Dataset: shuffled shard order -> raw rows -> `processor_factory()` on CPU actors.
+
+    The shard order is a seeded permutation that Ray re-draws at every execution (each epoch's
+    `iter_*` call) from (seed, epoch): `FileShuffleConfig(seed=epoch_seed(seed, epoch),
+    reseed_after_execution=True)`. `preserve_order` keeps the stream in that order (reproducible).
+    Corrupt shards are dropped by `check_shards` first (pass `check` to reuse one).
+    """
+    import ray.data
+    from ray.data import FileShuffleConfig
+
+    if check is None:
+        check = check_shards(shards, manifest)
+    default = data_resources(1.0, preprocess_concurrency)
+    num_cpus_per_actor = default.actor_cpus if num_cpus_per_actor is None else num_cpus_per_actor
+    read_cpus = default.read_cpus if read_cpus is None else read_cpus
+    read_concurrency = default.read_concurrency if read_concurrency is None else read_concurrency
+    dataset = ray.data.read_webdataset(
+        check.paths,
+        decoder=None,  # raw bytes: decoding belongs to the preprocessing actors
+        shuffle=FileShuffleConfig(seed=epoch_seed(seed, epoch), reseed_after_execution=True),
+        override_num_blocks=len(check.paths),
+        num_cpus=read_cpus,
+        concurrency=read_concurrency,
+    )
+    dataset = dataset.map_batches(
+        Preprocessor,
+        fn_constructor_args=(processor_factory,),
+        batch_size=preprocess_batch_size,
+        batch_format="pandas",
+        compute=ray.data.ActorPoolStrategy(size=preprocess_concurrency),
+        num_cpus=num_cpus_per_actor,
+    )
+    dataset.context.execution_options.preserve_order = preserve_order
+    return dataset
+
+
+def batches_per_epoch(num_samples: int, num_workers: int, batch_size: int) -> int:
+    """Batches every worker gets per epoch: streaming_split(equal=True) then drop_last batching."""
+    if num_workers < 1 or batch_size < 1:
+        raise ValueError(f"num_workers and batch_size must be >= 1, got {num_workers}, {batch_size}")
+    return (num_samples // num_workers) // batch_size
+
+
+def iter_worker_batches(data_iterator, batch_size: int, *, seed: int = 0, epoch: int = 0, rank: int = 0,
+                        shuffle_buffer: int = 256, device: str | None = "cpu",
+                        prefetch_batches: int = 1) -> Iterator[dict]:
+    """Equal-sized torch batches for one training worker, reshuffled every epoch.
+
+    `iter_torch_batches(drop_last=True)` yields only full batches; rows are then permuted across a
+    buffer of about `shuffle_buffer` rows (whole batches; `config.data.shuffle_buffer`) with a
+    generator seeded by (seed, epoch, rank) and cut back into full batches, so the batch count is
+    unchanged and the same on every worker. (Ray's own local shuffle buffer can emit short batches
+    mid-stream, which would desynchronise the workers' collectives.)
+    """
+    import torch
+
+    shuffle_batches = max(1, shuffle_buffer // batch_size)
+
+    generator = torch.Generator().manual_seed(epoch_seed(seed, epoch * 1_000_003 + rank))
+    stream = data_iterator.iter_torch_batches(batch_size=batch_size, drop_last=True, device=device,
+                                              prefetch_batches=prefetch_batches)
+    buffer: list[dict] = []
+
+    def flush() -> Iterator[dict]:
+        merged = {name: torch.cat([b[name] for b in buffer]) for name in buffer[0]}
+        order = torch.randperm(len(buffer) * batch_size, generator=generator)
+        for start in range(0, len(order), batch_size):
+            index = order[start:start + batch_size]
+            yield {name: value[index] for name, value in merged.items()}
+        buffer.clear()
+
+    for batch in stream:
+        buffer.append(batch)
+        if len(buffer) >= max(1, shuffle_batches):
+            yield from flush()
+    if buffer:
+        yield from flush()
+
+
+# ---------------------------------------------------------------------------------------------
+# From config to shards on disk
+
+
+@dataclass
+class PreparedData:
+    """Absolute shard paths, the eval root, the manifest, and shards skipped as corrupt."""
+
+    shards: list[str]
+    eval_dir: str
+    manifest: dict
+    skipped_shards: dict[str, str] = field(default_factory=dict)
+    check: ShardCheck | None = None
+
+    @property
+    def num_samples(self) -> int:
+        """Samples in the usable shards (corrupt ones excluded)."""
+        if self.check is not None and self.check.num_samples is not None:
+            return self.check.num_samples
+        return self.manifest.get("num_samples", 0)
+
+
+def synthetic_cache_key(synth) -> str:
+    from sde_ray.data.synthetic import SYNTH_VERSION
+
+    settings = {"v": SYNTH_VERSION, "seed": synth.seed, "train": synth.train_per_subset,
+                "eval": synth.eval_per_dataset, "k": synth.num_candidates,
+                "noise": synth.noisy_correspondence, "size": synth.image_size}
+    return "synth-" + hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _ensure_synthetic(cache: Path, synth) -> Path:
+    """Generates the synthetic MMEB once (atomically: a temp folder renamed into place)."""
+    from sde_ray.data.synthetic import write_synthetic_mmeb
+
+    target = cache / synthetic_cache_key(synth)
+    if (target / "synthetic.json").exists():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=cache))
+    try:
+        write_synthetic_mmeb(staging, seed=synth.seed, train_per_subset=synth.train_per_subset,
+                             eval_per_dataset=synth.eval_per_dataset,
+                             noisy_correspondence=synth.noisy_correspondence,
+                             num_candidates=synth.num_candidates, image_size=synth.image_size)
+        # synthetic.json records absolute paths: rewrite them for the final location.
+        summary = json.loads((staging / "synthetic.json").read_text())
+        summary.update(train_dir=str(target / "MMEB-train"), eval_dir=str(target / "MMEB-eval"))
+        (staging / "synthetic.json").write_text(json.dumps(summary, indent=1) + "\n")
+        try:
+            os.rename(staging, target)
+        except OSError:  # another process finished first
+            if not (target / "synthetic.json").exists():
+                raise
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return target
+
+
+def _converted(train_dir: Path, shard_dir: Path, config) -> dict:
+    """Converts once; a complete manifest for the same source and settings is reused as is."""
+    from sde_ray.data.convert import convert_mmeb, load_manifest
+
+    manifest_path = shard_dir / MANIFEST
+    if manifest_path.exists():
+        manifest = load_manifest(shard_dir)
+        if (manifest.get("source") == str(train_dir) and manifest.get("split") == config.data.split
+                and manifest.get("samples_per_shard") == config.data.samples_per_shard
+                and sorted(manifest["subsets"]) == sorted(config.data.subsets or manifest["subsets"])):
+            return manifest
+    return convert_mmeb(train_dir, shard_dir, subsets=config.data.subsets or None, split=config.data.split,
+                        samples_per_shard=config.data.samples_per_shard, workers=1, progress=False)
+
+
+def prepare_data(config) -> PreparedData:
+    """Shards and eval root for `config.data`: generate/convert into the cache on first use.
+
+    Safe to call from concurrent processes (e.g. Tune trials): the cache is locked while it is
+    filled, and later callers reuse what the first one wrote.
+    """
+    import fcntl
+
+    cache = Path(config.data.cache_dir).expanduser().resolve()
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _prepare_locked(config, cache)
+
+
+def _prepare_locked(config, cache: Path) -> PreparedData:
+    data = config.data
+    if data.source == "synthetic":
+        root = _ensure_synthetic(cache, data.synth)
+        train_dir, eval_dir = root / "MMEB-train", root / "MMEB-eval"
+        shard_dir = root / f"shards-{data.split}-{data.samples_per_shard}"
+        manifest = _converted(train_dir, shard_dir, config)
+        shards = [str(shard_dir / entry["name"]) for entry in manifest["shards"]]
+    elif data.shards:
+        shards = expand_shards(data.shards)
+        first = shards[0]
+        manifest_dir = os.path.dirname(first)
+        from sde_ray.data.convert import load_manifest
+
+        manifest = load_manifest(manifest_dir) if not _is_remote(first) and \
+            os.path.exists(os.path.join(manifest_dir, MANIFEST)) else {}
+        eval_dir = Path(data.mmeb_eval_dir).expanduser().resolve() if data.mmeb_eval_dir else None
+    else:
+        train_dir = Path(data.mmeb_train_dir).expanduser().resolve()
+        key = hashlib.sha256(str(train_dir).encode()).hexdigest()[:12]
+        shard_dir = cache / f"mmeb-{key}-{data.split}-{data.samples_per_shard}"
+        manifest = _converted(train_dir, shard_dir, config)
+        shards = [str(shard_dir / entry["name"]) for entry in manifest["shards"]]
+        eval_dir = Path(data.mmeb_eval_dir).expanduser().resolve() if data.mmeb_eval_dir else None
+    check = check_shards(shards, manifest)
+    return PreparedData(shards=check.paths, eval_dir=str(eval_dir) if eval_dir else "",
+                        manifest=manifest, skipped_shards=check.skipped, check=check)

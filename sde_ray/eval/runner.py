@@ -1,0 +1,428 @@
+"""MMEB evaluation entry points: `run_eval` (the `sde-ray eval` job, on Ray) and the in-process
+`evaluate_model` / `validation_p_at_1` the training loop calls.
+
+`run_eval(checkpoint, ...)` accepts a run directory (its exported `model/`, else its latest
+checkpoint), a Ray Train checkpoint directory (`consolidated.pt` + `state.json`, exported to a
+`save_pretrained` folder first) or an exported `save_pretrained` folder. It encodes with
+`eval.num_workers` Ray actors (one GPU each when the cluster has GPUs), writes results.json / .md /
+.csv, the diagnostics and the plots into the output folder, and logs them to wandb.
+
+Output folder default: `<run>/eval` for a run directory (or its `model/`), otherwise
+`<checkpoint>-eval` beside the checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from sde_ray.config import Config
+from sde_ray.data.mmeb import (
+    META_TASKS,
+    DatasetInfo,
+    eval_image_source,
+    list_eval_datasets,
+    load_dataset_catalog,
+)
+from sde_ray.eval import plots
+from sde_ray.eval.diagnostics import feature_diagnostics, pool_pairs, training_history, write_history_plots
+from sde_ray.eval.encode import ModelEncoder, RayEncoderPool
+from sde_ray.eval.gap import fit_remedy, fit_rows
+from sde_ray.eval.metrics import DatasetScore, summarize
+from sde_ray.eval.report import write_results
+from sde_ray.eval.scoring import (
+    EncodedDataset,
+    Encoder,
+    PreparedDataset,
+    dataset_hits,
+    encode_dataset,
+    prepare_dataset,
+    score_dataset,
+)
+
+MODEL_FROM_CHECKPOINT = "model_from_checkpoint"
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs: checkpoint, data root, datasets
+
+
+@dataclasses.dataclass
+class ResolvedCheckpoint:
+    model_dir: Path  # a save_pretrained folder
+    run_dir: Path | None  # the training run it belongs to (for metrics.jsonl), when known
+    kind: str  # "pretrained" | "run" | "ray_checkpoint"
+    source: Path  # the Ray checkpoint exported, for kind ray_checkpoint
+
+
+def _is_export(path: Path) -> bool:
+    from sde_ray.models.embedder import EXPORT_FILE
+
+    return (path / EXPORT_FILE).is_file()
+
+
+def _is_ray_checkpoint(path: Path) -> bool:
+    from sde_ray.train.checkpoint import CONSOLIDATED, STATE
+
+    return (path / CONSOLIDATED).is_file() and (path / STATE).is_file()
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint with the highest step under a run directory (Ray storage included)."""
+    from sde_ray.train.checkpoint import STATE, TrainState
+
+    found = [p.parent for p in run_dir.rglob(STATE) if _is_ray_checkpoint(p.parent)]
+    return max(found, key=lambda p: (TrainState.read(p).step, p.stat().st_mtime)) if found else None
+
+
+def _state_dict_prefix(saved_keys: Sequence[str], model_keys: Sequence[str]) -> str:
+    """The prefix under which the model's parameters sit in a training module's state dict."""
+    first = model_keys[0]
+    for key in saved_keys:
+        if key.endswith(first):
+            prefix = key[: len(key) - len(first)]
+            if all(prefix + k in saved_keys for k in model_keys):
+                return prefix
+    raise KeyError(f"the checkpoint's weights do not contain this model's parameters (e.g. {first!r})")
+
+
+def export_ray_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Rebuilds the encoder of a training checkpoint from its saved config and consolidated weights,
+    and writes it as a `save_pretrained` folder (what the encoding actors load)."""
+    import torch
+
+    from sde_ray.config import from_dict
+    from sde_ray.models import build_model
+    from sde_ray.train.checkpoint import CONSOLIDATED, STATE
+
+    checkpoint_dir = Path(checkpoint_dir)
+    state = json.loads((checkpoint_dir / STATE).read_text())
+    if "config" not in state:
+        raise ValueError(f"{checkpoint_dir / STATE} has no 'config': cannot rebuild the model")
+    config = from_dict(state["config"], Config)
+    model = build_model(config.model, seed=config.train.seed)
+    weights = torch.load(checkpoint_dir / CONSOLIDATED, map_location="cpu", weights_only=True)
+    model_keys = list(model.state_dict())
+    prefix = _state_dict_prefix(list(weights), model_keys)
+    model.load_state_dict({k: weights[prefix + k] for k in model_keys})
+    return model.save_pretrained(out_dir)
+
+
+def resolve_checkpoint(checkpoint: str | os.PathLike, work_dir: Path) -> ResolvedCheckpoint:
+    """Finds (or, for a training checkpoint, exports into `work_dir`) the model folder to evaluate."""
+    path = Path(checkpoint).expanduser().resolve()
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if _is_export(path):
+        run_dir = path.parent if (path.parent / "metrics.jsonl").is_file() else None
+        return ResolvedCheckpoint(path, run_dir, "pretrained", path)
+    if _is_export(path / "model"):
+        return ResolvedCheckpoint(path / "model", path, "run", path / "model")
+    source = path if _is_ray_checkpoint(path) else latest_checkpoint(path)
+    if source is None:
+        raise FileNotFoundError(
+            f"{path} is not an exported model (no sde_ray_model.json), a run directory (no model/ and no "
+            "checkpoint below it) or a Ray Train checkpoint (consolidated.pt + state.json)"
+        )
+    run_dir = path if source != path else None
+    model_dir = export_ray_checkpoint(source, work_dir / MODEL_FROM_CHECKPOINT)
+    return ResolvedCheckpoint(model_dir, run_dir, "ray_checkpoint", source)
+
+
+def default_output_dir(checkpoint: str | os.PathLike) -> Path:
+    path = Path(checkpoint).expanduser().resolve()
+    if not _is_export(path) and not _is_ray_checkpoint(path):
+        return path / "eval"  # a run directory
+    if _is_export(path) and (path.parent / "metrics.jsonl").is_file():
+        return path.parent / "eval"  # a run's exported model/
+    return path.parent / f"{path.name}-eval"
+
+
+def resolve_eval_root(data_dir: str | os.PathLike | None, config: Config) -> Path:
+    """`data_dir`, else `eval.data_dir`, else `data.mmeb_eval_dir`, else the synthetic eval split."""
+    chosen = data_dir or config.eval.data_dir or config.data.mmeb_eval_dir
+    if not chosen:
+        if config.data.source != "synthetic":
+            raise ValueError("no MMEB-eval root: pass --data DIR or set eval.data_dir / data.mmeb_eval_dir")
+        from sde_ray.data.pipeline import prepare_data
+
+        chosen = prepare_data(config).eval_dir
+    root = Path(chosen).expanduser().resolve()
+    if not root.is_dir():
+        raise FileNotFoundError(f"MMEB-eval root not found: {root}")
+    return root
+
+
+def select_datasets(eval_root: Path, names: Sequence[str] | None = None) -> list[DatasetInfo]:
+    """The datasets to evaluate, in the catalog's report order; unknown or absent names are errors."""
+    catalog = load_dataset_catalog(eval_root)
+    present = list_eval_datasets(eval_root)
+    if names:
+        absent = [n for n in names if n not in present]
+        if absent:
+            raise ValueError(f"dataset(s) {absent} not found under {eval_root}; available: {present}")
+    wanted = list(names) if names else present
+    unknown = [n for n in wanted if n not in catalog]
+    if unknown:
+        raise ValueError(
+            f"dataset(s) {unknown} under {eval_root} are not in the MMEB catalog (nor in a "
+            "mmeb_datasets.json there), so their meta-task and IND/OOD split are unknown"
+        )
+    if not wanted:
+        raise ValueError(f"no datasets (folders with test-*.parquet) under {eval_root}")
+    return [info for name, info in catalog.items() if name in wanted]
+
+
+# ---------------------------------------------------------------------------------------------
+# The shared evaluation pass
+
+
+@dataclasses.dataclass
+class Evaluation:
+    scores: dict[str, DatasetScore]
+    pairs: list[tuple[np.ndarray, np.ndarray]]  # per dataset (queries, positives) of scorable rows
+    encoded: list[EncodedDataset]  # kept only when a gap remedy needs a second look
+
+    def results(self) -> dict:
+        return summarize(self.scores, META_TASKS)
+
+
+def evaluate_prepared(
+    prepared: Sequence[PreparedDataset] | None,
+    encoder: Encoder,
+    *,
+    eval_root: Path | None = None,
+    infos: Sequence[DatasetInfo] = (),
+    max_rows: int | None = None,
+    keep_encoded: bool = False,
+    progress: bool = False,
+) -> Evaluation:
+    """Scores datasets one at a time: already prepared ones, or `infos` read from `eval_root`."""
+    from tqdm.auto import tqdm
+
+    scores, pairs, encoded = {}, [], []
+    source = eval_image_source(eval_root) if eval_root is not None else None
+    items = list(prepared) if prepared is not None else list(infos)
+    try:
+        for item in tqdm(items, desc="datasets", unit="dataset", disable=not progress):
+            p = (
+                item
+                if isinstance(item, PreparedDataset)
+                else prepare_dataset(eval_root, item, source, max_rows=max_rows)
+            )
+            e = encode_dataset(p, encoder)
+            scores[e.info.name] = score_dataset(e)
+            pairs.append(e.positive_pairs())
+            if keep_encoded:
+                encoded.append(e)
+    finally:
+        if source is not None:
+            source.close()
+    return Evaluation(scores, pairs, encoded)
+
+
+def gap_remedy_effect(encoded: Sequence[EncodedDataset], remedy: str, k: int) -> dict:
+    """P@1 on every dataset's odd rows before and after a remedy fitted on all even rows (pooled)."""
+    fit = [e.positive_pairs(fit_rows(e.table.num_rows)) for e in encoded]
+    query, target = pool_pairs(fit, max_rows=None)
+    query_map, candidate_map = fit_remedy(remedy, query, target, k)
+    before, after = {}, {}
+    for e in encoded:
+        measured = ~fit_rows(e.table.num_rows)
+        before[e.info.name] = score_dataset(e, measured)
+        after[e.info.name] = score_dataset(e, measured, dataset_hits(e, query_map, candidate_map))
+    summary_before, summary_after = summarize(before, META_TASKS), summarize(after, META_TASKS)
+    return {
+        "name": remedy,
+        "fit_on": f"the even rows of every dataset, pooled ({len(query)} query-positive pairs)",
+        "evaluated_on": "the odd rows of every dataset",
+        "datasets": {
+            name: {
+                "p_at_1_before": before[name].p_at_1,
+                "p_at_1_after": after[name].p_at_1,
+                "num_queries": before[name].num_queries,
+            }
+            for name in before
+        },
+        "overall_before": summary_before["overall"],
+        "overall_after": summary_after["overall"],
+        "meta_tasks_before": summary_before["meta_tasks"],
+        "meta_tasks_after": summary_after["meta_tasks"],
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# In-process entry points (the training loop)
+
+
+def evaluate_model(
+    model,
+    processor,
+    eval_root: str | os.PathLike,
+    datasets: Sequence[str] | None = None,
+    max_queries: int | None = None,
+    batch_size: int = 64,
+) -> dict:
+    """P@1 results dict of an in-memory model (no Ray); `max_queries` caps the rows per dataset."""
+    root = Path(eval_root)
+    infos = select_datasets(root, datasets)
+    evaluation = evaluate_prepared(
+        None, ModelEncoder(model, processor, batch_size), eval_root=root, infos=infos, max_rows=max_queries
+    )
+    return evaluation.results()
+
+
+@functools.lru_cache(maxsize=4)
+def _validation_slice(
+    eval_root: str, names: tuple[str, ...] | None, max_queries: int
+) -> tuple[PreparedDataset, ...]:
+    root = Path(eval_root)
+    infos = select_datasets(root, names)
+    per_dataset = max(1, math.ceil(max_queries / len(infos)))
+    source = eval_image_source(root)
+    try:
+        return tuple(prepare_dataset(root, info, source, max_rows=per_dataset) for info in infos)
+    finally:
+        source.close()
+
+
+def validation_p_at_1(
+    model,
+    processor,
+    eval_root: str | os.PathLike,
+    max_queries: int = 200,
+    batch_size: int = 64,
+    datasets: Sequence[str] | None = None,
+) -> float:
+    """Mean P@1 over datasets on a small fixed slice: the first ⌈max_queries / #datasets⌉ rows of each.
+
+    The slice is read and its images loaded once per process, then only re-encoded.
+    """
+    prepared = _validation_slice(
+        str(Path(eval_root).resolve()), tuple(datasets) if datasets else None, max_queries
+    )
+    evaluation = evaluate_prepared(prepared, ModelEncoder(model, processor, batch_size))
+    return float(evaluation.results()["overall"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The `sde-ray eval` job
+
+
+def _ensure_ray(config: Config):
+    import ray
+
+    if ray.is_initialized():
+        return False
+    ray.init(address=config.scaling.address or None, include_dashboard=False, log_to_driver=False)
+    return True
+
+
+def run_eval(
+    checkpoint: str | os.PathLike,
+    data_dir: str | os.PathLike | None = "",
+    datasets: Sequence[str] | None = None,
+    output_dir: str | os.PathLike | None = None,
+    config: Config | None = None,
+    gap_remedy: str | None = None,
+) -> dict:
+    """Evaluates a checkpoint on MMEB-eval (see module docstring); returns the results dict."""
+    import ray
+
+    config = config or Config()
+    remedy = gap_remedy if gap_remedy is not None else config.eval.gap_remedy
+    remedy = None if remedy in (None, "", "none") else remedy
+    out = Path(output_dir).expanduser().resolve() if output_dir else default_output_dir(checkpoint)
+    out.mkdir(parents=True, exist_ok=True)
+    resolved = resolve_checkpoint(checkpoint, out)
+    eval_root = resolve_eval_root(data_dir, config)
+    infos = select_datasets(eval_root, datasets or config.eval.datasets or None)
+
+    started_ray = _ensure_ray(config)
+    pool = RayEncoderPool(resolved.model_dir, config.eval.num_workers, config.eval.batch_size)
+    try:
+        evaluation = evaluate_prepared(
+            None, pool, eval_root=eval_root, infos=infos, keep_encoded=bool(remedy), progress=True
+        )
+    finally:
+        pool.shutdown()
+        if started_ray:
+            ray.shutdown()
+
+    results = evaluation.results()
+    results["checkpoint"] = str(Path(checkpoint).expanduser().resolve())
+    results["model_dir"] = str(resolved.model_dir)
+    results["data_dir"] = str(eval_root)
+    if remedy:
+        results["gap_remedy"] = gap_remedy_effect(evaluation.encoded, remedy, config.loss.gap.k)
+
+    plot_dir = out / "plots"
+    plot_paths = {"p_at_1": plots.plot_p_at_1(results, plot_dir / "p_at_1.png")}
+    query, target = pool_pairs(evaluation.pairs, seed=config.train.seed)
+    if len(query) >= 2:
+        diagnostics, spectra = feature_diagnostics(query, target, config)
+        results["diagnostics"] = diagnostics
+        plot_paths["spectrum"] = plots.plot_spectrum(
+            spectra, plot_dir / "spectrum.png", title=f"eval-set spectrum ({len(query)} pairs)"
+        )
+    if resolved.run_dir is not None and (resolved.run_dir / "metrics.jsonl").is_file():
+        history = training_history(resolved.run_dir / "metrics.jsonl")
+        plot_paths.update(write_history_plots(history, plot_dir))
+    results["plots"] = {name: str(path) for name, path in plot_paths.items()}
+    write_results(results, out)
+    log_to_wandb(results, plot_paths, config, out)
+    print(
+        f"MMEB P@1 overall {100 * (results['overall'] or 0):.1f} over {len(results['datasets'])} datasets "
+        f"-> {out}",
+        flush=True,
+    )
+    return results
+
+
+def log_to_wandb(results: dict, plot_paths: dict[str, Path], config: Config, output_dir: Path) -> None:
+    """Logs P@1 (per dataset and aggregated), the diagnostics and the plots to the active wandb run,
+    or to a new `job_type=eval` run when logging.wandb is on and none is active."""
+    import wandb
+
+    from sde_ray.train.metrics import wandb_mode
+
+    run, started = wandb.run, False
+    if run is None:
+        mode = wandb_mode(config.logging)
+        if not config.logging.wandb or mode == "disabled":
+            return
+        run = wandb.init(
+            project=config.logging.wandb_project,
+            group=config.logging.wandb_group or None,
+            job_type="eval",
+            dir=str(output_dir),
+            mode=mode,
+            reinit="finish_previous",
+            config={"checkpoint": results.get("checkpoint"), "data_dir": results.get("data_dir")},
+        )
+        started = True
+    payload: dict = {f"eval/p_at_1/{name}": row["p_at_1"] for name, row in results["datasets"].items()}
+    payload.update({f"eval/meta_task/{task}": value for task, value in results["meta_tasks"].items()})
+    payload.update(
+        {f"eval/{key}": results[key] for key in ("ind", "ood", "overall") if results[key] is not None}
+    )
+    payload.update(
+        {f"eval/diagnostics/{key}": value for key, value in results.get("diagnostics", {}).items()}
+    )
+    payload.update({f"eval/plots/{name}": wandb.Image(str(path)) for name, path in plot_paths.items()})
+    columns = ["dataset", "meta_task", "split", "p_at_1", "num_queries", "num_missing", "num_malformed"]
+    payload["eval/results"] = wandb.Table(
+        columns=columns,
+        data=[[name] + [row[c] for c in columns[1:]] for name, row in results["datasets"].items()],
+    )
+    run.log(payload)
+    run.summary["eval/overall"] = results["overall"]
+    if started:
+        run.finish()

@@ -1,0 +1,237 @@
+"""The SDE objective (`loss.name=sde`): spectral disentanglement and enhancement, dual-domain loss.
+
+One step, per modality on this rank's raw features (top to bottom in `SDEObjective.forward`):
+1. the global spectrum σ, V of every rank's rows (gather → SVD, or Gram all-reduce → eigh;
+   `spectral.mode`), identical on all ranks;
+2. the strong / weak / noise partition (`spectral.partition_spectrum`);
+3. training only: Δ(α(t)) with ξ from `context.generator` (same on all ranks) or the adversarial
+   sign, and F' = F·M applied to the local rows;
+4. the instance loss: symmetric InfoNCE over the global batch on the L2-normalised F';
+5. the spectral terms on the raw F (Hellinger, subspace consistency, SNR), through energies
+   ‖F v_i‖² with V detached — no SVD backward;
+6. total = λ(t)·L_inst + (1 − λ(t))(w_h·L_hell + w_s·L_sub) + w_snr·L_snr.
+
+The spectral terms are the same number on every rank, so the mean of the per-rank losses is the
+global loss and rank-averaged gradients equal the single-process ones.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from sde_ray.losses import StepContext
+from sde_ray.losses.dual_domain import (
+    dual_domain_total,
+    frozen_basis,
+    hellinger_distance,
+    hellinger_loss,
+    projected_energies,
+    projector_distance,
+    spectral_distribution,
+    subspace_surrogate,
+)
+from sde_ray.losses.infonce import info_nce
+from sde_ray.losses.objectives import Temperature
+from sde_ray.spectral import (
+    Partition,
+    Spectrum,
+    adversarial_signs,
+    apply_enhancement,
+    centroid_gap,
+    choose_mode,
+    distributed_spectrum,
+    effective_rank,
+    energy_shares,
+    enhancement_deltas,
+    partition_kwargs,
+    partition_spectrum,
+    random_signs,
+    schedule_value,
+    smallest_principal_angle,
+    snr_loss,
+)
+
+
+def _finite_on_every_rank(query: torch.Tensor, target: torch.Tensor, world_size: int) -> bool:
+    bad = torch.tensor(
+        0.0 if bool(torch.isfinite(query).all() and torch.isfinite(target).all()) else 1.0,
+        device=query.device,
+    )
+    if world_size > 1:
+        torch.distributed.all_reduce(bad)
+    return float(bad) == 0.0
+
+
+class SDEObjective(torch.nn.Module):
+    """λ(t)·InfoNCE(F_q·M_q, F_t·M_t) + (1 − λ(t))·spectral terms + w_snr·L_snr."""
+
+    def __init__(self, spectral_config, loss_config):
+        super().__init__()
+        self.spectral = spectral_config
+        self.loss = loss_config
+        self.scale = Temperature(loss_config.temperature, loss_config.learnable_temperature)
+
+    def _instance(self, query, target, logit_scale, context: StepContext) -> torch.Tensor:
+        return info_nce(
+            F.normalize(query, dim=-1),
+            F.normalize(target, dim=-1),
+            logit_scale,
+            context.rank,
+            context.world_size,
+            context.target_ids,
+            self.loss.duplicate_targets,
+        )
+
+    def _strong_xi(self, features, spectra, logit_scale, context: StepContext) -> list[torch.Tensor]:
+        """ξ per modality: uniform [−1, 1] from the shared generator, or sign(∂L_inst/∂σ_i)."""
+        if self.spectral.strong_perturbation == "random":
+            if context.generator is None and context.world_size > 1:
+                raise ValueError("SDE with strong_perturbation=random needs context.generator on every rank")
+            return [random_signs(s.rank, context.generator, s.sigma.device) for s in spectra]
+        leaves = [
+            x.detach().to(torch.promote_types(x.dtype, torch.float32)).requires_grad_() for x in features
+        ]
+        with torch.enable_grad():
+            loss = self._instance(leaves[0], leaves[1], logit_scale.detach(), context)
+            gradients = torch.autograd.grad(loss, leaves)
+        return [
+            adversarial_signs(x, s.basis, g, context.world_size)
+            for x, s, g in zip(leaves, spectra, gradients)
+        ]
+
+    def forward(self, query: torch.Tensor, target: torch.Tensor, context: StepContext):
+        if query.dim() != 2 or query.shape != target.shape:
+            raise ValueError(
+                f"query and target must be (B × d) of the same shape, got {tuple(query.shape)} and {tuple(target.shape)}"
+            )
+        sp, lc = self.spectral, self.loss
+        rank, world_size = context.rank, context.world_size
+        if not _finite_on_every_rank(query, target, world_size):
+            # A NaN loss on every rank (not an exception on one) lets the trainer's nan_policy act.
+            nan = float("nan")
+            return (query.sum() + target.sum()) * nan, {"loss": nan, "nonfinite_features": 1.0}
+        num_rows, dim = query.shape[0] * world_size, query.shape[1]
+        mode = choose_mode(num_rows, dim, sp.mode, sp.auto_gram_ratio)
+        features = (query, target)
+        spectra: list[Spectrum] = [distributed_spectrum(x, rank, world_size, mode) for x in features]
+        partitions: list[Partition] = [
+            partition_spectrum(s.sigma, num_rows, dim, **partition_kwargs(sp)) for s in spectra
+        ]
+        alpha = schedule_value(sp.alpha, context.progress)
+        lam = schedule_value(lc.lambda_schedule, context.progress)
+        logit_scale = self.scale()
+
+        enhanced = features
+        bound_factors = [1.0, 1.0]
+        if context.training:
+            xis = self._strong_xi(features, spectra, logit_scale, context)
+            enhancements = [
+                enhancement_deltas(
+                    s.sigma,
+                    p,
+                    alpha,
+                    xi,
+                    eps_strong=sp.eps_strong,
+                    eps_weak=sp.eps_weak,
+                    eps_noise=sp.eps_noise,
+                    rho=sp.rho,
+                )
+                for s, p, xi in zip(spectra, partitions, xis)
+            ]
+            enhanced = tuple(
+                apply_enhancement(x, s.basis, e.scale, e.base_scale)
+                for x, s, e in zip(features, spectra, enhancements)
+            )
+            bound_factors = [e.bound_factor for e in enhancements]
+        loss_instance = self._instance(enhanced[0], enhanced[1], logit_scale, context)
+
+        energies = [projected_energies(x, s.basis, world_size) for x, s in zip(features, spectra)]
+        loss_hellinger = hellinger_loss(energies[0], energies[1], lc.hellinger_on)
+        k = min(lc.subspace_k, spectra[0].rank)
+        tops = [s.basis[:, :k] for s in spectra]
+        if lc.subspace_form == "surrogate":
+            loss_subspace = subspace_surrogate(query, target, tops[0], tops[1], world_size)
+        else:
+            bases = [frozen_basis(x, v, s.sigma[:k], world_size) for x, v, s in zip(features, tops, spectra)]
+            loss_subspace = projector_distance(bases[0], bases[1])
+        loss_snr = 0.5 * sum(snr_loss(e, p.noise, alpha) for e, p in zip(energies, partitions))
+        total = dual_domain_total(
+            loss_instance,
+            loss_hellinger,
+            loss_subspace,
+            loss_snr,
+            lam,
+            lc.w_hellinger,
+            lc.w_subspace,
+            lc.w_snr,
+        )
+        return total, self._metrics(
+            total,
+            loss_instance,
+            loss_hellinger,
+            loss_subspace,
+            loss_snr,
+            alpha,
+            lam,
+            mode,
+            spectra,
+            partitions,
+            energies,
+            tops,
+            bound_factors,
+            features,
+            context,
+        )
+
+    def _metrics(
+        self,
+        total,
+        instance,
+        hellinger,
+        subspace,
+        snr,
+        alpha,
+        lam,
+        mode,
+        spectra,
+        partitions,
+        energies,
+        tops,
+        bound_factors,
+        features,
+        context,
+    ) -> dict[str, float]:
+        metrics = {
+            "loss": float(total.detach()),
+            "loss_instance": float(instance.detach()),
+            "loss_hellinger": float(hellinger.detach()),
+            "loss_subspace": float(subspace.detach()),
+            "loss_snr": float(snr.detach()),
+            "alpha": alpha,
+            "lambda": lam,
+            "spectral_mode_gram": 1.0 if mode == "gram" else 0.0,
+            "hellinger_distance": hellinger_distance(
+                spectral_distribution(energies[0].detach(), self.loss.hellinger_on),
+                spectral_distribution(energies[1].detach(), self.loss.hellinger_on),
+            ),
+            "gap_centroid": centroid_gap(features[0], features[1], context.world_size),
+            "gap_min_angle": smallest_principal_angle(tops[0], tops[1]),
+        }
+        for side, spectrum, partition, bound in zip("qt", spectra, partitions, bound_factors):
+            for name, share in energy_shares(spectrum.sigma, partition).items():
+                metrics[f"energy_{name}_{side}"] = share
+            metrics[f"effective_rank_{side}"] = effective_rank(spectrum.sigma)
+            metrics[f"num_strong_{side}"] = float(partition.num_strong)
+            metrics[f"num_weak_{side}"] = float(partition.num_weak)
+            metrics[f"num_noise_{side}"] = float(partition.num_noise)
+            metrics[f"tau_mp_{side}"] = partition.tau_mp
+            metrics[f"delta_bound_factor_{side}"] = bound
+        return metrics
+
+
+def build_sde(config, embed_dim: int) -> SDEObjective:
+    """The SDE objective from the whole `Config` (sections `spectral` and `loss`)."""
+    if embed_dim < 1:
+        raise ValueError(f"embed_dim must be >= 1, got {embed_dim}")
+    return SDEObjective(config.spectral, config.loss)

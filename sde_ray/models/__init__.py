@@ -1,0 +1,36 @@
+"""Single-device encoders (pure torch + transformers/peft; no Ray, no DeepSpeed).
+
+- `build_model(model_config, seed=0)`: a CLIP/SigLIP dual encoder or a Qwen2-VL last-token embedder
+  with `encode_side(batch, prefix) -> [B, D]`, `forward(batch) -> (query, target)`, `embed_dim` and
+  `save_pretrained(dir)`.
+- `load_pretrained(dir) -> (model, model_config)` reloads an export.
+- `BatchProcessor(model_config_dict)`: raw MMEB batch -> fixed-shape numpy arrays (Ray Data actors).
+- `count_parameters(model) -> {"total", "trainable"}`.
+
+The names `tiny-clip`, `tiny-siglip`, `tiny-qwen2-vl` build small random models in code; any other
+`model.name_or_path` goes through `from_pretrained`. See docs/models.md.
+"""
+
+from sde_ray.models.build import KINDS, apply_lora, build_model, count_parameters, load_pretrained
+from sde_ray.models.dual_encoder import DualEncoder
+from sde_ray.models.embedder import Embedder
+from sde_ray.models.processing import BatchProcessor, decode_image, target_id
+from sde_ray.models.tiny import TINY_MODELS
+from sde_ray.models.vlm import VLMEmbedder, last_token_pool, patchify_qwen2_vl
+
+__all__ = [
+    "KINDS",
+    "TINY_MODELS",
+    "BatchProcessor",
+    "DualEncoder",
+    "Embedder",
+    "VLMEmbedder",
+    "apply_lora",
+    "build_model",
+    "count_parameters",
+    "decode_image",
+    "last_token_pool",
+    "load_pretrained",
+    "patchify_qwen2_vl",
+    "target_id",
+]

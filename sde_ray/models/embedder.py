@@ -1,0 +1,120 @@
+"""What every encoder shares: batch → tensors, the (query, target) forward, and export.
+
+An `Embedder` wraps one Hugging Face backbone (optionally inside a peft LoRA wrapper) together with
+its tokenizer and image processor. Subclasses implement only `encode_side(batch, prefix)`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sde_ray.config import ModelConfig
+
+EXPORT_FILE = "sde_ray_model.json"
+EXPORT_FORMAT = 1
+
+
+class Embedder(nn.Module):
+    """Base of the dual encoder and the VLM embedder (one level, no further hierarchy)."""
+
+    def __init__(
+        self, backbone: nn.Module, tokenizer: Any, image_processor: Any, config: ModelConfig, embed_dim: int
+    ):
+        super().__init__()
+        self.backbone = backbone
+        # Plain attributes, not submodules: they travel with the model for export only.
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.model_config = config
+        self.embed_dim = embed_dim
+
+    def encode_side(self, batch: dict, prefix: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(query features, target features), both [B, embed_dim], before L2 normalisation."""
+        return self.encode_side(batch, "qry"), self.encode_side(batch, "pos")
+
+    # ------------------------------------------------------------------------------------------
+    def hf_model(self) -> nn.Module:
+        """The `transformers` model, seen through a peft wrapper if there is one."""
+        get_base = getattr(self.backbone, "get_base_model", None)
+        return get_base() if callable(get_base) else self.backbone
+
+    def parameter_dtype(self) -> torch.dtype:
+        return next(p.dtype for p in self.parameters() if p.is_floating_point())
+
+    def side_inputs(
+        self, batch: dict, prefix: str
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask, pixel_values, has_image) of one side, as tensors on the model's
+        device; pixel values in the model's dtype (bf16 under DeepSpeed bf16)."""
+        device = next(self.parameters()).device
+        names = [f"{prefix}_{key}" for key in ("input_ids", "attention_mask", "pixel_values", "has_image")]
+        missing = [name for name in names if name not in batch]
+        if missing:
+            raise KeyError(f"model batch lacks {missing}; build it with sde_ray.models.BatchProcessor.")
+        ids, mask, pixels, has_image = (torch.as_tensor(batch[name]).to(device) for name in names)
+        return ids.long(), mask.long(), pixels.to(self.parameter_dtype()), has_image.bool()
+
+    # ------------------------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Writes a folder that `sde_ray.models.load_pretrained` (and plain `from_pretrained`) reads:
+        the backbone (LoRA merged into the weights), tokenizer, image processor and our ModelConfig.
+        Call it on an unpartitioned model (with ZeRO-3, load consolidated weights into a fresh
+        `build_model` first)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        backbone = self.backbone
+        merged = hasattr(backbone, "merge_and_unload")
+        if merged:  # merge a copy: the training model keeps its adapters
+            backbone = copy.deepcopy(backbone).merge_and_unload()
+        backbone.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+        self.image_processor.save_pretrained(directory)
+        config = dataclasses.replace(
+            self.model_config, lora=dataclasses.replace(self.model_config.lora, enabled=False)
+        )
+        meta = {
+            "format": EXPORT_FORMAT,
+            "model_config": dataclasses.asdict(config),
+            "source_name_or_path": self.model_config.name_or_path,
+            "lora_merged": merged,
+            "embed_dim": self.embed_dim,
+        }
+        (directory / EXPORT_FILE).write_text(json.dumps(meta, indent=2))
+        return directory
+
+
+def trim_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drops the columns that are padding in every row (trailing for right padding, leading for left).
+
+    Batches arrive padded to a fixed max length; most rows are far shorter. For a causal tower with
+    an attention mask (CLIP's text tower, a decoder LM) no real token sees a pad, so the result is
+    unchanged and the cost falls with the real length. Not for bidirectional towers that pool at a
+    fixed position (SigLIP)."""
+    used = attention_mask.any(dim=0).nonzero()
+    if used.numel() == 0:
+        return input_ids, attention_mask
+    start, end = int(used[0]), int(used[-1]) + 1
+    return input_ids[:, start:end], attention_mask[:, start:end]
+
+
+def vision_keepalive(run_vision: Callable[[torch.Tensor], Any], pixel_values: torch.Tensor) -> torch.Tensor:
+    """A zero that depends on every vision parameter, for batches with no image at all.
+
+    Running the vision tower once on a blank image keeps the set of modules run (and parameters
+    with gradients) the same on every rank and step, which ZeRO-3's parameter gathering and
+    DDP-style gradient reduction both rely on."""
+    blank = torch.zeros_like(pixel_values[:1])
+    out = run_vision(blank)
+    parts = out if isinstance(out, (tuple, list)) else (out,)
+    return 0.0 * sum(part.float().sum() for part in parts)

@@ -1,0 +1,88 @@
+"""The spectral core (pure torch): decomposition, partition, schedules, enhancement, diagnostics.
+
+docs/spectral.md states our precise reading of the SDE method and which choices are ours.
+"""
+
+from sde_ray.spectral.collectives import all_gather_rows, all_reduce_sum
+from sde_ray.spectral.decompose import (
+    MODES,
+    Spectrum,
+    choose_mode,
+    communicated_bytes,
+    distributed_gram_spectrum,
+    distributed_spectrum,
+    gather_spectrum,
+    gram_matrix,
+    gram_spectrum,
+    spectrum_from_gram,
+    svd_spectrum,
+)
+from sde_ray.spectral.diagnostics import (
+    centroid_gap,
+    effective_rank,
+    energy_shares,
+    modality_gap,
+    principal_angles,
+    smallest_principal_angle,
+    top_subspace,
+)
+from sde_ray.spectral.enhance import (
+    Enhancement,
+    adversarial_signs,
+    apply_enhancement,
+    enhancement_deltas,
+    enhancement_matrix,
+    random_signs,
+    snr_loss,
+)
+from sde_ray.spectral.partition import (
+    FENCES,
+    NOISE_ESTIMATORS,
+    Partition,
+    estimate_noise_std,
+    marchenko_pastur_quantile,
+    noise_edge,
+    partition_kwargs,
+    partition_spectrum,
+)
+from sde_ray.spectral.schedules import SCHEDULE_KINDS, schedule_value
+
+__all__ = [
+    "FENCES",
+    "MODES",
+    "NOISE_ESTIMATORS",
+    "SCHEDULE_KINDS",
+    "Enhancement",
+    "Partition",
+    "Spectrum",
+    "adversarial_signs",
+    "all_gather_rows",
+    "all_reduce_sum",
+    "apply_enhancement",
+    "centroid_gap",
+    "choose_mode",
+    "communicated_bytes",
+    "distributed_gram_spectrum",
+    "distributed_spectrum",
+    "effective_rank",
+    "energy_shares",
+    "enhancement_deltas",
+    "enhancement_matrix",
+    "estimate_noise_std",
+    "gather_spectrum",
+    "gram_matrix",
+    "gram_spectrum",
+    "marchenko_pastur_quantile",
+    "modality_gap",
+    "noise_edge",
+    "partition_kwargs",
+    "partition_spectrum",
+    "principal_angles",
+    "random_signs",
+    "schedule_value",
+    "smallest_principal_angle",
+    "snr_loss",
+    "spectrum_from_gram",
+    "svd_spectrum",
+    "top_subspace",
+]

@@ -1,0 +1,185 @@
+"""Partition of a spectrum into strong / weak / noise directions (random-matrix noise edge + fence).
+
+Our reading of SDE's "IQR + Marchenko–Pastur" split (docs/spectral.md):
+
+- Noise edge. An N × d matrix of iid noise with entry std s has singular values below s(√N + √d)
+  asymptotically (Marchenko–Pastur), whatever the entry distribution. s is estimated robustly from
+  the bulk of the spectrum: Gavish–Donoho, s = σ_med / √(max(N, d)·μ_β) with μ_β the median of the
+  MP law of ratio β = min/max (computed numerically and cached), or the inter-quartile range of the
+  σ's matched to the MP quartiles. At finite size the top noise singular value exceeds the edge by
+  Tracy–Widom fluctuations of relative order min(N, d)^(-2/3), so the edge is raised by
+  `tw_margin` such units: τ_mp = s(√N + √d)(1 + tw_margin·min(N, d)^(-2/3)). noise = σ ≤ τ_mp.
+- Strong fence, among the directions above the edge: `iqr` (Tukey: σ > Q3 + k·IQR of the whole
+  spectrum), `energy` (the fewest top directions holding `energy_fraction` of the signal energy) or
+  `log_gap` (cut at the largest gap in log σ). The rest above the edge is weak.
+
+The three masks are disjoint, cover every index and are ordered: strong ones come first.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+NOISE_ESTIMATORS = ("gavish_donoho", "iqr")
+FENCES = ("iqr", "energy", "log_gap")
+
+
+@dataclass(frozen=True)
+class Partition:
+    """Boolean masks over the r singular values and the thresholds that produced them."""
+
+    strong: torch.Tensor
+    weak: torch.Tensor
+    noise: torch.Tensor
+    tau_mp: float  # noise edge incl. the Tracy–Widom margin: noise = σ ≤ tau_mp
+    tau_fence: float  # the strong fence as computed by the rule (strong = σ > max(tau_mp, tau_fence))
+    noise_std: float  # estimated entry std s of the noise
+
+    @property
+    def num_strong(self) -> int:
+        return int(self.strong.sum())
+
+    @property
+    def num_weak(self) -> int:
+        return int(self.weak.sum())
+
+    @property
+    def num_noise(self) -> int:
+        return int(self.noise.sum())
+
+
+@functools.lru_cache(maxsize=512)
+def marchenko_pastur_quantile(beta: float, probability: float) -> float:
+    """Quantile of the Marchenko–Pastur law of the eigenvalues of XXᵀ/n (unit variance, β = m/n ≤ 1)."""
+    if not 0.0 < beta <= 1.0:
+        raise ValueError(f"beta must be in (0, 1], got {beta}")
+    if not 0.0 < probability < 1.0:
+        raise ValueError(f"probability must be in (0, 1), got {probability}")
+    from scipy.integrate import quad
+    from scipy.optimize import brentq
+
+    lower, upper = (1.0 - math.sqrt(beta)) ** 2, (1.0 + math.sqrt(beta)) ** 2
+
+    def density(x: float) -> float:
+        return math.sqrt(max((upper - x) * (x - lower), 0.0)) / (2.0 * math.pi * beta * x)
+
+    def cdf_minus(x: float) -> float:
+        return quad(density, lower, x, limit=200)[0] - probability
+
+    return brentq(cdf_minus, lower, upper, xtol=1e-12)
+
+
+def _aspect(num_rows: int, num_cols: int) -> float:
+    return min(num_rows, num_cols) / max(num_rows, num_cols)
+
+
+def estimate_noise_std(singular_values: torch.Tensor, num_rows: int, num_cols: int, estimator: str) -> float:
+    """Entry std s of the noise, from the bulk of the spectrum (robust to a few signal directions)."""
+    sigma = singular_values.detach().to(torch.float64)
+    beta = _aspect(num_rows, num_cols)
+    scale = math.sqrt(max(num_rows, num_cols))
+    if estimator == "gavish_donoho":
+        median = float(torch.quantile(sigma, 0.5))
+        return median / (scale * math.sqrt(marchenko_pastur_quantile(beta, 0.5)))
+    if estimator == "iqr":
+        q1, q3 = (float(v) for v in torch.quantile(sigma, torch.tensor([0.25, 0.75], dtype=torch.float64)))
+        law_iqr = math.sqrt(marchenko_pastur_quantile(beta, 0.75)) - math.sqrt(
+            marchenko_pastur_quantile(beta, 0.25)
+        )
+        return (q3 - q1) / (scale * law_iqr)
+    raise ValueError(f"unknown noise_estimator {estimator!r}; valid: {', '.join(NOISE_ESTIMATORS)}")
+
+
+def noise_edge(noise_std: float, num_rows: int, num_cols: int, tw_margin: float) -> float:
+    """s(√N + √d) raised by `tw_margin` Tracy–Widom units of relative size min(N, d)^(-2/3)."""
+    edge = noise_std * (math.sqrt(num_rows) + math.sqrt(num_cols))
+    return edge * (1.0 + tw_margin * min(num_rows, num_cols) ** (-2.0 / 3.0))
+
+
+def _strong_count(
+    sigma: torch.Tensor, num_signal: int, tau_mp: float, fence: str, iqr_k: float, energy_fraction: float
+) -> tuple[int, float]:
+    """How many of the top `num_signal` directions are strong, and the fence value the rule used."""
+    if fence == "iqr":
+        q1, q3 = (float(v) for v in torch.quantile(sigma, torch.tensor([0.25, 0.75], dtype=sigma.dtype)))
+        tau_fence = q3 + iqr_k * (q3 - q1)
+        return int((sigma[:num_signal] > max(tau_mp, tau_fence)).sum()), tau_fence
+    if num_signal == 0:
+        return 0, tau_mp
+    signal = sigma[:num_signal]
+    if fence == "energy":
+        energy = signal.square()
+        cumulative = energy.cumsum(0) / energy.sum()
+        count = int((cumulative < energy_fraction - 1e-12).sum()) + 1
+    elif fence == "log_gap":
+        if num_signal == 1:
+            count = 1
+        else:
+            gaps = signal[:-1].log() - signal[1:].log()
+            count = int(gaps.argmax()) + 1
+    else:
+        raise ValueError(f"unknown fence {fence!r}; valid: {', '.join(FENCES)}")
+    count = min(count, num_signal)
+    tau_fence = float(signal[count]) if count < num_signal else tau_mp
+    return count, tau_fence
+
+
+def partition_spectrum(
+    singular_values: torch.Tensor,
+    num_rows: int,
+    num_cols: int,
+    *,
+    noise_estimator: str = "gavish_donoho",
+    tw_margin: float = 3.0,
+    fence: str = "iqr",
+    iqr_k: float = 1.5,
+    energy_fraction: float = 0.5,
+) -> Partition:
+    """Splits the descending singular values of an N × d matrix into strong / weak / noise masks."""
+    if singular_values.dim() != 1:
+        raise ValueError(f"singular_values must be 1-D, got shape {tuple(singular_values.shape)}")
+    if num_rows < 1 or num_cols < 1:
+        raise ValueError(f"num_rows and num_cols must be >= 1, got {num_rows} × {num_cols}")
+    if singular_values.shape[0] != min(num_rows, num_cols):
+        raise ValueError(
+            f"expected min(num_rows, num_cols) = {min(num_rows, num_cols)} singular values, "
+            f"got {singular_values.shape[0]}"
+        )
+    if fence not in FENCES:
+        raise ValueError(f"unknown fence {fence!r}; valid: {', '.join(FENCES)}")
+    if tw_margin < 0 or iqr_k < 0 or not 0 < energy_fraction <= 1:
+        raise ValueError(
+            f"need tw_margin >= 0, iqr_k >= 0 and 0 < energy_fraction <= 1; "
+            f"got {tw_margin}, {iqr_k}, {energy_fraction}"
+        )
+    sigma = singular_values.detach().to(torch.float64)
+    if not torch.isfinite(sigma).all() or (sigma < 0).any():
+        raise ValueError("singular_values must be finite and non-negative")
+    if (sigma[1:] > sigma[:-1] * (1 + 1e-6) + 1e-12).any():
+        raise ValueError("singular_values must be sorted in descending order")
+
+    noise_std = estimate_noise_std(sigma, num_rows, num_cols, noise_estimator)
+    tau_mp = noise_edge(noise_std, num_rows, num_cols, tw_margin)
+    num_signal = int((sigma > tau_mp).sum())
+    num_strong, tau_fence = _strong_count(sigma, num_signal, tau_mp, fence, iqr_k, energy_fraction)
+    # Masks by position: σ is sorted, so this keeps the sets ordered even with ties at a threshold.
+    index = torch.arange(sigma.shape[0], device=sigma.device)
+    strong = index < num_strong
+    weak = (index >= num_strong) & (index < num_signal)
+    noise = index >= num_signal
+    return Partition(strong, weak, noise, tau_mp, tau_fence, noise_std)
+
+
+def partition_kwargs(spectral_config) -> dict:
+    """The keyword arguments of `partition_spectrum` from a `SpectralConfig`."""
+    return {
+        "noise_estimator": spectral_config.noise_estimator,
+        "tw_margin": spectral_config.tw_margin,
+        "fence": spectral_config.fence,
+        "iqr_k": spectral_config.iqr_k,
+        "energy_fraction": spectral_config.energy_fraction,
+    }

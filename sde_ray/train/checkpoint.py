@@ -1,0 +1,132 @@
+"""Checkpoints: every rank's DeepSpeed shards + a consolidated copy of the weights + the run state.
+
+Layout of one checkpoint directory (Ray merges every rank's files into it):
+
+    deepspeed/state/...        DeepSpeed `save_checkpoint` (per-rank ZeRO shards, model states)
+    consolidated.pt            full weights of the training module (encoder + objective), rank 0
+    state.json                 step, samples consumed, epoch position, world size, ZeRO stage, config
+    rng/rank_<r>.pt            torch / numpy / python RNG state of rank r
+
+Resume picks one of two paths (`resume_plan`):
+- same world size and ZeRO stage: DeepSpeed `load_checkpoint` restores weights, optimizer moments
+  and the scheduler exactly;
+- otherwise (an elastic resize, or a changed stage): the consolidated weights are loaded into the
+  module before `deepspeed.initialize`, the optimizer state restarts (AdamW moments rebuild within
+  a few steps) and the scheduler is moved to the saved step, so the learning-rate curve continues.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+DEEPSPEED_DIR = "deepspeed"
+DEEPSPEED_TAG = "state"
+CONSOLIDATED = "consolidated.pt"
+STATE = "state.json"
+
+
+@dataclass
+class TrainState:
+    """Where a run stands; saved with each checkpoint and read back on resume."""
+
+    step: int = 0  # optimizer steps done
+    samples: int = 0  # samples consumed over the whole run (global)
+    epoch: int = 0  # current data epoch
+    epoch_rows: int = 0  # global rows of the current epoch already consumed
+    world_size: int = 1
+    zero_stage: int = 0
+    nan_skips: int = 0
+
+    @classmethod
+    def read(cls, directory: str | os.PathLike) -> TrainState:
+        data = json.loads((Path(directory) / STATE).read_text())
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+def rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def consolidated_state_dict(engine) -> dict[str, torch.Tensor] | None:
+    """Full weights of the engine's module on rank 0 (None elsewhere). A collective under ZeRO-3."""
+    if engine.zero_optimization_partition_weights():
+        # Gathers one layer at a time from every rank's partition; all ranks must call it.
+        state = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        state = engine.module.state_dict() if torch.distributed.get_rank() == 0 else None
+    if state is None:
+        return None
+    return {k: v.detach().cpu().clone() for k, v in state.items()}
+
+
+def save_checkpoint(directory: str | os.PathLike, engine, state: TrainState, config_dict: dict, rank: int) -> None:
+    """Writes this rank's part of a checkpoint into `directory` (every rank calls it)."""
+    directory = Path(directory)
+    engine.save_checkpoint(str(directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG)
+    weights = consolidated_state_dict(engine)
+    (directory / "rng").mkdir(parents=True, exist_ok=True)
+    torch.save(rng_state(), directory / "rng" / f"rank_{rank}.pt")
+    if rank == 0:
+        torch.save(weights, directory / CONSOLIDATED)
+        (directory / STATE).write_text(json.dumps({**asdict(state), "config": config_dict}, indent=1))
+
+
+@dataclass
+class ResumePlan:
+    state: TrainState
+    exact: bool  # DeepSpeed load_checkpoint (optimizer too) vs consolidated weights only
+    directory: Path
+
+
+def resume_plan(directory: str | os.PathLike, world_size: int, zero_stage: int) -> ResumePlan:
+    state = TrainState.read(directory)
+    exact = state.world_size == world_size and state.zero_stage == zero_stage
+    return ResumePlan(state=state, exact=exact, directory=Path(directory))
+
+
+def match_shapes(weights: dict[str, torch.Tensor], module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """`weights` with each tensor viewed in the module's shape where only the shape differs
+    (0-dim parameters travel through DeepSpeed as shape (1,))."""
+    own = module.state_dict()
+    return {
+        key: value.reshape(own[key].shape) if key in own and value.shape != own[key].shape
+        and value.numel() == own[key].numel() else value
+        for key, value in weights.items()
+    }
+
+
+def load_consolidated(module: torch.nn.Module, directory: str | os.PathLike) -> None:
+    """Loads the consolidated weights into a plain (not yet DeepSpeed-wrapped) module."""
+    weights = torch.load(Path(directory) / CONSOLIDATED, map_location="cpu", weights_only=True)
+    module.load_state_dict(match_shapes(weights, module))
+
+
+def restore_engine(engine, plan: ResumePlan, rank: int) -> None:
+    """Exact resume: DeepSpeed weights, optimizer and scheduler; else only the step counters."""
+    if plan.exact:
+        load_path, _ = engine.load_checkpoint(str(plan.directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint under {plan.directory / DEEPSPEED_DIR}")
+        rng_file = plan.directory / "rng" / f"rank_{rank}.pt"
+        if rng_file.exists():
+            set_rng_state(torch.load(rng_file, weights_only=False))
+    else:
+        engine.global_steps = plan.state.step
+        engine.global_samples = plan.state.samples
+        if engine.lr_scheduler is not None and plan.state.step > 0:
+            # DeepSpeed steps the scheduler once per optimizer step, starting from iteration -1.
+            engine.lr_scheduler.step(plan.state.step - 1)

@@ -1,0 +1,97 @@
+"""The DeepSpeed JSON, derived from the one config tree (a pure function; no DeepSpeed import).
+
+Batch sizes: `train.global_batch_size` samples per optimizer step across all workers, split as
+`micro × world_size × grad_accumulation`. DeepSpeed checks the same identity at `initialize`.
+The optimizer is AdamW (torch's, so nothing is JIT-compiled on CPU; DeepSpeed's CPU Adam when the
+optimizer state is offloaded), the schedule a linear warm-up then cosine / linear decay or a
+constant learning rate, all stepped by the engine once per optimizer step. `deepspeed.overrides`
+is deep-merged last, so any raw DeepSpeed key can be set from YAML or the command line.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from sde_ray.config import Config, ConfigError
+
+# DeepSpeed prints its own step/lr line every `steps_per_print` steps; our console line replaces it.
+_QUIET_STEPS = 10**9
+
+
+def micro_batch_size(config: Config, world_size: int) -> int:
+    """Per-worker samples per forward pass (the local rows of one contrastive batch)."""
+    train = config.train
+    per_step = world_size * train.grad_accumulation
+    if world_size < 1 or train.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size ({train.global_batch_size}) is not divisible by "
+            f"world size × train.grad_accumulation ({world_size} × {train.grad_accumulation})."
+        )
+    return train.global_batch_size // per_step
+
+
+def scheduler_config(config: Config) -> dict[str, Any]:
+    """DeepSpeed scheduler block: linear warm-up, then `train.lr_schedule` until `train.max_steps`."""
+    train = config.train
+    # DeepSpeed's warm-ups need >= 1 step (they clamp to 2); 0 means "as short as DeepSpeed allows".
+    warmup = max(1, train.warmup_steps)
+    if train.lr_schedule == "cosine":
+        return {
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": train.max_steps,
+                "warmup_num_steps": warmup,
+                "warmup_min_ratio": 0.0,
+                "warmup_type": "linear",
+                "cos_min_ratio": 0.0,
+            },
+        }
+    params = {"warmup_min_lr": 0.0, "warmup_max_lr": train.lr, "warmup_num_steps": warmup, "warmup_type": "linear"}
+    if train.lr_schedule == "linear":
+        return {"type": "WarmupDecayLR", "params": {**params, "total_num_steps": train.max_steps}}
+    return {"type": "WarmupLR", "params": params}
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    """`update` merged into a copy of `base`; nested dicts merge, everything else replaces."""
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def build_deepspeed_config(config: Config, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON for a run of `world_size` workers, overrides applied last."""
+    train, ds = config.train, config.deepspeed
+    if ds.precision == "fp16" and not config.scaling.use_gpu:
+        raise ConfigError("deepspeed.precision=fp16 needs a GPU; use bf16 or fp32 on CPU.")
+    optimizer_params: dict[str, Any] = {
+        "lr": train.lr,
+        "weight_decay": train.weight_decay,
+        "betas": [0.9, 0.98],
+        "eps": 1e-6,
+    }
+    if not ds.offload_optimizer:
+        # torch.optim.AdamW: no FusedAdam/CPUAdam build step, identical maths.
+        optimizer_params["torch_adam"] = True
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    result: dict[str, Any] = {
+        "train_batch_size": train.global_batch_size,
+        "train_micro_batch_size_per_gpu": micro_batch_size(config, world_size),
+        "gradient_accumulation_steps": train.grad_accumulation,
+        "gradient_clipping": train.grad_clip,
+        "optimizer": {"type": "AdamW", "params": optimizer_params},
+        "scheduler": scheduler_config(config),
+        "zero_optimization": zero,
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "fp16": {"enabled": ds.precision == "fp16"},
+        "steps_per_print": _QUIET_STEPS,
+        "wall_clock_breakdown": False,
+    }
+    return deep_merge(result, ds.overrides)

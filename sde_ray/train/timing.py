@@ -1,0 +1,76 @@
+"""Step timing of the training stack on a fixed batch (the train benchmark's Ray Train side).
+
+`timing_loop_per_worker` builds the module and the DeepSpeed engine exactly as the training loop
+does (`build_train_module`, `build_deepspeed_config`, `build_engine`), then times optimizer steps on
+this worker's slice of one fixed global batch, so the data pipeline is out of the measurement (the
+data benchmark measures it). `fit_timing(config, batch, workers, ...)` runs it on a TorchTrainer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+
+import torch
+
+from sde_ray.config import Config, from_dict, to_dict
+from sde_ray.train.deepspeed_config import build_deepspeed_config, micro_batch_size
+
+
+def timing_loop_per_worker(loop_config: dict) -> None:
+    import ray.train
+
+    from sde_ray.losses import StepContext
+    from sde_ray.train.loop import build_engine, build_train_module, seed_everything, step_generator
+
+    config: Config = from_dict(loop_config["config"])
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    torch.set_num_threads(loop_config["threads"])
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    seed_everything(config.train.seed)
+    engine = build_engine(build_train_module(config), build_deepspeed_config(config, world_size))
+    micro = micro_batch_size(config, world_size)
+    batch = {k: v[rank * micro:(rank + 1) * micro] for k, v in loop_config["batch"].items()}
+    durations = []
+    for step in range(loop_config["warmup"] + loop_config["steps"]):
+        start = time.perf_counter()
+        step_context = StepContext(progress=step / config.train.max_steps, rank=rank, world_size=world_size,
+                                   training=True, target_ids=batch.get("target_id"),
+                                   generator=step_generator(config.train.seed, step, 0))
+        loss, _, _, _ = engine(batch, step_context)
+        engine.backward(loss)
+        engine.step()
+        durations.append(time.perf_counter() - start)
+    timed = torch.tensor(durations[loop_config["warmup"]:], dtype=torch.float64)
+    if world_size > 1:  # a step takes as long as its slowest rank
+        torch.distributed.all_reduce(timed, op=torch.distributed.ReduceOp.MAX)
+    metrics = {"step_s": float(timed.median()), "world_size": world_size, "final_loss": float(loss)}
+    # Ray Train keeps the metrics of checkpointed reports only: rank 0 attaches a one-file checkpoint.
+    with tempfile.TemporaryDirectory() as directory:
+        checkpoint = None
+        if rank == 0:
+            with open(os.path.join(directory, "timing.json"), "w") as handle:
+                json.dump(metrics, handle)
+            checkpoint = ray.train.Checkpoint.from_directory(directory)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def fit_timing(config: Config, batch: dict[str, torch.Tensor], workers: int, *, steps: int, warmup: int,
+               threads: int = 1) -> dict:
+    """Median optimizer-step seconds of `workers` Ray Train + DeepSpeed workers on `batch`."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    with tempfile.TemporaryDirectory(prefix="sde_ray_bench_") as storage:
+        trainer = TorchTrainer(
+            timing_loop_per_worker,
+            train_loop_config={"config": to_dict(config), "batch": batch, "steps": steps, "warmup": warmup,
+                               "threads": threads},
+            scaling_config=ray.train.ScalingConfig(num_workers=workers, resources_per_worker={"CPU": threads}),
+            run_config=ray.train.RunConfig(storage_path=storage, name=f"bench_{workers}",
+                                           worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}}),
+        )
+        return dict(trainer.fit().metrics)

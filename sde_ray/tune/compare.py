@@ -1,0 +1,352 @@
+"""`sde-ray compare`: every objective × seed × noisy-correspondence rate on equal terms, one table.
+
+Each run is a normal `sde_ray.train.driver.run_train` with only `loss.name`, `train.seed` and
+`data.synth.noisy_correspondence` changed: the data (generator seed, shuffle), the model, the step
+budget and the batch are those of the given config for every run. Runs go one after another on one
+Ray session (started here unless already connected) under `<output_dir>/nc<rate>/<objective>/seed<k>/`;
+a run whose `compare_run.json` matches its config is reused, so an interrupted comparison resumes.
+
+Outputs in `output_dir`: `runs.jsonl` (one flat record per run), `compare.json` (records and the
+summary), `compare.md` (mean ± std over seeds: P@1 overall / per meta-task / IND / OOD, then
+energy shares and modality gap), `compare.csv` (long format) and `compare.png` (bar plot).
+A run that fails is recorded with its error, left out of the means, and counted in the tables.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import traceback
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from sde_ray.config import Config, ConfigError, replace, to_dict
+
+P_AT_1_KEYS = ("overall", "ind", "ood")
+SPECTRAL_KEYS = tuple(
+    f"energy_{subset}_{side}" for side in ("q", "t") for subset in ("strong", "weak", "noise")
+) + ("effective_rank_q", "effective_rank_t", "gap_centroid", "loss")
+RUN_RECORD = "compare_run.json"
+
+
+def _format_rate(rate: float) -> str:
+    return f"{rate:g}"
+
+
+def check_request(
+    objectives: Sequence[str], seeds: int, noisy_correspondence: Sequence[float], config: Config
+) -> None:
+    """Rejects an empty, unknown or duplicated objective list, seeds < 1 and rates outside [0, 1]."""
+    from sde_ray.losses import OBJECTIVES
+
+    if not objectives:
+        raise ConfigError("compare needs at least one objective (--objectives sde,infonce,...)")
+    unknown = [name for name in objectives if name not in OBJECTIVES]
+    if unknown:
+        raise ConfigError(
+            f"unknown objective(s) {', '.join(unknown)}; valid: {', '.join(sorted(OBJECTIVES))}"
+        )
+    if len(set(objectives)) != len(objectives):
+        raise ConfigError(f"objectives listed twice in {', '.join(objectives)}")
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ConfigError(f"--seeds must be an integer >= 1, got {seeds!r}")
+    if not noisy_correspondence:
+        raise ConfigError("--noisy-correspondence needs at least one rate")
+    for rate in noisy_correspondence:
+        if not 0.0 <= rate <= 1.0:
+            raise ConfigError(f"--noisy-correspondence rates must be in [0, 1], got {rate}")
+    if any(rate > 0 for rate in noisy_correspondence) and config.data.source != "synthetic":
+        raise ConfigError(
+            "noisy-correspondence rates > 0 need data.source=synthetic (the generator plants them)"
+        )
+
+
+def run_config(config: Config, objective: str, seed: int, rate: float, run_dir: Path) -> Config:
+    """The config of one run: the base config with only objective, seed, noise rate and outputs changed."""
+    group = config.logging.wandb_group or "compare"
+    return replace(
+        config,
+        [
+            f"loss.name={objective}",
+            f"train.seed={config.train.seed + seed}",
+            f"data.synth.noisy_correspondence={rate}",
+            f"train.output_dir={run_dir}",
+            f"train.storage_path={run_dir / 'ray'}",
+            f"train.run_name=compare-{objective}-nc{_format_rate(rate)}-s{seed}",
+            f"logging.wandb_group={group}",
+        ],
+    )
+
+
+def run_record(result: dict, objective: str, seed: int, rate: float) -> dict[str, Any]:
+    """One flat record from `run_train`'s return value: P@1 (fractions), spectral and gap numbers."""
+    record: dict[str, Any] = {"objective": objective, "seed": seed, "noisy_correspondence": rate}
+    evaluation = result.get("eval") or {}
+    for key in P_AT_1_KEYS:
+        record[f"p_at_1_{key}"] = evaluation.get(key)
+    for task, value in (evaluation.get("meta_tasks") or {}).items():
+        record[f"p_at_1_{task}"] = value
+    train = result.get("train") or {}
+    for key in SPECTRAL_KEYS:
+        value = train.get(key)
+        record[key] = float(value) if isinstance(value, (int, float)) else None
+    record["output_dir"] = result.get("output_dir")
+    return record
+
+
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (n − 1; 0 for a single value); None without values."""
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def metric_names(records: Iterable[dict]) -> list[str]:
+    """Every numeric metric key of the records, P@1 first (overall, IND, OOD, meta-tasks), then the rest."""
+    keys: list[str] = []
+    for record in records:
+        for key in record:
+            if key not in keys and key not in (
+                "objective",
+                "seed",
+                "noisy_correspondence",
+                "output_dir",
+                "error",
+            ):
+                keys.append(key)
+    fixed = [f"p_at_1_{k}" for k in P_AT_1_KEYS]
+    tasks = [k for k in keys if k.startswith("p_at_1_") and k not in fixed]
+    rest = [k for k in keys if not k.startswith("p_at_1_")]
+    return [k for k in fixed if k in keys] + tasks + rest
+
+
+def summarize_runs(records: Sequence[dict]) -> list[dict[str, Any]]:
+    """Mean ± std over seeds per (noise rate, objective), in first-seen order; failed runs are counted."""
+    names = metric_names(r for r in records if "error" not in r)
+    groups: dict[tuple[float, str], list[dict]] = {}
+    for record in records:
+        groups.setdefault((record["noisy_correspondence"], record["objective"]), []).append(record)
+    rows = []
+    for (rate, objective), members in groups.items():
+        finished = [m for m in members if "error" not in m]
+        row: dict[str, Any] = {
+            "noisy_correspondence": rate,
+            "objective": objective,
+            "num_runs": len(finished),
+            "num_failed": len(members) - len(finished),
+            "metrics": {},
+        }
+        for name in names:
+            values = [float(m[name]) for m in finished if isinstance(m.get(name), (int, float))]
+            mean, std = _mean_std(values)
+            row["metrics"][name] = {"mean": mean, "std": std, "n": len(values)}
+        rows.append(row)
+    return rows
+
+
+def _cell(stat: dict | None, scale: float, digits: int) -> str:
+    if not stat or stat["mean"] is None:
+        return "—"
+    return f"{scale * stat['mean']:.{digits}f} ± {scale * stat['std']:.{digits}f}"
+
+
+def _title(name: str) -> str:
+    from sde_ray.data.mmeb import META_TASK_TITLES
+
+    key = name.removeprefix("p_at_1_")
+    return {"overall": "Overall", "ind": "IND", "ood": "OOD"}.get(key, META_TASK_TITLES.get(key, key))
+
+
+def comparison_markdown(rows: Sequence[dict]) -> str:
+    """Two tables per noise rate: P@1 (%) and spectrum/gap, each cell mean ± std over seeds."""
+    names = []
+    for row in rows:
+        names += [n for n in row["metrics"] if n not in names]
+    p_names = [n for n in names if n.startswith("p_at_1_")]
+    other = [n for n in names if not n.startswith("p_at_1_")]
+    energy_names = [n for n in other if n.startswith("energy_")]
+    rest = [n for n in other if n not in energy_names]
+    lines: list[str] = []
+    for rate in dict.fromkeys(row["noisy_correspondence"] for row in rows):
+        section = [row for row in rows if row["noisy_correspondence"] == rate]
+        lines += [
+            f"### Noisy correspondence {_format_rate(rate)}",
+            "",
+            "P@1 (%), mean ± std over seeds:",
+            "",
+            "| Objective | runs | " + " | ".join(_title(n) for n in p_names) + " |",
+            "|---|---:|" + "---:|" * len(p_names),
+        ]
+        for row in section:
+            runs = f"{row['num_runs']}" + (f" ({row['num_failed']} failed)" if row["num_failed"] else "")
+            cells = [_cell(row["metrics"].get(n), 100.0, 1) for n in p_names]
+            lines.append(f"| {row['objective']} | {runs} | " + " | ".join(cells) + " |")
+        lines += [
+            "",
+            "Energy shares (%) of the final training batch, modality gap and final loss:",
+            "",
+            "| Objective | " + " | ".join(_other_title(n) for n in energy_names + rest) + " |",
+            "|---|" + "---:|" * len(other),
+        ]
+        for row in section:
+            cells = [_cell(row["metrics"].get(n), 100.0, 1) for n in energy_names]
+            cells += [_cell(row["metrics"].get(n), 1.0, 3) for n in rest]
+            lines.append(f"| {row['objective']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _other_title(name: str) -> str:
+    side = {"q": "query", "t": "target"}.get(name.rsplit("_", 1)[-1], "")
+    if name.startswith("energy_"):
+        return f"{name.split('_')[1]} ({side})"
+    if name.startswith("effective_rank_"):
+        return f"eff. rank ({side})"
+    return {"gap_centroid": "modality gap", "loss": "final loss"}.get(name, name)
+
+
+def write_csv(rows: Sequence[dict], path: Path) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(
+            ["noisy_correspondence", "objective", "metric", "mean", "std", "n", "num_runs", "num_failed"]
+        )
+        for row in rows:
+            for name, stat in row["metrics"].items():
+                writer.writerow(
+                    [
+                        row["noisy_correspondence"],
+                        row["objective"],
+                        name,
+                        "" if stat["mean"] is None else stat["mean"],
+                        "" if stat["std"] is None else stat["std"],
+                        stat["n"],
+                        row["num_runs"],
+                        row["num_failed"],
+                    ]
+                )
+    return path
+
+
+def plot_comparison(rows: Sequence[dict], path: Path) -> Path:
+    """Bars of overall P@1 and of the modality gap per objective (mean ± std), one colour per noise rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    objectives = list(dict.fromkeys(row["objective"] for row in rows))
+    rates = list(dict.fromkeys(row["noisy_correspondence"] for row in rows))
+    width = 0.8 / len(rates)
+    figure, axes = plt.subplots(1, 2, figsize=(max(8.0, 1.6 * len(objectives) * 2), 4))
+    for axis, (metric, scale, label) in zip(
+        axes,
+        (
+            ("p_at_1_overall", 100.0, "Overall P@1 (%)"),
+            ("gap_centroid", 1.0, "Modality gap (centroid distance)"),
+        ),
+    ):
+        for index, rate in enumerate(rates):
+            by_objective = {row["objective"]: row for row in rows if row["noisy_correspondence"] == rate}
+            stats = [by_objective.get(o, {}).get("metrics", {}).get(metric) for o in objectives]
+            means = [scale * s["mean"] if s and s["mean"] is not None else np.nan for s in stats]
+            stds = [scale * s["std"] if s and s["std"] is not None else 0.0 for s in stats]
+            positions = np.arange(len(objectives)) + (index - (len(rates) - 1) / 2) * width
+            axis.bar(positions, means, width, yerr=stds, capsize=3, label=f"noise {_format_rate(rate)}")
+        axis.set_xticks(np.arange(len(objectives)), objectives)
+        axis.set_ylabel(label)
+        axis.grid(axis="y", alpha=0.3)
+    axes[0].legend()
+    figure.suptitle("Objectives compared (mean ± std over seeds)")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def write_comparison(records: Sequence[dict], output_dir: str | Path) -> dict[str, Any]:
+    """Summarises `records` and writes compare.{json,md,csv,png}; returns the summary and paths."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = summarize_runs(records)
+    paths = {
+        "json": out / "compare.json",
+        "md": out / "compare.md",
+        "csv": out / "compare.csv",
+        "png": out / "compare.png",
+    }
+    paths["json"].write_text(json.dumps({"runs": list(records), "summary": rows}, indent=2) + "\n")
+    paths["md"].write_text(comparison_markdown(rows))
+    write_csv(rows, paths["csv"])
+    plot_comparison(rows, paths["png"])
+    return {"runs": list(records), "summary": rows, "paths": {k: str(v) for k, v in paths.items()}}
+
+
+def _reusable(run_dir: Path, config: Config) -> dict | None:
+    marker = run_dir / RUN_RECORD
+    if not marker.is_file():
+        return None
+    saved = json.loads(marker.read_text())
+    return saved["record"] if saved.get("config") == to_dict(config) else None
+
+
+def run_compare(
+    config: Config,
+    objectives: Sequence[str],
+    seeds: int,
+    noisy_correspondence: Sequence[float],
+    output_dir: str,
+) -> dict[str, Any]:
+    """Trains every objective × seed × rate with `run_train`, then writes and returns the comparison."""
+    import ray
+
+    from sde_ray.train.driver import ensure_ray, run_train
+
+    check_request(objectives, seeds, noisy_correspondence, config)
+    out = Path(output_dir).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    records: list[dict] = []
+    started = ensure_ray(config)  # one Ray session for all runs (run_train leaves a joined one alone)
+    try:
+        with (out / "runs.jsonl").open("w") as log:
+            for rate in noisy_correspondence:
+                for objective in objectives:
+                    for seed in range(seeds):
+                        run_dir = out / f"nc{_format_rate(rate)}" / objective / f"seed{seed}"
+                        this_config = run_config(config, objective, seed, rate, run_dir)
+                        record = _reusable(run_dir, this_config)
+                        if record is None:
+                            print(
+                                f"[compare] {objective} seed {seed} noise {_format_rate(rate)} -> {run_dir}",
+                                flush=True,
+                            )
+                            try:
+                                record = run_record(run_train(this_config), objective, seed, rate)
+                                (run_dir / RUN_RECORD).write_text(
+                                    json.dumps({"config": to_dict(this_config), "record": record}, indent=1)
+                                    + "\n"
+                                )
+                            except Exception as exc:  # noqa: BLE001 - a failed run is a result too
+                                traceback.print_exc()
+                                record = {
+                                    "objective": objective,
+                                    "seed": seed,
+                                    "noisy_correspondence": rate,
+                                    "output_dir": str(run_dir),
+                                    "error": f"{type(exc).__name__}: {exc}",
+                                }
+                        records.append(record)
+                        log.write(json.dumps(record) + "\n")
+                        log.flush()
+    finally:
+        if started:
+            ray.shutdown()
+    result = write_comparison(records, out)
+    print(Path(result["paths"]["md"]).read_text())
+    return result

@@ -1,0 +1,158 @@
+"""Two-process gloo runs for the distributed tests (torch.multiprocessing.spawn, no Ray).
+
+Kept in a plain module (not a test file) so that spawned children can import the worker functions:
+tests add this folder to sys.path before spawning (pytest runs with --import-mode=importlib).
+Every worker builds the same global batch from a seed, takes its rank's rows, and saves what it
+computed to `out_dir/rank{r}.pt`; the test compares with one process on the concatenated batch.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+WORLD_SIZE = 2
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(worker, out_dir: Path, *args) -> list[dict]:
+    """Runs `worker(rank, world_size, port, out_dir, *args)` on 2 gloo ranks; returns their saved dicts."""
+    mp.spawn(worker, args=(WORLD_SIZE, free_port(), str(out_dir), *args), nprocs=WORLD_SIZE, join=True)
+    return [torch.load(Path(out_dir) / f"rank{r}.pt") for r in range(WORLD_SIZE)]
+
+
+def _init(rank: int, world_size: int, port: int) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+
+
+def load_open_clip_loss():
+    """open_clip's loss module by file path: the package __init__ needs torchvision, the loss only torch."""
+    spec = importlib.util.find_spec("open_clip")
+    path = Path(spec.submodule_search_locations[0]) / "loss.py"
+    module_spec = importlib.util.spec_from_file_location("open_clip_loss_reference", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def global_inputs(num_rows: int, in_dim: int, seed: int) -> dict[str, torch.Tensor]:
+    """A spiked global batch (some strong/weak/noise structure), a shared projection and target ids."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(num_rows, 4, generator=g) @ torch.randn(4, in_dim, generator=g) * 2.0
+    query = base + torch.randn(num_rows, in_dim, generator=g)
+    target = base + torch.randn(num_rows, in_dim, generator=g)
+    weight = torch.eye(in_dim) + 0.1 * torch.randn(in_dim, in_dim, generator=g)
+    target_ids = torch.randint(0, num_rows // 3, (num_rows,), generator=g)
+    return {"query": query, "target": target, "weight": weight, "target_ids": target_ids}
+
+
+def local_rows(x: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    return x.chunk(world_size, dim=0)[rank]
+
+
+def sde_cases() -> list[tuple[str, str, str]]:
+    """(spectral.mode, spectral.strong_perturbation, loss.subspace_form) combinations compared."""
+    return [
+        ("gather", "random", "surrogate"),
+        ("gram", "random", "surrogate"),
+        ("gram", "adversarial", "projector"),
+        ("gather", "adversarial", "projector"),
+    ]
+
+
+def sde_config(mode: str, perturbation: str, subspace_form: str):
+    from sde_ray.config import Config
+
+    config = Config()
+    config.spectral.mode = mode
+    config.spectral.strong_perturbation = perturbation
+    config.spectral.rho = 0.3
+    config.loss.subspace_form = subspace_form
+    config.loss.subspace_k = 3
+    config.loss.learnable_temperature = True
+    return config
+
+
+def run_sde(inputs, config, rank: int, world_size: int, seed: int = 7) -> dict:
+    """One SDE step through a shared linear layer; returns the loss and the parameter gradients."""
+    from sde_ray.losses import StepContext, build_objective
+
+    objective = build_objective(config, inputs["weight"].shape[1])
+    weight = inputs["weight"].clone().requires_grad_()
+    query = local_rows(inputs["query"], rank, world_size) @ weight
+    target = local_rows(inputs["target"], rank, world_size) @ weight
+    context = StepContext(
+        progress=0.4,
+        rank=rank,
+        world_size=world_size,
+        training=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    loss, metrics = objective(query, target, context)
+    loss.backward()
+    return {
+        "loss": loss.detach(),
+        "weight_grad": weight.grad,
+        "scale_grad": objective.scale.log_scale.grad,
+        "metrics": metrics,
+    }
+
+
+def spectral_worker(rank: int, world_size: int, port: int, out_dir: str, num_rows: int, in_dim: int) -> None:
+    from sde_ray.spectral import distributed_gram_spectrum, enhancement_matrix, gather_spectrum
+
+    _init(rank, world_size, port)
+    inputs = global_inputs(num_rows, in_dim, seed=0)
+    local = local_rows(inputs["query"], rank, world_size)
+    scale = torch.linspace(-0.3, 0.3, min(num_rows, in_dim))
+    result = {}
+    gather, _ = gather_spectrum(local, rank, world_size)
+    gram = distributed_gram_spectrum(local, rank, world_size)
+    for name, spectrum in (("gather", gather), ("gram", gram)):
+        result[f"{name}_sigma"] = spectrum.sigma
+        result[f"{name}_matrix"] = enhancement_matrix(spectrum.basis, scale)
+    for case in sde_cases():
+        result[case] = run_sde(inputs, sde_config(*case), rank, world_size)
+    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def infonce_worker(rank: int, world_size: int, port: int, out_dir: str, num_rows: int, in_dim: int) -> None:
+    from sde_ray.losses.infonce import info_nce
+
+    _init(rank, world_size, port)
+    clip_loss = load_open_clip_loss().ClipLoss(
+        local_loss=True, gather_with_grad=True, rank=rank, world_size=world_size
+    )
+    inputs = global_inputs(num_rows, in_dim, seed=1)
+    result = {}
+    for name in ("ours", "open_clip", "ours_multi_positive", "ours_mask"):
+        weight = inputs["weight"].clone().requires_grad_()
+        query = torch.nn.functional.normalize(local_rows(inputs["query"], rank, world_size) @ weight, dim=-1)
+        target = torch.nn.functional.normalize(
+            local_rows(inputs["target"], rank, world_size) @ weight, dim=-1
+        )
+        ids = local_rows(inputs["target_ids"], rank, world_size)
+        if name == "open_clip":
+            loss = clip_loss(query, target, torch.tensor(20.0))
+        elif name == "ours":
+            loss = info_nce(query, target, 20.0, rank, world_size)
+        else:
+            loss = info_nce(query, target, 20.0, rank, world_size, ids, name.removeprefix("ours_"))
+        loss.backward()
+        result[name] = {"loss": loss.detach(), "weight_grad": weight.grad}
+    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    dist.destroy_process_group()

@@ -1,0 +1,27 @@
+"""`sde-ray bench train --quick` runs every variant side by side and reports consistent numbers
+(speed itself is not asserted: it is measured, see docs/training.md)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def test_quick_train_bench_reports_all_variants_and_ratios(ray_cluster, small_config, tmp_path):
+    from sde_ray.bench.train import main
+
+    path = tmp_path / "bench.json"
+    results = main(json_path=str(path), config=small_config(), quick=True)
+    assert json.loads(path.read_text()) == json.loads(json.dumps(results))
+    for name in ("plain", "plain_infonce", "ray_1", "ray_2"):
+        row = results[name]
+        assert row["step_ms"] > 0
+        assert row["samples_per_s"] == pytest.approx(results["global_batch_size"] * row["steps_per_s"])
+    ratios = results["ratios"]
+    assert ratios["ray_1_over_plain_step_time"] == pytest.approx(results["ray_1"]["step_ms"] / results["plain"]["step_ms"])
+    assert ratios["sde_over_infonce_step_time"] == pytest.approx(
+        results["plain"]["step_ms"] / results["plain_infonce"]["step_ms"])
+    assert set(results["targets"]) == {"framework_overhead", "sde_overhead"}

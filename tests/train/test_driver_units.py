@@ -1,0 +1,102 @@
+"""Driver and loop pieces that need no training workers: dry run, path resolution, the CPU
+capacity check, the batch stream's resume arithmetic, metrics.jsonl truncation on resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sde_ray.config import ConfigError, load_config
+from sde_ray.train.checkpoint import match_shapes
+from sde_ray.train.driver import dry_run_report, required_cpus, resolve_paths
+from sde_ray.train.loop import BatchStream
+from sde_ray.train.metrics import RunLogger
+
+
+def test_dry_run_builds_model_and_every_deepspeed_config(capsys, tmp_path):
+    config = load_config(None, ["scaling.min_workers=1", "scaling.max_workers=2", "train.global_batch_size=32",
+                                f"train.output_dir={tmp_path}/out", "deepspeed.zero_stage=3"])
+    report = dry_run_report(config)
+    assert report["parameters"]["encoder"]["trainable"] > 0
+    assert {w: d["train_micro_batch_size_per_gpu"] for w, d in report["deepspeed"].items()} == {"1": 32, "2": 16}
+    assert all(d["zero_optimization"]["stage"] == 3 for d in report["deepspeed"].values())
+    out = capsys.readouterr().out
+    assert "parameters:" in out and "DeepSpeed config for 2 worker(s)" in out
+    assert not (tmp_path / "out").exists()  # a dry run writes nothing and starts nothing
+
+
+def test_paths_become_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = resolve_paths(load_config(None, ["train.output_dir=runs/x", "data.cache_dir=cache"]))
+    assert config.train.output_dir == str(tmp_path / "runs" / "x")
+    assert config.train.storage_path == str(tmp_path / "runs" / "x" / "ray")
+    assert config.data.cache_dir == str(tmp_path / "cache")
+    keep = resolve_paths(load_config(None, ["train.storage_path=s3://bucket/runs"]))
+    assert keep.train.storage_path == "s3://bucket/runs"
+
+
+def test_required_cpus_counts_workers_and_data():
+    config = load_config(None, ["scaling.num_workers=2", "scaling.cpus_per_worker=1.5", "data.data_cpus=1"])
+    assert required_cpus(config) == 4.0
+    elastic = load_config(None, ["scaling.min_workers=1", "scaling.max_workers=4", "train.global_batch_size=48"])
+    assert required_cpus(elastic) == 5.0 and required_cpus(elastic, 1) == 2.0
+
+
+@pytest.mark.ray
+def test_capacity_check_fails_fast_with_the_numbers(ray_cluster):
+    from sde_ray.train.driver import check_capacity
+
+    check_capacity(load_config(None, ["scaling.num_workers=2"]))  # 2 + 1 data CPU fit in 4
+    with pytest.raises(ConfigError, match=r"has 4 CPUs but the run needs 5: 4 worker\(s\).*data.data_cpus=1"):
+        check_capacity(load_config(None, ["scaling.num_workers=4"]))
+    # Elastic (1, 4) with 1-CPU workers would grow to all 4 CPUs and starve the data stage.
+    with pytest.raises(ConfigError, match=r"grow to 4 worker\(s\).*leaving 0 CPUs"):
+        check_capacity(load_config(None, ["scaling.min_workers=1", "scaling.max_workers=4",
+                                          "train.global_batch_size=48"]))
+    check_capacity(load_config(None, ["scaling.min_workers=1", "scaling.max_workers=3",
+                                      "train.global_batch_size=48"]))
+
+
+def _epochs(rows_per_epoch: int, micro: int):
+    def open_epoch(epoch: int):
+        for start in range(0, rows_per_epoch - micro + 1, micro):
+            yield {"row": torch.arange(start, start + micro) + 1000 * epoch}
+    return open_epoch
+
+
+def test_batch_stream_rolls_epochs_and_resumes_by_rows():
+    stream = BatchStream(_epochs(40, 8), micro=8, world_size=1, epoch=0, epoch_rows=0)
+    rows = [int(stream.next()["row"][0]) for _ in range(7)]
+    assert rows == [0, 8, 16, 24, 32, 1000, 1008]
+    assert (stream.epoch, stream.epoch_rows) == (1, 16)
+    # A resume with the same position continues with the next unseen batch.
+    resumed = BatchStream(_epochs(40, 8), micro=8, world_size=1, epoch=1, epoch_rows=16)
+    assert int(resumed.next()["row"][0]) == 1016
+
+
+def test_batch_stream_names_a_dataset_smaller_than_one_batch():
+    stream = BatchStream(_epochs(4, 8), micro=8, world_size=1, epoch=0, epoch_rows=0)
+    with pytest.raises(RuntimeError, match="no full batch of 8 rows"):
+        stream.next()
+
+
+def test_metrics_jsonl_is_truncated_to_the_resumed_step(tmp_path):
+    config = load_config(None, ["logging.wandb=false"])
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (2, 4, 5, 6)))
+    logger = RunLogger(config, str(tmp_path), "run-id", "disabled", resumed_step=5)
+    logger.log(6, {"loss": 0.5})
+    steps = [json.loads(line)["step"] for line in path.read_text().splitlines()]
+    assert steps == [2, 4, 5, 6]
+    assert json.loads(path.read_text().splitlines()[-1])["loss"] == 0.5
+
+
+def test_match_shapes_restores_scalar_parameters():
+    module = torch.nn.Module()
+    module.scale = torch.nn.Parameter(torch.tensor(2.0))
+    module.weight = torch.nn.Parameter(torch.ones(3))
+    fixed = match_shapes({"scale": torch.tensor([5.0]), "weight": torch.zeros(3)}, module)
+    module.load_state_dict(fixed)
+    assert module.scale.shape == () and module.scale.item() == 5.0

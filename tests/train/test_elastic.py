@@ -1,0 +1,168 @@
+"""Elastic training on a separate local cluster: a head that fits one training worker (+ the data
+CPUs), a trainer with ScalingConfig(num_workers=(1, 2)); adding a node with `ray start --address`
+makes the run restart from its latest checkpoint with 2 workers (consolidated weights, since the
+ZeRO partitioning changed) and finish all its steps.
+
+Every process is this test's own: the head and the extra node run `ray start --block` on free
+ports with their own temp dir and are stopped by PID (never `ray stop`). Ray 2.60 enables token
+auth on local clusters, so the driver runs with RAY_AUTH_MODE=token.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+RAY = str(Path(sys.executable).parent / "ray")
+
+DRIVER = """
+import json, sys, time
+from sde_ray.config import load_config
+from sde_ray.train.driver import build_trainer, check_capacity, ensure_ray
+
+config = load_config(None, json.loads(sys.argv[1]))
+ensure_ray(config)
+check_capacity(config)
+
+def slow_while_alone(step, rank, world_size, module):
+    if world_size == 1:  # leave time for the test to add a node and for the controller to notice it
+        time.sleep(4)
+
+result = build_trainer(config, step_hook=slow_while_alone).fit()
+print("RESULT " + json.dumps({"step": result.metrics["step"], "world_size": result.metrics["world_size"]}))
+"""
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _node_ports() -> list[str]:
+    node_manager, agent_http, agent_grpc, runtime_env_agent, metrics = _free_ports(5)
+    return [f"--node-manager-port={node_manager}", f"--dashboard-agent-listen-port={agent_http}",
+            f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env_agent}",
+            f"--metrics-export-port={metrics}", "--min-worker-port=0", "--max-worker-port=0"]
+
+
+def _start(args: list[str], log_path: Path) -> subprocess.Popen:
+    env = {**os.environ, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "2", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+    env.pop("RAY_ADDRESS", None)
+    if "--head" not in args:  # a joining node is a client of the head's token-authenticated GCS
+        env["RAY_AUTH_MODE"] = "token"
+    return subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", *args],
+                            stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True, cwd=log_path.parent)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is not None:
+        return
+    process.terminate()  # `ray start --block` stops its own raylet/GCS on SIGTERM
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # the session this test created, nothing else
+        process.wait(timeout=30)
+
+
+def _start_node(args: list[str], log_path: Path, attempts: int = 3) -> subprocess.Popen:
+    """`ray start --block ARGS`, retried: Ray gives a raylet 30 s to register with the GCS, which a
+    heavily loaded machine can miss ("The current node timed out during startup")."""
+    for attempt in range(attempts):
+        process = _start(args, log_path)
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            if "Ray runtime started" in log_path.read_text():
+                return process
+            if process.poll() is not None:
+                break
+            time.sleep(1)
+        _stop(process)
+    raise RuntimeError(f"ray start {' '.join(args)} failed {attempts} times:\n{log_path.read_text()[-3000:]}")
+
+
+def _metrics(output_dir: Path) -> list[dict]:
+    path = output_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_run_grows_from_one_to_two_workers(small_config, tmp_path):
+    temp_dir = Path(tempfile.mkdtemp(prefix="sdeel", dir="/tmp"))  # short: socket paths have a length limit
+    gcs, client = _free_ports(2)
+    processes = []
+    try:
+        processes.append(_start_node(["--head", f"--port={gcs}", f"--ray-client-server-port={client}",
+                                      "--include-dashboard=false", "--num-cpus=2", f"--temp-dir={temp_dir}",
+                                      *_node_ports()], temp_dir / "head.log"))
+        # 2 CPUs: one 1.5-CPU worker + the 0.5 data CPUs. The elastic policy takes every worker that
+        # fits, so a 1-CPU worker would take both CPUs and starve Ray Data (check_capacity refuses it).
+        config = small_config("scaling.min_workers=1", "scaling.max_workers=2", "scaling.cpus_per_worker=1.5",
+                              "data.data_cpus=0.5", "scaling.elastic_resize_monitor_interval_s=2",
+                              "scaling.max_failures=4", "train.max_steps=24", "train.checkpoint_every=2",
+                              f"scaling.address=127.0.0.1:{gcs}")
+        from sde_ray.config import to_dict
+
+        env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+        env.pop("RAY_ADDRESS", None)
+        script = tmp_path / "driver.py"
+        script.write_text(DRIVER)
+        driver_log = tmp_path / "driver.log"
+        flat = _flatten(to_dict(config))
+        driver = subprocess.Popen([sys.executable, str(script), json.dumps(flat)], stdout=open(driver_log, "w"),
+                                  stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        processes.append(driver)
+        output_dir = Path(config.train.output_dir)
+
+        deadline = time.time() + 400
+        while not any(r["step"] >= 2 for r in _metrics(output_dir)):  # 1 worker running, 1 checkpoint
+            assert driver.poll() is None, driver_log.read_text()[-4000:]
+            assert time.time() < deadline, driver_log.read_text()[-4000:]
+            time.sleep(1)
+        processes.append(_start_node([f"--address=127.0.0.1:{gcs}", "--num-cpus=2", *_node_ports()],
+                                     temp_dir / "node.log"))
+
+        driver.wait(timeout=600)
+        output = driver_log.read_text()
+        assert driver.returncode == 0, output[-4000:]
+        result = json.loads(output.split("RESULT ", 1)[1].splitlines()[0])
+        assert result == {"step": 24, "world_size": 2}
+        sizes = [r["world_size"] for r in _metrics(output_dir)]
+        assert sizes[0] == 1 and sizes[-1] == 2, sizes
+        assert [r["step"] for r in _metrics(output_dir)] == list(range(2, 25, 2))
+        assert "consolidated weights, fresh optimizer state (world size 1 -> 2)" in output
+    finally:
+        for process in reversed(processes):
+            _stop(process)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _flatten(tree: dict, prefix: str = "") -> list[str]:
+    """Dotted `key=value` overrides (values as JSON, which the YAML override parser reads)."""
+    out = []
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and key not in ("overrides", "space"):
+            out.extend(_flatten(value, dotted + "."))
+        else:
+            out.append(f"{dotted}={json.dumps(value)}")
+    return out

@@ -1,0 +1,202 @@
+"""The comparison harness: records, mean ± std aggregation, tables and plot, request checks."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from sde_ray.config import Config, ConfigError, to_dict
+from sde_ray.tune.compare import (
+    check_request,
+    comparison_markdown,
+    run_config,
+    run_record,
+    summarize_runs,
+    write_comparison,
+)
+
+
+def _result(overall: float, gap: float, strong: float = 0.2) -> dict:
+    """Shaped like `sde_ray.train.driver.run_train`'s return value."""
+    return {
+        "train": {
+            "loss": 1.5,
+            "gap_centroid": gap,
+            "energy_strong_q": strong,
+            "energy_weak_q": 0.1,
+            "energy_noise_q": 0.7,
+            "effective_rank_q": 12.0,
+            "step": 60,
+            "model_dir": "/x",
+        },
+        "output_dir": "/runs/x",
+        "eval": {
+            "overall": overall,
+            "ind": overall + 0.1,
+            "ood": overall - 0.1,
+            "meta_tasks": {"classification": overall + 0.05, "retrieval": overall - 0.05},
+            "datasets": {},
+        },
+    }
+
+
+def _records() -> list[dict]:
+    return [
+        run_record(_result(0.40, 0.8), "infonce", 0, 0.0),
+        run_record(_result(0.50, 0.6), "infonce", 1, 0.0),
+        run_record(_result(0.45, 0.7), "infonce", 2, 0.0),
+        run_record(_result(0.60, 0.3), "sde", 0, 0.0),
+        {
+            "objective": "sde",
+            "seed": 1,
+            "noisy_correspondence": 0.0,
+            "output_dir": "/r",
+            "error": "FloatingPointError: nan",
+        },
+        run_record(_result(0.30, 0.9), "infonce", 0, 0.5),
+    ]
+
+
+def test_run_record_flattens_p_at_1_spectrum_and_gap():
+    record = run_record(_result(0.4, 0.8), "disncl", 2, 0.2)
+    assert record["objective"] == "disncl" and record["seed"] == 2 and record["noisy_correspondence"] == 0.2
+    assert record["p_at_1_overall"] == 0.4 and record["p_at_1_ind"] == pytest.approx(0.5)
+    assert record["p_at_1_classification"] == pytest.approx(0.45)
+    assert record["gap_centroid"] == 0.8 and record["energy_strong_q"] == 0.2
+    assert record["energy_strong_t"] is None  # absent from the run: recorded as missing, not as 0
+    assert "step" not in record and "model_dir" not in record
+
+
+def test_summary_means_and_sample_stds_match_numpy():
+    rows = summarize_runs(_records())
+    assert [(r["noisy_correspondence"], r["objective"]) for r in rows] == [
+        (0.0, "infonce"),
+        (0.0, "sde"),
+        (0.5, "infonce"),
+    ]
+    infonce = rows[0]["metrics"]
+    assert infonce["p_at_1_overall"]["mean"] == pytest.approx(np.mean([0.40, 0.50, 0.45]))
+    assert infonce["p_at_1_overall"]["std"] == pytest.approx(np.std([0.40, 0.50, 0.45], ddof=1))
+    assert infonce["gap_centroid"]["std"] == pytest.approx(np.std([0.8, 0.6, 0.7], ddof=1))
+    assert infonce["p_at_1_overall"]["n"] == 3
+    assert infonce["energy_strong_t"] == {"mean": None, "std": None, "n": 0}
+
+
+def test_failed_runs_are_counted_and_left_out_of_the_means():
+    sde = summarize_runs(_records())[1]
+    assert sde["num_runs"] == 1 and sde["num_failed"] == 1
+    assert sde["metrics"]["p_at_1_overall"] == {"mean": 0.60, "std": 0.0, "n": 1}
+
+
+def test_markdown_table_shows_percent_mean_and_std_per_noise_rate():
+    text = comparison_markdown(summarize_runs(_records()))
+    assert "### Noisy correspondence 0" in text and "### Noisy correspondence 0.5" in text
+    header = next(line for line in text.splitlines() if line.startswith("| Objective | runs |"))
+    assert header.split(" | ")[2:5] == ["Overall", "IND", "OOD"]
+    std = 100 * np.std([0.40, 0.50, 0.45], ddof=1)
+    assert f"| infonce | 3 | 45.0 ± {std:.1f} | 55.0 ± {std:.1f} |" in text
+    assert "| sde | 1 (1 failed) | 60.0 ± 0.0 |" in text
+    assert "strong (query)" in text and "modality gap" in text and "0.700 ± 0.100" in text
+
+
+def test_write_comparison_writes_json_csv_markdown_and_plot(tmp_path):
+    result = write_comparison(_records(), tmp_path)
+    saved = json.loads((tmp_path / "compare.json").read_text())
+    assert len(saved["runs"]) == 6 and saved["summary"] == result["summary"]
+    with (tmp_path / "compare.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    overall = [r for r in rows if r["objective"] == "infonce" and r["metric"] == "p_at_1_overall"]
+    assert [float(r["noisy_correspondence"]) for r in overall] == [0.0, 0.5]
+    assert float(overall[0]["mean"]) == pytest.approx(0.45) and overall[0]["n"] == "3"
+    assert (tmp_path / "compare.md").read_text().startswith("### Noisy correspondence 0")
+    png = (tmp_path / "compare.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_run_config_changes_only_objective_seed_noise_and_outputs(tmp_path):
+    base = Config()
+    changed = run_config(base, "fanoise", 2, 0.2, tmp_path / "run")
+    assert changed.loss.name == "fanoise" and changed.train.seed == base.train.seed + 2
+    assert changed.data.synth.noisy_correspondence == 0.2
+    assert changed.train.output_dir == str(tmp_path / "run")
+    before, after = to_dict(base), to_dict(changed)
+    for section, key in (
+        ("loss", "name"),
+        ("train", "seed"),
+        ("train", "output_dir"),
+        ("train", "storage_path"),
+        ("train", "run_name"),
+        ("logging", "wandb_group"),
+    ):
+        before[section].pop(key), after[section].pop(key)
+    before["data"]["synth"].pop("noisy_correspondence"), after["data"]["synth"].pop("noisy_correspondence")
+    assert before == after
+
+
+@pytest.mark.parametrize(
+    ("objectives", "seeds", "rates", "message"),
+    [
+        (["sde", "simclr"], 1, [0.0], "unknown objective\\(s\\) simclr"),
+        ([], 1, [0.0], "at least one objective"),
+        (["sde", "sde"], 1, [0.0], "listed twice"),
+        (["sde"], 0, [0.0], "--seeds must be an integer >= 1"),
+        (["sde"], 1, [1.5], "rates must be in \\[0, 1\\]"),
+        (["sde"], 1, [], "at least one rate"),
+    ],
+)
+def test_bad_requests_are_rejected_by_name(objectives, seeds, rates, message):
+    with pytest.raises(ConfigError, match=message):
+        check_request(objectives, seeds, rates, Config())
+
+
+def test_noise_needs_the_synthetic_generator():
+    config = Config()
+    config.data.source = "mmeb"
+    with pytest.raises(ConfigError, match="data.source=synthetic"):
+        check_request(["sde"], 1, [0.2], config)
+    check_request(["sde"], 1, [0.0], config)
+
+
+@pytest.mark.slow
+def test_compare_end_to_end_two_objectives_two_seeds(tmp_path, ray_cluster):
+    """2 objectives × 2 seeds through the real driver (Ray Train, 2 gloo workers, DeepSpeed on CPU)."""
+    from sde_ray.config import load_config
+    from sde_ray.tune.compare import run_compare
+
+    config = load_config(
+        "configs/default.yaml",
+        [
+            "train.max_steps=3",
+            "train.log_every=1",
+            "train.checkpoint_every=3",
+            "train.warmup_steps=1",
+            "eval.datasets=[SynObject,SynCaption_t2i]",
+            "logging.wandb=false",
+        ],
+    )
+    result = run_compare(config, ["disncl", "dsrsd"], 2, [0.0], str(tmp_path))
+    assert [r.get("error") for r in result["runs"]] == [None] * 4
+    assert [(r["objective"], r["seed"]) for r in result["runs"]] == [
+        ("disncl", 0),
+        ("disncl", 1),
+        ("dsrsd", 0),
+        ("dsrsd", 1),
+    ]
+    for record in result["runs"]:
+        assert 0.0 <= record["p_at_1_overall"] <= 1.0
+        assert np.isfinite(record["loss"]) and record["gap_centroid"] >= 0
+        saved = json.loads(
+            (
+                tmp_path / "nc0" / record["objective"] / f"seed{record['seed']}" / "compare_run.json"
+            ).read_text()
+        )
+        assert saved["config"]["loss"]["name"] == record["objective"]
+        assert saved["config"]["train"]["seed"] == config.train.seed + record["seed"]
+    assert [(row["objective"], row["num_runs"]) for row in result["summary"]] == [("disncl", 2), ("dsrsd", 2)]
+    assert "| disncl | 2 |" in (tmp_path / "compare.md").read_text()
+    # A second call finds every run finished with the same config and only rebuilds the table.
+    again = run_compare(config, ["disncl", "dsrsd"], 2, [0.0], str(tmp_path))
+    assert again["runs"] == result["runs"]
