@@ -167,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(compare_runs(argv[2], argv[3]))
         return 0
-    args = build_parser().parse_args(argv)
+    # Intermixed: overrides may follow options (`bench train --json X train.lr=1e-3`).
+    args = build_parser().parse_intermixed_args(argv)
     try:
         return _dispatch(args)
     except ConfigError as exc:

@@ -10,7 +10,8 @@ Driver side:
 - `build_train_dataset(...)`: `read_webdataset(decoder=None)` (raw bytes) with a seeded file-order
   shuffle that changes every epoch (execution), then `map_batches` on CPU actors that turn rows into
   the *raw batch* of docs/architecture.md and call the model's batch processor.
-- `data_resources(...)` / `check_cpu_budget(...)`: the CPU reservation rule for the data stage.
+- `data_resources(...)`: the CPU reservation rule for the data stage (the train driver's
+  `check_capacity` enforces it against the cluster before any worker starts).
 
 Worker side:
 - `iter_worker_batches(data_iterator, batch_size, seed=, epoch=, rank=)`: equal-sized torch batches
@@ -277,17 +278,6 @@ def data_resources(data_cpus: float, preprocess_concurrency: int) -> DataResourc
     share = data_cpus / (2 * preprocess_concurrency)
     return DataResources(read_cpus=share, read_concurrency=preprocess_concurrency,
                          actor_cpus=share, concurrency=preprocess_concurrency)
-
-
-def check_cpu_budget(cluster_cpus: float, train_cpus: float, data_cpus: float) -> None:
-    """Fails fast, with the numbers, when the training workers would leave the data stage too little."""
-    if train_cpus + data_cpus > cluster_cpus + 1e-9:
-        raise RuntimeError(
-            f"the cluster has {cluster_cpus:g} CPUs but training workers take {train_cpus:g} and the data "
-            f"stage needs data.data_cpus={data_cpus:g}: Ray Data would stall waiting for CPU. Lower "
-            "scaling.num_workers or scaling.cpus_per_worker, lower data.data_cpus, or start Ray with "
-            "more logical CPUs (ray.init(num_cpus=...) / ray start --num-cpus)."
-        )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -61,6 +61,9 @@ def ensure_ray(config: Config) -> bool:
     address = config.scaling.address or os.environ.get("RAY_ADDRESS", "")
     env = {"DS_ACCELERATOR": "cpu"} if not config.scaling.use_gpu else {}
     if address:
+        # Inside `ray job submit` the job's runtime_env already set these; repeating a key here is a
+        # merge conflict that kills the job, so pass only what the environment lacks.
+        env = {key: value for key, value in env.items() if key not in os.environ}
         ray.init(address=address, runtime_env={"env_vars": env} if env else None)
         return False
     os.environ.update(env)  # a local Ray's workers inherit the driver's environment
@@ -95,9 +98,9 @@ def check_capacity(config: Config) -> None:
             )
 
 
-def run_id(config: Config, run_name: str) -> str:
+def run_id(storage_path: str, run_name: str) -> str:
     """A wandb run id stable across restarts of the same Ray Train run (same storage + name)."""
-    digest = hashlib.sha1(f"{config.train.storage_path}/{run_name}".encode()).hexdigest()[:10]
+    digest = hashlib.sha1(f"{storage_path}/{run_name}".encode()).hexdigest()[:10]
     return f"{run_name}-{digest}"
 
 
@@ -130,7 +133,7 @@ def build_trainer(
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from sde_ray.data.pipeline import build_train_dataset, data_resources, prepare_data
+    from sde_ray.data.pipeline import build_config_dataset, prepare_data
     from sde_ray.train.metrics import wandb_mode
 
     config = resolve_paths(config)
@@ -145,22 +148,12 @@ def build_trainer(
         resources["GPU"] = 1
     # The rank-0 progress line is the run's progress display; Ray Data's bars would interleave with it.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    resources_data = data_resources(config.data.data_cpus, config.data.preprocess_concurrency)
-    dataset = build_train_dataset(
-        prepared.shards,
-        _ProcessorFactory(to_dict(config.model)),
-        seed=config.data.shuffle_seed,
-        preprocess_concurrency=config.data.preprocess_concurrency,
-        preprocess_batch_size=config.data.preprocess_batch_size,
-        num_cpus_per_actor=resources_data.actor_cpus,
-        read_cpus=resources_data.read_cpus,
-        manifest=prepared.manifest,
-    )
+    dataset = build_config_dataset(config, prepared, _ProcessorFactory(to_dict(config.model)))
     loop_config: dict[str, Any] = {
         "config": to_dict(config),
         "output_dir": config.train.output_dir,
         "eval_root": config.eval.data_dir or prepared.eval_dir or None,
-        "run_id": run_id(config, name),
+        "run_id": run_id(storage, name),
         "wandb_mode": wandb_mode(config.logging),
         "step_hook": step_hook,
     }

@@ -187,7 +187,10 @@ def open_epoch_fn(shard, micro: int, config: Config, rank: int) -> Callable[[int
     from sde_ray.data.pipeline import iter_worker_batches
 
     def open_epoch(epoch: int) -> Iterator:
-        return iter_worker_batches(shard, micro, seed=config.data.shuffle_seed, epoch=epoch, rank=rank)
+        return iter_worker_batches(
+            shard, micro, seed=config.data.shuffle_seed, epoch=epoch, rank=rank,
+            shuffle_buffer=config.data.shuffle_buffer,
+        )
 
     return open_epoch
 

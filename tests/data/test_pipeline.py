@@ -13,7 +13,6 @@ from sde_ray.data.pipeline import (
     SimpleProcessor,
     batches_per_epoch,
     build_train_dataset,
-    check_cpu_budget,
     check_shards,
     data_resources,
     iter_worker_batches,
@@ -112,9 +111,6 @@ def test_prepare_data_generates_once_and_returns_absolute_paths(ray_cluster, tmp
 def test_cpu_reservation_rule() -> None:
     resources = data_resources(1.0, 2)
     assert resources.total == pytest.approx(1.0) and resources.concurrency == 2
-    check_cpu_budget(cluster_cpus=4, train_cpus=3, data_cpus=1)
-    with pytest.raises(RuntimeError, match="data.data_cpus=1"):
-        check_cpu_budget(cluster_cpus=4, train_cpus=4, data_cpus=1)
     with pytest.raises(ValueError, match="data_cpus"):
         data_resources(0, 1)
 

@@ -67,9 +67,9 @@ def _start(args: list[str], log_path: Path) -> subprocess.Popen:
     env.pop("RAY_ADDRESS", None)
     if "--head" not in args:  # a joining node is a client of the head's token-authenticated GCS
         env["RAY_AUTH_MODE"] = "token"
-    return subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", *args],
-                            stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True, cwd=log_path.parent)
+    with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", *args], stdout=log,
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=log_path.parent)
 
 
 def _stop(process: subprocess.Popen) -> None:
@@ -128,8 +128,9 @@ def test_run_grows_from_one_to_two_workers(small_config, tmp_path):
         script.write_text(DRIVER)
         driver_log = tmp_path / "driver.log"
         flat = _flatten(to_dict(config))
-        driver = subprocess.Popen([sys.executable, str(script), json.dumps(flat)], stdout=open(driver_log, "w"),
-                                  stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        with open(driver_log, "w") as log:
+            driver = subprocess.Popen([sys.executable, str(script), json.dumps(flat)], stdout=log,
+                                      stderr=subprocess.STDOUT, env=env, start_new_session=True)
         processes.append(driver)
         output_dir = Path(config.train.output_dir)
 
