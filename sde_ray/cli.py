@@ -167,8 +167,15 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(compare_runs(argv[2], argv[3]))
         return 0
-    # Intermixed: overrides may follow options (`bench train --json X train.lr=1e-3`).
-    args = build_parser().parse_intermixed_args(argv)
+    parser = build_parser()
+    # Overrides may also follow options (`bench train --json X train.lr=1e-3`), where argparse's
+    # subcommands leave them unparsed; anything else unknown is still an error.
+    args, extra = parser.parse_known_args(argv)
+    stray = [item for item in extra if item.startswith("-") or "=" not in item]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     try:
         return _dispatch(args)
     except ConfigError as exc:

@@ -201,6 +201,7 @@ def _rank_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
             for name in SEED_OBJECTIVES
         }
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.distributed.barrier()  # leave together: an early teardown aborted the peer under load
     finally:
         torch.distributed.destroy_process_group()
 

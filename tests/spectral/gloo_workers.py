@@ -38,6 +38,13 @@ def _init(rank: int, world_size: int, port: int) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
 
 
+def _finish() -> None:
+    # Both ranks leave together: a rank tearing gloo down while its peer is still mid-collective
+    # aborted the peer ("terminate called without an active exception") on a loaded machine.
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def load_open_clip_loss():
     """open_clip's loss module by file path: the package __init__ needs torchvision, the loss only torch."""
     spec = importlib.util.find_spec("open_clip")
@@ -127,7 +134,7 @@ def spectral_worker(rank: int, world_size: int, port: int, out_dir: str, num_row
     for case in sde_cases():
         result[case] = run_sde(inputs, sde_config(*case), rank, world_size)
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
-    dist.destroy_process_group()
+    _finish()
 
 
 def infonce_worker(rank: int, world_size: int, port: int, out_dir: str, num_rows: int, in_dim: int) -> None:
@@ -155,4 +162,4 @@ def infonce_worker(rank: int, world_size: int, port: int, out_dir: str, num_rows
         loss.backward()
         result[name] = {"loss": loss.detach(), "weight_grad": weight.grad}
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
-    dist.destroy_process_group()
+    _finish()
