@@ -166,68 +166,37 @@ class SDEObjective(torch.nn.Module):
             lc.w_subspace,
             lc.w_snr,
         )
-        return total, self._metrics(
-            total,
-            loss_instance,
-            loss_hellinger,
-            loss_subspace,
-            loss_snr,
-            alpha,
-            lam,
-            mode,
-            spectra,
-            partitions,
-            energies,
-            tops,
-            bound_factors,
-            features,
-            context,
-        )
-
-    def _metrics(
-        self,
-        total,
-        instance,
-        hellinger,
-        subspace,
-        snr,
-        alpha,
-        lam,
-        mode,
-        spectra,
-        partitions,
-        energies,
-        tops,
-        bound_factors,
-        features,
-        context,
-    ) -> dict[str, float]:
         metrics = {
             "loss": float(total.detach()),
-            "loss_instance": float(instance.detach()),
-            "loss_hellinger": float(hellinger.detach()),
-            "loss_subspace": float(subspace.detach()),
-            "loss_snr": float(snr.detach()),
+            "loss_instance": float(loss_instance.detach()),
+            "loss_hellinger": float(loss_hellinger.detach()),
+            "loss_subspace": float(loss_subspace.detach()),
+            "loss_snr": float(loss_snr.detach()),
             "alpha": alpha,
             "lambda": lam,
             "spectral_mode_gram": 1.0 if mode == "gram" else 0.0,
             "hellinger_distance": hellinger_distance(
-                spectral_distribution(energies[0].detach(), self.loss.hellinger_on),
-                spectral_distribution(energies[1].detach(), self.loss.hellinger_on),
+                spectral_distribution(energies[0].detach(), lc.hellinger_on),
+                spectral_distribution(energies[1].detach(), lc.hellinger_on),
             ),
-            "gap_centroid": centroid_gap(features[0], features[1], context.world_size),
+            "gap_centroid": centroid_gap(query, target, world_size),
             "gap_min_angle": smallest_principal_angle(tops[0], tops[1]),
         }
         for side, spectrum, partition, bound in zip("qt", spectra, partitions, bound_factors):
-            for name, share in energy_shares(spectrum.sigma, partition).items():
-                metrics[f"energy_{name}_{side}"] = share
-            metrics[f"effective_rank_{side}"] = effective_rank(spectrum.sigma)
-            metrics[f"num_strong_{side}"] = float(partition.num_strong)
-            metrics[f"num_weak_{side}"] = float(partition.num_weak)
-            metrics[f"num_noise_{side}"] = float(partition.num_noise)
-            metrics[f"tau_mp_{side}"] = partition.tau_mp
-            metrics[f"delta_bound_factor_{side}"] = bound
-        return metrics
+            metrics.update(_side_metrics(side, spectrum, partition, bound))
+        return total, metrics
+
+
+def _side_metrics(side: str, spectrum: Spectrum, partition: Partition, bound_factor: float) -> dict[str, float]:
+    """One modality's spectral diagnostics, keyed `<name>_q` / `<name>_t`."""
+    metrics = {f"energy_{name}_{side}": share for name, share in energy_shares(spectrum.sigma, partition).items()}
+    metrics[f"effective_rank_{side}"] = effective_rank(spectrum.sigma)
+    metrics[f"num_strong_{side}"] = float(partition.num_strong)
+    metrics[f"num_weak_{side}"] = float(partition.num_weak)
+    metrics[f"num_noise_{side}"] = float(partition.num_noise)
+    metrics[f"tau_mp_{side}"] = partition.tau_mp
+    metrics[f"delta_bound_factor_{side}"] = bound_factor
+    return metrics
 
 
 def build_sde(config, embed_dim: int) -> SDEObjective:
