@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -167,12 +166,6 @@ def test_objective_trains_without_nan(name):
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _losses_and_grads(name: str, query: torch.Tensor, target: torch.Tensor, rank: int, world_size: int):
     """Loss, feature gradients and objective-parameter gradients of `name` on these rows."""
     torch.manual_seed(0)  # identical objective parameters (DSRSD heads) everywhere
@@ -190,9 +183,11 @@ def _losses_and_grads(name: str, query: torch.Tensor, target: torch.Tensor, rank
     return loss.detach(), query.grad, target.grad, parameter_grads
 
 
-def _rank_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+def _rank_worker(rank: int, world_size: int, out_dir: str) -> None:
+    # A file rendezvous, not a "free" TCP port: with Ray's processes binding ports all around, a
+    # port probed free could be taken before rank 0 bound it (seen as a SIGABRT in the full suite).
+    init_method = f"file://{os.path.join(out_dir, 'rendezvous')}"
+    torch.distributed.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size)
     try:
         query, target = _paired_data(16, 12, seed=5)
         local = slice(rank * 8, (rank + 1) * 8)
@@ -209,7 +204,7 @@ def _rank_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("two_ranks")
-    mp.spawn(_rank_worker, args=(2, _free_port(), str(out_dir)), nprocs=2, join=True)
+    mp.spawn(_rank_worker, args=(2, str(out_dir)), nprocs=2, join=True)
     return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(2)]
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
+import uuid
 from pathlib import Path
 
 import torch
@@ -20,22 +20,21 @@ import torch.multiprocessing as mp
 WORLD_SIZE = 2
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def launch(worker, out_dir: Path, *args) -> list[dict]:
-    """Runs `worker(rank, world_size, port, out_dir, *args)` on 2 gloo ranks; returns their saved dicts."""
-    mp.spawn(worker, args=(WORLD_SIZE, free_port(), str(out_dir), *args), nprocs=WORLD_SIZE, join=True)
+    """Runs `worker(rank, world_size, rendezvous, out_dir, *args)` on 2 gloo ranks; returns their saved dicts.
+
+    The rendezvous is a fresh file, not a "free" TCP port: with Ray's processes binding ports all
+    around, a port probed free could be taken before rank 0 bound it.
+    """
+    rendezvous = f"file://{Path(out_dir) / f'rendezvous-{uuid.uuid4().hex}'}"
+    mp.spawn(worker, args=(WORLD_SIZE, rendezvous, str(out_dir), *args), nprocs=WORLD_SIZE, join=True)
     return [torch.load(Path(out_dir) / f"rank{r}.pt") for r in range(WORLD_SIZE)]
 
 
-def _init(rank: int, world_size: int, port: int) -> None:
+def _init(rank: int, world_size: int, rendezvous: str) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world_size)
 
 
 def _finish() -> None:
@@ -118,10 +117,10 @@ def run_sde(inputs, config, rank: int, world_size: int, seed: int = 7) -> dict:
     }
 
 
-def spectral_worker(rank: int, world_size: int, port: int, out_dir: str, num_rows: int, in_dim: int) -> None:
+def spectral_worker(rank: int, world_size: int, rendezvous: str, out_dir: str, num_rows: int, in_dim: int) -> None:
     from sde_ray.spectral import distributed_gram_spectrum, enhancement_matrix, gather_spectrum
 
-    _init(rank, world_size, port)
+    _init(rank, world_size, rendezvous)
     inputs = global_inputs(num_rows, in_dim, seed=0)
     local = local_rows(inputs["query"], rank, world_size)
     scale = torch.linspace(-0.3, 0.3, min(num_rows, in_dim))
@@ -137,10 +136,10 @@ def spectral_worker(rank: int, world_size: int, port: int, out_dir: str, num_row
     _finish()
 
 
-def infonce_worker(rank: int, world_size: int, port: int, out_dir: str, num_rows: int, in_dim: int) -> None:
+def infonce_worker(rank: int, world_size: int, rendezvous: str, out_dir: str, num_rows: int, in_dim: int) -> None:
     from sde_ray.losses.infonce import info_nce
 
-    _init(rank, world_size, port)
+    _init(rank, world_size, rendezvous)
     clip_loss = load_open_clip_loss().ClipLoss(
         local_loss=True, gather_with_grad=True, rank=rank, world_size=world_size
     )
