@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import math
 import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.linalg
 import scipy.stats
 import torch
-import torch.multiprocessing as mp
 
-from sde_ray.config import Config
+sys.path.insert(0, str(Path(__file__).parents[1] / "spectral"))
+import gloo_workers  # noqa: E402  (the shared 2-rank launcher)
+
+from sde_ray.config import Config  # noqa: E402
 from sde_ray.losses import StepContext, build_objective
 from sde_ray.losses.gap import procrustes_rotation, shared_space_projection
 
@@ -183,29 +187,20 @@ def _losses_and_grads(name: str, query: torch.Tensor, target: torch.Tensor, rank
     return loss.detach(), query.grad, target.grad, parameter_grads
 
 
-def _rank_worker(rank: int, world_size: int, out_dir: str) -> None:
-    # A file rendezvous, not a "free" TCP port: with Ray's processes binding ports all around, a
-    # port probed free could be taken before rank 0 bound it (seen as a SIGABRT in the full suite).
-    init_method = f"file://{os.path.join(out_dir, 'rendezvous')}"
-    torch.distributed.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size)
-    try:
-        query, target = _paired_data(16, 12, seed=5)
-        local = slice(rank * 8, (rank + 1) * 8)
-        results = {
-            name: _losses_and_grads(name, query[local], target[local], rank, world_size)
-            for name in SEED_OBJECTIVES
-        }
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        torch.distributed.barrier()  # leave together: an early teardown aborted the peer under load
-    finally:
-        torch.distributed.destroy_process_group()
+def _rank_worker(rank: int, world_size: int, rendezvous: str, out_dir: str) -> None:
+    gloo_workers.start(rank, world_size, rendezvous)
+    query, target = _paired_data(16, 12, seed=5)
+    local = slice(rank * 8, (rank + 1) * 8)
+    results = {
+        name: _losses_and_grads(name, query[local], target[local], rank, world_size) for name in SEED_OBJECTIVES
+    }
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    gloo_workers.finish()
 
 
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("two_ranks")
-    mp.spawn(_rank_worker, args=(2, str(out_dir)), nprocs=2, join=True)
-    return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(2)]
+    return gloo_workers.launch(_rank_worker, tmp_path_factory.mktemp("two_ranks"))
 
 
 @pytest.mark.parametrize("name", SEED_OBJECTIVES)

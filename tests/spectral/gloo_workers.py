@@ -31,13 +31,13 @@ def launch(worker, out_dir: Path, *args) -> list[dict]:
     return [torch.load(Path(out_dir) / f"rank{r}.pt") for r in range(WORLD_SIZE)]
 
 
-def _init(rank: int, world_size: int, rendezvous: str) -> None:
+def start(rank: int, world_size: int, rendezvous: str) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world_size)
 
 
-def _finish() -> None:
+def finish() -> None:
     # Both ranks leave together: a rank tearing gloo down while its peer is still mid-collective
     # aborted the peer ("terminate called without an active exception") on a loaded machine.
     dist.barrier()
@@ -120,7 +120,7 @@ def run_sde(inputs, config, rank: int, world_size: int, seed: int = 7) -> dict:
 def spectral_worker(rank: int, world_size: int, rendezvous: str, out_dir: str, num_rows: int, in_dim: int) -> None:
     from sde_ray.spectral import distributed_gram_spectrum, enhancement_matrix, gather_spectrum
 
-    _init(rank, world_size, rendezvous)
+    start(rank, world_size, rendezvous)
     inputs = global_inputs(num_rows, in_dim, seed=0)
     local = local_rows(inputs["query"], rank, world_size)
     scale = torch.linspace(-0.3, 0.3, min(num_rows, in_dim))
@@ -133,13 +133,13 @@ def spectral_worker(rank: int, world_size: int, rendezvous: str, out_dir: str, n
     for case in sde_cases():
         result[case] = run_sde(inputs, sde_config(*case), rank, world_size)
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
-    _finish()
+    finish()
 
 
 def infonce_worker(rank: int, world_size: int, rendezvous: str, out_dir: str, num_rows: int, in_dim: int) -> None:
     from sde_ray.losses.infonce import info_nce
 
-    _init(rank, world_size, rendezvous)
+    start(rank, world_size, rendezvous)
     clip_loss = load_open_clip_loss().ClipLoss(
         local_loss=True, gather_with_grad=True, rank=rank, world_size=world_size
     )
@@ -161,4 +161,4 @@ def infonce_worker(rank: int, world_size: int, rendezvous: str, out_dir: str, nu
         loss.backward()
         result[name] = {"loss": loss.detach(), "weight_grad": weight.grad}
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
-    _finish()
+    finish()
