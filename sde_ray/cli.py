@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from sde_ray.config import ConfigError, dump_yaml, load_config
+from sde_ray.config import ConfigError, DataConfig, dump_yaml, load_config
 
 BENCHMARKS = ("spectral", "data", "train", "eval", "models")
 
@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--out", required=True)
     convert.add_argument("--subsets", nargs="*", default=None)
     convert.add_argument("--split", default="original")
-    convert.add_argument("--samples-per-shard", type=int, default=256)
+    convert.add_argument("--samples-per-shard", type=int, default=DataConfig().samples_per_shard)
     convert.add_argument("--workers", type=int, default=1)
     synth = data_commands.add_parser("synth", help="Write the synthetic MMEB (train + eval layouts).")
     synth.add_argument("--out", required=True)

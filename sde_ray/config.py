@@ -102,12 +102,16 @@ class DataConfig:
     shards: list[str] = doc([], "WebDataset shard paths or globs (local or fsspec URLs); empty: the converted cache.")
     subsets: list[str] = doc([], "MMEB-train subsets to use; empty means all found.")
     split: str = doc("original", "MMEB-train split: original | diverse_instruction | train (legacy).")
-    samples_per_shard: int = doc(256, "Samples per .tar shard written by the converter.")
+    samples_per_shard: int = doc(1024, "Samples per .tar shard written by the converter (one Ray Data read task each).")
     shuffle_seed: int = doc(0, "Seed of the per-epoch shard-order and sample shuffle.")
     shuffle_buffer: int = doc(256, "Rows in the local shuffle buffer of the Ray Data iterator.")
-    preprocess_concurrency: int = doc(1, "Ray Data CPU actors that decode, resize and tokenize.")
-    preprocess_batch_size: int = doc(64, "Rows per map_batches call.")
+    preprocess_concurrency: int = doc(1, "Concurrent Ray Data CPU tasks that read a shard, decode, resize and tokenize.")
+    preprocess_batch_size: int = doc(64, "Rows the batch processor handles per call (bounds a task's decoded pixels).")
     data_cpus: float = doc(1.0, "CPUs reserved for Ray Data, never handed to training workers.")
+    target_block_mb: float = doc(
+        32.0, "Ray Data block size target (MB) of the preprocessed stream; near one processor chunk avoids "
+        "re-concatenating chunks into Ray's 128 MB default blocks (docs/data.md)."
+    )
     synth: SynthConfig = doc(SynthConfig(), "The synthetic MMEB generator.")
 
 
@@ -565,6 +569,14 @@ def validate(config: Config) -> None:
         raise ConfigError("scaling.cpus_per_worker must be > 0.")
     if config.data.data_cpus < 0:
         raise ConfigError("data.data_cpus must be >= 0.")
+    for key, value in {"data.samples_per_shard": config.data.samples_per_shard,
+                       "data.preprocess_batch_size": config.data.preprocess_batch_size,
+                       "data.preprocess_concurrency": config.data.preprocess_concurrency,
+                       "data.shuffle_buffer": config.data.shuffle_buffer}.items():
+        if value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}.")
+    if config.data.target_block_mb <= 0:
+        raise ConfigError(f"data.target_block_mb must be > 0, got {config.data.target_block_mb}.")
 
 
 def describe(instance: Any = None, prefix: str = "") -> list[tuple[str, str, str]]:

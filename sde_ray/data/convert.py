@@ -276,7 +276,7 @@ def _finished(out: Path, name: str, plan_hash: str) -> dict | None:
 
 
 def convert_mmeb(src: str | os.PathLike, out: str | os.PathLike, subsets: list[str] | None = None,
-                 split: str = "original", samples_per_shard: int = 256, workers: int = 1,
+                 split: str = "original", samples_per_shard: int = 1024, workers: int = 1,
                  progress: bool | None = None) -> dict:
     """Converts an MMEB-train root to WebDataset shards under `out`; returns the manifest."""
     src, out = Path(src).expanduser().resolve(), Path(out).expanduser().resolve()

@@ -2,6 +2,11 @@
 
 An `Embedder` wraps one Hugging Face backbone (optionally inside a peft LoRA wrapper) together with
 its tokenizer and image processor. Subclasses implement only `encode_side(batch, prefix)`.
+
+Pixels arrive as uint8 [B, 3, H, W] (the image processor's resize/crop only, see
+sde_ray/models/processing.py) and are normalised here, on the model's device, with the image
+processor's own rescale and normalisation: (x · rescale_factor − image_mean) / image_std in float32,
+then cast to the parameters' dtype.
 """
 
 from __future__ import annotations
@@ -21,6 +26,46 @@ from sde_ray.config import ModelConfig
 EXPORT_FILE = "sde_ray_model.json"
 EXPORT_FORMAT = 1
 
+PIXEL_CONTRACT = (
+    "pixel values must be uint8 [B, 3, H, W], the image after the image processor's resize/crop and "
+    "before rescale/normalisation, as sde_ray.models.BatchProcessor emits them (the model normalises)"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class PixelNormalization:
+    """The image processor's value steps, in its order: x · scale, then (x − mean) / std per channel."""
+
+    scale: float
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @classmethod
+    def of(cls, image_processor: Any) -> PixelNormalization:
+        """Read from the processor's `do_rescale`, `rescale_factor`, `do_normalize`, `image_mean`,
+        `image_std` (a step switched off becomes the identity)."""
+        name = type(image_processor).__name__
+
+        def attribute(key: str) -> Any:
+            value = getattr(image_processor, key, None)
+            if value is None:
+                raise ValueError(f"image processor {name} has no {key}; cannot normalise uint8 pixels.")
+            return value
+
+        scale = float(attribute("rescale_factor")) if attribute("do_rescale") else 1.0
+        if not attribute("do_normalize"):
+            return cls(scale, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+        per_channel = []
+        for key in ("image_mean", "image_std"):
+            value = attribute(key)
+            values = [float(value)] * 3 if isinstance(value, (int, float)) else [float(v) for v in value]
+            if len(values) != 3:
+                raise ValueError(
+                    f"image processor {name}: {key}={value!r}; expected one value or three (RGB)."
+                )
+            per_channel.append(tuple(values))
+        return cls(scale, *per_channel)
+
 
 class Embedder(nn.Module):
     """Base of the dual encoder and the VLM embedder (one level, no further hierarchy)."""
@@ -35,6 +80,10 @@ class Embedder(nn.Module):
         self.image_processor = image_processor
         self.model_config = config
         self.embed_dim = embed_dim
+        # Python floats, not buffers: state_dicts and exports stay the backbone's own, and a bf16 cast
+        # of the module (DeepSpeed) cannot round them. Device copies are made once per device.
+        self.pixel_normalization = PixelNormalization.of(image_processor)
+        self._pixel_constants: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def encode_side(self, batch: dict, prefix: str) -> torch.Tensor:
         raise NotImplementedError
@@ -52,18 +101,39 @@ class Embedder(nn.Module):
     def parameter_dtype(self) -> torch.dtype:
         return next(p.dtype for p in self.parameters() if p.is_floating_point())
 
+    def normalize_pixels(self, pixels: Any, key: str = "pixel_values") -> torch.Tensor:
+        """uint8 [B, 3, H, W] (numpy or torch, any device) → the image processor's normalised pixels,
+        computed in float32 on the model's device, returned in the parameters' dtype."""
+        pixels = torch.as_tensor(pixels)
+        if pixels.dtype != torch.uint8:
+            raise TypeError(f"model batch key '{key}' has dtype {pixels.dtype}; {PIXEL_CONTRACT}.")
+        if pixels.dim() != 4 or pixels.shape[1] != 3:
+            raise ValueError(f"model batch key '{key}' has shape {tuple(pixels.shape)}; {PIXEL_CONTRACT}.")
+        device = next(self.parameters()).device
+        if device not in self._pixel_constants:
+            norm = self.pixel_normalization
+            self._pixel_constants[device] = tuple(
+                torch.tensor(values, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+                for values in (norm.mean, norm.std)
+            )
+        mean, std = self._pixel_constants[device]
+        # The copy to the device moves the uint8 bytes; the float32 image exists only there.
+        x = pixels.to(device).to(torch.float32).mul_(self.pixel_normalization.scale)
+        return x.sub_(mean).div_(std).to(self.parameter_dtype())
+
     def side_inputs(
         self, batch: dict, prefix: str
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(input_ids, attention_mask, pixel_values, has_image) of one side, as tensors on the model's
-        device; pixel values in the model's dtype (bf16 under DeepSpeed bf16)."""
+        device; uint8 pixels come back normalised, in the model's dtype (bf16 under DeepSpeed bf16)."""
         device = next(self.parameters()).device
         names = [f"{prefix}_{key}" for key in ("input_ids", "attention_mask", "pixel_values", "has_image")]
         missing = [name for name in names if name not in batch]
         if missing:
             raise KeyError(f"model batch lacks {missing}; build it with sde_ray.models.BatchProcessor.")
-        ids, mask, pixels, has_image = (torch.as_tensor(batch[name]).to(device) for name in names)
-        return ids.long(), mask.long(), pixels.to(self.parameter_dtype()), has_image.bool()
+        pixels = self.normalize_pixels(batch[names[2]], names[2])
+        ids, mask, has_image = (torch.as_tensor(batch[names[i]]).to(device) for i in (0, 1, 3))
+        return ids.long(), mask.long(), pixels, has_image.bool()
 
     # ------------------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> Path:

@@ -4,8 +4,18 @@
 the tokenizer and image processor of `model.name_or_path` (the tiny names build theirs in code) and
 maps a raw batch (`qry_text`, `pos_text`, `qry_image`, `pos_image`, `target_hash`, `subset`) to
 `{qry,pos}_input_ids` int64 [B, L], `{qry,pos}_attention_mask` int64 [B, L],
-`{qry,pos}_pixel_values` float32 [B, 3, H, W] (zeros where a row has no image),
+`{qry,pos}_pixel_values` uint8 [B, 3, H, W] (zeros where a row has no image),
 `{qry,pos}_has_image` bool [B] and `target_id` int64 [B].
+
+Pixels are the image after the family image processor's geometric steps (resize, centre crop) and
+before its rescale and normalisation. Dual encoders run the processor with `do_rescale=False,
+do_normalize=False`, which leaves exact integers in 0..255 (checked on every batch), so the uint8
+cast is lossless. The VLM resizes to S×S itself; there the processor's geometric output is the
+resized image (its resize is the identity and its patches are the same pixels re-laid out, checked
+against the processor once at construction), so the resized image is stored directly. The model
+applies the processor's own rescale and normalisation on its device (`Embedder.side_inputs`); a
+uint8 image is a quarter of the float32 bytes through Arrow, the object store and the host→device
+copy.
 
 How a side's text and image become tokens depends on `model.kind`:
 - dual_encoder (CLIP/SigLIP): MMEB's `<|image_1|>` placeholder is removed from the text (the image
@@ -13,7 +23,7 @@ How a side's text and image become tokens depends on `model.kind`:
 - vlm (Qwen2-VL): the placeholder becomes `<|vision_start|>` + N×`<|image_pad|>` + `<|vision_end|>`,
   N fixed because every image is resized to one square resolution (`model.image_size` rounded up to
   a multiple of patch × merge); L = max_text_length + N + 2, and truncation never cuts the image
-  block. Pixel values are stored as images [3, H, W]; the model re-patchifies them.
+  block. Pixel values are stored as images [3, H, W]; the model normalises and re-patchifies them.
 """
 
 from __future__ import annotations
@@ -36,6 +46,9 @@ RAW_COLUMNS = ("qry_text", "pos_text", "qry_image", "pos_image", "target_hash")
 # Qwen2-VL's vision markers (VLM2Vec swaps MMEB's placeholder for the pad token; we add the
 # start/end markers the Qwen2-VL chat format puts around every image).
 VISION_START, IMAGE_PAD, VISION_END = "<|vision_start|>", "<|image_pad|>", "<|vision_end|>"
+
+# Processor-call overrides that keep only the geometric steps; the model does the rest.
+GEOMETRY_ONLY = {"do_rescale": False, "do_normalize": False}
 
 
 def target_id(content_hash: str) -> int:
@@ -86,6 +99,23 @@ def load_processors(config: ModelConfig) -> tuple[Any, Any]:
             f"tiny-qwen2-vl, or a folder written by save_pretrained). Cause: {exc}"
         ) from exc
     return tokenizer, image_processor
+
+
+def exact_uint8(values: np.ndarray, where: str) -> np.ndarray:
+    """`values` as uint8, refusing anything a cast would change (a processor that still rescales,
+    normalises or interpolates to fractions)."""
+    values = np.asarray(values)
+    if values.dtype == np.uint8:
+        return values
+    if values.size and not (
+        values.min() >= 0 and values.max() <= 255 and np.array_equal(values, np.rint(values))
+    ):
+        raise ValueError(
+            f"{where}: with {GEOMETRY_ONLY} the image processor returned {values.dtype} values in "
+            f"[{values.min()}, {values.max()}] that are not all integers in 0..255; BatchProcessor emits "
+            "uint8 pixels and needs a processor whose resize/crop keep 8-bit values (the PIL backends do)."
+        )
+    return values.astype(np.uint8)
 
 
 def _column(batch: Any, key: str, rows: int | None) -> list:
@@ -164,7 +194,7 @@ class BatchProcessor:
             input_ids, attention_mask = self._tokenize_vlm(texts, has_image, prefix)
         else:
             input_ids, attention_mask = self._tokenize_dual(texts)
-        pixel_values = np.zeros((len(texts), *self._image_shape), dtype=np.float32)
+        pixel_values = np.zeros((len(texts), *self._image_shape), dtype=np.uint8)
         present = [image for image in decoded if image is not None]
         if present:
             pixel_values[has_image] = self._pixels(present)
@@ -180,7 +210,9 @@ class BatchProcessor:
 
     def _setup_dual(self) -> None:
         self._seq_len = self.config.max_text_length
-        probe = self.image_processor(images=[Image.new("RGB", (8, 8))], return_tensors="np")["pixel_values"]
+        probe = self.image_processor(images=[Image.new("RGB", (8, 8))], return_tensors="np", **GEOMETRY_ONLY)[
+            "pixel_values"
+        ]
         if probe.ndim != 4:
             raise ValueError(
                 f"{self.config.name_or_path}: its image processor returns pixel_values of shape {probe.shape}; "
@@ -205,7 +237,8 @@ class BatchProcessor:
     def _pixels(self, images: list[Image.Image]) -> np.ndarray:
         if self.config.kind == "vlm":
             return self._pixels_vlm(images)
-        return self.image_processor(images=images, return_tensors="np")["pixel_values"].astype(np.float32)
+        out = self.image_processor(images=images, return_tensors="np", **GEOMETRY_ONLY)["pixel_values"]
+        return exact_uint8(out, f"{self.config.name_or_path} ({type(self.image_processor).__name__})")
 
     # ------------------------------------------------------------------------------------------
     # VLM (Qwen2-VL): fixed resolution, placeholder → vision block of a fixed token count
@@ -234,6 +267,7 @@ class BatchProcessor:
         )
         self._seq_len = self.config.max_text_length + len(self.image_block)
         self._image_shape = (3, self.side, self.side)
+        self._check_vlm_pixels()
 
     def _tokenize_vlm(
         self, texts: list[str], has_image: np.ndarray, prefix: str
@@ -273,10 +307,20 @@ class BatchProcessor:
         return input_ids, attention_mask
 
     def _pixels_vlm(self, images: list[Image.Image]) -> np.ndarray:
+        # At S×S the processor's own resize is the identity and its patches are these pixels laid out
+        # again (checked at construction), so this is its geometric output without the float32
+        # patch copy, time-doubled, that it would build and we would undo.
         resized = [image.resize((self.side, self.side), Image.BICUBIC) for image in images]
+        return np.stack([np.asarray(image, dtype=np.uint8).transpose(2, 0, 1) for image in resized])
+
+    def _vlm_processor_pixels(self, images: list[Image.Image]) -> np.ndarray:
+        """The image processor's own output for S×S images (rescale and normalisation off), [N, 3, S, S]."""
         area = self.side * self.side
         out = self.image_processor(
-            images=resized, size={"shortest_edge": area, "longest_edge": area}, return_tensors="np"
+            images=images,
+            size={"shortest_edge": area, "longest_edge": area},
+            return_tensors="np",
+            **GEOMETRY_ONLY,
         )
         grid = np.asarray(out["image_grid_thw"])
         expected = [1, self.side // self.patch_size, self.side // self.patch_size]
@@ -284,10 +328,25 @@ class BatchProcessor:
             raise ValueError(
                 f"image processor produced grids {grid.tolist()}, expected {expected} for every image."
             )
-        per_image = np.split(np.asarray(out["pixel_values"], dtype=np.float32), len(images))
-        return np.stack(
-            [unpatchify_qwen2_vl(p, self.side, self.patch_size, self.merge_size) for p in per_image]
+        patches = exact_uint8(
+            out["pixel_values"], f"{self.config.name_or_path} ({type(self.image_processor).__name__})"
         )
+        return np.stack(
+            [
+                unpatchify_qwen2_vl(p, self.side, self.patch_size, self.merge_size)
+                for p in np.split(patches, len(images))
+            ]
+        )
+
+    def _check_vlm_pixels(self) -> None:
+        probe = np.random.default_rng(0).integers(0, 256, (self.side, self.side, 3), dtype=np.uint8)
+        probe = [Image.fromarray(probe)]
+        if not np.array_equal(self._pixels_vlm(probe), self._vlm_processor_pixels(probe)):
+            raise ValueError(
+                f"{self.config.name_or_path}: its image processor ({type(self.image_processor).__name__}) "
+                f"changes an already {self.side}×{self.side} image beyond rescale/normalisation; the "
+                "fixed-resolution VLM path assumes it does not."
+            )
 
 
 def unpatchify_qwen2_vl(patches: np.ndarray, side: int, patch_size: int, merge_size: int) -> np.ndarray:

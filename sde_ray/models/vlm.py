@@ -3,7 +3,8 @@
 The side's tokens (text with the image block `<|vision_start|><|image_pad|>…<|vision_end|>` where
 MMEB had `<|image_1|>`) run through the backbone's own multimodal forward; the embedding is the
 final hidden layer (after the last norm) at each row's last non-pad token, for either padding side.
-Images arrive as fixed-size [3, H, W] tensors and are cut into the backbone's patch layout here.
+Images arrive as fixed-size uint8 [3, H, W]; `Embedder.side_inputs` normalises them and they are
+cut into the backbone's patch layout here.
 """
 
 from __future__ import annotations

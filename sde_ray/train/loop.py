@@ -134,7 +134,8 @@ def broadcast_object(value: Any, world_size: int) -> Any:
 
 
 def to_model_inputs(batch: dict, device: torch.device, float_dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Tensors on the engine's device; float inputs (pixels) in the engine's precision."""
+    """Tensors on the engine's device; float inputs in the engine's precision (pixels arrive as uint8
+    and stay so: the model normalises them on its device)."""
     out = {}
     for key, value in batch.items():
         tensor = value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))

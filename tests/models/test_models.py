@@ -4,9 +4,11 @@ checkpointing, bf16, seeding, export round trips and clear errors."""
 from __future__ import annotations
 
 import dataclasses
+import io
 
 import pytest
 import torch
+from PIL import Image
 
 from sde_ray.config import LoraConfig, ModelConfig
 from sde_ray.models import BatchProcessor, build_model, count_parameters, last_token_pool, load_pretrained
@@ -56,11 +58,15 @@ def test_dual_encoder_fuses_text_and_image_by_sum(name, tiny_configs, make_png):
     with torch.no_grad():
         fused = model.encode_side(both, "qry")
         text_only = model.encode_side(text, "qry")
-        image_only = model.backbone.get_image_features(pixel_values=both["qry_pixel_values"]).pooler_output
+        # The image term from the family processor's own normalised pixels, not ours.
+        reference_pixels = processor.image_processor(
+            images=[Image.open(io.BytesIO(image)).convert("RGB")], return_tensors="pt"
+        )["pixel_values"]
+        image_only = model.backbone.get_image_features(pixel_values=reference_pixels).pooler_output
         reference_text = model.backbone.get_text_features(
             input_ids=text["qry_input_ids"], attention_mask=text["qry_attention_mask"]
         ).pooler_output  # untrimmed, full fixed-length padding
-    torch.testing.assert_close(fused, text_only + image_only)
+    torch.testing.assert_close(fused, text_only + image_only, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(text_only, reference_text, rtol=1e-5, atol=1e-5)
 
 
@@ -82,7 +88,8 @@ def test_last_token_pool_matches_a_loop_for_left_and_right_padding():
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 def test_vlm_embedding_is_the_last_real_token_of_an_unpadded_run(padding_side, tiny_configs, raw):
     """Each row embedded in a padded batch equals the backbone's last hidden state at the final
-    token of that row run alone without padding (a manual computation through plain HF calls)."""
+    token of that row run alone without padding (a manual computation through plain HF calls, with
+    the Qwen2-VL image processor's own patches)."""
     config = tiny_configs["tiny-qwen2-vl"]
     model = build_model(config).eval()
     processor = BatchProcessor(dataclasses.asdict(config))
@@ -98,11 +105,13 @@ def test_vlm_embedding_is_the_last_real_token_of_an_unpadded_run(padding_side, t
         ids = batch["qry_input_ids"][row][mask[row] == 1][None]
         kwargs = {}
         if batch["qry_has_image"][row]:
-            from sde_ray.models import patchify_qwen2_vl
-
-            kwargs["pixel_values"], kwargs["image_grid_thw"] = patchify_qwen2_vl(
-                batch["qry_pixel_values"][row : row + 1], 8, 2, 2
+            image = Image.open(io.BytesIO(raw["qry_image"][row])).convert("RGB")
+            reference = processor.image_processor(
+                images=[image.resize((processor.side, processor.side), Image.BICUBIC)],
+                size={"shortest_edge": processor.side**2, "longest_edge": processor.side**2},
+                return_tensors="pt",
             )
+            kwargs = {key: reference[key] for key in ("pixel_values", "image_grid_thw")}
         token_types = (ids == hf.config.image_token_id).int()
         with torch.no_grad():
             out = hf(
@@ -175,7 +184,7 @@ def test_gradient_checkpointing_with_lora_trains_the_adapters(tiny_configs, raw)
 
 def test_bf16_forward_and_backward(tiny_config, raw):
     model = build_model(tiny_config, seed=2)
-    batch = processed(tiny_config, raw)  # pixel values stay float32, as the data pipeline gives them
+    batch = processed(tiny_config, raw)  # uint8 pixels, as the data pipeline gives them
     with torch.no_grad():
         reference = model(batch)[0]
     model = model.to(torch.bfloat16)
@@ -235,9 +244,17 @@ def test_save_pretrained_round_trip_gives_identical_embeddings(
     assert reloaded.embed_dim == model.embed_dim and not reloaded.training
     processor = BatchProcessor(dataclasses.asdict(reloaded_config))  # reads the saved tokenizer/processor
     new_batch = processor(raw)
+    assert new_batch["qry_pixel_values"].dtype == batch["qry_pixel_values"].numpy().dtype == "uint8"
     assert arrays_equal({k: v.numpy() for k, v in batch.items()}, new_batch)
+    # The reloaded image processor gives the model the same constants: bit-identical model pixels.
+    assert reloaded.pixel_normalization == model.pixel_normalization
+    for side in ("qry", "pos"):
+        pixels = new_batch[f"{side}_pixel_values"]
+        assert torch.equal(reloaded.normalize_pixels(pixels), model.normalize_pixels(pixels))
     with torch.no_grad():
         got = reloaded({k: torch.as_tensor(v) for k, v in new_batch.items()})
+    # Not bit-equal even without LoRA: the reloaded CLIP vision tower differs by ~2e-7 on the same
+    # normalised input with equal weights (a backbone matter, not the pixels).
     torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got[1], expected[1], rtol=1e-5, atol=1e-5)
 

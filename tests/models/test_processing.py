@@ -1,5 +1,5 @@
-"""BatchProcessor: shapes and dtypes, placeholders, truncation, pixels against the HF processors,
-pickling, determinism (also across processes) and clear errors on bad input."""
+"""BatchProcessor: shapes and dtypes, placeholders, truncation, uint8 pixels against the HF processors'
+resize/crop, pickling, determinism (also across processes) and clear errors on bad input."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from PIL import Image
 
 from sde_ray.config import ModelConfig
 from sde_ray.models import BatchProcessor, patchify_qwen2_vl, target_id
-from sde_ray.models.processing import IMAGE_PAD, VISION_END, VISION_START
+from sde_ray.models.processing import IMAGE_PAD, VISION_END, VISION_START, exact_uint8
 
 
 def processor_for(config: ModelConfig, **changes) -> BatchProcessor:
@@ -35,7 +35,7 @@ def test_raw_batch_to_fixed_shapes(tiny_config, raw):
         assert out[f"{side}_attention_mask"].shape == (rows, length)
         assert out[f"{side}_attention_mask"].dtype == np.int64
         assert out[f"{side}_pixel_values"].shape == (rows, 3, height, width)
-        assert out[f"{side}_pixel_values"].dtype == np.float32
+        assert out[f"{side}_pixel_values"].dtype == np.uint8
         expected = np.array([image is not None for image in raw[f"{side}_image"]])
         np.testing.assert_array_equal(out[f"{side}_has_image"], expected)
         assert out[f"{side}_has_image"].dtype == np.bool_
@@ -110,15 +110,24 @@ def test_dual_encoder_truncates_and_keeps_end_token(tiny_configs):
     assert ids[0] == processor.tokenizer.bos_token_id and ids[-1] == processor.tokenizer.eos_token_id
 
 
-@pytest.mark.parametrize("name", ["tiny-clip", "tiny-siglip"])
-def test_dual_encoder_pixels_match_the_image_processor(name, tiny_configs, make_png):
-    processor = processor_for(tiny_configs[name])
-    data = make_png("purple", "square", size=48)
-    out = processor.encode_inputs(["x"], [data], "qry")
-    reference = processor.image_processor(
-        images=[Image.open(io.BytesIO(data)).convert("RGB")], return_tensors="np"
+def geometry_only(processor: BatchProcessor, images: list, **kwargs) -> dict:
+    """The family processor's own output with rescale and normalisation switched off."""
+    return processor.image_processor(
+        images=images, do_rescale=False, do_normalize=False, return_tensors="np", **kwargs
     )
-    np.testing.assert_array_equal(out["qry_pixel_values"], reference["pixel_values"])
+
+
+@pytest.mark.parametrize("name", ["tiny-clip", "tiny-siglip"])
+def test_dual_encoder_pixels_are_the_image_processors_resize_and_crop(name, tiny_configs, make_png):
+    processor = processor_for(tiny_configs[name])
+    data = [make_png("purple", "square", size=48), make_png("teal", "circle", size=45, fmt="JPEG")]
+    out = processor.encode_inputs(["x", "y"], data, "qry")
+    reference = geometry_only(processor, [Image.open(io.BytesIO(d)).convert("RGB") for d in data])
+    reference = reference["pixel_values"]
+    # What makes the uint8 cast lossless: the PIL backend leaves whole numbers in 0..255.
+    assert np.array_equal(reference, np.rint(reference)) and reference.min() >= 0 and reference.max() <= 255
+    assert out["qry_pixel_values"].dtype == np.uint8
+    np.testing.assert_array_equal(out["qry_pixel_values"], reference)
 
 
 def test_vlm_places_a_fixed_image_block(tiny_configs, raw):
@@ -160,19 +169,29 @@ def test_vlm_truncation_never_cuts_the_image(tiny_configs, make_png):
 
 
 def test_vlm_pixels_match_the_qwen2_vl_image_processor(tiny_configs, make_png):
-    """Our [3, H, W] storage re-patchified by the model equals the processor's own patch layout."""
+    """Our uint8 [3, H, W] storage re-patchified by the model equals the processor's own patch layout
+    (rescale and normalisation off; the model does those, see test_pixels.py)."""
     processor = processor_for(tiny_configs["tiny-qwen2-vl"], image_size=40)  # rounds up to 48
     image = Image.open(io.BytesIO(make_png("orange", "square", size=57))).convert("RGB")
     gradient = Image.fromarray(np.arange(48 * 48 * 3, dtype=np.uint32).reshape(48, 48, 3).astype(np.uint8))
     out = processor.encode_inputs(["a", "b"], [image, gradient], "qry")
     assert out["qry_pixel_values"].shape == (2, 3, 48, 48)
+    assert out["qry_pixel_values"].dtype == np.uint8
     patches, grid = patchify_qwen2_vl(torch.from_numpy(out["qry_pixel_values"]), 8, 2, 2)
     resized = [image.resize((48, 48), Image.BICUBIC), gradient]
-    reference = processor.image_processor(
-        images=resized, size={"shortest_edge": 48 * 48, "longest_edge": 48 * 48}, return_tensors="np"
-    )
+    reference = geometry_only(processor, resized, size={"shortest_edge": 48 * 48, "longest_edge": 48 * 48})
+    assert np.array_equal(reference["pixel_values"], np.rint(reference["pixel_values"]))
     np.testing.assert_array_equal(patches.numpy(), reference["pixel_values"])
     np.testing.assert_array_equal(grid.numpy(), reference["image_grid_thw"])
+
+
+def test_exact_uint8_refuses_values_a_cast_would_change():
+    whole = np.array([0.0, 17.0, 255.0], dtype=np.float32)
+    np.testing.assert_array_equal(exact_uint8(whole, "p"), [0, 17, 255])
+    assert exact_uint8(whole, "p").dtype == np.uint8
+    for bad in ([0.5, 1.0], [-1.0, 3.0], [256.0, 0.0], [-0.48, 1.2]):  # fractions, out of range, normalised
+        with pytest.raises(ValueError, match="my-model.*not all integers in 0..255"):
+            exact_uint8(np.array(bad, dtype=np.float32), "my-model")
 
 
 def test_accepts_numpy_object_columns_as_ray_data_gives_them(tiny_configs, raw, arrays_equal):
