@@ -25,6 +25,7 @@ This module imports `ray.data` only (never `ray.train`).
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -341,7 +342,7 @@ def build_train_dataset(shards: list[str] | str, processor_factory: Callable[[],
     cached per worker process, see `cached_processor`). At most `concurrency` tasks run at once,
     each holding `num_cpus_per_task` CPUs (default: one CPU shared by them all). Output blocks
     aim at `target_block_mb`: Ray's 128 MB default made each task glue several processor chunks
-    into one block, a copy of every pixel (bench data: 0.68 -> 0.80x the floor per CPU at 224 px).
+    into one block, a copy of every pixel (0.61-0.71 -> 0.76-0.84x the floor per CPU at 224 px).
 
     The shard order is a seeded permutation that Ray re-draws at every execution (each epoch's
     `iter_*` call) from (seed, epoch): `FileShuffleConfig(seed=epoch_seed(seed, epoch),
@@ -496,19 +497,33 @@ def _converted(train_dir: Path, shard_dir: Path, config) -> dict:
                         samples_per_shard=config.data.samples_per_shard, workers=1, progress=False)
 
 
-def prepare_data(config) -> PreparedData:
-    """Shards and eval root for `config.data`: generate/convert into the cache on first use.
-
-    Safe to call from concurrent processes (e.g. Tune trials): the cache is locked while it is
-    filled, and later callers reuse what the first one wrote.
-    """
+@contextlib.contextmanager
+def _locked_cache(config) -> Iterator[Path]:
+    """The cache folder, held under an exclusive file lock (concurrent Tune trials fill it once)."""
     import fcntl
 
     cache = Path(config.data.cache_dir).expanduser().resolve()
     cache.mkdir(parents=True, exist_ok=True)
     with open(cache / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        yield cache
+
+
+def prepare_data(config) -> PreparedData:
+    """Shards and eval root for `config.data`: generate/convert into the cache on first use.
+
+    Safe to call from concurrent processes (e.g. Tune trials): the cache is locked while it is
+    filled, and later callers reuse what the first one wrote.
+    """
+    with _locked_cache(config) as cache:
         return _prepare_locked(config, cache)
+
+
+def synthetic_eval_dir(config) -> str:
+    """The synthetic MMEB-eval root for `config.data.synth`, generated on first use (no shards are
+    converted: evaluation needs only the eval split)."""
+    with _locked_cache(config) as cache:
+        return str(_ensure_synthetic(cache, config.data.synth) / "MMEB-eval")
 
 
 def _prepare_locked(config, cache: Path) -> PreparedData:

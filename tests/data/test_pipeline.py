@@ -25,6 +25,7 @@ from sde_ray.data.pipeline import (
     processor_key,
     raw_batch_from_rows,
     stable_id,
+    synthetic_eval_dir,
 )
 from sde_ray.data.synthetic import write_synthetic_mmeb
 
@@ -114,6 +115,14 @@ def test_prepare_data_generates_once_and_returns_absolute_paths(ray_cluster, tmp
                                             "data.synth.eval_per_dataset=2", "data.samples_per_shard=32",
                                             "data.synth.seed=1"]))
     assert Path(other.shards[0]).parent != Path(prepared.shards[0]).parent  # the cache is keyed by settings
+
+
+def test_synthetic_eval_dir_generates_the_data_but_converts_no_shards(tmp_path) -> None:
+    overrides = [f"data.cache_dir={tmp_path}/cache", "data.synth.train_per_subset=4", "data.synth.eval_per_dataset=2"]
+    eval_dir = Path(synthetic_eval_dir(load_config(None, overrides)))
+    assert (eval_dir / "mmeb_datasets.json").is_file() and (eval_dir / "images.zip").is_file()
+    assert not list((tmp_path / "cache").glob("synth-*/shards-*"))  # evaluation converts nothing
+    assert str(eval_dir) == prepare_data(load_config(None, overrides)).eval_dir  # the same cache entry
 
 
 def test_cpu_reservation_rule() -> None:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,21 +21,12 @@ from pathlib import Path
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).parents[1]))
+import ray_nodes  # noqa: E402  (the shared ray-start helpers)
+
 REPO = Path(__file__).resolve().parents[2]
-RAY = str(Path(sys.executable).parent / "ray")
+RAY = ray_nodes.RAY
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets = []
-    for _ in range(count):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        sockets.append(s)
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def _dashboard_up(port: int) -> bool:
@@ -53,34 +42,22 @@ def _dashboard_up(port: int) -> bool:
 @pytest.fixture(scope="module")
 def local_head():
     """A 4-CPU Ray head with a dashboard on free ports; yields its job-submission address."""
-    gcs, dashboard, agent_http, agent_grpc, runtime_env_agent, metrics, node_manager, client = _free_ports(8)
-    temp_dir = tempfile.mkdtemp(prefix="sdejob", dir="/tmp")  # short: Ray's socket paths have a length limit
-    env = {**os.environ, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "2"}
-    log = open(Path(temp_dir) / "head.log", "w")
-    head = subprocess.Popen(
-        [RAY, "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dashboard}",
-         f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
-         f"--runtime-env-agent-port={runtime_env_agent}", f"--metrics-export-port={metrics}",
-         f"--node-manager-port={node_manager}", f"--ray-client-server-port={client}",
-         "--min-worker-port=0", "--max-worker-port=0", "--num-cpus=4", "--include-dashboard=true",
-         f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=temp_dir,
+    gcs, dashboard, client = ray_nodes.free_ports(3)
+    temp_dir = Path(tempfile.mkdtemp(prefix="sdejob", dir="/tmp"))  # short: Ray's socket paths have a length limit
+    head = ray_nodes.start(
+        ["--head", f"--port={gcs}", f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
+         "--num-cpus=4", "--include-dashboard=true", f"--temp-dir={temp_dir}", *ray_nodes.node_port_flags()],
+        temp_dir / "head.log",
     )
     try:
         deadline = time.time() + 180
         while not _dashboard_up(dashboard):
             if head.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"ray head did not come up:\n{(Path(temp_dir) / 'head.log').read_text()[-3000:]}")
+                raise RuntimeError(f"ray head did not come up:\n{(temp_dir / 'head.log').read_text()[-3000:]}")
             time.sleep(2)
-        yield {"address": f"http://127.0.0.1:{dashboard}", "temp_dir": Path(temp_dir)}
+        yield {"address": f"http://127.0.0.1:{dashboard}", "temp_dir": temp_dir}
     finally:
-        head.terminate()  # `ray start --block` stops its raylet, GCS and dashboard on SIGTERM
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)  # the group this fixture created, nothing else
-            head.wait(timeout=30)
-        log.close()
+        ray_nodes.stop(head)
 
 
 def _ray_job(*args: str, auth: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:

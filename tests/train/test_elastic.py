@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,9 +21,10 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+sys.path.insert(0, str(Path(__file__).parents[1]))
+import ray_nodes  # noqa: E402  (the shared ray-start helpers)
 
-RAY = str(Path(sys.executable).parent / "ray")
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 DRIVER = """
 import json, sys, time
@@ -45,60 +44,6 @@ print("RESULT " + json.dumps({"step": result.metrics["step"], "world_size": resu
 """
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-def _node_ports() -> list[str]:
-    node_manager, agent_http, agent_grpc, runtime_env_agent, metrics = _free_ports(5)
-    return [f"--node-manager-port={node_manager}", f"--dashboard-agent-listen-port={agent_http}",
-            f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env_agent}",
-            f"--metrics-export-port={metrics}", "--min-worker-port=0", "--max-worker-port=0"]
-
-
-def _start(args: list[str], log_path: Path) -> subprocess.Popen:
-    env = {**os.environ, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "2", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
-    env.pop("RAY_ADDRESS", None)
-    if "--head" not in args:  # a joining node is a client of the head's token-authenticated GCS
-        env["RAY_AUTH_MODE"] = "token"
-    with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", *args], stdout=log,
-                                stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=log_path.parent)
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is not None:
-        return
-    process.terminate()  # `ray start --block` stops its own raylet/GCS on SIGTERM
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)  # the session this test created, nothing else
-        process.wait(timeout=30)
-
-
-def _start_node(args: list[str], log_path: Path, attempts: int = 3) -> subprocess.Popen:
-    """`ray start --block ARGS`, retried: Ray gives a raylet 30 s to register with the GCS, which a
-    heavily loaded machine can miss ("The current node timed out during startup")."""
-    for attempt in range(attempts):
-        process = _start(args, log_path)
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            if "Ray runtime started" in log_path.read_text():
-                return process
-            if process.poll() is not None:
-                break
-            time.sleep(1)
-        _stop(process)
-    raise RuntimeError(f"ray start {' '.join(args)} failed {attempts} times:\n{log_path.read_text()[-3000:]}")
-
-
 def _metrics(output_dir: Path) -> list[dict]:
     path = output_dir / "metrics.jsonl"
     if not path.exists():
@@ -108,12 +53,12 @@ def _metrics(output_dir: Path) -> list[dict]:
 
 def test_run_grows_from_one_to_two_workers(small_config, tmp_path):
     temp_dir = Path(tempfile.mkdtemp(prefix="sdeel", dir="/tmp"))  # short: socket paths have a length limit
-    gcs, client = _free_ports(2)
+    gcs, client = ray_nodes.free_ports(2)
     processes = []
     try:
-        processes.append(_start_node(["--head", f"--port={gcs}", f"--ray-client-server-port={client}",
-                                      "--include-dashboard=false", "--num-cpus=2", f"--temp-dir={temp_dir}",
-                                      *_node_ports()], temp_dir / "head.log"))
+        processes.append(ray_nodes.start_node(
+            ["--head", f"--port={gcs}", f"--ray-client-server-port={client}", "--include-dashboard=false",
+             "--num-cpus=2", f"--temp-dir={temp_dir}", *ray_nodes.node_port_flags()], temp_dir / "head.log"))
         # 2 CPUs: one 1.5-CPU worker + the 0.5 data CPUs. The elastic policy takes every worker that
         # fits, so a 1-CPU worker would take both CPUs and starve Ray Data (check_capacity refuses it).
         config = small_config("scaling.min_workers=1", "scaling.max_workers=2", "scaling.cpus_per_worker=1.5",
@@ -139,8 +84,8 @@ def test_run_grows_from_one_to_two_workers(small_config, tmp_path):
             assert driver.poll() is None, driver_log.read_text()[-4000:]
             assert time.time() < deadline, driver_log.read_text()[-4000:]
             time.sleep(1)
-        processes.append(_start_node([f"--address=127.0.0.1:{gcs}", "--num-cpus=2", *_node_ports()],
-                                     temp_dir / "node.log"))
+        processes.append(ray_nodes.start_node(
+            [f"--address=127.0.0.1:{gcs}", "--num-cpus=2", *ray_nodes.node_port_flags()], temp_dir / "node.log"))
 
         driver.wait(timeout=600)
         output = driver_log.read_text()
@@ -153,7 +98,7 @@ def test_run_grows_from_one_to_two_workers(small_config, tmp_path):
         assert "consolidated weights, fresh optimizer state (world size 1 -> 2)" in output
     finally:
         for process in reversed(processes):
-            _stop(process)
+            ray_nodes.stop(process)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
