@@ -216,13 +216,47 @@ def preprocess_shard(frame, *, processor_factory: Callable[[], Callable[[dict], 
 
     Runs fused with the shard read in one Ray Data task. Ray's WebDataset reader builds pandas
     blocks, so taking them as pandas costs no conversion. Yielding chunk by chunk keeps the memory
-    of a task at one chunk of decoded pixels, whatever the shard size.
+    of a task at one chunk of decoded pixels, whatever the shard size. A sample the processor
+    rejects (an undecodable image, a malformed record) is dropped and logged with its key and
+    shard, rather than failing the task and with it the run (`process_rows`).
     """
     processor = cached_processor(cache_key, processor_factory)
     columns = {name: frame[name].tolist() for name in frame.columns}
+    shard = columns.get("__url__", ["?"])[0] if len(frame) else "?"
     for start in range(0, len(frame), chunk_rows):
-        yield processor(raw_batch_from_rows({name: values[start:start + chunk_rows]
-                                             for name, values in columns.items()}))
+        out = process_rows({name: values[start:start + chunk_rows] for name, values in columns.items()},
+                           processor, shard)
+        if out is not None:
+            yield out
+
+
+# What a processor raises for one bad sample: PIL's UnidentifiedImageError and truncation errors are
+# OSErrors; our processors raise ValueError; a record without its json member gives a KeyError or
+# TypeError in `raw_batch_from_rows`.
+SAMPLE_ERRORS = (ValueError, OSError, KeyError, TypeError)
+
+
+def process_rows(rows: dict[str, list], processor: Callable[[dict], dict], shard: str = "?") -> dict | None:
+    """`processor(raw_batch_from_rows(rows))`; if that fails, the rows one by one, dropping (and
+    logging) those that fail alone. None when no row is left."""
+    try:
+        return processor(raw_batch_from_rows(rows))
+    except SAMPLE_ERRORS:
+        pass  # rare: find the culprits row by row
+    count = len(next(iter(rows.values())))
+    keep, skipped = [], []
+    for i in range(count):
+        row = {name: values[i:i + 1] for name, values in rows.items()}
+        try:
+            processor(raw_batch_from_rows(row))
+            keep.append(i)
+        except SAMPLE_ERRORS as exc:
+            skipped.append(f"{row.get('__key__', ['?'])[0]} ({type(exc).__name__}: {exc})")
+    logger.warning("skipped %d of %d samples of shard %s that the processor rejects: %s",
+                   len(skipped), count, shard, "; ".join(skipped))
+    if not keep:
+        return None
+    return processor(raw_batch_from_rows({name: [values[i] for i in keep] for name, values in rows.items()}))
 
 
 class SimpleProcessor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import threading
 from pathlib import Path
 
@@ -221,6 +222,30 @@ def test_preprocess_shard_yields_bounded_chunks_in_order(shards) -> None:
     whole = SimpleProcessor()(raw_batch_from_rows(rows))
     for name, value in whole.items():
         assert (np.concatenate([c[name] for c in chunks]) == value).all(), name
+
+
+def test_a_sample_the_processor_rejects_is_skipped_and_logged_not_fatal(shards, caplog) -> None:
+    import pandas as pd
+    import webdataset as wds
+
+    shard_dir, manifest = shards
+    rows = {"__key__": [], "json": [], "qry.img": [], "pos.img": []}
+    for sample in wds.WebDataset(str(shard_dir / manifest["shards"][0]["name"]), shardshuffle=False, empty_check=False):
+        for name in rows:
+            rows[name].append(sample.get(name))
+    with_image = next(i for i, image in enumerate(rows["qry.img"]) if image is not None)
+    broken_json = (with_image + 1) % len(rows["json"])
+    rows["qry.img"][with_image] = b"\xff\xd8 not a jpeg"
+    rows["json"][broken_json] = b"{not json"
+    bad_keys = {rows["__key__"][with_image], rows["__key__"][broken_json]}
+    frame = pd.DataFrame(rows)
+    with caplog.at_level("WARNING", logger="sde_ray.data.pipeline"):
+        chunks = list(preprocess_shard(frame, processor_factory=SimpleProcessor, cache_key="test-skip", chunk_rows=5))
+    kept = {int(k) for c in chunks for k in c["key_id"]}
+    assert kept == {stable_id(k) for k in rows["__key__"]} - {stable_id(k) for k in bad_keys}
+    logged = " ".join(record.getMessage() for record in caplog.records)
+    assert all(key in logged for key in bad_keys)
+    assert sum(int(n) for n in re.findall(r"skipped (\d+) of", logged)) == 2  # counted
 
 
 @pytest.mark.ray
