@@ -244,19 +244,19 @@ def process_rows(rows: dict[str, list], processor: Callable[[dict], dict], shard
     except SAMPLE_ERRORS:
         pass  # rare: find the culprits row by row
     count = len(next(iter(rows.values())))
-    keep, skipped = [], []
+    outputs, skipped = [], []
     for i in range(count):
         row = {name: values[i:i + 1] for name, values in rows.items()}
         try:
-            processor(raw_batch_from_rows(row))
-            keep.append(i)
+            outputs.append(processor(raw_batch_from_rows(row)))
         except SAMPLE_ERRORS as exc:
             skipped.append(f"{row.get('__key__', ['?'])[0]} ({type(exc).__name__}: {exc})")
     logger.warning("skipped %d of %d samples of shard %s that the processor rejects: %s",
                    len(skipped), count, shard, "; ".join(skipped))
-    if not keep:
+    if not outputs:
         return None
-    return processor(raw_batch_from_rows({name: [values[i] for i in keep] for name, values in rows.items()}))
+    # Processor outputs are arrays with the row on axis 0: the kept rows' outputs stack as they are.
+    return {name: np.concatenate([out[name] for out in outputs]) for name in outputs[0]}
 
 
 class SimpleProcessor:

@@ -206,16 +206,22 @@ def test_processor_cache_builds_once_per_key_and_keeps_the_newest() -> None:
     assert processor_key(functools.partial(SimpleProcessor, 32)) != processor_key(functools.partial(SimpleProcessor, 16))
 
 
-def test_preprocess_shard_yields_bounded_chunks_in_order(shards) -> None:
-    import pandas as pd
+def first_shard_rows(shards) -> dict[str, list]:
+    """The first shard's raw members by column, read with webdataset (the columns Ray's reader yields)."""
     import webdataset as wds
 
     shard_dir, manifest = shards
     rows = {"__key__": [], "json": [], "qry.img": [], "pos.img": []}
-
     for sample in wds.WebDataset(str(shard_dir / manifest["shards"][0]["name"]), shardshuffle=False, empty_check=False):
         for name in rows:
             rows[name].append(sample.get(name))
+    return rows
+
+
+def test_preprocess_shard_yields_bounded_chunks_in_order(shards) -> None:
+    import pandas as pd
+
+    rows = first_shard_rows(shards)
     frame = pd.DataFrame(rows)  # what Ray's WebDataset reader hands over
     chunks = list(preprocess_shard(frame, processor_factory=SimpleProcessor, cache_key="test-chunks", chunk_rows=5))
     assert [len(c["key_id"]) for c in chunks] == [5, 5, 5, 1]  # 16 rows
@@ -226,13 +232,8 @@ def test_preprocess_shard_yields_bounded_chunks_in_order(shards) -> None:
 
 def test_a_sample_the_processor_rejects_is_skipped_and_logged_not_fatal(shards, caplog) -> None:
     import pandas as pd
-    import webdataset as wds
 
-    shard_dir, manifest = shards
-    rows = {"__key__": [], "json": [], "qry.img": [], "pos.img": []}
-    for sample in wds.WebDataset(str(shard_dir / manifest["shards"][0]["name"]), shardshuffle=False, empty_check=False):
-        for name in rows:
-            rows[name].append(sample.get(name))
+    rows = first_shard_rows(shards)
     with_image = next(i for i, image in enumerate(rows["qry.img"]) if image is not None)
     broken_json = (with_image + 1) % len(rows["json"])
     rows["qry.img"][with_image] = b"\xff\xd8 not a jpeg"
