@@ -5,6 +5,9 @@ One run, side by side, on the same synthetic MMEB shards and the same batch proc
 `epochs` passes over the data each, the way training iterates:
 
 - floor: one process, `webdataset.WebDataset` read of the shards + the processor, batch by batch;
+- floor_to_object_store: the floor, plus a `ray.put` of its output in Ray-sized blocks: what handing
+  the pixels to another process costs at the least, whatever the pipeline (a reference, not a
+  pipeline: nobody reads the blocks back);
 - ray-1: the full pipeline (`build_train_dataset` -> `iter_worker_batches`, the training loop's
   iterator: shuffle buffer and all) feeding one consumer, one execution of the dataset per epoch;
 - ray-2: the same dataset through one `streaming_split(2, equal=True)` (as Ray Train's DataConfig
@@ -117,11 +120,18 @@ def _rates(samples: int, seconds: float, cpu: float) -> dict:
 
 
 def floor_run(paths: list[str], processor: SimpleProcessor, batch_size: int, epochs: int = 1,
-              end_epoch=lambda n: None) -> int:
-    """Single-process webdataset read + the same processor, no Ray (webdataset imported by main)."""
+              end_epoch=lambda n: None, transfer_block_bytes: int | None = None) -> int:
+    """Single-process webdataset read + the same processor, no Ray (webdataset imported by main).
+
+    With `transfer_block_bytes`, every processed batch is also handed to Ray's object store
+    (`ray.put`), gathered into blocks of about that many bytes as a Ray Data task's output is. That
+    is the floor of any pipeline whose preprocessing runs in another process than the training
+    loop: the pixels have to cross into shared memory once.
+    """
     import webdataset as wds
 
     columns = ("__key__", "json", "qry.img", "pos.img")
+    hand_over = ObjectStoreHandOver(transfer_block_bytes) if transfer_block_bytes else lambda out: None
     samples = 0
     for _ in range(epochs):
         pending = {name: [] for name in columns}
@@ -129,14 +139,38 @@ def floor_run(paths: list[str], processor: SimpleProcessor, batch_size: int, epo
             for name in columns:
                 pending[name].append(sample.get(name))
             if len(pending["json"]) == batch_size:
-                processor(raw_batch_from_rows(pending))
+                hand_over(processor(raw_batch_from_rows(pending)))
                 samples += batch_size
                 pending = {name: [] for name in columns}
         if pending["json"]:
-            processor(raw_batch_from_rows(pending))
+            hand_over(processor(raw_batch_from_rows(pending)))
             samples += len(pending["json"])
+        if transfer_block_bytes:
+            hand_over(None)
         end_epoch(samples)
     return samples
+
+
+class ObjectStoreHandOver:
+    """Puts processed batches into Ray's object store in blocks of ~`block_bytes` (None flushes)."""
+
+    def __init__(self, block_bytes: int) -> None:
+        self.block_bytes, self.tables, self.bytes = block_bytes, [], 0
+        self.puts = self.bytes_put = 0
+
+    def __call__(self, batch: dict | None) -> None:
+        import pyarrow as pa
+        import ray
+        from ray.data.block import BlockAccessor
+
+        if batch is not None:
+            table = BlockAccessor.batch_to_block(batch)
+            self.tables.append(table)
+            self.bytes += table.nbytes
+        if self.tables and (batch is None or self.bytes >= self.block_bytes):
+            ray.put(pa.concat_tables(self.tables))  # the reference is dropped: freed at once
+            self.puts, self.bytes_put = self.puts + 1, self.bytes_put + self.bytes
+            self.tables, self.bytes = [], 0
 
 
 def ray_run(dataset, consumers: int, batch_size: int, shuffle_buffer: int, epochs: int = 1,
@@ -223,10 +257,18 @@ def _scenario(data, image_size: int, per_subset: int, epochs: int, idle_cpu_per_
 
         results["floor"] = _measure(
             lambda end: floor_run(check.paths, processor(), data.preprocess_batch_size, epochs, end))
+        results["floor_to_object_store"] = _measure(
+            lambda end: floor_run(check.paths, processor(), data.preprocess_batch_size, epochs, end,
+                                  transfer_block_bytes=int(data.target_block_mb * 2**20)))
         for name, consumers in (("ray_1_consumer", 1), ("ray_2_consumers", 2)):
             results[name] = _measure(
                 lambda end, n=consumers: ray_run(dataset(), n, batch_size, data.shuffle_buffer, epochs, end))
     floor = results["floor"]
+    transfer = results["floor_to_object_store"]
+    transfer["ratio_per_cpu"] = transfer["samples_per_cpu_s"] / floor["samples_per_cpu_s"]
+    if "later_epochs" in transfer:
+        transfer["later_epochs"]["ratio_per_cpu"] = (transfer["later_epochs"]["samples_per_cpu_s"]
+                                                     / floor["later_epochs"]["samples_per_cpu_s"])
     for name in ("ray_1_consumer", "ray_2_consumers"):
         run = results[name]
         # The idle Ray node (raylet, GCS, idle workers) burns CPU whatever the pipeline does; this
@@ -242,6 +284,10 @@ def _scenario(data, image_size: int, per_subset: int, epochs: int, idle_cpu_per_
             later, floor_later = run["later_epochs"], floor["later_epochs"]
             later["ratio_per_cpu"] = later["samples_per_cpu_s"] / floor_later["samples_per_cpu_s"]
             later["ratio_throughput"] = later["samples_per_s"] / floor_later["samples_per_s"]
+            # Against the floor that also hands its output to the object store: Ray Data's own
+            # cost on top of what any out-of-process preprocessing pays.
+            later["ratio_per_cpu_vs_floor_to_object_store"] = (
+                later["samples_per_cpu_s"] / transfer["later_epochs"]["samples_per_cpu_s"])
     return {"image_size": image_size, "num_samples": manifest["num_samples"], "num_shards": manifest["num_shards"],
             "batch_size": batch_size, "shuffle_buffer": data.shuffle_buffer,
             "preprocess_batch_size": data.preprocess_batch_size, "data_cpus": data.data_cpus,
@@ -253,19 +299,20 @@ def _table(name: str, scenario: dict, epochs: int, idle_cpu_per_s: float) -> str
     lines = [(f"data bench [{name}]: {scenario['num_samples']} samples in {scenario['num_shards']} shards x {epochs} "
               f"epochs, data_cpus={scenario['data_cpus']}, preprocess_concurrency="
               f"{scenario['preprocess_concurrency']}, preprocess_batch_size={scenario['preprocess_batch_size']}"),
-             (f"{'run':<16}{'samples/s':>10}{'cpu-s':>7}{'samples/cpu-s':>14}{'x floor':>8}{'x floor/cpu':>12}"
+             (f"{'run':<22}{'samples/s':>10}{'cpu-s':>7}{'samples/cpu-s':>14}{'x floor':>8}{'x floor/cpu':>12}"
               f"{'epoch 1 s':>10}{'later: x floor':>15}{'x floor/cpu':>12}{'x floor/busy cpu':>17}")]
     floor = scenario["results"]["floor"]
     for run_name, run in scenario["results"].items():
         later, floor_later = run.get("later_epochs", {}), floor.get("later_epochs", {})
-        lines.append(f"{run_name:<16}{run['samples_per_s']:>10.1f}{run['cpu_seconds']:>7.1f}"
+        busy = run.get("ratio_per_busy_cpu")  # Ray runs only: the floors start no Ray process
+        lines.append(f"{run_name:<22}{run['samples_per_s']:>10.1f}{run['cpu_seconds']:>7.1f}"
                      f"{run['samples_per_cpu_s']:>14.1f}"
                      f"{run['samples_per_s'] / floor['samples_per_s']:>8.2f}"
                      f"{run['samples_per_cpu_s'] / floor['samples_per_cpu_s']:>12.2f}"
                      f"{run['epochs'][0]['seconds']:>10.2f}"
                      f"{later.get('samples_per_s', nan) / floor_later.get('samples_per_s', nan):>15.2f}"
                      f"{later.get('samples_per_cpu_s', nan) / floor_later.get('samples_per_cpu_s', nan):>12.2f}"
-                     f"{run.get('ratio_per_busy_cpu', 1.0):>17.2f}")
+                     + (f"{busy:>17.2f}" if busy is not None else f"{'-':>17}"))
     lines.append(f"idle Ray node: {idle_cpu_per_s:.2f} CPU-s/s (subtracted in the last column); "
                  f"'later' = epochs 2..{epochs}, what each epoch after the start-up costs")
     return "\n".join(lines)

@@ -19,6 +19,8 @@ from sde_ray.data.pipeline import (
     build_train_dataset,
     check_shards,
     data_resources,
+    epoch_seed,
+    gather_rows,
     iter_worker_batches,
     cached_processor,
     prepare_data,
@@ -26,6 +28,7 @@ from sde_ray.data.pipeline import (
     processor_key,
     raw_batch_from_rows,
     stable_id,
+    stream_chunks,
     synthetic_eval_dir,
 )
 from sde_ray.data.synthetic import write_synthetic_mmeb
@@ -144,9 +147,9 @@ def test_data_bench_quick(ray_cluster, tmp_path) -> None:
     assert set(report["scenarios"]) == {"synthetic_32px", "photo_224px"}
     for scenario in report["scenarios"].values():
         runs = scenario["results"]
-        assert set(runs) == {"floor", "ray_1_consumer", "ray_2_consumers"}
+        assert set(runs) == {"floor", "floor_to_object_store", "ray_1_consumer", "ray_2_consumers"}
         n = scenario["num_samples"]
-        assert runs["floor"]["samples"] == 2 * n
+        assert runs["floor"]["samples"] == runs["floor_to_object_store"]["samples"] == 2 * n
         # Per epoch, ray-1 drops at most the rows that fill no batch of 32; ray-2 at most one
         # partial batch per consumer plus the split remainder.
         assert 2 * (n - 32) < runs["ray_1_consumer"]["samples"] <= 2 * n
@@ -173,6 +176,80 @@ def test_worker_batches_reshuffle_per_epoch_reproducibly(ray_cluster) -> None:
     assert first != order(1) and first != order(0, rank=1)
     assert len(set(first)) == 96 and set(first) <= set(range(100))  # each row at most once, 4 dropped
     assert first[:32] != sorted(first[:32]) and set(first[:32]) == set(range(32))  # shuffled within a buffer
+
+
+def _row_pieces(sizes: list[int], seed: int = 0) -> list[dict]:
+    """Pieces of a stream whose row r holds `id` r and an image-like uint8 block of r's value."""
+    generator = torch.Generator().manual_seed(seed)
+    pieces, start = [], 0
+    for size in sizes:
+        ids = torch.arange(start, start + size)
+        pieces.append({"id": ids, "pixels": torch.randint(0, 256, (size, 3, 4, 4), generator=generator,
+                                                          dtype=torch.uint8)})
+        start += size
+    return pieces
+
+
+def test_gather_rows_matches_indexing_the_concatenation() -> None:
+    pieces = _row_pieces([5, 1, 0, 12, 7])
+    whole = {name: torch.cat([piece[name] for piece in pieces]) for name in pieces[0]}
+    for seed in range(5):
+        index = torch.randperm(25, generator=torch.Generator().manual_seed(seed))[:9]
+        batch = gather_rows([piece for piece in pieces if len(piece["id"])], index)
+        expected = index.sort().values
+        assert torch.equal(batch["id"], expected)
+        assert torch.equal(batch["pixels"], whole["pixels"][expected])
+
+
+def test_stream_chunks_cut_exact_runs_without_copying() -> None:
+    pieces = _row_pieces([5, 3, 10, 7])
+    chunks = list(stream_chunks(iter(pieces), 8))
+    assert [sum(len(p["id"]) for p in chunk) for chunk in chunks] == [8, 8, 8, 1]
+    assert torch.equal(torch.cat([p["id"] for chunk in chunks for p in chunk]), torch.arange(25))
+    storages = {piece["pixels"].untyped_storage().data_ptr() for piece in pieces}
+    assert all(p["pixels"].untyped_storage().data_ptr() in storages for chunk in chunks for p in chunk)
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("merge_chunk_bytes", [0, 2**40])  # always gather from pieces / always merge
+def test_worker_batches_match_a_single_process_reference(ray_cluster, merge_chunk_bytes) -> None:
+    import ray
+
+    # 7 blocks of 30 rows with 3 record batches each: chunks of 32 rows straddle them.
+    dataset = ray.data.range(210, override_num_blocks=7).map_batches(
+        lambda batch: {"id": batch["id"], "image": np.repeat(batch["id"][:, None], 48, 1).astype(np.uint8)},
+        batch_size=10)
+    dataset.context.execution_options.preserve_order = True
+    batches = list(iter_worker_batches(dataset.iterator(), 8, seed=3, epoch=2, rank=1, shuffle_buffer=32,
+                                       merge_chunk_bytes=merge_chunk_bytes))
+    # Reference: the stream in order, chunks of 32 rows, one permutation each, batches of 8.
+    stream = torch.cat([torch.as_tensor(b["id"]) for b in dataset.iter_batches(batch_size=None)])
+    generator = torch.Generator().manual_seed(epoch_seed(3, 2 * 1_000_003 + 1))
+    expected = []
+    for start in range(0, len(stream), 32):
+        chunk = stream[start:start + 32]
+        order = torch.randperm(len(chunk), generator=generator)
+        expected += [chunk[order[i:i + 8]].sort().values for i in range(0, len(chunk) - 7, 8)]
+    assert len(batches) == len(expected) == 210 // 8
+    for batch, rows in zip(batches, expected):
+        assert torch.equal(batch["id"], rows)
+        assert torch.equal(batch["image"], (rows[:, None] % 256).to(torch.uint8).expand(-1, 48))
+
+
+@pytest.mark.ray
+def test_object_store_hand_over_puts_blocks_of_the_target_size(ray_cluster) -> None:
+    from ray.data.block import BlockAccessor
+
+    from sde_ray.bench.data import ObjectStoreHandOver
+
+    hand_over = ObjectStoreHandOver(block_bytes=3000)
+    batch = {"pixels": np.zeros((10, 100), dtype=np.uint8), "id": np.arange(10)}
+    table_bytes = BlockAccessor.batch_to_block(batch).nbytes
+    assert 1000 < table_bytes < 1500  # so that 3 batches fill a 3,000-byte block
+    for _ in range(7):
+        hand_over(batch)
+    hand_over(None)
+    assert (hand_over.puts, hand_over.bytes_put) == (3, 7 * table_bytes)  # 3 + 3 batches, then the flush of 1
 
 
 class CountingProcessor(SimpleProcessor):
