@@ -145,8 +145,7 @@ def floor_run(paths: list[str], processor: SimpleProcessor, batch_size: int, epo
         if pending["json"]:
             hand_over(processor(raw_batch_from_rows(pending)))
             samples += len(pending["json"])
-        if transfer_block_bytes:
-            hand_over(None)
+        hand_over(None)  # the epoch's last, partly filled block
         end_epoch(samples)
     return samples
 
@@ -263,12 +262,15 @@ def _scenario(data, image_size: int, per_subset: int, epochs: int, idle_cpu_per_
         for name, consumers in (("ray_1_consumer", 1), ("ray_2_consumers", 2)):
             results[name] = _measure(
                 lambda end, n=consumers: ray_run(dataset(), n, batch_size, data.shuffle_buffer, epochs, end))
-    floor = results["floor"]
-    transfer = results["floor_to_object_store"]
-    transfer["ratio_per_cpu"] = transfer["samples_per_cpu_s"] / floor["samples_per_cpu_s"]
-    if "later_epochs" in transfer:
-        transfer["later_epochs"]["ratio_per_cpu"] = (transfer["later_epochs"]["samples_per_cpu_s"]
-                                                     / floor["later_epochs"]["samples_per_cpu_s"])
+    floor, transfer = results["floor"], results["floor_to_object_store"]
+    for name in ("floor_to_object_store", "ray_1_consumer", "ray_2_consumers"):
+        run = results[name]
+        run["ratio_throughput"] = run["samples_per_s"] / floor["samples_per_s"]
+        run["ratio_per_cpu"] = run["samples_per_cpu_s"] / floor["samples_per_cpu_s"]
+        if "later_epochs" in run:
+            later, floor_later = run["later_epochs"], floor["later_epochs"]
+            later["ratio_per_cpu"] = later["samples_per_cpu_s"] / floor_later["samples_per_cpu_s"]
+            later["ratio_throughput"] = later["samples_per_s"] / floor_later["samples_per_s"]
     for name in ("ray_1_consumer", "ray_2_consumers"):
         run = results[name]
         # The idle Ray node (raylet, GCS, idle workers) burns CPU whatever the pipeline does; this
@@ -276,18 +278,13 @@ def _scenario(data, image_size: int, per_subset: int, epochs: int, idle_cpu_per_
         busy_cpu = max(run["cpu_seconds"] - idle_cpu_per_s * run["seconds"], 1e-9)
         run["samples_per_busy_cpu_s"] = run["samples"] / busy_cpu
         run["ratio_per_busy_cpu"] = run["samples_per_busy_cpu_s"] / floor["samples_per_cpu_s"]
-        run["ratio_throughput"] = run["samples_per_s"] / floor["samples_per_s"]
-        run["ratio_per_cpu"] = run["samples_per_cpu_s"] / floor["samples_per_cpu_s"]
         run["samples_per_s_per_reserved_cpu"] = run["samples_per_s"] / data.data_cpus
         run["ratio_per_reserved_cpu"] = run["samples_per_s_per_reserved_cpu"] / floor["samples_per_s"]
         if "later_epochs" in run:
-            later, floor_later = run["later_epochs"], floor["later_epochs"]
-            later["ratio_per_cpu"] = later["samples_per_cpu_s"] / floor_later["samples_per_cpu_s"]
-            later["ratio_throughput"] = later["samples_per_s"] / floor_later["samples_per_s"]
             # Against the floor that also hands its output to the object store: Ray Data's own
             # cost on top of what any out-of-process preprocessing pays.
-            later["ratio_per_cpu_vs_floor_to_object_store"] = (
-                later["samples_per_cpu_s"] / transfer["later_epochs"]["samples_per_cpu_s"])
+            run["later_epochs"]["ratio_per_cpu_vs_floor_to_object_store"] = (
+                run["later_epochs"]["samples_per_cpu_s"] / transfer["later_epochs"]["samples_per_cpu_s"])
     return {"image_size": image_size, "num_samples": manifest["num_samples"], "num_shards": manifest["num_shards"],
             "batch_size": batch_size, "shuffle_buffer": data.shuffle_buffer,
             "preprocess_batch_size": data.preprocess_batch_size, "data_cpus": data.data_cpus,

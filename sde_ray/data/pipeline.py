@@ -523,16 +523,18 @@ def gather_rows(pieces: list[dict], index) -> dict:
     import torch
 
     index = index.sort().values
-    sizes = [piece_rows(piece) for piece in pieces]
     out = {name: value.new_empty((len(index), *value.shape[1:])) for name, value in pieces[0].items()}
     begin, piece_start = 0, 0
-    for piece, size in zip(pieces, sizes):
-        end = int(torch.searchsorted(index, piece_start + size))
+    for piece in pieces:
+        piece_end = piece_start + piece_rows(piece)
+        end = int(torch.searchsorted(index, piece_end))
         if end > begin:
             local = index[begin:end] - piece_start
             for name, value in piece.items():
+                # index_select copies whole rows; advanced indexing (value[index]) goes element by
+                # element and was 20x slower on uint8 images (bench data, 224 px).
                 torch.index_select(value, 0, local, out=out[name][begin:end])
-        begin, piece_start = end, piece_start + size
+        begin, piece_start = end, piece_end
     return out
 
 
