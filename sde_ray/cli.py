@@ -162,8 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:2] == ["eval", "compare"]:
         from sde_ray.eval.report import compare_runs
 
+        usage = "usage: sde-ray eval compare RUN_A RUN_B  (two runs' results side by side)"
+        if argv[2:] in (["-h"], ["--help"]):
+            print(usage)
+            return 0
         if len(argv) != 4:
-            print("usage: sde-ray eval compare RUN_A RUN_B", file=sys.stderr)
+            print(usage, file=sys.stderr)
             return 2
         print(compare_runs(argv[2], argv[3]))
         return 0

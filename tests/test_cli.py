@@ -7,9 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
-from sde_ray.cli import main
+from sde_ray.cli import build_parser, main
 from sde_ray.config import from_dict, load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,6 +57,24 @@ def test_readme_quick_start_has_the_two_commands():
     assert "pip install torch==2.13.0" in run_block.split("&&")[0]  # CPU torch before anything else
     assert "sde-ray train --config configs/default.yaml" in run_block
     assert "pytest" in test_block and "torch==2.13.0" in test_block.split("&&")[0]
-    # CI runs exactly the README's test command.
+    # CI runs both blocks verbatim, each in its own fresh venv, and checks the main job's venv.
     ci = (REPO / ".ci" / "run").read_text()
-    assert "print(blocks[1])" in ci
+    assert "print(blocks[int(sys.argv[1])])" in ci
+    assert "run_block main 0" in ci and "run_block test 1" in ci
+    assert "python3 -m venv" in ci and ".ci/check_install.py" in ci
+
+
+def test_every_subcommand_answers_help():
+    """What CI's install check runs in the main job's venv, here in-process for the parser's commands."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("check_install", REPO / ".ci" / "check_install.py")
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    paths = check.subcommands(build_parser())
+    assert ("train",) in paths and ("data", "synth") in paths and ("config", "show") in paths
+    for path in paths:
+        with pytest.raises(SystemExit) as exit_info:
+            main([*path, "--help"])
+        assert exit_info.value.code == 0, path
+    assert main(["eval", "compare", "--help"]) == 0
