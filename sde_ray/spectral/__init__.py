@@ -3,7 +3,6 @@
 docs/spectral.md states our precise reading of the SDE method and which choices are ours.
 """
 
-from sde_ray.spectral.collectives import all_gather_rows, all_reduce_sum
 from sde_ray.spectral.decompose import (
     MODES,
     Spectrum,
@@ -56,8 +55,6 @@ __all__ = [
     "Partition",
     "Spectrum",
     "adversarial_signs",
-    "all_gather_rows",
-    "all_reduce_sum",
     "apply_enhancement",
     "centroid_gap",
     "choose_mode",

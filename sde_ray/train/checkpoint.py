@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from sde_ray.distributed import get_rank
+
 DEEPSPEED_DIR = "deepspeed"
 DEEPSPEED_TAG = "state"
 CONSOLIDATED = "consolidated.pt"
@@ -67,7 +69,7 @@ def consolidated_state_dict(engine) -> dict[str, torch.Tensor] | None:
         # Gathers one layer at a time from every rank's partition; all ranks must call it.
         state = engine._zero3_consolidated_16bit_state_dict()
     else:
-        state = engine.module.state_dict() if torch.distributed.get_rank() == 0 else None
+        state = engine.module.state_dict() if get_rank() == 0 else None
     if state is None:
         return None
     return {k: v.detach().cpu().clone() for k, v in state.items()}

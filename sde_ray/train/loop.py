@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from sde_ray.config import Config, from_dict, to_dict
+from sde_ray.distributed import all_ranks_true, broadcast_object, mean_over_ranks
 from sde_ray.train.checkpoint import (
     ResumePlan,
     TrainState,
@@ -44,7 +45,7 @@ from sde_ray.train.checkpoint import (
     save_checkpoint,
 )
 from sde_ray.train.deepspeed_config import build_deepspeed_config, micro_batch_size
-from sde_ray.train.metrics import RunLogger, average_over_ranks, say, spectral_snapshot
+from sde_ray.train.metrics import RunLogger, say, spectral_snapshot
 
 # Keys of a processed batch that are not model inputs.
 TARGET_ID_KEY = "target_id"
@@ -114,23 +115,6 @@ def seed_everything(seed: int) -> None:
 def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
     """Randomness for the objective, identical on every rank and reproducible after a resume."""
     return torch.Generator().manual_seed(seed * 1_000_003 + step * 1_009 + micro)
-
-
-def all_ranks_true(flag: bool, world_size: int) -> bool:
-    if world_size == 1:
-        return flag
-    value = torch.tensor([1 if flag else 0], dtype=torch.int64)
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
-    return bool(value.item())
-
-
-def broadcast_object(value: Any, world_size: int) -> Any:
-    """Rank 0's `value` on every rank."""
-    if world_size == 1:
-        return value
-    box = [value]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def to_model_inputs(batch: dict, device: torch.device, float_dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -427,4 +411,4 @@ def _step_metrics(window: dict[str, float], count: int, config: Config, rank: in
     if last_features is not None and "effective_rank_q" not in local:
         diagnostics, _ = spectral_snapshot(last_features[0], last_features[1], config, rank, world_size)
         local.update(diagnostics)
-    return average_over_ranks(local, world_size)
+    return mean_over_ranks(local, world_size)

@@ -1,6 +1,6 @@
 """Training metrics: cross-rank averaging, spectral diagnostics, and the rank-0 sinks.
 
-Every rank computes the same metric names; `average_over_ranks` turns them into global values (the
+Every rank computes the same metric names; `sde_ray.distributed.mean_over_ranks` turns them into global values (the
 mean of per-rank losses is the global loss; spectral numbers are identical on every rank anyway), so
 all ranks report the same dict. Rank 0 alone writes them to the console, `<output_dir>/metrics.jsonl`
 and wandb (offline unless a key is set). `spectral_snapshot` gives the objective-independent
@@ -30,16 +30,6 @@ from sde_ray.spectral import (
 )
 
 CONSOLE_KEYS = ("loss", "loss_instance", "alpha", "lambda", "energy_strong_q", "effective_rank_q", "val_p_at_1")
-
-
-def average_over_ranks(metrics: dict[str, float], world_size: int) -> dict[str, float]:
-    """The mean over ranks of every metric (same keys on every rank), in sorted-key order."""
-    if world_size == 1 or not metrics:
-        return dict(metrics)
-    keys = sorted(metrics)
-    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
-    torch.distributed.all_reduce(values)
-    return {k: float(v) / world_size for k, v in zip(keys, values.tolist())}
 
 
 def spectral_snapshot(query: torch.Tensor, target: torch.Tensor, config, rank: int, world_size: int):

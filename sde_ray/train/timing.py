@@ -16,6 +16,7 @@ import time
 import torch
 
 from sde_ray.config import Config, from_dict, to_dict
+from sde_ray.distributed import max_over_ranks
 from sde_ray.train.deepspeed_config import build_deepspeed_config, micro_batch_size
 
 
@@ -45,8 +46,7 @@ def timing_loop_per_worker(loop_config: dict) -> None:
         engine.step()
         durations.append(time.perf_counter() - start)
     timed = torch.tensor(durations[loop_config["warmup"]:], dtype=torch.float64)
-    if world_size > 1:  # a step takes as long as its slowest rank
-        torch.distributed.all_reduce(timed, op=torch.distributed.ReduceOp.MAX)
+    timed = max_over_ranks(timed, world_size)  # a step takes as long as its slowest rank
     metrics = {"step_s": float(timed.median()), "world_size": world_size, "final_loss": float(loss)}
     # Ray Train keeps the metrics of checkpointed reports only: rank 0 attaches a one-file checkpoint.
     with tempfile.TemporaryDirectory() as directory:
