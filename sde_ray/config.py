@@ -386,18 +386,12 @@ def from_dict(data: dict | None, cls: type = Config) -> Any:
     return _build(cls, data or {}, "")
 
 
-def _merge(base: dict, update: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in ("overrides", "space"):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """`a.b.c=value` -> (['a', 'b', 'c'], value parsed as YAML, so 3 -> int, [1,2] -> list)."""
+    """`a.b.c=value` -> (['a', 'b', 'c'], value parsed as YAML, so 3 -> int, [1,2] -> list).
+
+    The one place a value is parsed from a string: the CLI edge (and a sweep file's `overrides:`).
+    Paths set from Python (the CLI's --output-dir, resolved paths) are values, never parsed again.
+    """
     if "=" not in text:
         raise ConfigError(f"Override '{text}' must look like key.sub=value.")
     key, raw = text.split("=", 1)
@@ -411,32 +405,47 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Applies dotted overrides to nested plain data, checking each key against the schema."""
-    out = copy.deepcopy(data)
-    for text in overrides:
-        parts, value = parse_override(text)
-        cls: Any = Config
-        node = out
-        for depth, part in enumerate(parts):
-            dotted = ".".join(parts[: depth + 1])
-            is_free_dict = cls is None
-            if not is_free_dict:
-                names = [f.name for f in dataclasses.fields(cls)]
-                if part not in names:
-                    raise ConfigError(f"Unknown config key '{dotted}'.{_close_names(part, names)}")
-                annotation = typing.get_type_hints(cls)[part]
-                cls = annotation if dataclasses.is_dataclass(annotation) else None
-            if depth == len(parts) - 1:
-                node[part] = value
-            else:
-                if not dataclasses.is_dataclass(cls) and not is_free_dict:
-                    if get_origin(annotation) is not dict:
-                        raise ConfigError(f"'{dotted}' is a value, not a section; cannot set '{text}'.")
-                node = node.setdefault(part, {})
-                if not isinstance(node, dict):
-                    raise ConfigError(f"'{dotted}' is not a mapping; cannot set '{text}'.")
+def _set_path(node: Any, annotation: Any, parts: list[str], value: Any, done: str, full: str) -> Any:
+    """A copy of `node` (a config dataclass or a free mapping) with `parts` set to `value`."""
+    part, dotted = parts[0], f"{done}.{parts[0]}" if done else parts[0]
+    if dataclasses.is_dataclass(annotation):
+        names = [f.name for f in dataclasses.fields(annotation)]
+        if part not in names:
+            raise ConfigError(f"Unknown config key '{dotted}'.{_close_names(part, names)}")
+        hint = typing.get_type_hints(annotation)[part]
+        if len(parts) == 1:
+            return dataclasses.replace(node, **{part: _convert(value, hint, dotted)})
+        if not dataclasses.is_dataclass(hint) and get_origin(hint) is not dict:
+            raise ConfigError(f"'{dotted}' is a value, not a section; cannot set '{full}'.")
+        return dataclasses.replace(node, **{part: _set_path(getattr(node, part), hint, parts[1:], value, dotted, full)})
+    out = dict(node)  # a free mapping (deepspeed.overrides, tune.space): no schema below this point
+    if len(parts) == 1:
+        out[part] = copy.deepcopy(value)
+        return out
+    child = out.get(part, {})
+    if not isinstance(child, dict):
+        raise ConfigError(f"'{dotted}' is not a mapping; cannot set '{full}'.")
+    out[part] = _set_path(child, dict, parts[1:], value, dotted, full)
     return out
+
+
+def with_values(config: Any, assignments: dict[str, Any] | list[tuple[str, Any]], check: bool = True) -> Any:
+    """A copy of `config` with dotted keys set to typed values (each checked against the schema,
+    in order), validated unless `check` is False. The one way a dotted key is set: CLI overrides,
+    sweep assignments and resolved paths all come through here; `config` itself is not changed."""
+    items = assignments.items() if isinstance(assignments, dict) else assignments
+    out = copy.deepcopy(config)
+    for key, value in items:
+        parts = key.split(".") if isinstance(key, str) else list(key)
+        out = _set_path(out, type(out), parts, value, "", ".".join(parts))
+    if check:
+        validate(out)
+    return out
+
+
+def replace(config: Config, overrides: list[str]) -> Config:
+    """A new validated config with dotted override strings (CLI syntax) applied to an existing one."""
+    return with_values(config, [(".".join(parts), value) for parts, value in map(parse_override, overrides)])
 
 
 def read_yaml(path: str | os.PathLike) -> dict:
@@ -452,23 +461,11 @@ def read_yaml(path: str | os.PathLike) -> dict:
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults <- YAML file <- dotted overrides, strictly checked and validated."""
-    data = read_yaml(path) if path else {}
-    data = apply_overrides(data, overrides or [])
-    config = from_dict(data)
-    validate(config)
-    return config
+    return replace(from_dict(read_yaml(path) if path else {}), list(overrides or []))
 
 
 def dump_yaml(config: Any) -> str:
     return yaml.safe_dump(to_dict(config), sort_keys=False)
-
-
-def replace(config: Config, overrides: list[str]) -> Config:
-    """A new validated config with dotted overrides applied to an existing one."""
-    merged = apply_overrides(to_dict(config), overrides)
-    new = from_dict(merged)
-    validate(new)
-    return new
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from sde_ray.config import Config, load_config, replace, to_dict
+from sde_ray.config import Config, load_config, to_dict, with_values
 
 TARGET_FRAMEWORK_OVERHEAD = 1.2
 TARGET_SDE_OVERHEAD = 1.15
@@ -117,7 +117,7 @@ def main(json_path: str | None = None, config: Config | None = None, quick: bool
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     threads = torch.get_num_threads()
     batch = fixed_batch(config, batch_size)
-    variants = [config, replace(config, ["loss.name=infonce"])]
+    variants = [config, with_values(config, {"loss.name": "infonce"})]
 
     def plain_pass() -> list[list[float]]:
         torch.set_num_threads(1)

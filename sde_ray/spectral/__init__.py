@@ -45,6 +45,7 @@ from sde_ray.spectral.partition import (
     partition_spectrum,
 )
 from sde_ray.spectral.schedules import SCHEDULE_KINDS, schedule_value
+from sde_ray.spectral.snapshot import spectral_snapshot
 
 __all__ = [
     "FENCES",
@@ -79,6 +80,7 @@ __all__ = [
     "schedule_value",
     "smallest_principal_angle",
     "snr_loss",
+    "spectral_snapshot",
     "spectrum_from_gram",
     "svd_spectrum",
     "top_subspace",
