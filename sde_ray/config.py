@@ -386,11 +386,27 @@ def from_dict(data: dict | None, cls: type = Config) -> Any:
     return _build(cls, data or {}, "")
 
 
+def _leaf_annotation(parts: list[str]) -> Any:
+    """The annotation of the dotted key `parts` in the Config tree; None past a free mapping or an
+    unknown name (`_set_path` reports those with the valid names)."""
+    cls: Any = Config
+    for part in parts:
+        if not dataclasses.is_dataclass(cls):
+            return None
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            return None
+        cls = hints[part]
+    return cls
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """`a.b.c=value` -> (['a', 'b', 'c'], value parsed as YAML, so 3 -> int, [1,2] -> list).
+    """`a.b.c=value` -> (['a', 'b', 'c'], value): parsed as YAML (3 -> int, [1,2] -> list), except
+    for a string-typed key, whose text is taken verbatim (a path keeps its `#`, `: `, quotes and
+    spaces); a string key's value wholly in '...' or "..." is unquoted as YAML would.
 
     The one place a value is parsed from a string: the CLI edge (and a sweep file's `overrides:`).
-    Paths set from Python (the CLI's --output-dir, resolved paths) are values, never parsed again.
+    Values set from Python (the CLI's --output-dir, resolved paths) never pass through here.
     """
     if "=" not in text:
         raise ConfigError(f"Override '{text}' must look like key.sub=value.")
@@ -398,11 +414,15 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"Override '{text}' has an empty key part.")
+    parts = key.split(".")
+    quoted = len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\""
+    if _leaf_annotation(parts) is str and not quoted:
+        return parts, raw
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"Override '{text}': value is not valid YAML ({exc}).") from exc
-    return key.split("."), value
+    return parts, value
 
 
 def _set_path(node: Any, annotation: Any, parts: list[str], value: Any, done: str, full: str) -> Any:

@@ -5,7 +5,7 @@
 number of logical CPUs. `run_resources` is the single sizing rule (workers × cpus_per_worker plus
 Ray Data's `data.data_cpus`, plus a sliver for a Tune trial's driver, one GPU per worker), used by the
 local start, the capacity checks and Tune's concurrency. `worker_env` is the environment a training
-worker needs. Application side: the library (spectral, losses, models, data) never imports this.
+worker needs; `start_local` the fixed-size local Ray of the benchmarks. Application side: the library (spectral, losses, models, data) never imports this.
 """
 
 from __future__ import annotations
@@ -59,7 +59,20 @@ def connect(config: Config, local_cpus: float | None = None, log_to_driver: bool
         return True
     os.environ.update(env)  # a local Ray's workers inherit the driver's environment
     cpus = run_resources(config)["CPU"] if local_cpus is None else local_cpus
-    ray.init(num_cpus=max(1, math.ceil(cpus - 1e-9)), include_dashboard=False, log_to_driver=log_to_driver)
+    return start_local(max(1, math.ceil(cpus - 1e-9)), log_to_driver=log_to_driver)
+
+
+def start_local(num_cpus: int, log_to_driver: bool = True, fresh: bool = False) -> bool:
+    """A local Ray with `num_cpus` logical CPUs, unless Ray is already initialised; True when started.
+
+    `fresh`: a new local instance even when RAY_ADDRESS names a running one (the benchmarks size
+    their own cluster, so their numbers do not depend on what else runs there)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    ray.init(address="local" if fresh else None, num_cpus=num_cpus, include_dashboard=False,
+             log_to_driver=log_to_driver)
     return True
 
 

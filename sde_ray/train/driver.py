@@ -78,15 +78,9 @@ def build_trainer(
     # The rank-0 progress line is the run's progress display; Ray Data's bars would interleave with it.
     ray.data.DataContext.get_current().enable_progress_bars = False
     dataset = build_config_dataset(config, prepared, _ProcessorFactory(config.model))
-    args = RunArgs(
-        eval_root=config.eval.data_dir or prepared.eval_dir or None,
-        run_id=run_id(config.train.storage_path, config.train.run_name),
-        wandb_mode=wandb_mode(config.logging),
-        step_hook=step_hook,
-    )
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config, "args": args},
+        train_loop_config=worker_payload(config, prepared.eval_dir, step_hook),
         scaling_config=ray.train.ScalingConfig(
             num_workers=num_workers,
             use_gpu=scaling.use_gpu,
@@ -103,6 +97,18 @@ def build_trainer(
         ),
         datasets={"train": dataset},
     )
+
+
+def worker_payload(config: Config, eval_dir: str | None, step_hook: Callable[..., None] | None = None) -> dict:
+    """What every training worker receives (Ray Train's `train_loop_config` must be a dict): the
+    resolved typed config and the run arguments, pickled as they are."""
+    args = RunArgs(
+        eval_root=config.eval.data_dir or eval_dir or None,
+        run_id=run_id(config.train.storage_path, config.train.run_name),
+        wandb_mode=wandb_mode(config.logging),
+        step_hook=step_hook,
+    )
+    return {"config": config, "args": args}
 
 
 class _ProcessorFactory:
