@@ -503,6 +503,25 @@ def is_elastic(scaling: ScalingConfig) -> bool:
     return bool(scaling.min_workers or scaling.max_workers)
 
 
+def micro_batch_size(config: Config, world_size: int) -> int:
+    """Per-worker samples per forward pass (the local rows of one contrastive batch):
+    train.global_batch_size = micro × world_size × train.grad_accumulation, exactly."""
+    train = config.train
+    per_step = world_size * train.grad_accumulation
+    if world_size < 1 or train.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size ({train.global_batch_size}) must be divisible by "
+            f"workers × train.grad_accumulation ({world_size} × {train.grad_accumulation}); "
+            "with elastic scaling, by every worker count in [min_workers, max_workers]."
+        )
+    return train.global_batch_size // per_step
+
+
+def check_precision(config: Config) -> None:
+    if config.deepspeed.precision == "fp16" and not config.scaling.use_gpu:
+        raise ConfigError("deepspeed.precision=fp16 needs a GPU (scaling.use_gpu=true); use bf16 or fp32 on CPU.")
+
+
 def _check_schedule(schedule: ScheduleConfig, key: str) -> None:
     if not 0.0 <= schedule.warmup < 1.0:
         raise ConfigError(f"{key}.warmup must be in [0, 1), got {schedule.warmup}.")
@@ -526,12 +545,7 @@ def validate(config: Config) -> None:
     elif s.num_workers < 1:
         raise ConfigError(f"scaling.num_workers must be >= 1, got {s.num_workers}.")
     for workers in worker_counts(s):
-        if t.global_batch_size % (workers * t.grad_accumulation):
-            raise ConfigError(
-                f"train.global_batch_size ({t.global_batch_size}) must be divisible by "
-                f"workers × train.grad_accumulation ({workers} × {t.grad_accumulation}); "
-                "with elastic scaling, by every worker count in [min_workers, max_workers]."
-            )
+        micro_batch_size(config, workers)
     if t.max_steps < 1:
         raise ConfigError("train.max_steps must be >= 1.")
     if t.checkpoint_every < 1:
@@ -542,8 +556,7 @@ def validate(config: Config) -> None:
         raise ConfigError("train.lr must be > 0.")
     if d.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {d.zero_stage}.")
-    if d.precision == "fp16" and not s.use_gpu:
-        raise ConfigError("deepspeed.precision=fp16 needs a GPU (scaling.use_gpu=true); use bf16 or fp32 on CPU.")
+    check_precision(config)
     if config.loss.temperature <= 0:
         raise ConfigError("loss.temperature must be > 0.")
     if config.loss.subspace_k < 1:

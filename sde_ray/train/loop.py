@@ -35,7 +35,7 @@ import numpy as np
 import ray.train
 import torch
 
-from sde_ray.config import Config, TrainConfig, to_dict
+from sde_ray.config import Config, TrainConfig, micro_batch_size, to_dict
 from sde_ray.data.pipeline import iter_worker_batches
 from sde_ray.eval.plots import plot_spectrum
 from sde_ray.eval.runner import evaluate_model
@@ -55,7 +55,7 @@ from sde_ray.train.checkpoint import (
     resume_plan,
     save_checkpoint,
 )
-from sde_ray.train.deepspeed_config import build_deepspeed_config, micro_batch_size
+from sde_ray.train.deepspeed_config import build_deepspeed_config
 
 # Keys of a processed batch that are not model inputs.
 TARGET_ID_KEY = "target_id"

@@ -15,9 +15,9 @@ import time
 
 import torch
 
-from sde_ray.config import Config
+from sde_ray.config import Config, micro_batch_size
 from sde_ray.distributed import max_over_ranks
-from sde_ray.train.deepspeed_config import build_deepspeed_config, micro_batch_size
+from sde_ray.train.deepspeed_config import build_deepspeed_config
 
 
 def timing_loop_per_worker(loop_config: dict) -> None:
