@@ -119,3 +119,18 @@ def test_the_rules_see_a_forbidden_arrow(tmp_path):
     found = _violations(fake, set())
     assert any("losses/bad.py:2 imports ray" in v for v in found), found
     assert any("eval/bad.py:1 imports sde_ray.train" in v and "Eval must not" in v for v in found), found
+
+
+def test_readme_layout_matches_the_tree():
+    """README's Layout block names every top-level module and package of sde_ray/, and nothing else."""
+    text = (PACKAGE.parent / "README.md").read_text()
+    block = text[text.index("## Layout"):]
+    block = block[block.index("```") + 3:]
+    block = block[: block.index("```")]
+    listed = {line.split()[0].rstrip("/") for line in block.splitlines() if line.startswith("  ") and line.strip()}
+    present = {p.stem for p in PACKAGE.glob("*.py") if p.name != "__init__.py"}
+    present |= {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    listed = {name.removesuffix(".py") for name in listed}
+    assert listed == present, f"README lists {sorted(listed - present)} that do not exist; misses {sorted(present - listed)}"
+    for top in ("jobs", "cluster", "configs", "tests", "docs"):
+        assert f"\n{top}/" in block and (PACKAGE.parent / top).is_dir()
