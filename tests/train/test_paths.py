@@ -8,7 +8,6 @@ unpickles; nothing here re-implements the parsing under test.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import cloudpickle
 import pytest

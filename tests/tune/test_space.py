@@ -10,7 +10,7 @@ import pytest
 import yaml
 from ray.tune.search.variant_generator import generate_variants
 
-from sde_ray.config import ConfigError, load_config, to_dict
+from sde_ray.config import ConfigError, load_config
 from sde_ray.ray_cluster import run_resources
 from sde_ray.tune.sweep import concurrent_trials, load_sweep, validation_reports
 from sde_ray.tune.space import build_param_space, grid_size, leaf_keys, validate_space
