@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from sde_ray.config import ConfigError, DataConfig, dump_yaml, load_config
+from sde_ray.config import ConfigError, DataConfig, dump_yaml, load_config, with_values
 
 BENCHMARKS = ("spectral", "data", "train", "eval", "models")
 
@@ -23,15 +23,19 @@ def _add_config_args(parser: argparse.ArgumentParser, default: str | None = "con
     parser.add_argument("overrides", nargs="*", help="Dotted overrides key.sub=value (CLI > file > defaults).")
 
 
-def _load(args: argparse.Namespace, extra: list[str] | None = None):
+def _load(args: argparse.Namespace):
+    """The config of `--config` and the dotted overrides: the only place strings become config values.
+
+    `--output-dir` is a path and is set as a value (`with_values`), never written into an override
+    string and parsed again, so `#`, `: `, quotes or spaces in it survive unchanged.
+    """
     path = args.config if args.config and Path(args.config).exists() else None
     if args.config and path is None and args.config != "configs/default.yaml":
         raise ConfigError(f"Config file not found: {args.config}")
-    return load_config(path, list(args.overrides) + list(extra or []))
-
-
-def _output_override(args: argparse.Namespace) -> list[str]:
-    return [f"train.output_dir={Path(args.output_dir).resolve()}"] if getattr(args, "output_dir", None) else []
+    config = load_config(path, list(args.overrides))
+    if args.command == "train" and args.output_dir:
+        config = with_values(config, {"train.output_dir": args.output_dir})
+    return config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,7 +102,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "train":
         from sde_ray.train.driver import run_train
 
-        run_train(_load(args, _output_override(args)), dry_run=args.dry_run)
+        run_train(_load(args), dry_run=args.dry_run)
         return 0
     if args.command == "tune":
         from sde_ray.tune.driver import run_tune
@@ -110,7 +114,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "eval":
         from sde_ray.eval.runner import run_eval
 
-        config = _load(args) if args.config else load_config(None, list(args.overrides))
+        config = _load(args)
         run_eval(
             checkpoint=args.checkpoint,
             data_dir=args.data,

@@ -386,57 +386,86 @@ def from_dict(data: dict | None, cls: type = Config) -> Any:
     return _build(cls, data or {}, "")
 
 
-def _merge(base: dict, update: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in ("overrides", "space"):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
+def _leaf_annotation(parts: list[str]) -> Any:
+    """The annotation of the dotted key `parts` in the Config tree; None past a free mapping or an
+    unknown name (`_set_path` reports those with the valid names)."""
+    cls: Any = Config
+    for part in parts:
+        if not dataclasses.is_dataclass(cls):
+            return None
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            return None
+        cls = hints[part]
+    return cls
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """`a.b.c=value` -> (['a', 'b', 'c'], value parsed as YAML, so 3 -> int, [1,2] -> list)."""
+    """`a.b.c=value` -> (['a', 'b', 'c'], value): parsed as YAML (3 -> int, [1,2] -> list), except
+    for a string-typed key, whose text is taken verbatim (a path keeps its `#`, `: `, quotes and
+    spaces); a string key's value wholly in '...' or "..." is unquoted as YAML would.
+
+    The one place a value is parsed from a string: the CLI edge (and a sweep file's `overrides:`).
+    Values set from Python (the CLI's --output-dir, resolved paths) never pass through here.
+    """
     if "=" not in text:
         raise ConfigError(f"Override '{text}' must look like key.sub=value.")
     key, raw = text.split("=", 1)
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"Override '{text}' has an empty key part.")
+    parts = key.split(".")
+    quoted = len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\""
+    if _leaf_annotation(parts) is str and not quoted:
+        return parts, raw
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"Override '{text}': value is not valid YAML ({exc}).") from exc
-    return key.split("."), value
+    return parts, value
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Applies dotted overrides to nested plain data, checking each key against the schema."""
-    out = copy.deepcopy(data)
-    for text in overrides:
-        parts, value = parse_override(text)
-        cls: Any = Config
-        node = out
-        for depth, part in enumerate(parts):
-            dotted = ".".join(parts[: depth + 1])
-            is_free_dict = cls is None
-            if not is_free_dict:
-                names = [f.name for f in dataclasses.fields(cls)]
-                if part not in names:
-                    raise ConfigError(f"Unknown config key '{dotted}'.{_close_names(part, names)}")
-                annotation = typing.get_type_hints(cls)[part]
-                cls = annotation if dataclasses.is_dataclass(annotation) else None
-            if depth == len(parts) - 1:
-                node[part] = value
-            else:
-                if not dataclasses.is_dataclass(cls) and not is_free_dict:
-                    if get_origin(annotation) is not dict:
-                        raise ConfigError(f"'{dotted}' is a value, not a section; cannot set '{text}'.")
-                node = node.setdefault(part, {})
-                if not isinstance(node, dict):
-                    raise ConfigError(f"'{dotted}' is not a mapping; cannot set '{text}'.")
+def _set_path(node: Any, annotation: Any, parts: list[str], value: Any, done: str, full: str) -> Any:
+    """A copy of `node` (a config dataclass or a free mapping) with `parts` set to `value`."""
+    part, dotted = parts[0], f"{done}.{parts[0]}" if done else parts[0]
+    if dataclasses.is_dataclass(annotation):
+        names = [f.name for f in dataclasses.fields(annotation)]
+        if part not in names:
+            raise ConfigError(f"Unknown config key '{dotted}'.{_close_names(part, names)}")
+        hint = typing.get_type_hints(annotation)[part]
+        if len(parts) == 1:
+            return dataclasses.replace(node, **{part: _convert(value, hint, dotted)})
+        if not dataclasses.is_dataclass(hint) and get_origin(hint) is not dict:
+            raise ConfigError(f"'{dotted}' is a value, not a section; cannot set '{full}'.")
+        return dataclasses.replace(node, **{part: _set_path(getattr(node, part), hint, parts[1:], value, dotted, full)})
+    out = dict(node)  # a free mapping (deepspeed.overrides, tune.space): no schema below this point
+    if len(parts) == 1:
+        out[part] = copy.deepcopy(value)
+        return out
+    child = out.get(part, {})
+    if not isinstance(child, dict):
+        raise ConfigError(f"'{dotted}' is not a mapping; cannot set '{full}'.")
+    out[part] = _set_path(child, dict, parts[1:], value, dotted, full)
     return out
+
+
+def with_values(config: Any, assignments: dict[str, Any] | list[tuple[str, Any]], check: bool = True) -> Any:
+    """A copy of `config` with dotted keys set to typed values (each checked against the schema,
+    in order), validated unless `check` is False. The one way a dotted key is set: CLI overrides,
+    sweep assignments and resolved paths all come through here; `config` itself is not changed."""
+    items = assignments.items() if isinstance(assignments, dict) else assignments
+    out = copy.deepcopy(config)
+    for key, value in items:
+        parts = key.split(".") if isinstance(key, str) else list(key)
+        out = _set_path(out, type(out), parts, value, "", ".".join(parts))
+    if check:
+        validate(out)
+    return out
+
+
+def replace(config: Config, overrides: list[str]) -> Config:
+    """A new validated config with dotted override strings (CLI syntax) applied to an existing one."""
+    return with_values(config, [(".".join(parts), value) for parts, value in map(parse_override, overrides)])
 
 
 def read_yaml(path: str | os.PathLike) -> dict:
@@ -452,23 +481,11 @@ def read_yaml(path: str | os.PathLike) -> dict:
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults <- YAML file <- dotted overrides, strictly checked and validated."""
-    data = read_yaml(path) if path else {}
-    data = apply_overrides(data, overrides or [])
-    config = from_dict(data)
-    validate(config)
-    return config
+    return replace(from_dict(read_yaml(path) if path else {}), list(overrides or []))
 
 
 def dump_yaml(config: Any) -> str:
     return yaml.safe_dump(to_dict(config), sort_keys=False)
-
-
-def replace(config: Config, overrides: list[str]) -> Config:
-    """A new validated config with dotted overrides applied to an existing one."""
-    merged = apply_overrides(to_dict(config), overrides)
-    new = from_dict(merged)
-    validate(new)
-    return new
 
 
 # ---------------------------------------------------------------------------------------------
@@ -484,6 +501,25 @@ def worker_counts(scaling: ScalingConfig) -> list[int]:
 
 def is_elastic(scaling: ScalingConfig) -> bool:
     return bool(scaling.min_workers or scaling.max_workers)
+
+
+def micro_batch_size(config: Config, world_size: int) -> int:
+    """Per-worker samples per forward pass (the local rows of one contrastive batch):
+    train.global_batch_size = micro × world_size × train.grad_accumulation, exactly."""
+    train = config.train
+    per_step = world_size * train.grad_accumulation
+    if world_size < 1 or train.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size ({train.global_batch_size}) must be divisible by "
+            f"workers × train.grad_accumulation ({world_size} × {train.grad_accumulation}); "
+            "with elastic scaling, by every worker count in [min_workers, max_workers]."
+        )
+    return train.global_batch_size // per_step
+
+
+def check_precision(config: Config) -> None:
+    if config.deepspeed.precision == "fp16" and not config.scaling.use_gpu:
+        raise ConfigError("deepspeed.precision=fp16 needs a GPU (scaling.use_gpu=true); use bf16 or fp32 on CPU.")
 
 
 def _check_schedule(schedule: ScheduleConfig, key: str) -> None:
@@ -509,12 +545,7 @@ def validate(config: Config) -> None:
     elif s.num_workers < 1:
         raise ConfigError(f"scaling.num_workers must be >= 1, got {s.num_workers}.")
     for workers in worker_counts(s):
-        if t.global_batch_size % (workers * t.grad_accumulation):
-            raise ConfigError(
-                f"train.global_batch_size ({t.global_batch_size}) must be divisible by "
-                f"workers × train.grad_accumulation ({workers} × {t.grad_accumulation}); "
-                "with elastic scaling, by every worker count in [min_workers, max_workers]."
-            )
+        micro_batch_size(config, workers)
     if t.max_steps < 1:
         raise ConfigError("train.max_steps must be >= 1.")
     if t.checkpoint_every < 1:
@@ -525,8 +556,7 @@ def validate(config: Config) -> None:
         raise ConfigError("train.lr must be > 0.")
     if d.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {d.zero_stage}.")
-    if d.precision == "fp16" and not s.use_gpu:
-        raise ConfigError("deepspeed.precision=fp16 needs a GPU (scaling.use_gpu=true); use bf16 or fp32 on CPU.")
+    check_precision(config)
     if config.loss.temperature <= 0:
         raise ConfigError("loss.temperature must be > 0.")
     if config.loss.subspace_k < 1:

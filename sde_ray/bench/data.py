@@ -44,6 +44,7 @@ from sde_ray.data.pipeline import (
     raw_batch_from_rows,
 )
 from sde_ray.data.synthetic import write_synthetic_mmeb
+from sde_ray.ray_cluster import start_local
 
 
 class CpuMeter:
@@ -207,10 +208,7 @@ def main(json_path: str | None = None, config: Config | None = None, quick: bool
     # batch-cutting ops and burn CPU that no training worker would.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    started_ray = False
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-        started_ray = True
+    started_ray = start_local(4, log_to_driver=False, fresh=True)
     ray.data.DataContext.get_current().enable_progress_bars = False
     scenarios = {f"synthetic_{config.data.synth.image_size}px": (config.data.synth.image_size, 48 if quick else 768),
                  "photo_224px": (224, 8 if quick else 192)}

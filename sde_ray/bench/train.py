@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from sde_ray.config import Config, load_config, replace, to_dict
+from sde_ray.config import Config, load_config, to_dict, with_values
+from sde_ray.ray_cluster import start_local
 
 TARGET_FRAMEWORK_OVERHEAD = 1.2
 TARGET_SDE_OVERHEAD = 1.15
@@ -117,7 +118,7 @@ def main(json_path: str | None = None, config: Config | None = None, quick: bool
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     threads = torch.get_num_threads()
     batch = fixed_batch(config, batch_size)
-    variants = [config, replace(config, ["loss.name=infonce"])]
+    variants = [config, with_values(config, {"loss.name": "infonce"})]
 
     def plain_pass() -> list[list[float]]:
         torch.set_num_threads(1)
@@ -129,9 +130,7 @@ def main(json_path: str | None = None, config: Config | None = None, quick: bool
     # The plain floor is measured before and after the Ray runs and pooled, so load drift during
     # the run does not favour either side.
     before = plain_pass()
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    started = start_local(2, log_to_driver=False)
     try:
         ray_1 = fit_timing(config, batch, 1, steps=steps, warmup=warmup)
         ray_2 = fit_timing(config, batch, 2, steps=steps, warmup=warmup)

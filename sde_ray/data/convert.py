@@ -36,6 +36,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from sde_ray.data.mmeb import (
+    MANIFEST,
     TRAIN_COLUMNS,
     TRAIN_NEG_COLUMNS,
     ImageSource,
@@ -49,7 +50,6 @@ from sde_ray.data.mmeb import (
 SCHEMA_VERSION = 1
 FORMAT = "sde_ray.mmeb-webdataset"
 PLAN_SEED = 0
-MANIFEST = "manifest.json"
 REJECTS = "rejects.jsonl"
 PARTS_DIR = "_parts"
 SHARD_PATTERN = "shard-{:06d}.tar"

@@ -18,11 +18,15 @@ File-name conventions (MMEB as released on Hugging Face):
 - eval: `<root>/<Dataset>/test-00000-of-00001.parquet`, images in `<root>/images.zip` or unpacked
   under `<root>/eval_images/` (VLM2Vec: `unzip images.zip -d eval_images/`); parquet image paths
   are relative to that folder, e.g. `OK-VQA/image_0.jpg`.
+
+`stable_id` maps a content hash or key to the int64 id batches carry; `MANIFEST` names a shard
+folder's index.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import posixpath
@@ -32,6 +36,14 @@ from pathlib import Path
 
 CATALOG_FILE = "mmeb_datasets.json"
 CATALOG_SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"  # a converted shard folder's index (written by data.convert)
+
+
+def stable_id(text: str) -> int:
+    """A stable, non-negative 63-bit integer id of a string (a target's content hash, a sample key),
+    the same in every process (unlike hash())."""
+    digest = hashlib.sha1(str(text).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
 
 META_TASKS: tuple[str, ...] = ("classification", "vqa", "retrieval", "grounding")
 META_TASK_TITLES: dict[str, str] = {

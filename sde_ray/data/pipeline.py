@@ -42,14 +42,12 @@ from typing import Any
 
 import numpy as np
 
+from sde_ray.data.mmeb import MANIFEST, stable_id
+
 # convert/synthetic (pyarrow.parquet, PIL drawing, tqdm) are imported where used: the preprocessing
 # tasks unpickle this module, and every import here slows each fresh worker process.
-MANIFEST = "manifest.json"
 
 logger = logging.getLogger(__name__)
-
-RAW_TEXT_COLUMNS = ("qry_text", "pos_text", "target_hash", "subset", "key")
-RAW_IMAGE_COLUMNS = ("qry_image", "pos_image")
 
 # ---------------------------------------------------------------------------------------------
 # Shards: expansion and validation on the driver
@@ -304,11 +302,6 @@ class SimpleProcessor:
         out["target_id"] = np.array([stable_id(h) for h in raw["target_hash"]], dtype=np.int64)
         out["key_id"] = np.array([stable_id(k) for k in raw["key"]], dtype=np.int64)
         return out
-
-
-def stable_id(text: str) -> int:
-    """A non-negative int64 from a string, the same in every process (unlike hash())."""
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
 
 
 # ---------------------------------------------------------------------------------------------

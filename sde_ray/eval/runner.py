@@ -37,6 +37,7 @@ from sde_ray.eval.encode import ModelEncoder, RayEncoderPool
 from sde_ray.eval.gap import fit_remedy, fit_rows
 from sde_ray.eval.metrics import DatasetScore, summarize
 from sde_ray.eval.report import write_results
+from sde_ray.ray_cluster import connect
 from sde_ray.eval.scoring import (
     EncodedDataset,
     Encoder,
@@ -46,6 +47,7 @@ from sde_ray.eval.scoring import (
     prepare_dataset,
     score_dataset,
 )
+from sde_ray.runs import CONSOLIDATED, STATE, checkpoint_step, is_checkpoint, wandb_mode
 
 MODEL_FROM_CHECKPOINT = "model_from_checkpoint"
 
@@ -68,18 +70,10 @@ def _is_export(path: Path) -> bool:
     return (path / EXPORT_FILE).is_file()
 
 
-def _is_ray_checkpoint(path: Path) -> bool:
-    from sde_ray.train.checkpoint import CONSOLIDATED, STATE
-
-    return (path / CONSOLIDATED).is_file() and (path / STATE).is_file()
-
-
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The checkpoint with the highest step under a run directory (Ray storage included)."""
-    from sde_ray.train.checkpoint import STATE, TrainState
-
-    found = [p.parent for p in run_dir.rglob(STATE) if _is_ray_checkpoint(p.parent)]
-    return max(found, key=lambda p: (TrainState.read(p).step, p.stat().st_mtime)) if found else None
+    found = [p.parent for p in run_dir.rglob(STATE) if is_checkpoint(p.parent)]
+    return max(found, key=lambda p: (checkpoint_step(p), p.stat().st_mtime)) if found else None
 
 
 def _state_dict_prefix(saved_keys: Sequence[str], model_keys: Sequence[str]) -> str:
@@ -100,7 +94,6 @@ def export_ray_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: str | os.P
 
     from sde_ray.config import from_dict
     from sde_ray.models import build_model
-    from sde_ray.train.checkpoint import CONSOLIDATED, STATE
 
     checkpoint_dir = Path(checkpoint_dir)
     state = json.loads((checkpoint_dir / STATE).read_text())
@@ -125,7 +118,7 @@ def resolve_checkpoint(checkpoint: str | os.PathLike, work_dir: Path) -> Resolve
         return ResolvedCheckpoint(path, run_dir, "pretrained", path)
     if _is_export(path / "model"):
         return ResolvedCheckpoint(path / "model", path, "run", path / "model")
-    source = path if _is_ray_checkpoint(path) else latest_checkpoint(path)
+    source = path if is_checkpoint(path) else latest_checkpoint(path)
     if source is None:
         raise FileNotFoundError(
             f"{path} is not an exported model (no sde_ray_model.json), a run directory (no model/ and no "
@@ -138,7 +131,7 @@ def resolve_checkpoint(checkpoint: str | os.PathLike, work_dir: Path) -> Resolve
 
 def default_output_dir(checkpoint: str | os.PathLike) -> Path:
     path = Path(checkpoint).expanduser().resolve()
-    if not _is_export(path) and not _is_ray_checkpoint(path):
+    if not _is_export(path) and not is_checkpoint(path):
         return path / "eval"  # a run directory
     if _is_export(path) and (path.parent / "metrics.jsonl").is_file():
         return path.parent / "eval"  # a run's exported model/
@@ -316,15 +309,6 @@ def validation_p_at_1(
 # The `sde-ray eval` job
 
 
-def _ensure_ray(config: Config):
-    import ray
-
-    if ray.is_initialized():
-        return False
-    ray.init(address=config.scaling.address or None, include_dashboard=False, log_to_driver=False)
-    return True
-
-
 def run_eval(
     checkpoint: str | os.PathLike,
     data_dir: str | os.PathLike | None = "",
@@ -345,7 +329,8 @@ def run_eval(
     eval_root = resolve_eval_root(data_dir, config)
     infos = select_datasets(eval_root, datasets or config.eval.datasets or None)
 
-    started_ray = _ensure_ray(config)
+    # A local Ray takes the machine's CPUs: the encoding actors are the only work.
+    started_ray = connect(config, local_cpus=os.cpu_count() or 1, log_to_driver=False)
     pool = RayEncoderPool(resolved.model_dir, config.eval.num_workers, config.eval.batch_size)
     try:
         evaluation = evaluate_prepared(
@@ -390,8 +375,6 @@ def log_to_wandb(results: dict, plot_paths: dict[str, Path], config: Config, out
     """Logs P@1 (per dataset and aggregated), the diagnostics and the plots to the active wandb run,
     or to a new `job_type=eval` run when logging.wandb is on and none is active."""
     import wandb
-
-    from sde_ray.train.metrics import wandb_mode
 
     run, started = wandb.run, False
     if run is None:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from sde_ray.losses import StepContext
 from sde_ray.losses.gap import modality_gap_metrics
-from sde_ray.losses.infonce import gather_no_grad, gather_with_grad
+from sde_ray.distributed import gather_no_grad, gather_with_grad
 from sde_ray.losses.objectives import Temperature
 
 

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 from sde_ray.losses import StepContext
 from sde_ray.losses.gap import modality_gap_metrics
-from sde_ray.losses.infonce import gather_with_grad, info_nce
+from sde_ray.distributed import gather_with_grad
+from sde_ray.losses.infonce import info_nce
 from sde_ray.losses.objectives import Temperature
 
 

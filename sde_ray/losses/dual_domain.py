@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from sde_ray.spectral import all_reduce_sum
+from sde_ray.distributed import all_reduce_with_grad
 from sde_ray.spectral.enhance import clamp_denominator
 
 HELLINGER_EPS = 1e-8
@@ -34,7 +34,7 @@ def projected_energies(
     dtype = torch.promote_types(local_features.dtype, torch.float32)
     basis = basis.detach().to(device=local_features.device, dtype=dtype)
     local = (local_features.to(dtype) @ basis).square().sum(0)
-    return all_reduce_sum(local, world_size)
+    return all_reduce_with_grad(local, world_size)
 
 
 def singular_values_from_energies(energies: torch.Tensor) -> torch.Tensor:
@@ -85,7 +85,7 @@ def subspace_surrogate(
     sums = torch.stack(
         [(t @ basis_q).square().sum(), t.square().sum(), (q @ basis_t).square().sum(), q.square().sum()]
     )
-    sums = all_reduce_sum(sums, world_size)
+    sums = all_reduce_with_grad(sums, world_size)
     captured_t = sums[0] / clamp_denominator(sums[1])
     captured_q = sums[2] / clamp_denominator(sums[3])
     return 1.0 - 0.5 * (captured_t + captured_q)
@@ -106,7 +106,7 @@ def frozen_basis(
     resolved = sigma > torch.finfo(dtype).eps ** 0.5 * sigma.max().clamp_min(torch.finfo(dtype).tiny)
     inverse_energy = torch.where(resolved, 1.0 / clamp_denominator(sigma.square()), torch.zeros_like(sigma))
     projected = (x.detach() @ basis) * inverse_energy
-    return all_reduce_sum(x.T @ projected, world_size)
+    return all_reduce_with_grad(x.T @ projected, world_size)
 
 
 def projector_distance(basis_q: torch.Tensor, basis_t: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from sde_ray.losses import StepContext
-from sde_ray.losses.infonce import gather_with_grad, info_nce
+from sde_ray.distributed import gather_with_grad
+from sde_ray.losses.infonce import info_nce
 from sde_ray.losses.objectives import Temperature
 from sde_ray.spectral.diagnostics import centroid_gap
 

@@ -17,23 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def gather_with_grad(x: torch.Tensor, world_size: int) -> torch.Tensor:
-    """Concatenates every rank's `x` in rank order; the backward sums gradients back to each rank."""
-    if world_size == 1:
-        return x
-    import torch.distributed.nn.functional as dist_fn
-
-    return torch.cat(dist_fn.all_gather(x), dim=0)
-
-
-def gather_no_grad(x: torch.Tensor, world_size: int) -> torch.Tensor:
-    """Concatenates every rank's `x` in rank order without autograd (ids, masks, statistics)."""
-    if world_size == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(world_size)]
-    torch.distributed.all_gather(parts, x.contiguous())
-    return torch.cat(parts, dim=0)
+from sde_ray.distributed import gather_no_grad, gather_with_grad
 
 
 def _directional_loss(

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from sde_ray.distributed import all_ranks_true
 from sde_ray.losses import StepContext
 from sde_ray.losses.dual_domain import (
     dual_domain_total,
@@ -54,13 +55,7 @@ from sde_ray.spectral import (
 
 
 def _finite_on_every_rank(query: torch.Tensor, target: torch.Tensor, world_size: int) -> bool:
-    bad = torch.tensor(
-        0.0 if bool(torch.isfinite(query).all() and torch.isfinite(target).all()) else 1.0,
-        device=query.device,
-    )
-    if world_size > 1:
-        torch.distributed.all_reduce(bad)
-    return float(bad) == 0.0
+    return all_ranks_true(bool(torch.isfinite(query).all() and torch.isfinite(target).all()), world_size)
 
 
 class SDEObjective(torch.nn.Module):

@@ -14,7 +14,7 @@ The names `tiny-clip`, `tiny-siglip`, `tiny-qwen2-vl` build small random models 
 from sde_ray.models.build import KINDS, apply_lora, build_model, count_parameters, load_pretrained
 from sde_ray.models.dual_encoder import DualEncoder
 from sde_ray.models.embedder import Embedder
-from sde_ray.models.processing import BatchProcessor, decode_image, target_id
+from sde_ray.models.processing import BatchProcessor, decode_image
 from sde_ray.models.tiny import TINY_MODELS
 from sde_ray.models.vlm import VLMEmbedder, last_token_pool, patchify_qwen2_vl
 
@@ -32,5 +32,4 @@ __all__ = [
     "last_token_pool",
     "load_pretrained",
     "patchify_qwen2_vl",
-    "target_id",
 ]

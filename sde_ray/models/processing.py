@@ -29,7 +29,6 @@ How a side's text and image become tokens depends on `model.kind`:
 from __future__ import annotations
 
 import copy
-import hashlib
 import io
 import math
 from collections.abc import Sequence
@@ -39,6 +38,7 @@ import numpy as np
 from PIL import Image
 
 from sde_ray.config import ModelConfig, from_dict
+from sde_ray.data.mmeb import stable_id
 
 SIDES = ("qry", "pos")
 RAW_COLUMNS = ("qry_text", "pos_text", "qry_image", "pos_image", "target_hash")
@@ -49,12 +49,6 @@ VISION_START, IMAGE_PAD, VISION_END = "<|vision_start|>", "<|image_pad|>", "<|vi
 
 # Processor-call overrides that keep only the geometric steps; the model does the rest.
 GEOMETRY_ONLY = {"do_rescale": False, "do_normalize": False}
-
-
-def target_id(content_hash: str) -> int:
-    """A stable, non-negative 63-bit integer id of a target's content hash (same in every process)."""
-    digest = hashlib.sha1(str(content_hash).encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
 
 
 def decode_image(value: Any, where: str) -> Image.Image | None:
@@ -171,7 +165,7 @@ class BatchProcessor:
             images = _column(batch, f"{side}_image", rows)
             out.update(self.encode_inputs(texts, images, side))
         hashes = _column(batch, "target_hash", rows)
-        out["target_id"] = np.array([target_id(h) for h in hashes], dtype=np.int64)
+        out["target_id"] = np.array([stable_id(h) for h in hashes], dtype=np.int64)
         return out
 
     def encode_inputs(

@@ -3,7 +3,6 @@
 docs/spectral.md states our precise reading of the SDE method and which choices are ours.
 """
 
-from sde_ray.spectral.collectives import all_gather_rows, all_reduce_sum
 from sde_ray.spectral.decompose import (
     MODES,
     Spectrum,
@@ -46,6 +45,7 @@ from sde_ray.spectral.partition import (
     partition_spectrum,
 )
 from sde_ray.spectral.schedules import SCHEDULE_KINDS, schedule_value
+from sde_ray.spectral.snapshot import spectral_snapshot
 
 __all__ = [
     "FENCES",
@@ -56,8 +56,6 @@ __all__ = [
     "Partition",
     "Spectrum",
     "adversarial_signs",
-    "all_gather_rows",
-    "all_reduce_sum",
     "apply_enhancement",
     "centroid_gap",
     "choose_mode",
@@ -82,6 +80,7 @@ __all__ = [
     "schedule_value",
     "smallest_principal_angle",
     "snr_loss",
+    "spectral_snapshot",
     "spectrum_from_gram",
     "svd_spectrum",
     "top_subspace",

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sde_ray.spectral.collectives import all_gather_rows
+from sde_ray.distributed import all_reduce, gather_with_grad
 
 MODES = ("gather", "gram", "auto")
 
@@ -116,7 +116,7 @@ def _check_rank(rank: int, world_size: int) -> None:
 
 def gather_rows(local_features: torch.Tensor, world_size: int) -> torch.Tensor:
     """Every rank's rows in rank order, with a gradient-carrying all-gather (equal row counts)."""
-    return all_gather_rows(local_features, world_size)
+    return gather_with_grad(local_features, world_size)
 
 
 def gather_spectrum(
@@ -139,8 +139,7 @@ def distributed_gram_spectrum(local_features: torch.Tensor, rank: int, world_siz
     _check_rank(rank, world_size)
     _check_shape(local_features, "local_features")
     gram = gram_matrix(local_features)
-    if world_size > 1:
-        torch.distributed.all_reduce(gram)
+    gram = all_reduce(gram, world_size)
     _check_finite(gram, "the global Gram matrix (some rank's features)")
     num_rows = local_features.shape[0] * world_size
     return spectrum_from_gram(gram, num_rows, _working_dtype(local_features))

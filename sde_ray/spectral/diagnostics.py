@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from sde_ray.spectral.collectives import all_reduce_sum
+from sde_ray.distributed import all_reduce_with_grad
 from sde_ray.spectral.partition import Partition
 
 
@@ -53,8 +53,8 @@ def centroid_gap(query: torch.Tensor, target: torch.Tensor, world_size: int = 1)
             ]
         )
         counts = torch.tensor([query.shape[0], target.shape[0]], dtype=torch.float64, device=sums.device)
-        sums = all_reduce_sum(sums, world_size)
-        counts = all_reduce_sum(counts, world_size)
+        sums = all_reduce_with_grad(sums, world_size)
+        counts = all_reduce_with_grad(counts, world_size)
         means = sums / counts[:, None]
         return float(torch.linalg.vector_norm(means[0] - means[1]))
 

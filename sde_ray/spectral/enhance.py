@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sde_ray.spectral.collectives import all_reduce_sum
+from sde_ray.distributed import all_reduce_with_grad
 from sde_ray.spectral.partition import Partition
 
 
@@ -128,7 +128,7 @@ def adversarial_signs(
     basis = basis.detach().to(torch.float64)
     projected = local_features.detach().to(torch.float64) @ basis
     projected_gradient = loss_gradient.detach().to(torch.float64) @ basis
-    derivative = all_reduce_sum((projected * projected_gradient).sum(0), world_size)
+    derivative = all_reduce_with_grad((projected * projected_gradient).sum(0), world_size)
     return torch.sign(derivative)
 
 

@@ -27,10 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
-DEEPSPEED_DIR = "deepspeed"
-DEEPSPEED_TAG = "state"
-CONSOLIDATED = "consolidated.pt"
-STATE = "state.json"
+from sde_ray.distributed import get_rank
+from sde_ray.runs import CONSOLIDATED, DEEPSPEED_DIR, DEEPSPEED_TAG, RNG_DIR, STATE
+
 
 
 @dataclass
@@ -67,7 +66,7 @@ def consolidated_state_dict(engine) -> dict[str, torch.Tensor] | None:
         # Gathers one layer at a time from every rank's partition; all ranks must call it.
         state = engine._zero3_consolidated_16bit_state_dict()
     else:
-        state = engine.module.state_dict() if torch.distributed.get_rank() == 0 else None
+        state = engine.module.state_dict() if get_rank() == 0 else None
     if state is None:
         return None
     return {k: v.detach().cpu().clone() for k, v in state.items()}
@@ -78,8 +77,8 @@ def save_checkpoint(directory: str | os.PathLike, engine, state: TrainState, con
     directory = Path(directory)
     engine.save_checkpoint(str(directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG)
     weights = consolidated_state_dict(engine)
-    (directory / "rng").mkdir(parents=True, exist_ok=True)
-    torch.save(rng_state(), directory / "rng" / f"rank_{rank}.pt")
+    (directory / RNG_DIR).mkdir(parents=True, exist_ok=True)
+    torch.save(rng_state(), directory / RNG_DIR / f"rank_{rank}.pt")
     if rank == 0:
         torch.save(weights, directory / CONSOLIDATED)
         (directory / STATE).write_text(json.dumps({**asdict(state), "config": config_dict}, indent=1))
@@ -121,7 +120,7 @@ def restore_engine(engine, plan: ResumePlan, rank: int) -> None:
         load_path, _ = engine.load_checkpoint(str(plan.directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint under {plan.directory / DEEPSPEED_DIR}")
-        rng_file = plan.directory / "rng" / f"rank_{rank}.pt"
+        rng_file = plan.directory / RNG_DIR / f"rank_{rank}.pt"
         if rng_file.exists():
             set_rng_state(torch.load(rng_file, weights_only=False))
     else:

@@ -13,22 +13,10 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from sde_ray.config import Config, ConfigError
+from sde_ray.config import Config, check_precision, micro_batch_size
 
 # DeepSpeed prints its own step/lr line every `steps_per_print` steps; our console line replaces it.
 _QUIET_STEPS = 10**9
-
-
-def micro_batch_size(config: Config, world_size: int) -> int:
-    """Per-worker samples per forward pass (the local rows of one contrastive batch)."""
-    train = config.train
-    per_step = world_size * train.grad_accumulation
-    if world_size < 1 or train.global_batch_size % per_step:
-        raise ConfigError(
-            f"train.global_batch_size ({train.global_batch_size}) is not divisible by "
-            f"world size × train.grad_accumulation ({world_size} × {train.grad_accumulation})."
-        )
-    return train.global_batch_size // per_step
 
 
 def scheduler_config(config: Config) -> dict[str, Any]:
@@ -67,8 +55,7 @@ def deep_merge(base: dict, update: dict) -> dict:
 def build_deepspeed_config(config: Config, world_size: int) -> dict[str, Any]:
     """The DeepSpeed JSON for a run of `world_size` workers, overrides applied last."""
     train, ds = config.train, config.deepspeed
-    if ds.precision == "fp16" and not config.scaling.use_gpu:
-        raise ConfigError("deepspeed.precision=fp16 needs a GPU; use bf16 or fp32 on CPU.")
+    check_precision(config)  # also in validate(); repeated for a config changed after loading
     optimizer_params: dict[str, Any] = {
         "lr": train.lr,
         "weight_decay": train.weight_decay,

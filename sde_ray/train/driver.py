@@ -10,137 +10,66 @@ and energy shares on the console. `build_trainer` is also what each Ray Tune tri
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from sde_ray.config import Config, ConfigError, dump_yaml, is_elastic, replace, to_dict, worker_counts
+import ray
+import ray.data
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from sde_ray.config import Config, ModelConfig, dump_yaml, is_elastic, to_dict, with_values, worker_counts
+from sde_ray.data.pipeline import build_config_dataset, prepare_data
+from sde_ray.eval.report import results_markdown, write_results
+from sde_ray.models import BatchProcessor, count_parameters
+from sde_ray.ray_cluster import check_capacity, connect, worker_env
+from sde_ray.runs import METRICS_FILE, run_id, wandb_mode
 from sde_ray.train.deepspeed_config import build_deepspeed_config
+from sde_ray.train.loop import RunArgs, build_train_module, train_loop_per_worker
 
 
-def _absolute(path: str) -> str:
+def absolute_path(path: str) -> str:
+    """`path` made absolute on the driver (`~` expanded); URLs (s3://, gs://) and "" pass through."""
     if not path or "://" in path:
         return path
     return str(Path(path).expanduser().resolve())
 
 
 def resolve_paths(config: Config) -> Config:
-    """The config with output, storage, cache and data paths made absolute on the driver."""
-    output_dir = _absolute(config.train.output_dir)
-    storage = config.train.storage_path or str(Path(output_dir) / "ray")
-    overrides = [
-        f"train.output_dir={output_dir}",
-        f"train.storage_path={_absolute(storage)}",
-        f"data.cache_dir={_absolute(config.data.cache_dir)}",
-    ]
-    for key in ("mmeb_train_dir", "mmeb_eval_dir"):
-        if getattr(config.data, key):
-            overrides.append(f"data.{key}={_absolute(getattr(config.data, key))}")
-    if config.eval.data_dir:
-        overrides.append(f"eval.data_dir={_absolute(config.eval.data_dir)}")
-    resolved = replace(config, overrides)
-    resolved.data.shards = [_absolute(s) for s in config.data.shards]
-    return resolved
-
-
-def required_cpus(config: Config, workers: int | None = None) -> float:
-    """Logical CPUs for `workers` training workers (default: the most the run may use) plus data."""
-    count = max(worker_counts(config.scaling)) if workers is None else workers
-    return count * config.scaling.cpus_per_worker + config.data.data_cpus
-
-
-def ensure_ray(config: Config) -> bool:
-    """Joins scaling.address / RAY_ADDRESS, or starts a local Ray; True when started here."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = config.scaling.address or os.environ.get("RAY_ADDRESS", "")
-    env = {"DS_ACCELERATOR": "cpu"} if not config.scaling.use_gpu else {}
-    if address:
-        # Inside `ray job submit` the job's runtime_env already set these; repeating a key here is a
-        # merge conflict that kills the job, so pass only what the environment lacks.
-        env = {key: value for key, value in env.items() if key not in os.environ}
-        ray.init(address=address, runtime_env={"env_vars": env} if env else None)
-        return False
-    os.environ.update(env)  # a local Ray's workers inherit the driver's environment
-    ray.init(num_cpus=max(1, int(-(-required_cpus(config) // 1))), include_dashboard=False)
-    return True
-
-
-def check_capacity(config: Config) -> None:
-    """Fails fast when the cluster cannot fit the smallest worker group plus the data CPUs, or
-    when an elastic run would grow into the data stage's CPUs (its workers take all that fit)."""
-    import ray
-
-    scaling, data_cpus = config.scaling, config.data.data_cpus
-    needed = required_cpus(config, min(worker_counts(scaling)))
-    available = float(ray.cluster_resources().get("CPU", 0.0))
-    if available + 1e-9 < needed:
-        raise ConfigError(
-            f"the Ray cluster has {available:g} CPUs but the run needs {needed:g}: "
-            f"{min(worker_counts(scaling))} worker(s) × scaling.cpus_per_worker={scaling.cpus_per_worker:g} "
-            f"+ data.data_cpus={data_cpus:g} (Ray Data's preprocessing would wait forever "
-            "for a CPU). Lower the workers or cpus_per_worker, or add nodes."
-        )
-    if is_elastic(scaling):
-        grown = min(scaling.max_workers, int((available + 1e-9) // scaling.cpus_per_worker))
-        left = available - grown * scaling.cpus_per_worker
-        if left + 1e-9 < data_cpus:
-            raise ConfigError(
-                f"the elastic run would grow to {grown} worker(s) × scaling.cpus_per_worker="
-                f"{scaling.cpus_per_worker:g} on this {available:g}-CPU cluster, leaving {left:g} CPUs for "
-                f"data.data_cpus={data_cpus:g}: Ray Data would stall. Lower scaling.max_workers or size "
-                "cpus_per_worker so that the CPUs left over fit the data stage."
-            )
-
-
-def run_id(storage_path: str, run_name: str) -> str:
-    """A wandb run id stable across restarts of the same Ray Train run (same storage + name)."""
-    digest = hashlib.sha1(f"{storage_path}/{run_name}".encode()).hexdigest()[:10]
-    return f"{run_name}-{digest}"
-
-
-def _worker_env(config: Config) -> dict[str, str]:
-    env = {"TOKENIZERS_PARALLELISM": "false"}
-    if not config.scaling.use_gpu:
-        env["DS_ACCELERATOR"] = "cpu"
-    for key in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_SILENT", "WANDB_BASE_URL"):
-        if os.environ.get(key):
-            env[key] = os.environ[key]
-    return env
+    """The config with output, storage, cache and data paths made absolute on the driver (Ray Train
+    workers chdir into a run folder). Paths are carried as values: `#`, `: `, quotes or spaces in a
+    path survive unchanged. Idempotent."""
+    output_dir = absolute_path(config.train.output_dir)
+    return with_values(config, {
+        "train.output_dir": output_dir,
+        "train.storage_path": absolute_path(config.train.storage_path or str(Path(output_dir) / "ray")),
+        "data.cache_dir": absolute_path(config.data.cache_dir),
+        "data.mmeb_train_dir": absolute_path(config.data.mmeb_train_dir),
+        "data.mmeb_eval_dir": absolute_path(config.data.mmeb_eval_dir),
+        "data.shards": [absolute_path(shard) for shard in config.data.shards],
+        "eval.data_dir": absolute_path(config.eval.data_dir),
+    })
 
 
 def build_trainer(
     config: Config,
     *,
-    run_name: str | None = None,
-    storage_path: str | None = None,
     callbacks: list | None = None,
     prepared=None,
     step_hook: Callable[..., None] | None = None,
 ):
     """The TorchTrainer of one training run (what `run_train` and each Tune trial fit).
 
-    `prepared`: the `PreparedData` of `sde_ray.data.pipeline.prepare_data` (computed when None).
-    `step_hook(step=, rank=, world_size=, module=)`: called on every worker after each optimizer
-    step with the engine's module (instrumentation, fault injection in tests); cloudpickle-able.
+    The run is named `train.run_name` and stored under `train.storage_path`. `prepared`: the
+    `PreparedData` of `sde_ray.data.pipeline.prepare_data` (computed when None). `step_hook(step=,
+    rank=, world_size=, module=)`: called on every worker after each optimizer step with the engine's
+    module (instrumentation, fault injection in tests); cloudpickle-able. The workers receive the
+    typed config itself and a `RunArgs`, both pickled by Ray.
     """
-    import ray.data
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from sde_ray.data.pipeline import build_config_dataset, prepare_data
-    from sde_ray.train.metrics import wandb_mode
-
     config = resolve_paths(config)
     if prepared is None:
         prepared = prepare_data(config)
-    name = run_name or config.train.run_name
-    storage = _absolute(storage_path) if storage_path else config.train.storage_path
     scaling = config.scaling
     num_workers = (scaling.min_workers, scaling.max_workers) if is_elastic(scaling) else scaling.num_workers
     resources = {"CPU": scaling.cpus_per_worker}
@@ -148,20 +77,10 @@ def build_trainer(
         resources["GPU"] = 1
     # The rank-0 progress line is the run's progress display; Ray Data's bars would interleave with it.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    dataset = build_config_dataset(config, prepared, _ProcessorFactory(to_dict(config.model)))
-    loop_config: dict[str, Any] = {
-        "config": to_dict(config),
-        "output_dir": config.train.output_dir,
-        "eval_root": config.eval.data_dir or prepared.eval_dir or None,
-        "run_id": run_id(storage, name),
-        "wandb_mode": wandb_mode(config.logging),
-        "step_hook": step_hook,
-    }
-    from sde_ray.train.loop import train_loop_per_worker
-
+    dataset = build_config_dataset(config, prepared, _ProcessorFactory(config.model))
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config=worker_payload(config, prepared.eval_dir, step_hook),
         scaling_config=ray.train.ScalingConfig(
             num_workers=num_workers,
             use_gpu=scaling.use_gpu,
@@ -169,34 +88,41 @@ def build_trainer(
             elastic_resize_monitor_interval_s=scaling.elastic_resize_monitor_interval_s,
         ),
         run_config=ray.train.RunConfig(
-            name=name,
-            storage_path=storage,
+            name=config.train.run_name,
+            storage_path=config.train.storage_path,
             failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
             callbacks=callbacks,
-            worker_runtime_env={"env_vars": _worker_env(config)},
+            worker_runtime_env={"env_vars": worker_env(config)},
         ),
         datasets={"train": dataset},
     )
 
 
-class _ProcessorFactory:
-    """Builds the model's BatchProcessor inside a Ray Data actor (picklable: a plain dict)."""
+def worker_payload(config: Config, eval_dir: str | None, step_hook: Callable[..., None] | None = None) -> dict:
+    """What every training worker receives (Ray Train's `train_loop_config` must be a dict): the
+    resolved typed config and the run arguments, pickled as they are."""
+    args = RunArgs(
+        eval_root=config.eval.data_dir or eval_dir or None,
+        run_id=run_id(config.train.storage_path, config.train.run_name),
+        wandb_mode=wandb_mode(config.logging),
+        step_hook=step_hook,
+    )
+    return {"config": config, "args": args}
 
-    def __init__(self, model_config: dict):
+
+class _ProcessorFactory:
+    """Builds the model's BatchProcessor inside a Ray Data actor (picklable: a config dataclass)."""
+
+    def __init__(self, model_config: ModelConfig):
         self.model_config = model_config
 
     def __call__(self):
-        from sde_ray.models import BatchProcessor
-
-        return BatchProcessor(self.model_config)
+        return BatchProcessor(to_dict(self.model_config))  # BatchProcessor ships as plain data
 
 
 def dry_run_report(config: Config) -> dict:
     """Validates, builds the model and every DeepSpeed config the run may use; starts no worker."""
-    from sde_ray.models import count_parameters
-    from sde_ray.train.loop import build_train_module
-
     config = resolve_paths(config)
     module = build_train_module(config)
     counts = {"encoder": count_parameters(module.model), "objective": count_parameters(module.objective)}
@@ -224,15 +150,11 @@ def run_train(config: Config, dry_run: bool = False) -> dict:
     """The main job. Returns the summary also written to `<output_dir>/results.json`."""
     if dry_run:
         return dry_run_report(config)
-    import ray
-
-    from sde_ray.data.pipeline import prepare_data
-
     config = resolve_paths(config)
     output_dir = Path(config.train.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(dump_yaml(config))
-    started = ensure_ray(config)
+    started = connect(config)
     try:
         check_capacity(config)
         prepared = prepare_data(config)
@@ -248,12 +170,10 @@ def run_train(config: Config, dry_run: bool = False) -> dict:
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "model_dir": metrics.get("model_dir"),
         "output_dir": str(output_dir),
-        "metrics_jsonl": str(output_dir / "metrics.jsonl"),
+        "metrics_jsonl": str(output_dir / METRICS_FILE),
         "spectrum_plot": str(output_dir / "plots" / "spectrum.png"),
     }
     if evaluation:
-        from sde_ray.eval.report import results_markdown, write_results
-
         write_results({**evaluation, **summary}, output_dir)
         print(results_markdown(evaluation))
     else:

@@ -1,7 +1,8 @@
 """The Ray Train worker loop: one DeepSpeed engine per worker, read top to bottom like nanoGPT.
 
-`train_loop_per_worker(loop_config)` runs on every worker of the TorchTrainer (Ray has already set up
-the gloo/NCCL process group):
+`train_loop_per_worker({"config": Config, "args": RunArgs})` runs on every worker of the TorchTrainer
+(Ray has already set up the gloo/NCCL process group); the typed config and the run arguments arrive
+as they left the driver (pickled), never as strings or plain dicts:
 
 1. build the encoder and the objective as one module (objective parameters train too);
 2. resume from `ray.train.get_checkpoint()`: exact DeepSpeed state when the world size matches,
@@ -26,13 +27,24 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray.train
 import torch
 
-from sde_ray.config import Config, from_dict, to_dict
+from sde_ray.config import Config, TrainConfig, micro_batch_size, to_dict
+from sde_ray.data.pipeline import iter_worker_batches
+from sde_ray.eval.plots import plot_spectrum
+from sde_ray.eval.runner import evaluate_model
+from sde_ray.eval.runner import validation_p_at_1 as evaluate_validation
+from sde_ray.losses import StepContext, build_objective
+from sde_ray.models import BatchProcessor, build_model
+from sde_ray.distributed import all_ranks_true, broadcast_object, mean_over_ranks
+from sde_ray.runs import RunLogger, say
+from sde_ray.spectral import spectral_snapshot
 from sde_ray.train.checkpoint import (
     ResumePlan,
     TrainState,
@@ -43,11 +55,33 @@ from sde_ray.train.checkpoint import (
     resume_plan,
     save_checkpoint,
 )
-from sde_ray.train.deepspeed_config import build_deepspeed_config, micro_batch_size
-from sde_ray.train.metrics import RunLogger, average_over_ranks, say, spectral_snapshot
+from sde_ray.train.deepspeed_config import build_deepspeed_config
 
 # Keys of a processed batch that are not model inputs.
 TARGET_ID_KEY = "target_id"
+
+
+@dataclass(frozen=True)
+class RunArgs:
+    """What a worker needs besides the Config, computed once on the driver (`driver.build_trainer`)."""
+
+    eval_root: str | None  # the eval split validated on and scored at the end; None: no evaluation
+    run_id: str  # wandb run id, stable across worker-group restarts
+    wandb_mode: str  # resolved on the driver, where WANDB_API_KEY is known
+    step_hook: Callable[..., None] | None = None  # step_hook(step=, rank=, world_size=, module=)
+
+
+# The schedule of one optimizer step's aftermath (torchtitan-style): what happens after step `step`.
+def should_log(step: int, train: TrainConfig) -> bool:
+    return step % train.log_every == 0 or step == train.max_steps
+
+
+def should_validate(step: int, train: TrainConfig, eval_root: str | None) -> bool:
+    return bool(eval_root) and train.eval_every > 0 and step % train.eval_every == 0
+
+
+def should_checkpoint(step: int, train: TrainConfig) -> bool:
+    return step % train.checkpoint_every == 0 or step == train.max_steps
 
 
 class TrainModule(torch.nn.Module):
@@ -67,9 +101,6 @@ class TrainModule(torch.nn.Module):
 
 
 def build_train_module(config: Config) -> TrainModule:
-    from sde_ray.losses import build_objective
-    from sde_ray.models import build_model
-
     model = build_model(config.model, seed=config.train.seed)
     return TrainModule(model, build_objective(config, model.embed_dim))
 
@@ -96,7 +127,7 @@ def scalar_parameters_as_vectors(module: torch.nn.Module):
 
 def build_engine(module: torch.nn.Module, ds_config: dict):
     """`deepspeed.initialize` on the trainable parameters (Ray already set up the process group)."""
-    import deepspeed
+    import deepspeed  # here, not at the top: DeepSpeed picks its accelerator from DS_ACCELERATOR on import
 
     with scalar_parameters_as_vectors(module):
         engine, _, _, _ = deepspeed.initialize(
@@ -114,23 +145,6 @@ def seed_everything(seed: int) -> None:
 def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
     """Randomness for the objective, identical on every rank and reproducible after a resume."""
     return torch.Generator().manual_seed(seed * 1_000_003 + step * 1_009 + micro)
-
-
-def all_ranks_true(flag: bool, world_size: int) -> bool:
-    if world_size == 1:
-        return flag
-    value = torch.tensor([1 if flag else 0], dtype=torch.int64)
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
-    return bool(value.item())
-
-
-def broadcast_object(value: Any, world_size: int) -> Any:
-    """Rank 0's `value` on every rank."""
-    if world_size == 1:
-        return value
-    box = [value]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def to_model_inputs(batch: dict, device: torch.device, float_dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -185,8 +199,6 @@ class BatchStream:
 
 
 def open_epoch_fn(shard, micro: int, config: Config, rank: int) -> Callable[[int], Iterator]:
-    from sde_ray.data.pipeline import iter_worker_batches
-
     def open_epoch(epoch: int) -> Iterator:
         return iter_worker_batches(
             shard, micro, seed=config.data.shuffle_seed, epoch=epoch, rank=rank,
@@ -226,8 +238,6 @@ class RankZeroModel:
 
 
 def validation_p_at_1(model: torch.nn.Module, processor, eval_root: str, config: Config) -> float:
-    from sde_ray.eval.runner import validation_p_at_1 as evaluate_validation
-
     was_training = model.training
     model.eval()
     try:
@@ -238,8 +248,6 @@ def validation_p_at_1(model: torch.nn.Module, processor, eval_root: str, config:
 
 
 def final_evaluation(model: torch.nn.Module, processor, eval_root: str, config: Config) -> dict:
-    from sde_ray.eval.runner import evaluate_model
-
     model.eval()
     return evaluate_model(model, processor, eval_root, datasets=config.eval.datasets or None,
                           batch_size=config.eval.batch_size)
@@ -250,8 +258,6 @@ def final_evaluation(model: torch.nn.Module, processor, eval_root: str, config: 
 
 
 def _report(metrics: dict, checkpoint_dir: str | None = None, name: str | None = None) -> None:
-    import ray.train
-
     checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
     ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name if checkpoint else None)
 
@@ -263,18 +269,17 @@ def _checkpoint_and_report(engine, state: TrainState, config: Config, rank: int,
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    """The function every Ray Train worker runs; `loop_config` is built by `driver.build_trainer`."""
-    config: Config = from_dict(loop_config["config"])
+    """The function every Ray Train worker runs; `loop_config` is `{"config": Config, "args": RunArgs}`
+    as built by `driver.build_trainer` (Ray Train passes a dict)."""
+    config: Config = loop_config["config"]
+    args: RunArgs = loop_config["args"]
     if not config.scaling.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import ray.train
-
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     train = config.train
-    output_dir = loop_config["output_dir"]
-    eval_root = loop_config.get("eval_root")
-    step_hook = loop_config.get("step_hook")
+    output_dir = config.train.output_dir
+    eval_root, step_hook = args.eval_root, args.step_hook
     seed_everything(train.seed)
 
     # 1-2. Model + objective, and where to resume from.
@@ -310,12 +315,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     stream = BatchStream(open_epoch_fn(shard, micro, config, rank), micro, world_size, state.epoch, state.epoch_rows)
 
     launch = broadcast_object(uuid.uuid4().hex[:8], world_size)  # unique checkpoint names per attempt
-    logger = RunLogger(config, output_dir, loop_config["run_id"], loop_config["wandb_mode"], state.step) if rank == 0 else None
+    logger = RunLogger(config, output_dir, args.run_id, args.wandb_mode, state.step) if rank == 0 else None
     rank_zero_model = RankZeroModel(config, engine, rank)
     processor = None
     if rank == 0 and eval_root:
-        from sde_ray.models import BatchProcessor
-
         processor = BatchProcessor(to_dict(config.model))
 
     # 4-5. Train.
@@ -355,9 +358,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         state.epoch, state.epoch_rows = stream.epoch, stream.epoch_rows
 
         is_last = state.step == train.max_steps
-        do_log = state.step % train.log_every == 0 or is_last
-        do_eval = bool(eval_root) and train.eval_every > 0 and state.step % train.eval_every == 0
-        do_checkpoint = state.step % train.checkpoint_every == 0 or is_last
+        do_log = should_log(state.step, train)
+        do_eval = should_validate(state.step, train, eval_root)
+        do_checkpoint = should_checkpoint(state.step, train)
         if do_log or do_eval or do_checkpoint:
             report = _step_metrics(window, window_count, config, rank, world_size, last_features)
             elapsed = max(time.time() - window_start, 1e-9)
@@ -383,10 +386,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     summary: dict[str, Any] = dict(final_metrics)  # empty when relaunching a finished run
     summary.update(step=state.step, samples=state.samples, world_size=world_size)
     if last_features is not None:
-        _, spectra = spectral_snapshot(last_features[0], last_features[1], config, rank, world_size)
+        _, spectra = spectral_snapshot(last_features[0], last_features[1], config.spectral, rank, world_size)
         if rank == 0:
-            from sde_ray.eval.plots import plot_spectrum
-
             path = plot_spectrum(spectra, Path(output_dir) / "plots" / "spectrum.png",
                                  title=f"{config.loss.name}: singular values at step {state.step}")
             logger.log_image("spectrum", str(path), state.step)
@@ -407,8 +408,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
 
 def _step_context(config: Config, state: TrainState, rank: int, world_size: int, batch: dict, micro_index: int):
-    from sde_ray.losses import StepContext
-
     return StepContext(
         progress=state.step / config.train.max_steps,
         rank=rank,
@@ -425,6 +424,6 @@ def _step_metrics(window: dict[str, float], count: int, config: Config, rank: in
     for objectives that do not compute them (the InfoNCE baseline logs the same numbers as SDE)."""
     local = {k: v / max(count, 1) for k, v in window.items()}
     if last_features is not None and "effective_rank_q" not in local:
-        diagnostics, _ = spectral_snapshot(last_features[0], last_features[1], config, rank, world_size)
+        diagnostics, _ = spectral_snapshot(last_features[0], last_features[1], config.spectral, rank, world_size)
         local.update(diagnostics)
-    return average_over_ranks(local, world_size)
+    return mean_over_ranks(local, world_size)

@@ -15,8 +15,9 @@ import time
 
 import torch
 
-from sde_ray.config import Config, from_dict, to_dict
-from sde_ray.train.deepspeed_config import build_deepspeed_config, micro_batch_size
+from sde_ray.config import Config, micro_batch_size
+from sde_ray.distributed import max_over_ranks
+from sde_ray.train.deepspeed_config import build_deepspeed_config
 
 
 def timing_loop_per_worker(loop_config: dict) -> None:
@@ -25,7 +26,7 @@ def timing_loop_per_worker(loop_config: dict) -> None:
     from sde_ray.losses import StepContext
     from sde_ray.train.loop import build_engine, build_train_module, seed_everything, step_generator
 
-    config: Config = from_dict(loop_config["config"])
+    config: Config = loop_config["config"]
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     torch.set_num_threads(loop_config["threads"])
     context = ray.train.get_context()
@@ -45,8 +46,7 @@ def timing_loop_per_worker(loop_config: dict) -> None:
         engine.step()
         durations.append(time.perf_counter() - start)
     timed = torch.tensor(durations[loop_config["warmup"]:], dtype=torch.float64)
-    if world_size > 1:  # a step takes as long as its slowest rank
-        torch.distributed.all_reduce(timed, op=torch.distributed.ReduceOp.MAX)
+    timed = max_over_ranks(timed, world_size)  # a step takes as long as its slowest rank
     metrics = {"step_s": float(timed.median()), "world_size": world_size, "final_loss": float(loss)}
     # Ray Train keeps the metrics of checkpointed reports only: rank 0 attaches a one-file checkpoint.
     with tempfile.TemporaryDirectory() as directory:
@@ -67,7 +67,7 @@ def fit_timing(config: Config, batch: dict[str, torch.Tensor], workers: int, *, 
     with tempfile.TemporaryDirectory(prefix="sde_ray_bench_") as storage:
         trainer = TorchTrainer(
             timing_loop_per_worker,
-            train_loop_config={"config": to_dict(config), "batch": batch, "steps": steps, "warmup": warmup,
+            train_loop_config={"config": config, "batch": batch, "steps": steps, "warmup": warmup,
                                "threads": threads},
             scaling_config=ray.train.ScalingConfig(num_workers=workers, resources_per_worker={"CPU": threads}),
             run_config=ray.train.RunConfig(storage_path=storage, name=f"bench_{workers}",

@@ -21,7 +21,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from sde_ray.config import Config, ConfigError, replace, to_dict
+from sde_ray.config import Config, ConfigError, to_dict, with_values
 
 P_AT_1_KEYS = ("overall", "ind", "ood")
 SPECTRAL_KEYS = tuple(
@@ -65,18 +65,15 @@ def check_request(
 def run_config(config: Config, objective: str, seed: int, rate: float, run_dir: Path) -> Config:
     """The config of one run: the base config with only objective, seed, noise rate and outputs changed."""
     group = config.logging.wandb_group or "compare"
-    return replace(
-        config,
-        [
-            f"loss.name={objective}",
-            f"train.seed={config.train.seed + seed}",
-            f"data.synth.noisy_correspondence={rate}",
-            f"train.output_dir={run_dir}",
-            f"train.storage_path={run_dir / 'ray'}",
-            f"train.run_name=compare-{objective}-nc{_format_rate(rate)}-s{seed}",
-            f"logging.wandb_group={group}",
-        ],
-    )
+    return with_values(config, {
+        "loss.name": objective,
+        "train.seed": config.train.seed + seed,
+        "data.synth.noisy_correspondence": rate,
+        "train.output_dir": str(run_dir),
+        "train.storage_path": str(run_dir / "ray"),
+        "train.run_name": f"compare-{objective}-nc{_format_rate(rate)}-s{seed}",
+        "logging.wandb_group": group,
+    })
 
 
 def run_record(result: dict, objective: str, seed: int, rate: float) -> dict[str, Any]:
@@ -306,13 +303,14 @@ def run_compare(
     """Trains every objective × seed × rate with `run_train`, then writes and returns the comparison."""
     import ray
 
-    from sde_ray.train.driver import ensure_ray, run_train
+    from sde_ray.ray_cluster import connect
+    from sde_ray.train.driver import run_train
 
     check_request(objectives, seeds, noisy_correspondence, config)
     out = Path(output_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     records: list[dict] = []
-    started = ensure_ray(config)  # one Ray session for all runs (run_train leaves a joined one alone)
+    started = connect(config)  # one Ray session for all runs (run_train leaves an initialised one alone)
     try:
         with (out / "runs.jsonl").open("w") as log:
             for rate in noisy_correspondence:

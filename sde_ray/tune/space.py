@@ -16,12 +16,11 @@ first trial has started its workers.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import typing
 from typing import Any, Callable
 
-from sde_ray.config import Config, ConfigError, _close_names, from_dict, validate
+from sde_ray.config import Config, ConfigError, _close_names, with_values
 
 # Fields each spec type needs; the builders below turn a checked spec into a Tune domain.
 SPEC_FIELDS: dict[str, tuple[str, ...]] = {
@@ -94,25 +93,6 @@ def check_key(key: str) -> None:
         raise ConfigError(f"tune.space: unknown config key '{key}'.{_close_names(key, valid)}")
 
 
-def set_dotted(data: dict, key: str, value: Any) -> None:
-    """Sets `a.b.c` in nested plain data, creating the intermediate mappings."""
-    parts = key.split(".")
-    node = data
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = copy.deepcopy(value)
-
-
-def config_with(base: dict, assignments: dict[str, Any]) -> Config:
-    """The validated Config of `base` (plain data) with dotted keys set to the given values."""
-    data = copy.deepcopy(base)
-    for key, value in assignments.items():
-        set_dotted(data, key, value)
-    config = from_dict(data)
-    validate(config)
-    return config
-
-
 def flatten_space(space: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """Dotted keys for nested mappings: a CLI override `tune.space.train.lr={type: ...}` arrives nested."""
     flat: dict[str, Any] = {}
@@ -168,7 +148,7 @@ def _candidate_values(spec: dict) -> list[Any]:
 
 
 def validate_space(
-    space: dict[str, Any], base: dict, search_alg: str = "random", check: Callable[[Config], None] | None = None
+    space: dict[str, Any], base: Config, search_alg: str = "random", check: Callable[[Config], None] | None = None
 ) -> None:
     """Checks every key, spec and candidate value of `space` against the config built on `base`.
 
@@ -190,7 +170,7 @@ def validate_space(
             )
         for value in _candidate_values(spec):
             try:
-                candidate = config_with(base, {key: value})
+                candidate = with_values(base, {key: value})
                 if check is not None:
                     check(candidate)
             except ConfigError as exc:

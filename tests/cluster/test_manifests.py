@@ -171,14 +171,15 @@ def test_training_rayjob_config_validates_and_fits_the_elastic_group():
 
 
 def test_tune_rayjob_points_at_a_valid_sweep():
-    from sde_ray.tune.driver import load_sweep, trial_resources
+    from sde_ray.ray_cluster import run_resources
+    from sde_ray.tune.sweep import load_sweep
 
     script, args = _entrypoint_args(_rayjob("sde-ray-tune-curriculum"))
     assert script == "jobs/tune.py"
     parsed = build_parser().parse_args(["tune", *args])
     sweep = load_sweep(REPO / parsed.config, parsed.overrides)
     group = _kuberay_gpu_group()
-    needs = trial_resources(sweep.config)
+    needs = run_resources(sweep.config, trial=True)
     assert needs["GPU"] <= _gpus_per_pod(group)
     assert needs["CPU"] <= float(group["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
     assert parsed.output_dir.startswith("/mnt/shared/")

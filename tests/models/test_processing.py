@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 
 from sde_ray.config import ModelConfig
-from sde_ray.models import BatchProcessor, patchify_qwen2_vl, target_id
+from sde_ray.data.mmeb import stable_id
+from sde_ray.models import BatchProcessor, patchify_qwen2_vl
 from sde_ray.models.processing import IMAGE_PAD, VISION_END, VISION_START, exact_uint8
 
 
@@ -56,12 +57,12 @@ def test_empty_batch_keeps_the_shapes(tiny_config, raw):
     assert out["target_id"].shape == (0,) and out["target_id"].dtype == np.int64
 
 
-def test_target_id_is_a_stable_63_bit_hash():
+def test_stable_id_is_a_stable_63_bit_hash():
     value = "3f786850e387550fdab836ed7e6dc881de23001b"
     expected = int.from_bytes(hashlib.sha1(value.encode()).digest()[:8], "big") >> 1
-    assert target_id(value) == expected
-    assert 0 <= target_id(value) < 2**63
-    assert target_id("a") != target_id("b")
+    assert stable_id(value) == expected
+    assert 0 <= stable_id(value) < 2**63
+    assert stable_id("a") != stable_id("b")
 
 
 def test_pickle_round_trip_and_determinism(tiny_config, raw, arrays_equal):

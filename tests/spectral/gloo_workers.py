@@ -162,3 +162,38 @@ def infonce_worker(rank: int, world_size: int, rendezvous: str, out_dir: str, nu
         result[name] = {"loss": loss.detach(), "weight_grad": weight.grad}
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     finish()
+
+
+def collectives_worker(rank: int, world_size: int, rendezvous: str, out_dir: str, num_rows: int, in_dim: int) -> None:
+    """Every helper of sde_ray.distributed on this rank's rows of `global_inputs`; what each returned."""
+    from sde_ray import distributed as coll
+
+    start(rank, world_size, rendezvous)
+    inputs = global_inputs(num_rows, in_dim, seed=3)
+    rows = local_rows(inputs["query"], rank, world_size).clone().requires_grad_(True)
+    gathered = coll.gather_with_grad(rows, world_size)
+    # The same scalar loss on every rank from the gathered rows; its gradient reaches every rank's rows.
+    (gathered.pow(2).sum(1) * torch.arange(num_rows, dtype=gathered.dtype)).sum().backward()
+    local = local_rows(inputs["target"], rank, world_size).clone().requires_grad_(True)
+    reduced = coll.all_reduce_with_grad(local.sum(0), world_size)
+    (reduced * inputs["weight"][0]).sum().backward()
+    values = torch.tensor([rank + 1.5, -2.0 * rank], dtype=torch.float32)
+    counts = torch.tensor([rank, 10 - rank], dtype=torch.int64)
+    result = {
+        "rank": coll.get_rank(),
+        "device": str(coll.group_device()),
+        "gathered": gathered.detach(),
+        "gather_grad": rows.grad,
+        "reduce_grad": local.grad,
+        "ids": coll.gather_no_grad(local_rows(inputs["target_ids"], rank, world_size), world_size),
+        "sum": coll.all_reduce(values, world_size),
+        "max": coll.max_over_ranks(values, world_size),
+        "min": coll.all_reduce(counts, world_size, op="min"),
+        "values_after": values,  # all_reduce must not overwrite the caller's tensor
+        "all_true": coll.all_ranks_true(True, world_size),
+        "some_false": coll.all_ranks_true(rank == 0, world_size),
+        "mean": coll.mean_over_ranks({"loss": float(rank), "acc": 2.0 * rank + 1}, world_size),
+        "broadcast": coll.broadcast_object({"from": rank, "tag": f"rank{rank}"}, world_size),
+    }
+    finish()
+    torch.save(result, Path(out_dir) / f"rank{rank}.pt")

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from sde_ray.config import ConfigError, load_config
-from sde_ray.train.deepspeed_config import build_deepspeed_config, deep_merge, micro_batch_size
+from sde_ray.config import ConfigError, load_config, micro_batch_size
+from sde_ray.train.deepspeed_config import build_deepspeed_config, deep_merge
 
 
 def _config(*overrides: str):

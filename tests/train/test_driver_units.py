@@ -10,9 +10,10 @@ import torch
 
 from sde_ray.config import ConfigError, load_config
 from sde_ray.train.checkpoint import match_shapes
-from sde_ray.train.driver import dry_run_report, required_cpus, resolve_paths
+from sde_ray.ray_cluster import run_resources
+from sde_ray.train.driver import dry_run_report, resolve_paths
 from sde_ray.train.loop import BatchStream
-from sde_ray.train.metrics import RunLogger
+from sde_ray.runs import RunLogger
 
 
 def test_dry_run_builds_model_and_every_deepspeed_config(capsys, tmp_path):
@@ -37,16 +38,19 @@ def test_paths_become_absolute(tmp_path, monkeypatch):
     assert keep.train.storage_path == "s3://bucket/runs"
 
 
-def test_required_cpus_counts_workers_and_data():
+def test_run_resources_count_workers_data_and_the_trial_driver():
     config = load_config(None, ["scaling.num_workers=2", "scaling.cpus_per_worker=1.5", "data.data_cpus=1"])
-    assert required_cpus(config) == 4.0
+    assert run_resources(config) == {"CPU": 4.0}
+    assert run_resources(config, trial=True)["CPU"] == pytest.approx(4.01)
     elastic = load_config(None, ["scaling.min_workers=1", "scaling.max_workers=4", "train.global_batch_size=48"])
-    assert required_cpus(elastic) == 5.0 and required_cpus(elastic, 1) == 2.0
+    assert run_resources(elastic)["CPU"] == 5.0 and run_resources(elastic, 1)["CPU"] == 2.0
+    gpu = load_config(None, ["scaling.num_workers=2", "scaling.use_gpu=true"])
+    assert run_resources(gpu)["GPU"] == 2.0
 
 
 @pytest.mark.ray
 def test_capacity_check_fails_fast_with_the_numbers(ray_cluster):
-    from sde_ray.train.driver import check_capacity
+    from sde_ray.ray_cluster import check_capacity
 
     check_capacity(load_config(None, ["scaling.num_workers=2"]))  # 2 + 1 data CPU fit in 4
     with pytest.raises(ConfigError, match=r"has 4 CPUs but the run needs 5: 4 worker\(s\).*data.data_cpus=1"):

@@ -29,10 +29,11 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 DRIVER = """
 import json, sys, time
 from sde_ray.config import load_config
-from sde_ray.train.driver import build_trainer, check_capacity, ensure_ray
+from sde_ray.ray_cluster import check_capacity, connect
+from sde_ray.train.driver import build_trainer
 
 config = load_config(None, json.loads(sys.argv[1]))
-ensure_ray(config)
+connect(config)
 check_capacity(config)
 
 def slow_while_alone(step, rank, world_size, module):

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from sde_ray.tune.driver import _actor_created_placement_groups, release_orphaned_placement_groups
+from sde_ray.tune.placement import _actor_created_placement_groups, release_orphaned_placement_groups
 
 pytestmark = pytest.mark.ray
 

@@ -10,8 +10,9 @@ import pytest
 import yaml
 from ray.tune.search.variant_generator import generate_variants
 
-from sde_ray.config import ConfigError, load_config, to_dict
-from sde_ray.tune.driver import concurrent_trials, load_sweep, trial_resources, validation_reports
+from sde_ray.config import ConfigError, load_config
+from sde_ray.ray_cluster import run_resources
+from sde_ray.tune.sweep import concurrent_trials, load_sweep, validation_reports
 from sde_ray.tune.space import build_param_space, grid_size, leaf_keys, validate_space
 
 REPO = Path(__file__).resolve().parents[2]
@@ -19,8 +20,8 @@ SWEEPS = sorted((REPO / "configs" / "sweeps").glob("*.yaml"))
 
 
 @pytest.fixture(scope="module")
-def base() -> dict:
-    return to_dict(load_config(None))
+def base():
+    return load_config(None)
 
 
 def _samples(space: dict, search_alg: str = "random", n: int = 1, seed: int = 0) -> list[dict]:
@@ -202,7 +203,7 @@ def test_validation_reports_and_concurrency_follow_the_config():
     sweep = load_sweep(REPO / "configs" / "sweeps" / "smoke.yaml")
     t = sweep.config.train
     assert validation_reports(sweep.config) == t.max_steps // t.eval_every
-    needs = trial_resources(sweep.config)
+    needs = run_resources(sweep.config, trial=True)
     assert needs["CPU"] == pytest.approx(1 * sweep.config.scaling.cpus_per_worker + sweep.config.data.data_cpus + 0.01)
     for cpus in (4.0, 9.0, 64.0):
         assert concurrent_trials(sweep.config, {"CPU": cpus}) == math.floor(cpus / needs["CPU"])

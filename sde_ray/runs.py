@@ -1,15 +1,18 @@
-"""Training metrics: cross-rank averaging, spectral diagnostics, and the rank-0 sinks.
+"""What a run leaves on disk, shared by Train and Eval so that neither imports the other.
 
-Every rank computes the same metric names; `average_over_ranks` turns them into global values (the
-mean of per-rank losses is the global loss; spectral numbers are identical on every rank anyway), so
-all ranks report the same dict. Rank 0 alone writes them to the console, `<output_dir>/metrics.jsonl`
-and wandb (offline unless a key is set). `spectral_snapshot` gives the objective-independent
-diagnostics (σ, partition, energy shares, effective rank, modality gap) so the InfoNCE baseline logs
-the same numbers as SDE.
+- The checkpoint format: the file names inside one checkpoint directory (written by
+  `train.checkpoint`, read back by it on resume and by `eval.runner` when it scores a checkpoint).
+- Run logging: `say` (one console line from a worker), `wandb_mode`, the wandb run id that survives
+  restarts, and `RunLogger`, the rank-0 sinks (console progress, `<output_dir>/metrics.jsonl`, wandb)
+  that the training loop writes and `eval.diagnostics.training_history` reads.
+
+Depends on the standard library only (wandb is imported when a logger opens a run).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -18,56 +21,33 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
+# Checkpoint directory layout (see train/checkpoint.py for what each holds).
+DEEPSPEED_DIR = "deepspeed"
+DEEPSPEED_TAG = "state"
+CONSOLIDATED = "consolidated.pt"
+STATE = "state.json"
+RNG_DIR = "rng"
 
-from sde_ray.spectral import (
-    centroid_gap,
-    distributed_spectrum,
-    effective_rank,
-    energy_shares,
-    partition_kwargs,
-    partition_spectrum,
-)
+# Run directory layout.
+METRICS_FILE = "metrics.jsonl"
 
 CONSOLE_KEYS = ("loss", "loss_instance", "alpha", "lambda", "energy_strong_q", "effective_rank_q", "val_p_at_1")
 
 
-def average_over_ranks(metrics: dict[str, float], world_size: int) -> dict[str, float]:
-    """The mean over ranks of every metric (same keys on every rank), in sorted-key order."""
-    if world_size == 1 or not metrics:
-        return dict(metrics)
-    keys = sorted(metrics)
-    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
-    torch.distributed.all_reduce(values)
-    return {k: float(v) / world_size for k, v in zip(keys, values.tolist())}
+def is_checkpoint(path: Path) -> bool:
+    """A directory holding a complete sde_ray checkpoint (consolidated weights and the run state)."""
+    return (path / CONSOLIDATED).is_file() and (path / STATE).is_file()
 
 
-def spectral_snapshot(query: torch.Tensor, target: torch.Tensor, config, rank: int, world_size: int):
-    """Diagnostics of the global batch (a collective: every rank calls it at the same step).
+def checkpoint_step(path: Path) -> int:
+    """The optimizer step a checkpoint was written at (from its state file)."""
+    return int(json.loads((path / STATE).read_text()).get("step", 0))
 
-    Returns (metrics, spectra) where `spectra[side]` is the plot-ready dict of `eval.plots.plot_spectrum`.
-    """
-    metrics: dict[str, float] = {}
-    spectra: dict[str, dict[str, Any]] = {}
-    num_rows, dim = query.shape[0] * world_size, query.shape[1]
-    with torch.no_grad():
-        for side, name, features in (("q", "query", query), ("t", "target", target)):
-            spectrum = distributed_spectrum(features.detach().float(), rank, world_size, config.spectral.mode,
-                                            config.spectral.auto_gram_ratio)
-            partition = partition_spectrum(spectrum.sigma, num_rows, dim, **partition_kwargs(config.spectral))
-            for subset, share in energy_shares(spectrum.sigma, partition).items():
-                metrics[f"energy_{subset}_{side}"] = share
-            metrics[f"effective_rank_{side}"] = effective_rank(spectrum.sigma)
-            spectra[name] = {
-                "sigma": spectrum.sigma.detach().cpu().double().numpy(),
-                "strong": partition.strong.cpu().numpy(),
-                "weak": partition.weak.cpu().numpy(),
-                "noise": partition.noise.cpu().numpy(),
-                "noise_edge": partition.tau_mp,
-                "strong_fence": max(partition.tau_mp, partition.tau_fence),
-            }
-        metrics["gap_centroid"] = centroid_gap(query.detach(), target.detach(), world_size)
-    return metrics, spectra
+
+def run_id(storage_path: str, run_name: str) -> str:
+    """A wandb run id stable across restarts of the same Ray Train run (same storage + name)."""
+    digest = hashlib.sha1(f"{storage_path}/{run_name}".encode()).hexdigest()[:10]
+    return f"{run_name}-{digest}"
 
 
 def say(message: str) -> None:
@@ -99,15 +79,13 @@ class RunLogger:
         self.config = config
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = self.output_dir / "metrics.jsonl"
+        self.jsonl = self.output_dir / METRICS_FILE
         self._truncate_after(resumed_step)
         self.start_time = time.time()
         self.start_step = resumed_step
         self.run = None
         if config.logging.wandb and mode != "disabled":
             import wandb
-
-            from sde_ray.config import to_dict
 
             self.run = wandb.init(
                 project=config.logging.wandb_project,
@@ -117,7 +95,7 @@ class RunLogger:
                 resume="allow",
                 dir=str(self.output_dir),
                 mode=mode,
-                config=to_dict(config),
+                config=dataclasses.asdict(config),
                 reinit="finish_previous",
             )
 

@@ -1,0 +1,109 @@
+"""The one place sde_ray joins or starts Ray, and what one training run needs of a cluster.
+
+`connect` is what `sde-ray train`, `tune` and `eval` call before touching Ray: it joins
+`scaling.address` (or RAY_ADDRESS, as inside `ray job submit`), or starts a local Ray with the given
+number of logical CPUs. `run_resources` is the single sizing rule (workers × cpus_per_worker plus
+Ray Data's `data.data_cpus`, plus a sliver for a Tune trial's driver, one GPU per worker), used by the
+local start, the capacity checks and Tune's concurrency. `worker_env` is the environment a training
+worker needs; `start_local` the fixed-size local Ray of the benchmarks. Application side: the library (spectral, losses, models, data) never imports this.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+from sde_ray.config import Config, ConfigError, is_elastic, worker_counts
+
+# A Tune trial's function only waits on its trainer; a sliver of CPU keeps it schedulable (Tune
+# refuses an empty resource request) without taking a core from the training workers.
+TRIAL_DRIVER_CPU = 0.01
+
+
+def run_resources(config: Config, workers: int | None = None, trial: bool = False) -> dict[str, float]:
+    """Logical resources of one run with `workers` training workers (default: the most it may use),
+    Ray Data's reserve included, and the trial driver's sliver when `trial` (a Tune trial)."""
+    s = config.scaling
+    count = max(worker_counts(s)) if workers is None else workers
+    needs = {"CPU": count * s.cpus_per_worker + config.data.data_cpus + (TRIAL_DRIVER_CPU if trial else 0.0)}
+    if s.use_gpu:
+        needs["GPU"] = float(count)
+    return needs
+
+
+def worker_env(config: Config) -> dict[str, str]:
+    """Environment of the training workers: DeepSpeed's CPU accelerator without GPUs, wandb's keys."""
+    env = {"TOKENIZERS_PARALLELISM": "false"}
+    if not config.scaling.use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    for key in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_SILENT", "WANDB_BASE_URL"):
+        if os.environ.get(key):
+            env[key] = os.environ[key]
+    return env
+
+
+def connect(config: Config, local_cpus: float | None = None, log_to_driver: bool = True) -> bool:
+    """Joins scaling.address / RAY_ADDRESS, or starts a local Ray with `local_cpus` logical CPUs
+    (default: what this run needs); True when this call initialised Ray (the caller shuts it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = config.scaling.address or os.environ.get("RAY_ADDRESS", "")
+    env = {"DS_ACCELERATOR": "cpu"} if not config.scaling.use_gpu else {}
+    if address:
+        # Inside `ray job submit` the job's runtime_env already set these; repeating a key here is a
+        # merge conflict that kills the job, so pass only what the environment lacks.
+        env = {key: value for key, value in env.items() if key not in os.environ}
+        ray.init(address=address, runtime_env={"env_vars": env} if env else None, log_to_driver=log_to_driver)
+        return True
+    os.environ.update(env)  # a local Ray's workers inherit the driver's environment
+    cpus = run_resources(config)["CPU"] if local_cpus is None else local_cpus
+    return start_local(max(1, math.ceil(cpus - 1e-9)), log_to_driver=log_to_driver)
+
+
+def start_local(num_cpus: int, log_to_driver: bool = True, fresh: bool = False) -> bool:
+    """A local Ray with `num_cpus` logical CPUs, unless Ray is already initialised; True when started.
+
+    `fresh`: a new local instance even when RAY_ADDRESS names a running one (the benchmarks size
+    their own cluster, so their numbers do not depend on what else runs there)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    ray.init(address="local" if fresh else None, num_cpus=num_cpus, include_dashboard=False,
+             log_to_driver=log_to_driver)
+    return True
+
+
+def check_capacity(config: Config, trial: bool = False) -> None:
+    """Fails fast when the cluster cannot fit the smallest worker group plus the data CPUs (Ray Data
+    would otherwise wait forever for a CPU), or when an elastic run would grow into the data stage's
+    CPUs (its workers take all that fit). For a Tune trial on GPUs the check is left to the
+    scheduler: a GPU cluster may still autoscale."""
+    import ray
+
+    scaling, data_cpus = config.scaling, config.data.data_cpus
+    if trial and scaling.use_gpu:
+        return
+    smallest = min(worker_counts(scaling))
+    needed = run_resources(config, smallest, trial=trial)["CPU"]
+    available = float(ray.cluster_resources().get("CPU", 0.0))
+    if available + 1e-9 < needed:
+        driver = f" + {TRIAL_DRIVER_CPU} for the trial driver" if trial else ""
+        raise ConfigError(
+            f"the Ray cluster has {available:g} CPUs but the run needs {needed:g}: "
+            f"{smallest} worker(s) × scaling.cpus_per_worker={scaling.cpus_per_worker:g} "
+            f"+ data.data_cpus={data_cpus:g}{driver} (Ray Data's preprocessing would wait forever "
+            "for a CPU). Lower the workers or cpus_per_worker, or add nodes."
+        )
+    if is_elastic(scaling) and not trial:  # concurrent trials share the cluster: no single-run rule
+        grown = min(scaling.max_workers, int((available + 1e-9) // scaling.cpus_per_worker))
+        left = available - grown * scaling.cpus_per_worker
+        if left + 1e-9 < data_cpus:
+            raise ConfigError(
+                f"the elastic run would grow to {grown} worker(s) × scaling.cpus_per_worker="
+                f"{scaling.cpus_per_worker:g} on this {available:g}-CPU cluster, leaving {left:g} CPUs for "
+                f"data.data_cpus={data_cpus:g}: Ray Data would stall. Lower scaling.max_workers or size "
+                "cpus_per_worker so that the CPUs left over fit the data stage."
+            )
