@@ -207,7 +207,12 @@ class LossConfig:
 class TrainConfig:
     max_steps: int = doc(60, "Optimizer steps in the run.")
     global_batch_size: int = doc(64, "Samples per optimizer step across all workers (the contrastive batch).")
-    grad_accumulation: int = doc(1, "Micro-steps per optimizer step (per-worker micro batch = global / workers / accum).")
+    micro_batch_size: int = doc(
+        0,
+        "Rows per encoder forward pass on each worker (a GradCache chunk; bounds activation memory only, the "
+        "contrastive and spectral batch stay train.global_batch_size). 0: the whole local batch "
+        "(global / workers), the plain one-forward step.",
+    )
     lr: float = doc(1e-3, "Peak learning rate.")
     weight_decay: float = doc(0.01, "AdamW weight decay.")
     warmup_steps: int = doc(10, "Linear learning-rate warm-up steps.")
@@ -364,6 +369,22 @@ def _convert(value: Any, annotation: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported annotation {annotation!r}.")
 
 
+# Keys that existed once: loading one names its replacement instead of "unknown key".
+REMOVED_KEYS: dict[str, str] = {
+    "train.grad_accumulation": (
+        "train.grad_accumulation was removed: it split the contrastive batch. The contrastive and spectral "
+        "batch is always train.global_batch_size; set train.micro_batch_size (rows per forward pass, "
+        "GradCache chunks) to bound memory instead."
+    ),
+}
+
+
+def _unknown_key(dotted: str, key: str, names: list[str]) -> ConfigError:
+    if dotted in REMOVED_KEYS:
+        return ConfigError(REMOVED_KEYS[dotted])
+    return ConfigError(f"Unknown config key '{dotted}'.{_close_names(key, names)}")
+
+
 def _build(cls: type, data: dict, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
@@ -371,7 +392,7 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
     for key, value in data.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
-            raise ConfigError(f"Unknown config key '{dotted}'.{_close_names(str(key), names)}")
+            raise _unknown_key(dotted, str(key), names)
         kwargs[key] = _convert(value, hints[key], dotted)
     return cls(**kwargs)
 
@@ -424,7 +445,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             if not is_free_dict:
                 names = [f.name for f in dataclasses.fields(cls)]
                 if part not in names:
-                    raise ConfigError(f"Unknown config key '{dotted}'.{_close_names(part, names)}")
+                    raise _unknown_key(dotted, part, names)
                 annotation = typing.get_type_hints(cls)[part]
                 cls = annotation if dataclasses.is_dataclass(annotation) else None
             if depth == len(parts) - 1:
@@ -508,12 +529,19 @@ def validate(config: Config) -> None:
             )
     elif s.num_workers < 1:
         raise ConfigError(f"scaling.num_workers must be >= 1, got {s.num_workers}.")
+    if t.micro_batch_size < 0:
+        raise ConfigError(f"train.micro_batch_size must be >= 0 (0: the whole local batch), got {t.micro_batch_size}.")
     for workers in worker_counts(s):
-        if t.global_batch_size % (workers * t.grad_accumulation):
+        if t.global_batch_size % workers:
             raise ConfigError(
-                f"train.global_batch_size ({t.global_batch_size}) must be divisible by "
-                f"workers × train.grad_accumulation ({workers} × {t.grad_accumulation}); "
-                "with elastic scaling, by every worker count in [min_workers, max_workers]."
+                f"train.global_batch_size ({t.global_batch_size}) must be divisible by the worker count "
+                f"({workers}); with elastic scaling, by every worker count in [min_workers, max_workers]."
+            )
+        if t.micro_batch_size and (t.global_batch_size // workers) % t.micro_batch_size:
+            raise ConfigError(
+                f"train.micro_batch_size ({t.micro_batch_size}) must divide the local batch "
+                f"train.global_batch_size / workers ({t.global_batch_size} / {workers}); "
+                "with elastic scaling, for every worker count in [min_workers, max_workers]."
             )
     if t.max_steps < 1:
         raise ConfigError("train.max_steps must be >= 1.")

@@ -1,7 +1,13 @@
 """The DeepSpeed JSON, derived from the one config tree (a pure function; no DeepSpeed import).
 
-Batch sizes: `train.global_batch_size` samples per optimizer step across all workers, split as
-`micro × world_size × grad_accumulation`. DeepSpeed checks the same identity at `initialize`.
+Batch sizes: `train.global_batch_size` samples per optimizer step across all workers, the contrastive
+and spectral batch. Each worker holds `global / world_size` rows (the local batch) and encodes them in
+chunks of `train.micro_batch_size` rows (GradCache, `sde_ray.train.step`); every chunk is one DeepSpeed
+micro-step, so `train_micro_batch_size_per_gpu` = chunk, `gradient_accumulation_steps` = chunks and
+`train_batch_size` = chunk × chunks × world = global (DeepSpeed checks this identity at `initialize`).
+The chunks accumulate into one optimizer step; the loss is never divided by the chunk count
+(`engine.backward(..., scale_wrt_gas=False)`: the cached feature gradients are already the gradients
+of the global loss).
 The optimizer is AdamW (torch's, so nothing is JIT-compiled on CPU; DeepSpeed's CPU Adam when the
 optimizer state is offloaded), the schedule a linear warm-up then cosine / linear decay or a
 constant learning rate, all stepped by the engine once per optimizer step. `deepspeed.overrides`
@@ -19,16 +25,26 @@ from sde_ray.config import Config, ConfigError
 _QUIET_STEPS = 10**9
 
 
-def micro_batch_size(config: Config, world_size: int) -> int:
-    """Per-worker samples per forward pass (the local rows of one contrastive batch)."""
+def local_batch_size(config: Config, world_size: int) -> int:
+    """Per-worker rows of one optimizer step (this worker's share of the contrastive batch)."""
     train = config.train
-    per_step = world_size * train.grad_accumulation
-    if world_size < 1 or train.global_batch_size % per_step:
+    if world_size < 1 or train.global_batch_size % world_size:
         raise ConfigError(
-            f"train.global_batch_size ({train.global_batch_size}) is not divisible by "
-            f"world size × train.grad_accumulation ({world_size} × {train.grad_accumulation})."
+            f"train.global_batch_size ({train.global_batch_size}) is not divisible by the world size ({world_size})."
         )
-    return train.global_batch_size // per_step
+    return train.global_batch_size // world_size
+
+
+def chunk_size(config: Config, world_size: int) -> int:
+    """Rows per encoder forward pass (`train.micro_batch_size`; 0 means the whole local batch)."""
+    local = local_batch_size(config, world_size)
+    chunk = config.train.micro_batch_size or local
+    if local % chunk:
+        raise ConfigError(
+            f"train.micro_batch_size ({chunk}) does not divide the local batch "
+            f"train.global_batch_size / world size ({config.train.global_batch_size} / {world_size} = {local})."
+        )
+    return chunk
 
 
 def scheduler_config(config: Config) -> dict[str, Any]:
@@ -83,8 +99,8 @@ def build_deepspeed_config(config: Config, world_size: int) -> dict[str, Any]:
         zero["offload_optimizer"] = {"device": "cpu"}
     result: dict[str, Any] = {
         "train_batch_size": train.global_batch_size,
-        "train_micro_batch_size_per_gpu": micro_batch_size(config, world_size),
-        "gradient_accumulation_steps": train.grad_accumulation,
+        "train_micro_batch_size_per_gpu": chunk_size(config, world_size),
+        "gradient_accumulation_steps": local_batch_size(config, world_size) // chunk_size(config, world_size),
         "gradient_clipping": train.grad_clip,
         "optimizer": {"type": "AdamW", "params": optimizer_params},
         "scheduler": scheduler_config(config),
