@@ -89,9 +89,12 @@ def scalar_parameters_as_vectors(module: torch.nn.Module):
     """Holds 0-dim parameters as shape (1,) while DeepSpeed builds its engine.
 
     DeepSpeed 0.19 broadcasts every parameter as a uint8 view at `initialize`, which fails for a
-    0-dim tensor (CLIP's `logit_scale`, a learnable temperature). Afterwards each one gets its
-    shape back as a view of the same storage; a ZeRO-3 partition (empty on this rank) keeps (1,),
-    and the consolidated copies are reshaped on load (`checkpoint.match_shapes`).
+    0-dim tensor (CLIP's `logit_scale`, a learnable temperature). Afterwards each frozen one gets
+    its shape back as a view of the same storage. A trainable one stays (1,) for the engine's life:
+    ZeRO-1/2 flatten it and re-point it at a (1,) view of their buffer, so restoring () would make
+    its shape flip between forward and backward (autograd then rejects the gradient). A ZeRO-3
+    partition (empty on this rank) keeps (1,) too, and the consolidated copies are reshaped on load
+    (`checkpoint.match_shapes`); `losses.objectives.Temperature` returns a 0-dim scale either way.
     """
     scalars = [p for p in module.parameters() if p.dim() == 0]
     for parameter in scalars:
@@ -100,7 +103,7 @@ def scalar_parameters_as_vectors(module: torch.nn.Module):
         yield
     finally:
         for parameter in scalars:
-            if parameter.data.numel() == 1:
+            if parameter.data.numel() == 1 and not parameter.requires_grad:
                 parameter.data = parameter.data.view(())
 
 

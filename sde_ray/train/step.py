@@ -4,19 +4,21 @@ The contrastive batch and the spectral batch are the global batch whatever fits 
 al. 2021, "Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup"). This worker
 holds `global_batch_size / world_size` rows and encodes them in chunks of `train.micro_batch_size`:
 
-1. encode chunks 1..k-1 without a graph, remembering the RNG state (CPU, and CUDA when the engine is
-   on a GPU) each one started from, so that dropout replays exactly in step 3;
-2. run the objective once on all local features: chunk 0 is encoded live (with its graph) and the
-   cached chunks enter as leaf tensors that require grad. The objective all-gathers every rank's
-   rows, so InfoNCE and the spectral stage see the global batch. `engine.backward(loss)` gives the
-   encoder gradients of chunk 0, the objective's own parameter gradients (a learnable temperature)
-   and, on the leaves, d loss / d features of every cached chunk;
-3. re-encode each cached chunk with a graph (its RNG state restored) and back-propagate the cached
-   feature gradients through it: `backward(Σ features · cached gradient)`.
+1. encode every chunk, in order, without a graph, remembering the RNG state (CPU, and CUDA when the
+   engine is on a GPU) each one started from, so that dropout replays exactly;
+2. run the objective once on all local features, as leaf tensors that require grad. The objective
+   all-gathers every rank's rows, so InfoNCE and the spectral stage see the global batch. Chunk 0
+   is re-encoded live inside that same engine forward (its RNG state restored, so its features are
+   the cached ones) while chunks 1..k-1 enter as leaves: `engine.backward(loss)` then gives the
+   objective's own parameter gradients (a learnable temperature), chunk 0's encoder gradients and,
+   on the leaves, d loss / d features of every other chunk. Keeping the objective inside an engine
+   forward lets ZeRO-3 gather the objective's parameters the way it gathers the encoder's;
+3. re-encode chunks 1..k-1 with a graph (RNG state restored) and back-propagate the cached feature
+   gradients through each: `backward(Σ features · cached gradient)`.
 
-Fusing chunk 0's re-encode into step 2 saves one forward and is exactly GradCache: chunk 0's live
-features equal the cached ones would have been. With one chunk (the default) steps 1 and 3 are
-empty and this is the plain step, one forward and one backward.
+The dropout masks are those of one forward over the chunks in order, and the step leaves the RNG
+where that forward left it. With one chunk (the default) steps 1 and 3 are empty and this is the
+plain step: one forward, one backward.
 
 DeepSpeed sees every chunk as one micro-step (`gradient_accumulation_steps` = chunks, see
 `deepspeed_config`), so its micro-step counter reaches the accumulation boundary at the last chunk
@@ -85,21 +87,25 @@ def train_step(engine, batch: dict[str, torch.Tensor], context, chunk: int, worl
     pieces = split_rows(batch, chunk)
     step_start = rng_state(device)
 
-    # 1. Chunks 1..k-1 without a graph; each one's RNG state kept for its replay.
+    # 1. Every chunk without a graph, each one's RNG state kept for its replay (one chunk: nothing to cache).
     replay_states, cached_query, cached_target = [], [], []
-    with torch.no_grad():
-        for piece in pieces[1:]:
-            replay_states.append(rng_state(device))
-            query, target = engine(piece)
-            cached_query.append(query)
-            cached_target.append(target)
+    if len(pieces) > 1:
+        with torch.no_grad():
+            for piece in pieces:
+                replay_states.append(rng_state(device))
+                query, target = engine(piece)
+                cached_query.append(query)
+                cached_target.append(target)
+    after_encode = rng_state(device)
+
+    # 2. The objective once, on every local row. Chunk 0 is re-encoded live inside the same engine
+    # forward (its RNG replayed), the other chunks enter as leaves: the one backward then carries the
+    # objective's parameter gradients, chunk 0's encoder gradients and d loss / d features of the rest.
     leaves = None
     if cached_query:
-        leaves = (torch.cat(cached_query).requires_grad_(True), torch.cat(cached_target).requires_grad_(True))
-
-    # 2. The objective once, on every local row (chunk 0 live, the rest as leaves).
+        set_rng_state(replay_states[0], device)
+        leaves = (torch.cat(cached_query[1:]).requires_grad_(True), torch.cat(cached_target[1:]).requires_grad_(True))
     loss, metrics, query, target = engine(pieces[0], context, leaves)
-    after_forward = rng_state(device)
     if not all_ranks_finite(loss, world_size):
         set_rng_state(step_start, device)  # a skipped step leaves no trace, randomness included
         return StepResult(finite=False, loss=float(loss.detach()), chunks=len(pieces))
@@ -109,13 +115,13 @@ def train_step(engine, batch: dict[str, torch.Tensor], context, chunk: int, worl
     # 3. Replay each cached chunk with a graph and push its cached feature gradients through it.
     if leaves is not None:
         query_grads, target_grads = leaves[0].grad.split(chunk), leaves[1].grad.split(chunk)
-        for piece, state, query_grad, target_grad in zip(pieces[1:], replay_states, query_grads, target_grads):
+        for piece, state, query_grad, target_grad in zip(pieces[1:], replay_states[1:], query_grads, target_grads):
             set_rng_state(state, device)
             chunk_query, chunk_target = engine(piece)
             surrogate = (chunk_query * query_grad).sum() + (chunk_target * target_grad).sum()
             engine.backward(surrogate, scale_wrt_gas=False)
             engine.step()
-        set_rng_state(after_forward, device)
+    set_rng_state(after_encode, device)  # the step drew one pass of dropout masks, as a plain step does
 
     # The objectives all-gather equal shapes, so the objective and its spectral stage saw local × world rows.
     rows = query.shape[0] * world_size
