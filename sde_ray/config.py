@@ -553,6 +553,11 @@ def validate(config: Config) -> None:
         raise ConfigError("train.lr must be > 0.")
     if d.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {d.zero_stage}.")
+    if d.precision == "fp16" and t.micro_batch_size:
+        raise ConfigError(
+            "train.micro_batch_size (GradCache chunks) does not support deepspeed.precision=fp16: the dynamic "
+            "loss scale would scale the cached feature gradients twice; use bf16 or train.micro_batch_size=0."
+        )
     if d.precision == "fp16" and not s.use_gpu:
         raise ConfigError("deepspeed.precision=fp16 needs a GPU (scaling.use_gpu=true); use bf16 or fp32 on CPU.")
     if config.loss.temperature <= 0:
