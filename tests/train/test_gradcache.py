@@ -177,34 +177,40 @@ def local_batches(data_cache, model: str, count: int, rows: int) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 # (a) One process: k = 1, 2, 4 chunks against the plain full-batch step, every objective, both kinds.
 
-SINGLE = [(model, loss, chunks) for model in MODELS for loss in sorted(OBJECTIVES) for chunks in (1, 2, 4)]
+SINGLE = [pytest.param(model, loss, chunks, marks=[pytest.mark.slow] if model == "vlm" else [])
+          for model in MODELS for loss in sorted(OBJECTIVES) for chunks in (1, 2, 4)]
 
 
 @pytest.fixture(scope="module")
 def single_process(ray_cluster, data_cache, tmp_path_factory):
-    """All one-process cases in one Ray Train worker (one engine each), run once for the module."""
+    """`single_process(model)`: every one-process case of that model kind in one Ray Train worker
+    (a fresh engine each), run once per module on first use; the VLM cases only under `slow`."""
     from sde_ray.config import to_dict
 
-    batches = {model: local_batches(data_cache, model, 1, ROWS) for model in MODELS}
-    cases = []
-    for model, loss, chunks in SINGLE:
-        config = case_config(data_cache, model, loss, ROWS // chunks)
-        cases.append({"name": f"{model}-{loss}-{chunks}", "config": to_dict(config), "dropout": DROPOUT,
-                      "rng_seed": 5, "batches": batches[model]})
-    # Dropout off: 4 chunks against literally one forward over all rows.
-    for model in MODELS:
-        config = case_config(data_cache, model, "sde", ROWS // 4)
-        cases.append({"name": f"{model}-nodropout", "config": to_dict(config), "dropout": 0.0, "rng_seed": 5,
-                      "batches": batches[model]})
-    return batches, fit_cases(cases, 1, tmp_path_factory.mktemp("gradcache_single"), "gradcache_single")
+    runs: dict[str, tuple] = {}
+
+    def run(model: str) -> tuple:
+        if model not in runs:
+            batches = local_batches(data_cache, model, 1, ROWS)
+            cases = [{"name": f"{loss}-{chunks}", "dropout": DROPOUT, "rng_seed": 5, "batches": batches,
+                      "config": to_dict(case_config(data_cache, model, loss, ROWS // chunks))}
+                     for loss in sorted(OBJECTIVES) for chunks in (1, 2, 4)]
+            # Dropout off: 4 chunks against literally one forward over all rows.
+            cases.append({"name": "nodropout", "dropout": 0.0, "rng_seed": 5, "batches": batches,
+                          "config": to_dict(case_config(data_cache, model, "sde", ROWS // 4))})
+            runs[model] = batches, fit_cases(cases, 1, tmp_path_factory.mktemp(f"gradcache_{model}"),
+                                             f"gradcache_{model}")
+        return runs[model]
+
+    return run
 
 
 @pytest.mark.parametrize(("model", "loss", "chunks"), SINGLE)
 def test_chunks_give_the_full_batch_loss_and_gradients(single_process, data_cache, model, loss, chunks):
-    batches, results = single_process
-    result = results[f"{model}-{loss}-{chunks}"]
+    batches, results = single_process(model)
+    result = results[f"{loss}-{chunks}"]
     config = case_config(data_cache, model, loss, ROWS // chunks)
-    want_loss, want = reference(config, batches[model][0], ROWS // chunks, DROPOUT, rng_seed=5)
+    want_loss, want = reference(config, batches[0], ROWS // chunks, DROPOUT, rng_seed=5)
     assert result["outcomes"][0]["loss"] == pytest.approx(want_loss, rel=RTOL_LOSS)
     assert result["outcomes"][0]["rows_objective"] == ROWS
     assert result["global_steps"] == 1  # one optimizer step for the whole batch, whatever the chunks
@@ -212,11 +218,11 @@ def test_chunks_give_the_full_batch_loss_and_gradients(single_process, data_cach
     assert_deltas(result["before"], result["weights"], want)
 
 
-@pytest.mark.parametrize("model", list(MODELS))
+@pytest.mark.parametrize("model", [pytest.param("dual_encoder"), pytest.param("vlm", marks=pytest.mark.slow)])
 def test_chunks_without_dropout_equal_one_forward_over_all_rows(single_process, data_cache, model):
-    batches, results = single_process
-    result = results[f"{model}-nodropout"]
-    want_loss, want = reference(case_config(data_cache, model, "sde", ROWS), batches[model][0], ROWS, 0.0, 5)
+    batches, results = single_process(model)
+    result = results["nodropout"]
+    want_loss, want = reference(case_config(data_cache, model, "sde", ROWS), batches[0], ROWS, 0.0, 5)
     assert result["outcomes"][0]["loss"] == pytest.approx(want_loss, rel=RTOL_LOSS)
     assert_deltas(result["before"], result["weights"], want)
 
@@ -253,13 +259,12 @@ def two_workers(ray_cluster, data_cache, tmp_path_factory):
 def test_two_workers_step_equals_one_process_on_the_concatenated_batch(two_workers, data_cache, stage):
     batch, results = two_workers
     result = results[f"zero{stage}"]
-    config = case_config(data_cache, "dual_encoder", "sde", 2 * ROWS)
-    want_loss, want = reference(config, batch[0], 2 * ROWS, 0.0, rng_seed=5)
+    config = case_config(data_cache, "dual_encoder", "sde", 0, workers=2)
+    _, want = reference(config, batch[0], 2 * ROWS, 0.0, rng_seed=5)  # the concatenated batch, world 1
     # Rank 0's loss is its share; both ranks' rows entered the objective (all-gathered).
     assert result["outcomes"][0]["rows_objective"] == 2 * ROWS
     assert result["global_steps"] == 1
     assert_deltas(result["before"], result["weights"], want)
-    del want_loss
 
 
 @pytest.mark.slow
