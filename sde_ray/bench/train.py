@@ -303,7 +303,7 @@ def _gradcache_process(config: Config, batch: dict, chunks: list[int], steps: in
 def gradcache_bench(config: Config, batch_sizes: list[int], chunk: int, steps: int) -> list[dict]:
     """Per global batch N (one worker): step time and peak step memory of the plain step and of
     `train_step` with the whole batch and with `chunk`-row chunks; each N in a fresh process."""
-    largest = fixed_batch(config, min(max(batch_sizes), 512))
+    largest = fixed_batch(config, min(max(batch_sizes), 256))  # real samples, tiled beyond 256 rows
     rows_out = []
     for rows in batch_sizes:
         repeat = -(-rows // len(largest["target_id"]))  # tile the real samples up to N rows
