@@ -10,7 +10,8 @@ one fixed global batch of real processed samples from the synthetic MMEB shards:
   interleaved step by step in one process; the plain pair runs before and after the Ray runs;
 - gradcache: per global batch N, `train_step` (the loop's step) with the whole local batch and with
   64-row chunks against the pre-GradCache step (engine forward, backward, step), interleaved in one
-  fresh DeepSpeed process per N: step time and the peak RSS of one step above the RSS before it.
+  fresh DeepSpeed process per N: step time; and, in a fresh process per variant, the peak RSS of two
+  steps above the RSS of the built engine.
 
 Every variant runs with the same number of torch threads per worker (1 by default), so the ratios
 measure framework overhead, not thread counts. Targets: ray_1 / plain ≤ 1.2 (framework overhead),
@@ -196,7 +197,7 @@ def _print(results: dict) -> None:
         print(f"| {name} | {row['step_ms']:.1f} | {row['steps_per_s']:.2f} | {row['samples_per_s']:.1f} |")
     for name, value in results["ratios"].items():
         print(f"{name}: {value:.3f}")
-    print("GradCache (1 worker, 1 thread; peak = RSS high-water mark of one step above the RSS before it):")
+    print("GradCache (1 worker, 1 thread; peak = RSS high-water mark of two steps above the built engine's RSS):")
     print("| global batch | chunk | pre-GradCache step (ms) | whole (ms) | chunked (ms) | whole / pre | "
           "chunked / whole | peak whole (MiB) | peak chunked (MiB) |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in results["gradcache"]:
@@ -228,9 +229,11 @@ def _rss_kib(field: str) -> int:
 
 
 def _gradcache_worker(config_dict: dict, batch: dict, chunks: list[int], steps: int, port: int, queue) -> None:
-    """A fresh one-worker DeepSpeed process (spawned): per chunk size, an engine; the timed steps
-    interleaved across them; then, per engine, the RSS high-water mark of one step above the RSS
-    before it (VmHWM, reset through /proc/self/clear_refs)."""
+    """A fresh one-worker DeepSpeed process (spawned), one engine per chunk size. With `steps > 0`:
+    the pre-GradCache step and `train_step` per engine, timed interleaved step by step. With
+    `steps == 0` (one chunk size): the process's peak RSS over two steps above its RSS once the
+    engine is built (VmHWM, reset through /proc/self/clear_refs just before the first step; a fresh
+    process, so no earlier, larger step has left memory resident)."""
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     torch.set_num_threads(1)
@@ -253,6 +256,15 @@ def _gradcache_worker(config_dict: dict, batch: dict, chunks: list[int], steps: 
         return StepContext(progress=0.5, rank=0, world_size=1, training=True, target_ids=batch["target_id"],
                            generator=torch.Generator().manual_seed(step))
 
+    if steps == 0:
+        before = _rss_kib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")  # resets VmHWM to the current RSS
+        for _ in range(2):  # the second step also holds the optimizer state the first one created
+            train_step(engines[0], batch, context(0), chunks[0], 1)
+        queue.put({"peak_mib": (_rss_kib("VmHWM") - before) / 1024.0})
+        return
+
     def plain_step(engine) -> None:  # the step before GradCache: engine forward, backward, step
         loss, _, _, _ = engine(batch, context(0))
         engine.backward(loss)
@@ -267,20 +279,7 @@ def _gradcache_worker(config_dict: dict, batch: dict, chunks: list[int], steps: 
             run()
             if step:
                 durations[index].append(time.perf_counter() - start)
-    peaks = []
-    for run in runs[1:]:
-        import gc
-
-        gc.collect()
-        before = _rss_kib("VmRSS")
-        try:
-            with open("/proc/self/clear_refs", "w") as handle:
-                handle.write("5")  # resets VmHWM to the current RSS
-            run()
-            peaks.append((_rss_kib("VmHWM") - before) / 1024.0)
-        except OSError:
-            peaks.append(float("nan"))
-    queue.put({"step_s": [_median(d) for d in durations], "peak_mib": peaks})
+    queue.put({"step_s": [_median(d) for d in durations]})
 
 
 def _gradcache_process(config: Config, batch: dict, chunks: list[int], steps: int) -> dict:
@@ -301,19 +300,20 @@ def _gradcache_process(config: Config, batch: dict, chunks: list[int], steps: in
 
 
 def gradcache_bench(config: Config, batch_sizes: list[int], chunk: int, steps: int) -> list[dict]:
-    """Per global batch N (one worker): step time and peak step memory of the plain step and of
-    `train_step` with the whole batch and with `chunk`-row chunks; each N in a fresh process."""
+    """Per global batch N (one worker): step time of the pre-GradCache step and of `train_step` with
+    the whole batch and with `chunk`-row chunks (interleaved in one fresh process), and the peak
+    step memory of each `train_step` variant (each in its own fresh process)."""
     largest = fixed_batch(config, min(max(batch_sizes), 256))  # real samples, tiled beyond 256 rows
     rows_out = []
     for rows in batch_sizes:
         repeat = -(-rows // len(largest["target_id"]))  # tile the real samples up to N rows
         batch = {k: v.repeat(repeat, *([1] * (v.dim() - 1)))[:rows] for k, v in largest.items()}
-        result = _gradcache_process(config, batch, [rows, min(chunk, rows)], steps)
-        today, whole, chunked = result["step_s"]
+        today, whole, chunked = _gradcache_process(config, batch, [rows, min(chunk, rows)], steps)["step_s"]
+        peaks = [_gradcache_process(config, batch, [size], 0)["peak_mib"] for size in (rows, min(chunk, rows))]
         rows_out.append({
             "global_batch_size": rows, "chunk": min(chunk, rows),
             "today_step_ms": 1000 * today, "whole_step_ms": 1000 * whole, "chunked_step_ms": 1000 * chunked,
-            "whole_peak_mib": result["peak_mib"][0], "chunked_peak_mib": result["peak_mib"][1],
+            "whole_peak_mib": peaks[0], "chunked_peak_mib": peaks[1],
             "whole_over_today": whole / today, "chunked_over_whole": chunked / whole,
         })
     return rows_out
