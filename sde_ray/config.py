@@ -207,7 +207,12 @@ class LossConfig:
 class TrainConfig:
     max_steps: int = doc(60, "Optimizer steps in the run.")
     global_batch_size: int = doc(64, "Samples per optimizer step across all workers (the contrastive batch).")
-    grad_accumulation: int = doc(1, "Micro-steps per optimizer step (per-worker micro batch = global / workers / accum).")
+    micro_batch_size: int = doc(
+        0,
+        "Rows per encoder forward pass on each worker (a GradCache chunk; bounds activation memory only, the "
+        "contrastive and spectral batch stay train.global_batch_size). 0: the whole local batch "
+        "(global / workers), the plain one-forward step.",
+    )
     lr: float = doc(1e-3, "Peak learning rate.")
     weight_decay: float = doc(0.01, "AdamW weight decay.")
     warmup_steps: int = doc(10, "Linear learning-rate warm-up steps.")
@@ -364,6 +369,22 @@ def _convert(value: Any, annotation: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported annotation {annotation!r}.")
 
 
+# Keys that existed once: loading one names its replacement instead of "unknown key".
+REMOVED_KEYS: dict[str, str] = {
+    "train.grad_accumulation": (
+        "train.grad_accumulation was removed: it split the contrastive batch. The contrastive and spectral "
+        "batch is always train.global_batch_size; set train.micro_batch_size (rows per forward pass, "
+        "GradCache chunks) to bound memory instead."
+    ),
+}
+
+
+def _unknown_key(dotted: str, key: str, names: list[str]) -> ConfigError:
+    if dotted in REMOVED_KEYS:
+        return ConfigError(REMOVED_KEYS[dotted])
+    return ConfigError(f"Unknown config key '{dotted}'.{_close_names(key, names)}")
+
+
 def _build(cls: type, data: dict, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
@@ -371,7 +392,7 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
     for key, value in data.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
-            raise ConfigError(f"Unknown config key '{dotted}'.{_close_names(str(key), names)}")
+            raise _unknown_key(dotted, str(key), names)
         kwargs[key] = _convert(value, hints[key], dotted)
     return cls(**kwargs)
 
@@ -431,7 +452,7 @@ def _set_path(node: Any, annotation: Any, parts: list[str], value: Any, done: st
     if dataclasses.is_dataclass(annotation):
         names = [f.name for f in dataclasses.fields(annotation)]
         if part not in names:
-            raise ConfigError(f"Unknown config key '{dotted}'.{_close_names(part, names)}")
+            raise _unknown_key(dotted, part, names)
         hint = typing.get_type_hints(annotation)[part]
         if len(parts) == 1:
             return dataclasses.replace(node, **{part: _convert(value, hint, dotted)})
@@ -503,21 +524,36 @@ def is_elastic(scaling: ScalingConfig) -> bool:
     return bool(scaling.min_workers or scaling.max_workers)
 
 
-def micro_batch_size(config: Config, world_size: int) -> int:
-    """Per-worker samples per forward pass (the local rows of one contrastive batch):
-    train.global_batch_size = micro × world_size × train.grad_accumulation, exactly."""
+def local_batch_size(config: Config, world_size: int) -> int:
+    """Per-worker rows of one optimizer step (this worker's share of the contrastive batch)."""
     train = config.train
-    per_step = world_size * train.grad_accumulation
-    if world_size < 1 or train.global_batch_size % per_step:
+    if world_size < 1 or train.global_batch_size % world_size:
         raise ConfigError(
-            f"train.global_batch_size ({train.global_batch_size}) must be divisible by "
-            f"workers × train.grad_accumulation ({world_size} × {train.grad_accumulation}); "
-            "with elastic scaling, by every worker count in [min_workers, max_workers]."
+            f"train.global_batch_size ({train.global_batch_size}) must be divisible by the world size "
+            f"({world_size}); with elastic scaling, by every worker count in [min_workers, max_workers]."
         )
-    return train.global_batch_size // per_step
+    return train.global_batch_size // world_size
+
+
+def chunk_size(config: Config, world_size: int) -> int:
+    """Rows per encoder forward pass (`train.micro_batch_size`; 0 means the whole local batch)."""
+    local = local_batch_size(config, world_size)
+    chunk = config.train.micro_batch_size or local
+    if local % chunk:
+        raise ConfigError(
+            f"train.micro_batch_size ({chunk}) must divide the local batch train.global_batch_size / workers "
+            f"({config.train.global_batch_size} / {world_size} = {local}); with elastic scaling, for every "
+            "worker count in [min_workers, max_workers]."
+        )
+    return chunk
 
 
 def check_precision(config: Config) -> None:
+    if config.deepspeed.precision == "fp16" and config.train.micro_batch_size:
+        raise ConfigError(
+            "train.micro_batch_size (GradCache chunks) does not support deepspeed.precision=fp16: the dynamic "
+            "loss scale would scale the cached feature gradients twice; use bf16 or train.micro_batch_size=0."
+        )
     if config.deepspeed.precision == "fp16" and not config.scaling.use_gpu:
         raise ConfigError("deepspeed.precision=fp16 needs a GPU (scaling.use_gpu=true); use bf16 or fp32 on CPU.")
 
@@ -544,8 +580,10 @@ def validate(config: Config) -> None:
             )
     elif s.num_workers < 1:
         raise ConfigError(f"scaling.num_workers must be >= 1, got {s.num_workers}.")
+    if t.micro_batch_size < 0:
+        raise ConfigError(f"train.micro_batch_size must be >= 0 (0: the whole local batch), got {t.micro_batch_size}.")
     for workers in worker_counts(s):
-        micro_batch_size(config, workers)
+        chunk_size(config, workers)
     if t.max_steps < 1:
         raise ConfigError("train.max_steps must be >= 1.")
     if t.checkpoint_every < 1:

@@ -7,11 +7,16 @@ one fixed global batch of real processed samples from the synthetic MMEB shards:
 - ray_1: Ray Train + DeepSpeed (the config's ZeRO stage and precision) with 1 worker;
 - ray_2: the same with 2 workers, each on half the batch (one thread each);
 - plain_infonce vs plain: the objective's cost, `loss.name=infonce` against the configured one (SDE),
-  interleaved step by step in one process; the plain pair runs before and after the Ray runs.
+  interleaved step by step in one process; the plain pair runs before and after the Ray runs;
+- gradcache: per global batch N, `train_step` (the loop's step) with the whole local batch and with
+  64-row chunks against the pre-GradCache step (engine forward, backward, step), interleaved in one
+  fresh DeepSpeed process per N: step time; and, in a fresh process per variant, the peak RSS of two
+  steps above the RSS of the built engine.
 
 Every variant runs with the same number of torch threads per worker (1 by default), so the ratios
 measure framework overhead, not thread counts. Targets: ray_1 / plain ≤ 1.2 (framework overhead),
-SDE / InfoNCE ≤ 1.15 (the spectral stage's extra cost). The data pipeline is excluded (see
+SDE / InfoNCE ≤ 1.15 (the spectral stage's extra cost); GradCache: whole-batch `train_step` ≤ 1.05×
+the pre-GradCache step, chunked ≤ 1.4× the whole-batch step (one extra forward). The data pipeline is excluded (see
 `sde-ray bench data`).
 """
 
@@ -30,6 +35,9 @@ from sde_ray.ray_cluster import start_local
 
 TARGET_FRAMEWORK_OVERHEAD = 1.2
 TARGET_SDE_OVERHEAD = 1.15
+TARGET_WHOLE_OVER_TODAY = 1.05
+TARGET_CHUNKED_OVER_WHOLE = 1.4
+GRADCACHE_CHUNK = 64
 
 
 def _read_samples(shards: list[str], count: int) -> dict[str, list]:
@@ -138,6 +146,8 @@ def main(json_path: str | None = None, config: Config | None = None, quick: bool
         if started:
             ray.shutdown()
     after = plain_pass()
+    gradcache = gradcache_bench(config, [32, 64] if quick else [64, 1024, 4096],
+                                chunk=16 if quick else GRADCACHE_CHUNK, steps=2 if quick else 5)
     plain = _median(before[0] + after[0])
     plain_infonce = _median(before[1] + after[1])
     results = {
@@ -159,11 +169,16 @@ def main(json_path: str | None = None, config: Config | None = None, quick: bool
             "sde_over_infonce_step_time": plain / plain_infonce,
         },
     }
+    results["gradcache"] = gradcache
     results["targets"] = {
         "framework_overhead": {"target": TARGET_FRAMEWORK_OVERHEAD,
                                "met": results["ratios"]["ray_1_over_plain_step_time"] <= TARGET_FRAMEWORK_OVERHEAD},
         "sde_overhead": {"target": TARGET_SDE_OVERHEAD,
                          "met": results["ratios"]["sde_over_infonce_step_time"] <= TARGET_SDE_OVERHEAD},
+        "gradcache_whole_over_today": {"target": TARGET_WHOLE_OVER_TODAY, "met": all(
+            row["whole_over_today"] <= TARGET_WHOLE_OVER_TODAY for row in gradcache)},
+        "gradcache_chunked_over_whole": {"target": TARGET_CHUNKED_OVER_WHOLE, "met": all(
+            row["chunked_over_whole"] <= TARGET_CHUNKED_OVER_WHOLE for row in gradcache)},
     }
     _print(results)
     if json_path:
@@ -181,5 +196,123 @@ def _print(results: dict) -> None:
         print(f"| {name} | {row['step_ms']:.1f} | {row['steps_per_s']:.2f} | {row['samples_per_s']:.1f} |")
     for name, value in results["ratios"].items():
         print(f"{name}: {value:.3f}")
+    print("GradCache (1 worker, 1 thread; peak = RSS high-water mark of two steps above the built engine's RSS):")
+    print("| global batch | chunk | pre-GradCache step (ms) | whole (ms) | chunked (ms) | whole / pre | "
+          "chunked / whole | peak whole (MiB) | peak chunked (MiB) |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for row in results["gradcache"]:
+        print(f"| {row['global_batch_size']} | {row['chunk']} | {row['today_step_ms']:.0f} | {row['whole_step_ms']:.0f} | "
+              f"{row['chunked_step_ms']:.0f} | {row['whole_over_today']:.3f} | {row['chunked_over_whole']:.3f} | "
+              f"{row['whole_peak_mib']:.0f} | {row['chunked_peak_mib']:.0f} |")
     for name, target in results["targets"].items():
         print(f"{name}: target <= {target['target']} -> {'met' if target['met'] else 'NOT met'}")
+
+
+# ---------------------------------------------------------------------------------------------
+# GradCache: memory and time of `train_step` with chunks against the unchunked step
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _gradcache_worker(config_dict: dict, batch: dict, chunks: list[int], steps: int, port: int, queue) -> None:
+    """A fresh one-worker DeepSpeed process (spawned), one engine per chunk size. With `steps > 0`:
+    the pre-GradCache step and `train_step` per engine, timed interleaved step by step. With
+    `steps == 0` (one chunk size): the process's peak RSS over two steps above its RSS once the
+    engine is built (VmHWM, reset through /proc/self/clear_refs just before the first step; a fresh
+    process, so no earlier, larger step has left memory resident)."""
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    torch.set_num_threads(1)
+    from sde_ray.config import from_dict
+    from sde_ray.losses import StepContext
+    from sde_ray.train.deepspeed_config import build_deepspeed_config
+    from sde_ray.train.loop import build_engine, build_train_module, seed_everything
+    from sde_ray.train.step import train_step
+
+    config = from_dict(config_dict)
+    rows = len(batch["target_id"])
+    engines = []
+    for chunk in chunks:
+        chunked = replace(config, [f"train.global_batch_size={rows}", f"train.micro_batch_size={chunk}",
+                                   "scaling.num_workers=1"])
+        seed_everything(config.train.seed)
+        engines.append(build_engine(build_train_module(chunked), build_deepspeed_config(chunked, 1)))
+
+    def context(step: int) -> StepContext:
+        return StepContext(progress=0.5, rank=0, world_size=1, training=True, target_ids=batch["target_id"],
+                           generator=torch.Generator().manual_seed(step))
+
+    if steps == 0:
+        before = _rss_kib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")  # resets VmHWM to the current RSS
+        for _ in range(2):  # the second step also holds the optimizer state the first one created
+            train_step(engines[0], batch, context(0), chunks[0], 1)
+        queue.put({"peak_mib": (_rss_kib("VmHWM") - before) / 1024.0})
+        return
+
+    def plain_step(engine) -> None:  # the step before GradCache: engine forward, backward, step
+        loss, _, _, _ = engine(batch, context(0))
+        engine.backward(loss)
+        engine.step()
+
+    runs = [lambda e=engines[0]: plain_step(e)]  # "today": the pre-GradCache loop body
+    runs += [lambda e=engine, c=chunk: train_step(e, batch, context(0), c, 1) for engine, chunk in zip(engines, chunks)]
+    durations: list[list[float]] = [[] for _ in runs]
+    for step in range(steps + 1):  # step 0 warms up
+        for index, run in enumerate(runs):
+            start = time.perf_counter()
+            run()
+            if step:
+                durations[index].append(time.perf_counter() - start)
+    queue.put({"step_s": [_median(d) for d in durations]})
+
+
+def _gradcache_process(config: Config, batch: dict, chunks: list[int], steps: int) -> dict:
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_gradcache_worker,
+                              args=(to_dict(config), batch, chunks, steps, _free_port(), queue))
+    process.start()
+    try:
+        result = queue.get(timeout=3600)
+    finally:
+        process.join(timeout=60)
+    if process.exitcode not in (0, None):
+        raise RuntimeError(f"the GradCache bench process exited with {process.exitcode}")
+    return result
+
+
+def gradcache_bench(config: Config, batch_sizes: list[int], chunk: int, steps: int) -> list[dict]:
+    """Per global batch N (one worker): step time of the pre-GradCache step and of `train_step` with
+    the whole batch and with `chunk`-row chunks (interleaved in one fresh process), and the peak
+    step memory of each `train_step` variant (each in its own fresh process)."""
+    largest = fixed_batch(config, min(max(batch_sizes), 256))  # real samples, tiled beyond 256 rows
+    rows_out = []
+    for rows in batch_sizes:
+        repeat = -(-rows // len(largest["target_id"]))  # tile the real samples up to N rows
+        batch = {k: v.repeat(repeat, *([1] * (v.dim() - 1)))[:rows] for k, v in largest.items()}
+        today, whole, chunked = _gradcache_process(config, batch, [rows, min(chunk, rows)], steps)["step_s"]
+        peaks = [_gradcache_process(config, batch, [size], 0)["peak_mib"] for size in (rows, min(chunk, rows))]
+        rows_out.append({
+            "global_batch_size": rows, "chunk": min(chunk, rows),
+            "today_step_ms": 1000 * today, "whole_step_ms": 1000 * whole, "chunked_step_ms": 1000 * chunked,
+            "whole_peak_mib": peaks[0], "chunked_peak_mib": peaks[1],
+            "whole_over_today": whole / today, "chunked_over_whole": chunked / whole,
+        })
+    return rows_out

@@ -23,7 +23,8 @@ class Temperature(torch.nn.Module):
             self.register_buffer("log_scale", value)
 
     def forward(self) -> torch.Tensor:
-        return self.log_scale.clamp(0.0, math.log(100.0)).exp()
+        # reshape: DeepSpeed holds a trainable 0-dim parameter as shape (1,) (see train.loop).
+        return self.log_scale.clamp(0.0, math.log(100.0)).exp().reshape(())
 
 
 class InfoNCEObjective(torch.nn.Module):

@@ -1,7 +1,13 @@
 """The DeepSpeed JSON, derived from the one config tree (a pure function; no DeepSpeed import).
 
-Batch sizes: `train.global_batch_size` samples per optimizer step across all workers, split as
-`micro × world_size × grad_accumulation`. DeepSpeed checks the same identity at `initialize`.
+Batch sizes: `train.global_batch_size` samples per optimizer step across all workers, the contrastive
+and spectral batch. Each worker holds `global / world_size` rows (the local batch) and encodes them in
+chunks of `train.micro_batch_size` rows (GradCache, `sde_ray.train.step`); every chunk is one DeepSpeed
+micro-step, so `train_micro_batch_size_per_gpu` = chunk, `gradient_accumulation_steps` = chunks and
+`train_batch_size` = chunk × chunks × world = global (DeepSpeed checks this identity at `initialize`).
+The chunks accumulate into one optimizer step; the loss is never divided by the chunk count
+(`engine.backward(..., scale_wrt_gas=False)`: the cached feature gradients are already the gradients
+of the global loss).
 The optimizer is AdamW (torch's, so nothing is JIT-compiled on CPU; DeepSpeed's CPU Adam when the
 optimizer state is offloaded), the schedule a linear warm-up then cosine / linear decay or a
 constant learning rate, all stepped by the engine once per optimizer step. `deepspeed.overrides`
@@ -13,7 +19,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from sde_ray.config import Config, check_precision, micro_batch_size
+from sde_ray.config import Config, check_precision, chunk_size, local_batch_size
 
 # DeepSpeed prints its own step/lr line every `steps_per_print` steps; our console line replaces it.
 _QUIET_STEPS = 10**9
@@ -70,8 +76,8 @@ def build_deepspeed_config(config: Config, world_size: int) -> dict[str, Any]:
         zero["offload_optimizer"] = {"device": "cpu"}
     result: dict[str, Any] = {
         "train_batch_size": train.global_batch_size,
-        "train_micro_batch_size_per_gpu": micro_batch_size(config, world_size),
-        "gradient_accumulation_steps": train.grad_accumulation,
+        "train_micro_batch_size_per_gpu": chunk_size(config, world_size),
+        "gradient_accumulation_steps": local_batch_size(config, world_size) // chunk_size(config, world_size),
         "gradient_clipping": train.grad_clip,
         "optimizer": {"type": "AdamW", "params": optimizer_params},
         "scheduler": scheduler_config(config),

@@ -8,8 +8,9 @@ as they left the driver (pickled), never as strings or plain dicts:
 2. resume from `ray.train.get_checkpoint()`: exact DeepSpeed state when the world size matches,
    consolidated weights otherwise (an elastic resize), and skip the rows already consumed;
 3. `deepspeed.initialize` with the JSON derived from the config;
-4. per micro-step: a batch from this worker's Ray Data shard → encode both sides → objective →
-   non-finite check (agreed by all ranks) → `engine.backward` / `engine.step`;
+4. per optimizer step: this worker's local batch (global / world rows) from its Ray Data shard →
+   `step.train_step` (chunked encode, the objective once on the global batch, non-finite check
+   agreed by all ranks, one optimizer step; a non-finite step is skipped whole);
 5. per optimizer step: metrics (averaged over ranks) every `log_every`, validation P@1 every
    `eval_every` (rank 0 evaluates, every rank reports it), a checkpoint every `checkpoint_every`;
 6. at the end: spectrum plot, `save_pretrained` export, final P@1 on the eval split, final checkpoint.
@@ -35,7 +36,7 @@ import numpy as np
 import ray.train
 import torch
 
-from sde_ray.config import Config, TrainConfig, micro_batch_size, to_dict
+from sde_ray.config import Config, TrainConfig, to_dict
 from sde_ray.data.pipeline import iter_worker_batches
 from sde_ray.eval.plots import plot_spectrum
 from sde_ray.eval.runner import evaluate_model
@@ -55,7 +56,8 @@ from sde_ray.train.checkpoint import (
     resume_plan,
     save_checkpoint,
 )
-from sde_ray.train.deepspeed_config import build_deepspeed_config
+from sde_ray.train.deepspeed_config import build_deepspeed_config, chunk_size, local_batch_size
+from sde_ray.train.step import train_step
 
 # Keys of a processed batch that are not model inputs.
 TARGET_ID_KEY = "target_id"
@@ -92,10 +94,18 @@ class TrainModule(torch.nn.Module):
         self.model = model
         self.objective = objective
 
-    def forward(self, batch: dict[str, torch.Tensor], context):
+    def forward(self, batch: dict[str, torch.Tensor], context=None, cached=None):
+        """Encode `batch`; with a `context`, also the objective, on `batch`'s features followed by the
+        `cached` (query, target) features of the step's other chunks (see `sde_ray.train.step`).
+        Both run inside the engine's forward, so ZeRO-3 gathers the encoder's and the objective's
+        parameters alike."""
         query, target = self.model(batch)
         # The spectral stage (SVD / eigh, partition thresholds) wants at least fp32 under bf16 too.
         query, target = query.float(), target.float()
+        if context is None:
+            return query, target
+        if cached is not None:
+            query, target = torch.cat([query, cached[0]]), torch.cat([target, cached[1]])
         loss, metrics = self.objective(query, target, context)
         return loss, metrics, query.detach(), target.detach()
 
@@ -110,9 +120,12 @@ def scalar_parameters_as_vectors(module: torch.nn.Module):
     """Holds 0-dim parameters as shape (1,) while DeepSpeed builds its engine.
 
     DeepSpeed 0.19 broadcasts every parameter as a uint8 view at `initialize`, which fails for a
-    0-dim tensor (CLIP's `logit_scale`, a learnable temperature). Afterwards each one gets its
-    shape back as a view of the same storage; a ZeRO-3 partition (empty on this rank) keeps (1,),
-    and the consolidated copies are reshaped on load (`checkpoint.match_shapes`).
+    0-dim tensor (CLIP's `logit_scale`, a learnable temperature). Afterwards each frozen one gets
+    its shape back as a view of the same storage. A trainable one stays (1,) for the engine's life:
+    ZeRO-1/2 flatten it and re-point it at a (1,) view of their buffer, so restoring () would make
+    its shape flip between forward and backward (autograd then rejects the gradient). A ZeRO-3
+    partition (empty on this rank) keeps (1,) too, and the consolidated copies are reshaped on load
+    (`checkpoint.match_shapes`); `losses.objectives.Temperature` returns a 0-dim scale either way.
     """
     scalars = [p for p in module.parameters() if p.dim() == 0]
     for parameter in scalars:
@@ -121,7 +134,7 @@ def scalar_parameters_as_vectors(module: torch.nn.Module):
         yield
     finally:
         for parameter in scalars:
-            if parameter.data.numel() == 1:
+            if parameter.data.numel() == 1 and not parameter.requires_grad:
                 parameter.data = parameter.data.view(())
 
 
@@ -160,10 +173,10 @@ def to_model_inputs(batch: dict, device: torch.device, float_dtype: torch.dtype)
 
 
 class BatchStream:
-    """Endless micro-batches of this worker's shard, epoch after epoch, in step on every rank.
+    """Endless local batches of this worker's shard, epoch after epoch, in step on every rank.
 
-    Position is kept as (epoch, global rows consumed in the epoch); the global rows per micro-step
-    (micro × world = global batch / accumulation) do not change under an elastic resize, so a
+    Position is kept as (epoch, global rows consumed in the epoch); the global rows per step
+    (local × world = global batch) do not change under an elastic resize, so a
     resume skips the same number of rows whatever the new world size. All ranks agree each step
     that every one of them still has a batch (one int all-reduce), so an uneven split can never
     leave a rank waiting in a collective.
@@ -310,9 +323,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     float_dtype = next(engine.module.parameters()).dtype
 
     # Data: this worker's shard, positioned after the rows the checkpoint already consumed.
-    micro = micro_batch_size(config, world_size)
+    local = local_batch_size(config, world_size)  # the stream delivers whole local batches
+    chunk = chunk_size(config, world_size)  # GradCache: rows per encoder forward
     shard = ray.train.get_dataset_shard("train")
-    stream = BatchStream(open_epoch_fn(shard, micro, config, rank), micro, world_size, state.epoch, state.epoch_rows)
+    stream = BatchStream(open_epoch_fn(shard, local, config, rank), local, world_size, state.epoch, state.epoch_rows)
 
     launch = broadcast_object(uuid.uuid4().hex[:8], world_size)  # unique checkpoint names per attempt
     logger = RunLogger(config, output_dir, args.run_id, args.wandb_mode, state.step) if rank == 0 else None
@@ -329,30 +343,28 @@ def train_loop_per_worker(loop_config: dict) -> None:
     final_metrics: dict[str, float] = {}
     engine.train()
     while state.step < train.max_steps:
-        for micro_index in range(train.grad_accumulation):
-            batch = to_model_inputs(stream.next(), engine.device, float_dtype)
-            step_context = _step_context(config, state, rank, world_size, batch, micro_index)
-            loss, metrics, query, target = engine(batch, step_context)
-            window_samples += micro * world_size
-            if not all_ranks_true(bool(torch.isfinite(loss.detach()).all()), world_size):
-                consecutive_nan += 1
-                state.nan_skips += 1
-                message = f"non-finite loss at step {state.step + 1} (micro-step {micro_index}) on at least one rank"
-                if train.nan_policy == "raise" or consecutive_nan > train.max_nan_skips:
-                    raise FloatingPointError(
-                        f"{message}; train.nan_policy={train.nan_policy}, {consecutive_nan} consecutive "
-                        f"(train.max_nan_skips={train.max_nan_skips})"
-                    )
-                if rank == 0:
-                    say(f"[sde_ray] {message}: skipped ({consecutive_nan}/{train.max_nan_skips})")
-                continue
-            consecutive_nan = 0
-            engine.backward(loss)
-            engine.step()
-            for key, value in {**metrics, "loss": float(loss.detach())}.items():
-                window[key] = window.get(key, 0.0) + float(value)
-            window_count += 1
-            last_features = (query, target)
+        batch = to_model_inputs(stream.next(), engine.device, float_dtype)
+        result = train_step(engine, batch, _step_context(config, state, rank, world_size, batch), chunk, world_size)
+        window_samples += train.global_batch_size
+        if not result.finite:
+            # Skipped whole on every rank: neither our step count nor DeepSpeed's moves, so the run
+            # continues as one without this batch.
+            consecutive_nan += 1
+            state.nan_skips += 1
+            message = f"non-finite loss at step {state.step + 1} on at least one rank"
+            if train.nan_policy == "raise" or consecutive_nan > train.max_nan_skips:
+                raise FloatingPointError(
+                    f"{message}; train.nan_policy={train.nan_policy}, {consecutive_nan} consecutive "
+                    f"(train.max_nan_skips={train.max_nan_skips})"
+                )
+            if rank == 0:
+                say(f"[sde_ray] {message}: skipped ({consecutive_nan}/{train.max_nan_skips})")
+            continue
+        consecutive_nan = 0
+        for key, value in {**result.metrics, "loss": result.loss}.items():
+            window[key] = window.get(key, 0.0) + float(value)
+        window_count += 1
+        last_features = (result.query, result.target)
         state.step += 1
         state.samples += train.global_batch_size
         state.epoch, state.epoch_rows = stream.epoch, stream.epoch_rows
@@ -407,14 +419,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
     _checkpoint_and_report(engine, state, config, rank, summary, launch)
 
 
-def _step_context(config: Config, state: TrainState, rank: int, world_size: int, batch: dict, micro_index: int):
+def _step_context(config: Config, state: TrainState, rank: int, world_size: int, batch: dict):
     return StepContext(
         progress=state.step / config.train.max_steps,
         rank=rank,
         world_size=world_size,
         training=True,
         target_ids=batch.get(TARGET_ID_KEY),
-        generator=step_generator(config.train.seed, state.step, micro_index),
+        generator=step_generator(config.train.seed, state.step, 0),
     )
 
 

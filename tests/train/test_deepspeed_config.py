@@ -5,27 +5,50 @@ from __future__ import annotations
 
 import pytest
 
-from sde_ray.config import ConfigError, load_config, micro_batch_size
-from sde_ray.train.deepspeed_config import build_deepspeed_config, deep_merge
+from sde_ray.config import ConfigError, load_config
+from sde_ray.train.deepspeed_config import build_deepspeed_config, chunk_size, deep_merge, local_batch_size
 
 
 def _config(*overrides: str):
     return load_config(None, list(overrides))
 
 
-@pytest.mark.parametrize("world, accum, micro", [(1, 1, 64), (2, 1, 32), (4, 2, 8), (2, 4, 8)])
-def test_batch_sizes_multiply_to_the_global_batch(world, accum, micro):
-    config = _config("train.global_batch_size=64", f"train.grad_accumulation={accum}", "scaling.num_workers=1")
+@pytest.mark.parametrize("world, chunk, micro, chunks", [(1, 0, 64, 1), (2, 0, 32, 1), (4, 8, 8, 2), (2, 8, 8, 4)])
+def test_batch_sizes_multiply_to_the_global_batch(world, chunk, micro, chunks):
+    """Each chunk is a DeepSpeed micro-step; chunk × chunks × world is the global (contrastive) batch."""
+    config = _config("train.global_batch_size=64", f"train.micro_batch_size={chunk}", "scaling.num_workers=1")
     ds = build_deepspeed_config(config, world)
     assert ds["train_micro_batch_size_per_gpu"] == micro
-    assert ds["gradient_accumulation_steps"] == accum
-    assert ds["train_batch_size"] == micro * world * accum == 64
+    assert ds["gradient_accumulation_steps"] == chunks
+    assert ds["train_batch_size"] == micro * world * chunks == 64
 
 
 def test_indivisible_world_size_names_the_keys():
     config = _config("train.global_batch_size=64", "scaling.num_workers=1")
-    with pytest.raises(ConfigError, match="global_batch_size.*grad_accumulation"):
-        micro_batch_size(config, 3)
+    with pytest.raises(ConfigError, match="global_batch_size.*world size"):
+        local_batch_size(config, 3)
+    with pytest.raises(ConfigError, match="train.micro_batch_size"):
+        chunk_size(_config("train.global_batch_size=64", "train.micro_batch_size=16", "scaling.num_workers=1"), 8)
+
+
+@pytest.mark.parametrize("where", ["override", "yaml"])
+def test_removed_grad_accumulation_names_its_replacement(where, tmp_path):
+    if where == "override":
+        with pytest.raises(ConfigError, match="train.grad_accumulation was removed.*train.micro_batch_size"):
+            _config("train.grad_accumulation=2")
+    else:
+        path = tmp_path / "old.yaml"
+        path.write_text("train:\n  grad_accumulation: 2\n")
+        with pytest.raises(ConfigError, match="train.grad_accumulation was removed.*train.micro_batch_size"):
+            load_config(path)
+
+
+def test_micro_batch_size_must_divide_the_local_batch_for_every_worker_count():
+    with pytest.raises(ConfigError, match="train.micro_batch_size"):
+        _config("train.global_batch_size=64", "train.micro_batch_size=12", "scaling.num_workers=2")
+    with pytest.raises(ConfigError, match="train.micro_batch_size.*elastic"):
+        _config("train.global_batch_size=48", "train.micro_batch_size=16", "scaling.min_workers=1",
+                "scaling.max_workers=2", "scaling.num_workers=1")
 
 
 def test_optimizer_precision_zero_and_clipping_follow_the_config():
@@ -89,7 +112,7 @@ def test_deepspeed_accepts_the_json(stage, precision):
     from deepspeed.runtime.config import DeepSpeedConfig
 
     ds = build_deepspeed_config(_config(f"deepspeed.zero_stage={stage}", f"deepspeed.precision={precision}",
-                                        "train.grad_accumulation=2"), 1)
+                                        "train.micro_batch_size=32"), 1)
     parsed = DeepSpeedConfig(ds)
     assert parsed.train_batch_size == 64
     assert parsed.train_micro_batch_size_per_gpu == 32

@@ -1,0 +1,129 @@
+"""One optimizer step on this worker's local batch, GradCache-style, read top to bottom.
+
+The contrastive batch and the spectral batch are the global batch whatever fits in memory (Gao et
+al. 2021, "Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup"). This worker
+holds `global_batch_size / world_size` rows and encodes them in chunks of `train.micro_batch_size`:
+
+1. encode every chunk, in order, without a graph, remembering the RNG state (CPU, and CUDA when the
+   engine is on a GPU) each one started from, so that dropout replays exactly;
+2. run the objective once on all local features, as leaf tensors that require grad. The objective
+   all-gathers every rank's rows, so InfoNCE and the spectral stage see the global batch. Chunk 0
+   is re-encoded live inside that same engine forward (its RNG state restored, so its features are
+   the cached ones) while chunks 1..k-1 enter as leaves: `engine.backward(loss)` then gives the
+   objective's own parameter gradients (a learnable temperature), chunk 0's encoder gradients and,
+   on the leaves, d loss / d features of every other chunk. Keeping the objective inside an engine
+   forward lets ZeRO-3 gather the objective's parameters the way it gathers the encoder's;
+3. re-encode chunks 1..k-1 with a graph (RNG state restored) and back-propagate the cached feature
+   gradients through each: `backward(Σ features · cached gradient)`.
+
+The dropout masks are those of one forward over the chunks in order, and the step leaves the RNG
+where that forward left it. With one chunk (the default) steps 1 and 3 are empty and this is the
+plain step: one forward, one backward.
+
+DeepSpeed sees every chunk as one micro-step (`gradient_accumulation_steps` = chunks, see
+`deepspeed_config`), so its micro-step counter reaches the accumulation boundary at the last chunk
+and the optimizer steps once per global batch. Every backward passes `scale_wrt_gas=False`: the
+feature gradients are already those of the global loss, and DeepSpeed's default 1/chunks scaling
+would shrink them. ZeRO-0 and ZeRO-1 reduce gradients once, at the boundary; ZeRO-2 and ZeRO-3
+reduce (reduce-scatter) after every chunk's backward, because they partition gradients as they are
+produced (docs/training.md measures the cost).
+
+Non-finite losses: before any backward, all ranks agree (one all-reduce) that the loss is finite.
+If not, nothing is back-propagated, no micro-step is counted, the RNG goes back to where the step
+started, and the step is skipped whole on every rank; the caller applies `train.nan_policy`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from sde_ray.distributed import all_ranks_true
+
+
+@dataclass
+class StepResult:
+    """What one `train_step` did. `finite=False`: skipped whole, the engine did not step."""
+
+    finite: bool
+    loss: float
+    metrics: dict[str, float] = field(default_factory=dict)
+    query: torch.Tensor | None = None  # this worker's features, detached (diagnostics)
+    target: torch.Tensor | None = None
+    chunks: int = 1
+
+
+def rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None], device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def all_ranks_finite(loss: torch.Tensor, world_size: int) -> bool:
+    """Whether the loss is finite on every rank (one all-reduce, on the process group's device)."""
+    return all_ranks_true(bool(torch.isfinite(loss.detach()).all()), world_size)
+
+
+def split_rows(batch: dict[str, torch.Tensor], chunk: int) -> list[dict[str, torch.Tensor]]:
+    """The batch as consecutive chunks of `chunk` rows (every value is split along dim 0)."""
+    rows = len(next(iter(batch.values())))
+    if rows % chunk:
+        raise ValueError(f"a local batch of {rows} rows does not split into chunks of {chunk}")
+    return [{key: value[start:start + chunk] for key, value in batch.items()} for start in range(0, rows, chunk)]
+
+
+def train_step(engine, batch: dict[str, torch.Tensor], context, chunk: int, world_size: int) -> StepResult:
+    """One optimizer step of `engine` (a DeepSpeed engine around `loop.TrainModule`) on this worker's
+    local `batch`, encoded `chunk` rows at a time. `context` is the objective's `StepContext` for the
+    whole local batch; every rank must call this together (the objective and the checks collect)."""
+    device = engine.device
+    pieces = split_rows(batch, chunk)
+    step_start = rng_state(device)
+
+    # 1. Every chunk without a graph, each one's RNG state kept for its replay (one chunk: nothing to cache).
+    replay_states, cached_query, cached_target = [], [], []
+    if len(pieces) > 1:
+        with torch.no_grad():
+            for piece in pieces:
+                replay_states.append(rng_state(device))
+                query, target = engine(piece)
+                cached_query.append(query)
+                cached_target.append(target)
+    after_encode = rng_state(device)
+
+    # 2. The objective once, on every local row. Chunk 0 is re-encoded live inside the same engine
+    # forward (its RNG replayed), the other chunks enter as leaves: the one backward then carries the
+    # objective's parameter gradients, chunk 0's encoder gradients and d loss / d features of the rest.
+    leaves = None
+    if cached_query:
+        set_rng_state(replay_states[0], device)
+        leaves = (torch.cat(cached_query[1:]).requires_grad_(True), torch.cat(cached_target[1:]).requires_grad_(True))
+    loss, metrics, query, target = engine(pieces[0], context, leaves)
+    if not all_ranks_finite(loss, world_size):
+        set_rng_state(step_start, device)  # a skipped step leaves no trace, randomness included
+        return StepResult(finite=False, loss=float(loss.detach()), chunks=len(pieces))
+    engine.backward(loss, scale_wrt_gas=False)
+    engine.step()
+
+    # 3. Replay each cached chunk with a graph and push its cached feature gradients through it.
+    if leaves is not None:
+        query_grads, target_grads = leaves[0].grad.split(chunk), leaves[1].grad.split(chunk)
+        for piece, state, query_grad, target_grad in zip(pieces[1:], replay_states[1:], query_grads, target_grads):
+            set_rng_state(state, device)
+            chunk_query, chunk_target = engine(piece)
+            surrogate = (chunk_query * query_grad).sum() + (chunk_target * target_grad).sum()
+            engine.backward(surrogate, scale_wrt_gas=False)
+            engine.step()
+    set_rng_state(after_encode, device)  # the step drew one pass of dropout masks, as a plain step does
+
+    # The objectives all-gather equal shapes, so the objective and its spectral stage saw local × world rows.
+    rows = query.shape[0] * world_size
+    metrics = {**metrics, "rows_objective": float(rows), "rows_spectral": float(rows)}
+    return StepResult(finite=True, loss=float(loss.detach()), metrics=metrics, query=query, target=target,
+                      chunks=len(pieces))
