@@ -125,15 +125,15 @@ def build_trainer(
 ):
     """The TorchTrainer of one training run (what `run_train` and each Tune trial fit).
 
-    `prepared`: the `PreparedData` of `sde_ray.data.pipeline.prepare_data` (computed when None).
+    `prepared`: the `PreparedData` of `sde_ray.data.cache.prepare_data` (computed when None).
     `step_hook(step=, rank=, world_size=, module=)`: called on every worker after each optimizer
     step with the engine's module (instrumentation, fault injection in tests); cloudpickle-able.
     """
-    import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from sde_ray.data.pipeline import build_config_dataset, prepare_data
+    from sde_ray.data.cache import prepare_data
+    from sde_ray.train.data import train_data_from_config
     from sde_ray.train.metrics import wandb_mode
 
     config = resolve_paths(config)
@@ -146,9 +146,8 @@ def build_trainer(
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
         resources["GPU"] = 1
-    # The rank-0 progress line is the run's progress display; Ray Data's bars would interleave with it.
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    dataset = build_config_dataset(config, prepared, _ProcessorFactory(to_dict(config.model)))
+    # No Ray Train dataset: each worker reads its rows of the epoch order itself (sde_ray.train.data).
+    train_data = train_data_from_config(config, prepared, _ProcessorFactory(to_dict(config.model)))
     loop_config: dict[str, Any] = {
         "config": to_dict(config),
         "output_dir": config.train.output_dir,
@@ -156,6 +155,7 @@ def build_trainer(
         "run_id": run_id(storage, name),
         "wandb_mode": wandb_mode(config.logging),
         "step_hook": step_hook,
+        "train_data": train_data,
     }
     from sde_ray.train.loop import train_loop_per_worker
 
@@ -176,7 +176,6 @@ def build_trainer(
             callbacks=callbacks,
             worker_runtime_env={"env_vars": _worker_env(config)},
         ),
-        datasets={"train": dataset},
     )
 
 
@@ -226,7 +225,7 @@ def run_train(config: Config, dry_run: bool = False) -> dict:
         return dry_run_report(config)
     import ray
 
-    from sde_ray.data.pipeline import prepare_data
+    from sde_ray.data.cache import prepare_data
 
     config = resolve_paths(config)
     output_dir = Path(config.train.output_dir)

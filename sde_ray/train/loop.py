@@ -43,6 +43,7 @@ from sde_ray.train.checkpoint import (
     resume_plan,
     save_checkpoint,
 )
+from sde_ray.train.data import SAMPLE_ID, BatchStream, open_epoch_fn
 from sde_ray.train.deepspeed_config import build_deepspeed_config, micro_batch_size
 from sde_ray.train.metrics import RunLogger, average_over_ranks, say, spectral_snapshot
 
@@ -94,15 +95,79 @@ def scalar_parameters_as_vectors(module: torch.nn.Module):
                 parameter.data = parameter.data.view(())
 
 
+def parameter_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters in two AdamW groups, as open_clip does: weight decay on matrices only.
+
+    Biases, norm gains and other vectors (ndim < 2) and the learnable temperature (a scalar) get
+    no decay: decaying a norm's gain or a temperature pulls it toward 0 for no regularising gain.
+    """
+    decay, no_decay = [], []
+    for name, parameter in module.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        exempt = parameter.ndim < 2 or "bias" in name or "norm" in name or "log_scale" in name or "logit_scale" in name
+        (no_decay if exempt else decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
+
+
 def build_engine(module: torch.nn.Module, ds_config: dict):
-    """`deepspeed.initialize` on the trainable parameters (Ray already set up the process group)."""
+    """`deepspeed.initialize` on the trainable parameters (Ray already set up the process group).
+
+    DeepSpeed builds the configured optimizer from these groups; a group's own `weight_decay`
+    overrides the config's (torch.optim semantics, kept by DeepSpeed 0.19's ZeRO optimizers).
+    """
     import deepspeed
 
+    weight_decay = ds_config.get("optimizer", {}).get("params", {}).get("weight_decay", 0.0)
     with scalar_parameters_as_vectors(module):
         engine, _, _, _ = deepspeed.initialize(
-            model=module, model_parameters=[p for p in module.parameters() if p.requires_grad], config=ds_config
+            model=module, model_parameters=parameter_groups(module, weight_decay), config=ds_config
         )
     return engine
+
+
+def clamp_temperatures(engine) -> None:
+    """Clamps every learnable temperature in place after an optimizer step (open_clip's rule).
+
+    Clamping the parameter, not its value in the forward pass, keeps the gradient alive at the
+    bound. Under ZeRO the optimizer's fp32 master copy is what the next step starts from, so it is
+    clamped too (`safe_get/set_full_fp32_param`, a gather under ZeRO-3: every rank calls this).
+    """
+    from sde_ray.losses.objectives import Temperature
+
+    for temperature in (m for m in engine.module.modules() if isinstance(m, Temperature)):
+        parameter = temperature.log_scale
+        if not isinstance(parameter, torch.nn.Parameter) or not parameter.requires_grad:
+            continue
+        low, high = temperature.bounds
+        with torch.no_grad():
+            if engine.zero_optimization_stage() > 0:
+                from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+                master = safe_get_full_fp32_param(parameter)
+                if master is not None:
+                    safe_set_full_fp32_param(parameter, master.clamp(low, high))
+            local = getattr(parameter, "ds_tensor", None)  # ZeRO-3: this rank's partition
+            (local if local is not None else parameter.data).clamp_(low, high)
+
+
+def call_hook(hook: Callable[..., None], **values) -> None:
+    """`hook(**values)` with the keyword arguments its signature accepts (older hooks take fewer)."""
+    import inspect
+
+    parameters = inspect.signature(hook).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        values = {k: v for k, v in values.items() if k in parameters}
+    hook(**values)
+
+
+def check_order(state: TrainState, spec: dict, rank: int) -> None:
+    """Warns when a checkpoint was written under another epoch order (other shards, seed, window or
+    global batch): the resume continues, but not on the uninterrupted run's rows."""
+    if state.data_order and state.data_order != spec and rank == 0:
+        say(f"[sde_ray] warning: the checkpoint's data order {state.data_order} differs from this run's {spec}; "
+            "the resumed epoch is not the one the checkpointed run would have seen")
 
 
 def seed_everything(seed: int) -> None:
@@ -143,57 +208,6 @@ def to_model_inputs(batch: dict, device: torch.device, float_dtype: torch.dtype)
             tensor = tensor.to(float_dtype)
         out[key] = tensor.to(device)
     return out
-
-
-class BatchStream:
-    """Endless micro-batches of this worker's shard, epoch after epoch, in step on every rank.
-
-    Position is kept as (epoch, global rows consumed in the epoch); the global rows per micro-step
-    (micro × world = global batch / accumulation) do not change under an elastic resize, so a
-    resume skips the same number of rows whatever the new world size. All ranks agree each step
-    that every one of them still has a batch (one int all-reduce), so an uneven split can never
-    leave a rank waiting in a collective.
-    """
-
-    def __init__(self, open_epoch: Callable[[int], Iterator], micro: int, world_size: int, epoch: int, epoch_rows: int):
-        self.open_epoch = open_epoch
-        self.global_rows = micro * world_size
-        self.world_size = world_size
-        self.epoch = epoch
-        self.epoch_rows = epoch_rows - epoch_rows % self.global_rows
-        self.iterator = self._start(skip=self.epoch_rows // self.global_rows)
-
-    def _start(self, skip: int) -> Iterator:
-        iterator = iter(self.open_epoch(self.epoch))
-        for _ in range(skip):  # rows the checkpointed run already trained on
-            next(iterator, None)
-        return iterator
-
-    def next(self) -> dict:
-        for attempt in range(2):
-            batch = next(self.iterator, None)
-            if all_ranks_true(batch is not None, self.world_size):
-                self.epoch_rows += self.global_rows
-                return batch
-            self.epoch += 1
-            self.epoch_rows = 0
-            self.iterator = self._start(skip=0)
-        raise RuntimeError(
-            f"the training data yields no full batch of {self.global_rows} rows "
-            f"({self.global_rows // self.world_size} per worker); add data or lower train.global_batch_size"
-        )
-
-
-def open_epoch_fn(shard, micro: int, config: Config, rank: int) -> Callable[[int], Iterator]:
-    from sde_ray.data.pipeline import iter_worker_batches
-
-    def open_epoch(epoch: int) -> Iterator:
-        return iter_worker_batches(
-            shard, micro, seed=config.data.shuffle_seed, epoch=epoch, rank=rank,
-            shuffle_buffer=config.data.shuffle_buffer,
-        )
-
-    return open_epoch
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,8 +291,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     step_hook = loop_config.get("step_hook")
     seed_everything(train.seed)
 
-    # 1-2. Model + objective, and where to resume from.
+    # 1-2. Model + objective (the same initial weights on every rank), and where to resume from.
     module = build_train_module(config)
+    # Then one seed per rank: dropout and other module randomness differ across data-parallel ranks
+    # (an exact resume restores each rank's RNG state from the checkpoint instead).
+    seed_everything(train.seed + rank)
     resume_stack = contextlib.ExitStack()
     plan: ResumePlan | None = None
     checkpoint = ray.train.get_checkpoint()
@@ -304,10 +321,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
     resume_stack.close()
     float_dtype = next(engine.module.parameters()).dtype
 
-    # Data: this worker's shard, positioned after the rows the checkpoint already consumed.
+    # Data: this worker's rows of the epoch order, positioned after the rows the checkpoint consumed
+    # (nothing before that position is read or decoded).
     micro = micro_batch_size(config, world_size)
-    shard = ray.train.get_dataset_shard("train")
-    stream = BatchStream(open_epoch_fn(shard, micro, config, rank), micro, world_size, state.epoch, state.epoch_rows)
+    train_data = loop_config["train_data"]
+    check_order(state, train_data.spec(), rank)
+    state.data_order = train_data.spec()
+    stream = BatchStream(open_epoch_fn(train_data, rank, world_size), train.global_batch_size, state.epoch,
+                         state.epoch_rows)
 
     launch = broadcast_object(uuid.uuid4().hex[:8], world_size)  # unique checkpoint names per attempt
     logger = RunLogger(config, output_dir, loop_config["run_id"], loop_config["wandb_mode"], state.step) if rank == 0 else None
@@ -326,8 +347,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     final_metrics: dict[str, float] = {}
     engine.train()
     while state.step < train.max_steps:
+        local_batch = stream.next()  # this worker's rows of the global batch of this step
+        sample_ids = local_batch.pop(SAMPLE_ID)
+        step_losses: list[float] = []
         for micro_index in range(train.grad_accumulation):
-            batch = to_model_inputs(stream.next(), engine.device, float_dtype)
+            part = {k: v[micro_index * micro:(micro_index + 1) * micro] for k, v in local_batch.items()}
+            batch = to_model_inputs(part, engine.device, float_dtype)
             step_context = _step_context(config, state, rank, world_size, batch, micro_index)
             loss, metrics, query, target = engine(batch, step_context)
             window_samples += micro * world_size
@@ -346,9 +371,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
             consecutive_nan = 0
             engine.backward(loss)
             engine.step()
+            if micro_index == train.grad_accumulation - 1:  # the optimizer stepped
+                clamp_temperatures(engine)
             for key, value in {**metrics, "loss": float(loss.detach())}.items():
                 window[key] = window.get(key, 0.0) + float(value)
             window_count += 1
+            step_losses.append(float(loss.detach()))
             last_features = (query, target)
         state.step += 1
         state.samples += train.global_batch_size
@@ -377,7 +405,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             final_metrics = report
             window, window_count, window_start, window_samples = {}, 0, time.time(), 0
         if step_hook is not None:
-            step_hook(step=state.step, rank=rank, world_size=world_size, module=engine.module)
+            call_hook(step_hook, step=state.step, rank=rank, world_size=world_size, module=engine.module,
+                      sample_ids=sample_ids.tolist(), epoch=stream.epoch, losses=step_losses)
 
     # 6. Spectrum, export, final evaluation, final checkpoint.
     summary: dict[str, Any] = dict(final_metrics)  # empty when relaunching a finished run

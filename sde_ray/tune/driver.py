@@ -471,7 +471,7 @@ def run_tune(sweep_path: str | os.PathLike, overrides: list[str] | None = None, 
     max_concurrent = concurrent_trials(sweep.config, cluster)
     max_t = validation_reports(sweep.config)
     # Data is generated / converted once here, not raced for by concurrent trials.
-    from sde_ray.data.pipeline import prepare_data
+    from sde_ray.data.cache import prepare_data
     from sde_ray.train.driver import resolve_paths
 
     # Trial actors run in their own directories: give them absolute paths.
