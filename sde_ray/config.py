@@ -579,7 +579,7 @@ def validate(config: Config) -> None:
     for key, value in {"data.samples_per_shard": config.data.samples_per_shard,
                        "data.preprocess_batch_size": config.data.preprocess_batch_size,
                        "data.preprocess_concurrency": config.data.preprocess_concurrency,
-                       "data.shuffle_buffer": config.data.shuffle_buffer}.items():
+                       "data.shuffle_window": config.data.shuffle_window}.items():
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}.")
     if config.data.target_block_mb <= 0:

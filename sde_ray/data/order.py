@@ -128,6 +128,8 @@ class WorkerPlan:
             steps = range(max(first, self.start_step), min(first + steps_per_window, order.steps))
             batches = [np.arange(s * order.global_batch + self.rank * local,
                                  s * order.global_batch + (self.rank + 1) * local) for s in steps]
+            if not batches:  # resumed at the very end of the epoch
+                continue
             positions = np.concatenate(batches)
             tasks = []
             by_shard = np.lexsort((row[positions], shard[positions]))  # shard, then row ascending
