@@ -26,14 +26,16 @@ class Temperature(torch.nn.Module):
         super().__init__()
         if not self.MIN_TEMPERATURE <= temperature <= self.MAX_TEMPERATURE:
             raise ValueError(f"temperature must be in [{self.MIN_TEMPERATURE}, {self.MAX_TEMPERATURE}], got {temperature}")
-        value = torch.tensor(math.log(1.0 / temperature))
+        # Shape (1,), not 0-dim: DeepSpeed's ZeRO-1/2 flat buffers hand a 0-dim parameter a (1,)
+        # gradient, and its backward then fails on the shape.
+        value = torch.tensor([math.log(1.0 / temperature)])
         if learnable:
             self.log_scale = torch.nn.Parameter(value)
         else:
             self.register_buffer("log_scale", value)
 
     def forward(self) -> torch.Tensor:
-        return self.log_scale.exp()
+        return self.log_scale.exp()[0]
 
 
 class InfoNCEObjective(torch.nn.Module):
