@@ -5,10 +5,12 @@ the gloo/NCCL process group):
 
 1. build the encoder and the objective as one module (objective parameters train too);
 2. resume from `ray.train.get_checkpoint()`: exact DeepSpeed state when the world size matches,
-   consolidated weights otherwise (an elastic resize), and skip the rows already consumed;
+   consolidated weights otherwise (an elastic resize); the data stream starts at the saved step of
+   the epoch order (`sde_ray.train.data`), reading nothing before it;
 3. `deepspeed.initialize` with the JSON derived from the config;
-4. per micro-step: a batch from this worker's Ray Data shard → encode both sides → objective →
-   non-finite check (agreed by all ranks) → `engine.backward` / `engine.step`;
+4. per optimizer step: this worker's local batch of the step's rows, cut into micro-batches; per
+   micro-step: encode both sides → objective → non-finite check (agreed by all ranks) →
+   `engine.backward` / `engine.step`; the temperature clamped in place after the step;
 5. per optimizer step: metrics (averaged over ranks) every `log_every`, validation P@1 every
    `eval_every` (rank 0 evaluates, every rank reports it), a checkpoint every `checkpoint_every`;
 6. at the end: spectrum plot, `save_pretrained` export, final P@1 on the eval split, final checkpoint.
@@ -25,7 +27,7 @@ import random
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
