@@ -184,7 +184,7 @@ LossName = Literal["sde", "infonce", "fanoise", "disncl", "dsrsd", "gap"]
 @dataclass
 class LossConfig:
     name: LossName = doc("sde", "Objective: sde | infonce | fanoise | disncl | dsrsd | gap.")
-    temperature: float = doc(0.05, "InfoNCE temperature τ (VLM2Vec uses 0.02 with pretrained backbones).")
+    temperature: float = doc(0.05, "InfoNCE temperature τ in [0.01, 1] (VLM2Vec uses 0.02 with pretrained backbones).")
     learnable_temperature: bool = doc(
         False, "Learn log(1/τ) as a parameter (no weight decay), clamped in place to [0, ln 100] after each step.")
     lambda_schedule: ScheduleConfig = doc(
