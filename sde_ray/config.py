@@ -103,8 +103,11 @@ class DataConfig:
     subsets: list[str] = doc([], "MMEB-train subsets to use; empty means all found.")
     split: str = doc("original", "MMEB-train split: original | diverse_instruction | train (legacy).")
     samples_per_shard: int = doc(1024, "Samples per .tar shard written by the converter (one Ray Data read task each).")
-    shuffle_seed: int = doc(0, "Seed of the per-epoch shard-order and sample shuffle.")
-    shuffle_buffer: int = doc(256, "Rows in the local shuffle buffer of the Ray Data iterator.")
+    shuffle_seed: int = doc(0, "Seed of the per-epoch shard-order and sample shuffle (the epoch order, docs/data.md).")
+    shuffle_window: int = doc(
+        8192, "Rows of the sample-shuffle window (rounded down to whole global batches): consecutive rows of "
+        "the epoch's shard-ordered stream permuted together; each worker holds its share of one window decoded."
+    )
     preprocess_concurrency: int = doc(1, "Concurrent Ray Data CPU tasks that read a shard, decode, resize and tokenize.")
     preprocess_batch_size: int = doc(64, "Rows the batch processor handles per call (bounds a task's decoded pixels).")
     data_cpus: float = doc(1.0, "CPUs reserved for Ray Data, never handed to training workers.")
@@ -181,8 +184,9 @@ LossName = Literal["sde", "infonce", "fanoise", "disncl", "dsrsd", "gap"]
 @dataclass
 class LossConfig:
     name: LossName = doc("sde", "Objective: sde | infonce | fanoise | disncl | dsrsd | gap.")
-    temperature: float = doc(0.05, "InfoNCE temperature τ (VLM2Vec uses 0.02 with pretrained backbones).")
-    learnable_temperature: bool = doc(False, "Learn log(1/τ) as a parameter, clamped to [0, ln 100].")
+    temperature: float = doc(0.05, "InfoNCE temperature τ in [0.01, 1] (VLM2Vec uses 0.02 with pretrained backbones).")
+    learnable_temperature: bool = doc(
+        False, "Learn log(1/τ) as a parameter (no weight decay), clamped in place to [0, ln 100] after each step.")
     lambda_schedule: ScheduleConfig = doc(
         ScheduleConfig(kind="linear", start=0.5, end=1.0), "λ(t) weighting instance vs spectral terms; start = λ_0."
     )
@@ -595,8 +599,11 @@ def validate(config: Config) -> None:
     if d.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {d.zero_stage}.")
     check_precision(config)
-    if config.loss.temperature <= 0:
-        raise ConfigError("loss.temperature must be > 0.")
+    if not 0.01 <= config.loss.temperature <= 1.0:
+        # The learnable temperature is kept in [0.01, 1] (log(1/τ) in [0, ln 100], CLIP's bound);
+        # a value outside would be silently moved to the bound at the first step.
+        raise ConfigError(f"loss.temperature must be in [0.01, 1] (the temperature clamp's range), "
+                          f"got {config.loss.temperature}.")
     if config.loss.subspace_k < 1:
         raise ConfigError("loss.subspace_k must be >= 1.")
     sp = config.spectral
@@ -640,7 +647,7 @@ def validate(config: Config) -> None:
     for key, value in {"data.samples_per_shard": config.data.samples_per_shard,
                        "data.preprocess_batch_size": config.data.preprocess_batch_size,
                        "data.preprocess_concurrency": config.data.preprocess_concurrency,
-                       "data.shuffle_buffer": config.data.shuffle_buffer}.items():
+                       "data.shuffle_window": config.data.shuffle_window}.items():
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}.")
     if config.data.target_block_mb <= 0:

@@ -18,12 +18,8 @@ SHARED_LEAVES = ("config", "distributed")
 APPLICATION = ("train", "tune", "eval", "bench", "cli", "runs", "ray_cluster", "config_doc")
 FRAMEWORKS = ("ray", "deepspeed", "wandb")
 
-# Explicit, temporary exceptions: (file relative to sde_ray/, imported top-level name).
-ALLOWED = {
-    # data/pipeline.py still holds the Ray Dataset part of the data pipeline; the Ray-free/Ray split
-    # (issue 15, engineer i15) moves it into the application. Delete this entry after that merge.
-    ("data/pipeline.py", "ray"),
-}
+# Explicit exceptions: (file relative to sde_ray/, imported top-level name). None today.
+ALLOWED: set[tuple[str, str]] = set()
 
 
 def _imports(path: Path, root: Path = PACKAGE) -> list[tuple[int, str]]:

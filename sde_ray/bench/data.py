@@ -8,10 +8,10 @@ One run, side by side, on the same synthetic MMEB shards and the same batch proc
 - floor_to_object_store: the floor, plus a `ray.put` of its output in Ray-sized blocks: what handing
   the pixels to another process costs at the least, whatever the pipeline (a reference, not a
   pipeline: nobody reads the blocks back);
-- ray-1: the full pipeline (`build_train_dataset` -> `iter_worker_batches`, the training loop's
-  iterator: shuffle buffer and all) feeding one consumer, one execution of the dataset per epoch;
-- ray-2: the same dataset through one `streaming_split(2, equal=True)` (as Ray Train's DataConfig
-  makes it, once per run) feeding two consumers at once, epoch after epoch.
+- ray-1: the full pipeline (`sde_ray.train.data.iter_epoch_batches`, the training loop's iterator:
+  epoch order, window shuffle and all) feeding one consumer, one dataset per epoch;
+- ray-2: the same for two consumers at once (ranks 0 and 1 of a world of 2, each driving its
+  own dataset of its rows, as training workers do), epoch after epoch.
 
 Each run is timed on the wall clock and its CPU time is summed over this process and every process
 under it (the local Ray cluster's raylet, workers and actors), so "per CPU" means samples per
@@ -25,26 +25,70 @@ pipeline reserves (`data.data_cpus`).
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import tempfile
 import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 
 from sde_ray.config import Config
 from sde_ray.data.convert import convert_mmeb
-from sde_ray.data.pipeline import (
-    SimpleProcessor,
-    build_train_dataset,
-    check_shards,
-    data_resources,
-    iter_worker_batches,
-    raw_batch_from_rows,
-)
+from sde_ray.data.batches import raw_batch_from_rows, stable_id
+from sde_ray.data.shards import check_shards
 from sde_ray.data.synthetic import write_synthetic_mmeb
 from sde_ray.ray_cluster import start_local
+from sde_ray.train.data import TrainData, iter_epoch_batches
+
+
+class SimpleProcessor:
+    """A model-free batch processor (the data benchmark's and the tests' stand-in for the model's).
+
+    Decodes each image to RGB `image_size`² uint8 pixels (zeros when absent; the model normalises,
+    as with `sde_ray.models.BatchProcessor`) and hashes text into `max_len` int64 token ids, so its
+    cost resembles a real processor's decode + tokenize. Also emits `key_id` (a stable int64 per
+    sample key) so tests can count samples.
+    """
+
+    def __init__(self, image_size: int = 32, max_len: int = 16, vocab: int = 4096) -> None:
+        self.image_size, self.max_len, self.vocab = image_size, max_len, vocab
+
+    def _pixels(self, images: list) -> tuple[np.ndarray, np.ndarray]:
+        import io
+
+        from PIL import Image
+
+        out = np.zeros((len(images), 3, self.image_size, self.image_size), dtype=np.uint8)
+        present = np.zeros(len(images), dtype=bool)
+        for i, data in enumerate(images):
+            if data is None:
+                continue
+            with Image.open(io.BytesIO(data)) as image:
+                rgb = image.convert("RGB").resize((self.image_size, self.image_size), Image.BILINEAR)
+            out[i] = np.asarray(rgb).transpose(2, 0, 1)
+            present[i] = True
+        return out, present
+
+    def _tokens(self, texts: list[str]) -> np.ndarray:
+        ids = np.zeros((len(texts), self.max_len), dtype=np.int64)
+        for i, text in enumerate(texts):
+            words = text.split()[: self.max_len]
+            ids[i, : len(words)] = [1 + int.from_bytes(hashlib.blake2b(w.encode(), digest_size=4).digest(), "little")
+                                    % (self.vocab - 1) for w in words]
+        return ids
+
+    def __call__(self, raw: dict[str, list]) -> dict[str, np.ndarray]:
+        out = {}
+        for side in ("qry", "pos"):
+            out[f"{side}_input_ids"] = self._tokens(raw[f"{side}_text"])
+            out[f"{side}_attention_mask"] = (out[f"{side}_input_ids"] > 0).astype(np.int64)
+            out[f"{side}_pixel_values"], out[f"{side}_has_image"] = self._pixels(raw[f"{side}_image"])
+        out["target_id"] = np.array([stable_id(h) for h in raw["target_hash"]], dtype=np.int64)
+        out["key_id"] = np.array([stable_id(k) for k in raw["key"]], dtype=np.int64)
+        return out
 
 
 class CpuMeter:
@@ -173,17 +217,15 @@ class ObjectStoreHandOver:
             self.tables, self.bytes = [], 0
 
 
-def ray_run(dataset, consumers: int, batch_size: int, shuffle_buffer: int, epochs: int = 1,
-            end_epoch=lambda n: None) -> int:
-    """Consumes `epochs` passes the way training workers do (`iter_worker_batches`)."""
+def ray_run(data: TrainData, consumers: int, epochs: int = 1, end_epoch=lambda n: None) -> int:
+    """Consumes `epochs` passes the way training workers do (`iter_epoch_batches`, rank i of
+    `consumers`; `data.global_batch` rows per step over all consumers)."""
     counts = [0] * consumers
-    iterators = [dataset.iterator()] if consumers == 1 else dataset.streaming_split(consumers, equal=True)
     barrier = threading.Barrier(consumers, action=lambda: end_epoch(sum(counts)))
 
     def consume(index: int) -> None:
         for epoch in range(epochs):
-            for batch in iter_worker_batches(iterators[index], batch_size, seed=0, epoch=epoch, rank=index,
-                                             shuffle_buffer=shuffle_buffer):
+            for batch in iter_epoch_batches(data, epoch, index, consumers):
                 counts[index] += len(batch["key_id"])
             barrier.wait()
 
@@ -236,7 +278,6 @@ def main(json_path: str | None = None, config: Config | None = None, quick: bool
 
 def _scenario(data, image_size: int, per_subset: int, epochs: int, idle_cpu_per_s: float) -> dict:
     """Floor, ray-1 and ray-2 on freshly generated shards of `image_size` px images."""
-    resources = data_resources(data.data_cpus, data.preprocess_concurrency)
     processor = functools.partial(SimpleProcessor, image_size=image_size)
     batch_size = 32
     results: dict = {}
@@ -246,11 +287,12 @@ def _scenario(data, image_size: int, per_subset: int, epochs: int, idle_cpu_per_
                                 samples_per_shard=data.samples_per_shard, progress=False)
         check = check_shards(str(Path(tmp) / "shards"), manifest)
 
-        def dataset():
-            return build_train_dataset(
-                check.paths, processor, seed=0, check=check, concurrency=resources.concurrency,
-                num_cpus_per_task=resources.task_cpus, preprocess_batch_size=data.preprocess_batch_size,
-                target_block_mb=data.target_block_mb)
+        def train_data(consumers: int) -> TrainData:
+            return TrainData(
+                paths=tuple(check.paths), counts=tuple(check.samples[p] for p in check.paths),
+                processor_factory=processor, seed=0, global_batch=batch_size * consumers,
+                window_rows=data.shuffle_window, data_cpus=data.data_cpus, concurrency=data.preprocess_concurrency,
+                preprocess_batch_size=data.preprocess_batch_size, target_block_mb=data.target_block_mb)
 
         results["floor"] = _measure(
             lambda end: floor_run(check.paths, processor(), data.preprocess_batch_size, epochs, end))
@@ -259,7 +301,7 @@ def _scenario(data, image_size: int, per_subset: int, epochs: int, idle_cpu_per_
                                   transfer_block_bytes=int(data.target_block_mb * 2**20)))
         for name, consumers in (("ray_1_consumer", 1), ("ray_2_consumers", 2)):
             results[name] = _measure(
-                lambda end, n=consumers: ray_run(dataset(), n, batch_size, data.shuffle_buffer, epochs, end))
+                lambda end, n=consumers: ray_run(train_data(n), n, epochs, end))
     floor, transfer = results["floor"], results["floor_to_object_store"]
     for name in ("floor_to_object_store", "ray_1_consumer", "ray_2_consumers"):
         run = results[name]
@@ -284,7 +326,7 @@ def _scenario(data, image_size: int, per_subset: int, epochs: int, idle_cpu_per_
             run["later_epochs"]["ratio_per_cpu_vs_floor_to_object_store"] = (
                 run["later_epochs"]["samples_per_cpu_s"] / transfer["later_epochs"]["samples_per_cpu_s"])
     return {"image_size": image_size, "num_samples": manifest["num_samples"], "num_shards": manifest["num_shards"],
-            "batch_size": batch_size, "shuffle_buffer": data.shuffle_buffer,
+            "batch_size": batch_size, "shuffle_window": data.shuffle_window,
             "preprocess_batch_size": data.preprocess_batch_size, "data_cpus": data.data_cpus,
             "preprocess_concurrency": data.preprocess_concurrency, "results": results}
 

@@ -60,7 +60,8 @@ def _read_samples(shards: list[str], count: int) -> dict[str, list]:
 
 def fixed_batch(config: Config, size: int) -> dict[str, torch.Tensor]:
     """`size` processed samples (the model's BatchProcessor output) from the configured data."""
-    from sde_ray.data.pipeline import prepare_data, raw_batch_from_rows
+    from sde_ray.data.batches import raw_batch_from_rows
+    from sde_ray.data.cache import prepare_data
     from sde_ray.models import BatchProcessor
 
     prepared = prepare_data(config)

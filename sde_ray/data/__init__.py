@@ -1,6 +1,8 @@
-"""MMEB data: the dataset catalog, the converter to WebDataset shards, the synthetic MMEB generator
-and the Ray Data pipeline.
+"""MMEB data: the dataset catalog, the converter to WebDataset shards, the synthetic MMEB generator,
+and the Ray-free parts of the training data path.
 
-`mmeb`, `convert` and `synthetic` are pure format code (no Ray); `pipeline` imports `ray.data`
-(never `ray.train`). Import submodules directly, e.g. `from sde_ray.data.mmeb import MMEB_DATASETS`.
+`mmeb`, `convert` and `synthetic` are format code; `shards` (checks, selective tar reads),
+`batches` (rows -> batches), `cache` (prepared shards under a lock) and `order` (the epoch order
+as a pure function of (seed, epoch)) are what the Ray Data side (`sde_ray.train.data`) runs.
+Nothing here imports Ray. Import submodules directly, e.g. `from sde_ray.data.mmeb import MMEB_DATASETS`.
 """

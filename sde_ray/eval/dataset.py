@@ -172,7 +172,9 @@ def load_images(paths: list[str], source: ImageSource) -> tuple[dict[str, bytes]
         try:
             data = source.read(path)
             with Image.open(io.BytesIO(data)) as image:
-                image.verify()
+                # A full decode: verify() checks the structure only and passes a truncated JPEG,
+                # which would then abort the evaluation when encoded instead of counting a miss.
+                image.load()
         except (FileNotFoundError, UnsafePathError) as exc:
             missing[path] = str(exc)
         except Exception as exc:  # PIL raises many types for bad bytes; all mean "cannot decode"

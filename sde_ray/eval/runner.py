@@ -144,7 +144,7 @@ def resolve_eval_root(data_dir: str | os.PathLike | None, config: Config) -> Pat
     if not chosen:
         if config.data.source != "synthetic":
             raise ValueError("no MMEB-eval root: pass --data DIR or set eval.data_dir / data.mmeb_eval_dir")
-        from sde_ray.data.pipeline import synthetic_eval_dir
+        from sde_ray.data.cache import synthetic_eval_dir
 
         chosen = synthetic_eval_dir(config)  # generates the synthetic MMEB if needed, converts nothing
     root = Path(chosen).expanduser().resolve()

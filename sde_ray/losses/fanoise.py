@@ -60,7 +60,13 @@ def spectral_noise(
     """
     if power <= 0:
         raise ValueError(f"FANoise power must be > 0, got {power}")
-    spectrum = distributed_spectrum(local_features.detach(), rank, world_size, spectral_mode, auto_gram_ratio)
+    # Non-finite features (a diverging step) must give a non-finite loss for the NaN policy, not an
+    # exception: the noise is shaped by the spectrum of the finite entries (zeros elsewhere), and
+    # the loss on features + noise carries the NaN/Inf through. Every rank takes the same path, so
+    # the collectives stay in step whichever rank diverged.
+    finite = local_features.detach()
+    finite = torch.where(torch.isfinite(finite), finite, torch.zeros_like(finite))
+    spectrum = distributed_spectrum(finite, rank, world_size, spectral_mode, auto_gram_ratio)
     stds = direction_stds(spectrum, level, power)
     # Each v_i is defined up to sign and the two decomposition routes may disagree; fixing the sign
     # makes the noise a function of F alone, whichever route and split of the batch produced V.

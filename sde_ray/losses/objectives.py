@@ -12,19 +12,30 @@ from sde_ray.losses.infonce import info_nce
 
 
 class Temperature(torch.nn.Module):
-    """1/τ, fixed or learnable as log(1/τ) clamped to [0, ln 100] like CLIP."""
+    """1/τ, fixed or learnable as log(1/τ), kept in [0, ln 100] (τ in [0.01, 1]) like CLIP.
+
+    The bound is not applied here: a clamp in the forward pass zeroes the gradient once the value
+    is past it, for good. The training loop clamps the parameter in place after each optimizer
+    step instead (`sde_ray.train.loop.clamp_temperatures`, open_clip's rule).
+    """
+
+    MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 1.0
+    bounds = (0.0, math.log(1.0 / MIN_TEMPERATURE))
 
     def __init__(self, temperature: float, learnable: bool):
         super().__init__()
-        value = torch.tensor(math.log(1.0 / temperature))
+        if not self.MIN_TEMPERATURE <= temperature <= self.MAX_TEMPERATURE:
+            raise ValueError(f"temperature must be in [{self.MIN_TEMPERATURE}, {self.MAX_TEMPERATURE}], got {temperature}")
+        # Shape (1,), not 0-dim: DeepSpeed's ZeRO-1/2 flat buffers hand a 0-dim parameter a (1,)
+        # gradient, and its backward then fails on the shape.
+        value = torch.tensor([math.log(1.0 / temperature)])
         if learnable:
             self.log_scale = torch.nn.Parameter(value)
         else:
             self.register_buffer("log_scale", value)
 
     def forward(self) -> torch.Tensor:
-        # reshape: DeepSpeed holds a trainable 0-dim parameter as shape (1,) (see train.loop).
-        return self.log_scale.clamp(0.0, math.log(100.0)).exp().reshape(())
+        return self.log_scale.exp()[0]
 
 
 class InfoNCEObjective(torch.nn.Module):

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ class TrainState:
     world_size: int = 1
     zero_stage: int = 0
     nan_skips: int = 0
+    data_order: dict = field(default_factory=dict)  # what the epoch order depends on (sde_ray.data.order)
 
     @classmethod
     def read(cls, directory: str | os.PathLike) -> TrainState:

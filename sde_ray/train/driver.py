@@ -20,12 +20,13 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from sde_ray.config import Config, ModelConfig, dump_yaml, is_elastic, to_dict, with_values, worker_counts
-from sde_ray.data.pipeline import build_config_dataset, prepare_data
+from sde_ray.data.cache import prepare_data
 from sde_ray.eval.report import results_markdown, write_results
 from sde_ray.models import BatchProcessor, count_parameters
 from sde_ray.ray_cluster import check_capacity, connect, worker_env
 from sde_ray.runs import METRICS_FILE, run_id, wandb_mode
 from sde_ray.train.deepspeed_config import build_deepspeed_config
+from sde_ray.train.data import train_data_from_config
 from sde_ray.train.loop import RunArgs, build_train_module, train_loop_per_worker
 
 
@@ -62,7 +63,7 @@ def build_trainer(
     """The TorchTrainer of one training run (what `run_train` and each Tune trial fit).
 
     The run is named `train.run_name` and stored under `train.storage_path`. `prepared`: the
-    `PreparedData` of `sde_ray.data.pipeline.prepare_data` (computed when None). `step_hook(step=,
+    `PreparedData` of `sde_ray.data.cache.prepare_data` (computed when None). `step_hook(step=,
     rank=, world_size=, module=)`: called on every worker after each optimizer step with the engine's
     module (instrumentation, fault injection in tests); cloudpickle-able. The workers receive the
     typed config itself and a `RunArgs`, both pickled by Ray.
@@ -77,10 +78,11 @@ def build_trainer(
         resources["GPU"] = 1
     # The rank-0 progress line is the run's progress display; Ray Data's bars would interleave with it.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    dataset = build_config_dataset(config, prepared, _ProcessorFactory(config.model))
+    # No Ray Train dataset: each worker reads its rows of the epoch order itself (sde_ray.train.data).
+    train_data = train_data_from_config(config, prepared, _ProcessorFactory(config.model))
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=worker_payload(config, prepared.eval_dir, step_hook),
+        train_loop_config=worker_payload(config, prepared.eval_dir, train_data, step_hook),
         scaling_config=ray.train.ScalingConfig(
             num_workers=num_workers,
             use_gpu=scaling.use_gpu,
@@ -95,11 +97,11 @@ def build_trainer(
             callbacks=callbacks,
             worker_runtime_env={"env_vars": worker_env(config)},
         ),
-        datasets={"train": dataset},
     )
 
 
-def worker_payload(config: Config, eval_dir: str | None, step_hook: Callable[..., None] | None = None) -> dict:
+def worker_payload(config: Config, eval_dir: str | None, train_data=None,
+                   step_hook: Callable[..., None] | None = None) -> dict:
     """What every training worker receives (Ray Train's `train_loop_config` must be a dict): the
     resolved typed config and the run arguments, pickled as they are."""
     args = RunArgs(
@@ -107,6 +109,7 @@ def worker_payload(config: Config, eval_dir: str | None, step_hook: Callable[...
         run_id=run_id(config.train.storage_path, config.train.run_name),
         wandb_mode=wandb_mode(config.logging),
         step_hook=step_hook,
+        train_data=train_data,
     )
     return {"config": config, "args": args}
 

@@ -6,11 +6,13 @@ as they left the driver (pickled), never as strings or plain dicts:
 
 1. build the encoder and the objective as one module (objective parameters train too);
 2. resume from `ray.train.get_checkpoint()`: exact DeepSpeed state when the world size matches,
-   consolidated weights otherwise (an elastic resize), and skip the rows already consumed;
+   consolidated weights otherwise (an elastic resize); the data stream starts at the saved step of
+   the epoch order (`sde_ray.train.data`), reading nothing before it;
 3. `deepspeed.initialize` with the JSON derived from the config;
-4. per optimizer step: this worker's local batch (global / world rows) from its Ray Data shard →
+4. per optimizer step: this worker's local batch (global / world rows) of the epoch order →
    `step.train_step` (chunked encode, the objective once on the global batch, non-finite check
-   agreed by all ranks, one optimizer step; a non-finite step is skipped whole);
+   agreed by all ranks, one optimizer step; a non-finite step is skipped whole); the temperature
+   clamped in place after the step;
 5. per optimizer step: metrics (averaged over ranks) every `log_every`, validation P@1 every
    `eval_every` (rank 0 evaluates, every rank reports it), a checkpoint every `checkpoint_every`;
 6. at the end: spectrum plot, `save_pretrained` export, final P@1 on the eval split, final checkpoint.
@@ -27,7 +29,7 @@ import random
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +39,6 @@ import ray.train
 import torch
 
 from sde_ray.config import Config, TrainConfig, to_dict
-from sde_ray.data.pipeline import iter_worker_batches
 from sde_ray.eval.plots import plot_spectrum
 from sde_ray.eval.runner import evaluate_model
 from sde_ray.eval.runner import validation_p_at_1 as evaluate_validation
@@ -56,6 +57,7 @@ from sde_ray.train.checkpoint import (
     resume_plan,
     save_checkpoint,
 )
+from sde_ray.train.data import SAMPLE_ID, BatchStream, open_epoch_fn
 from sde_ray.train.deepspeed_config import build_deepspeed_config, chunk_size, local_batch_size
 from sde_ray.train.step import train_step
 
@@ -70,7 +72,8 @@ class RunArgs:
     eval_root: str | None  # the eval split validated on and scored at the end; None: no evaluation
     run_id: str  # wandb run id, stable across worker-group restarts
     wandb_mode: str  # resolved on the driver, where WANDB_API_KEY is known
-    step_hook: Callable[..., None] | None = None  # step_hook(step=, rank=, world_size=, module=)
+    step_hook: Callable[..., None] | None = None  # step_hook(step=, rank=, world_size=, module=, ...)
+    train_data: Any = None  # sde_ray.train.data.TrainData: the shards, processor and epoch order
 
 
 # The schedule of one optimizer step's aftermath (torchtitan-style): what happens after step `step`.
@@ -138,15 +141,79 @@ def scalar_parameters_as_vectors(module: torch.nn.Module):
                 parameter.data = parameter.data.view(())
 
 
+def parameter_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters in two AdamW groups, as open_clip does: weight decay on matrices only.
+
+    Biases, norm gains and other vectors (ndim < 2) and the learnable temperature (a scalar) get
+    no decay: decaying a norm's gain or a temperature pulls it toward 0 for no regularising gain.
+    """
+    decay, no_decay = [], []
+    for name, parameter in module.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        exempt = parameter.ndim < 2 or "bias" in name or "norm" in name or "log_scale" in name or "logit_scale" in name
+        (no_decay if exempt else decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
+
+
 def build_engine(module: torch.nn.Module, ds_config: dict):
-    """`deepspeed.initialize` on the trainable parameters (Ray already set up the process group)."""
+    """`deepspeed.initialize` on the trainable parameters (Ray already set up the process group).
+
+    DeepSpeed builds the configured optimizer from these groups; a group's own `weight_decay`
+    overrides the config's (torch.optim semantics, kept by DeepSpeed 0.19's ZeRO optimizers).
+    """
     import deepspeed  # here, not at the top: DeepSpeed picks its accelerator from DS_ACCELERATOR on import
 
+    weight_decay = ds_config.get("optimizer", {}).get("params", {}).get("weight_decay", 0.0)
     with scalar_parameters_as_vectors(module):
         engine, _, _, _ = deepspeed.initialize(
-            model=module, model_parameters=[p for p in module.parameters() if p.requires_grad], config=ds_config
+            model=module, model_parameters=parameter_groups(module, weight_decay), config=ds_config
         )
     return engine
+
+
+def clamp_temperatures(engine) -> None:
+    """Clamps every learnable temperature in place after an optimizer step (open_clip's rule).
+
+    Clamping the parameter, not its value in the forward pass, keeps the gradient alive at the
+    bound. Under ZeRO the optimizer's fp32 master copy is what the next step starts from, so it is
+    clamped too (`safe_get/set_full_fp32_param`, a gather under ZeRO-3: every rank calls this).
+    """
+    from sde_ray.losses.objectives import Temperature
+
+    for temperature in (m for m in engine.module.modules() if isinstance(m, Temperature)):
+        parameter = temperature.log_scale
+        if not isinstance(parameter, torch.nn.Parameter) or not parameter.requires_grad:
+            continue
+        low, high = temperature.bounds
+        with torch.no_grad():
+            if engine.zero_optimization_stage() > 0:
+                from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+                master = safe_get_full_fp32_param(parameter)
+                if master is not None:
+                    safe_set_full_fp32_param(parameter, master.clamp(low, high))
+            local = getattr(parameter, "ds_tensor", None)  # ZeRO-3: this rank's partition
+            (local if local is not None else parameter.data).clamp_(low, high)
+
+
+def call_hook(hook: Callable[..., None], **values) -> None:
+    """`hook(**values)` with the keyword arguments its signature accepts (older hooks take fewer)."""
+    import inspect
+
+    parameters = inspect.signature(hook).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        values = {k: v for k, v in values.items() if k in parameters}
+    hook(**values)
+
+
+def check_order(state: TrainState, spec: dict, rank: int) -> None:
+    """Warns when a checkpoint was written under another epoch order (other shards, seed, window or
+    global batch): the resume continues, but not on the uninterrupted run's rows."""
+    if state.data_order and state.data_order != spec and rank == 0:
+        say(f"[sde_ray] warning: the checkpoint's data order {state.data_order} differs from this run's {spec}; "
+            "the resumed epoch is not the one the checkpointed run would have seen")
 
 
 def seed_everything(seed: int) -> None:
@@ -170,55 +237,6 @@ def to_model_inputs(batch: dict, device: torch.device, float_dtype: torch.dtype)
             tensor = tensor.to(float_dtype)
         out[key] = tensor.to(device)
     return out
-
-
-class BatchStream:
-    """Endless local batches of this worker's shard, epoch after epoch, in step on every rank.
-
-    Position is kept as (epoch, global rows consumed in the epoch); the global rows per step
-    (local × world = global batch) do not change under an elastic resize, so a
-    resume skips the same number of rows whatever the new world size. All ranks agree each step
-    that every one of them still has a batch (one int all-reduce), so an uneven split can never
-    leave a rank waiting in a collective.
-    """
-
-    def __init__(self, open_epoch: Callable[[int], Iterator], micro: int, world_size: int, epoch: int, epoch_rows: int):
-        self.open_epoch = open_epoch
-        self.global_rows = micro * world_size
-        self.world_size = world_size
-        self.epoch = epoch
-        self.epoch_rows = epoch_rows - epoch_rows % self.global_rows
-        self.iterator = self._start(skip=self.epoch_rows // self.global_rows)
-
-    def _start(self, skip: int) -> Iterator:
-        iterator = iter(self.open_epoch(self.epoch))
-        for _ in range(skip):  # rows the checkpointed run already trained on
-            next(iterator, None)
-        return iterator
-
-    def next(self) -> dict:
-        for attempt in range(2):
-            batch = next(self.iterator, None)
-            if all_ranks_true(batch is not None, self.world_size):
-                self.epoch_rows += self.global_rows
-                return batch
-            self.epoch += 1
-            self.epoch_rows = 0
-            self.iterator = self._start(skip=0)
-        raise RuntimeError(
-            f"the training data yields no full batch of {self.global_rows} rows "
-            f"({self.global_rows // self.world_size} per worker); add data or lower train.global_batch_size"
-        )
-
-
-def open_epoch_fn(shard, micro: int, config: Config, rank: int) -> Callable[[int], Iterator]:
-    def open_epoch(epoch: int) -> Iterator:
-        return iter_worker_batches(
-            shard, micro, seed=config.data.shuffle_seed, epoch=epoch, rank=rank,
-            shuffle_buffer=config.data.shuffle_buffer,
-        )
-
-    return open_epoch
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,8 +313,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     eval_root, step_hook = args.eval_root, args.step_hook
     seed_everything(train.seed)
 
-    # 1-2. Model + objective, and where to resume from.
+    # 1-2. Model + objective (the same initial weights on every rank), and where to resume from.
     module = build_train_module(config)
+    # Then one seed per rank: dropout and other module randomness differ across data-parallel ranks
+    # (an exact resume restores each rank's RNG state from the checkpoint instead).
+    seed_everything(train.seed + rank)
     resume_stack = contextlib.ExitStack()
     plan: ResumePlan | None = None
     checkpoint = ray.train.get_checkpoint()
@@ -322,11 +343,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
     resume_stack.close()
     float_dtype = next(engine.module.parameters()).dtype
 
-    # Data: this worker's shard, positioned after the rows the checkpoint already consumed.
-    local = local_batch_size(config, world_size)  # the stream delivers whole local batches
+    # Data: this worker's rows of the epoch order, positioned after the rows the checkpoint consumed
+    # (nothing before that position is read or decoded).
     chunk = chunk_size(config, world_size)  # GradCache: rows per encoder forward
-    shard = ray.train.get_dataset_shard("train")
-    stream = BatchStream(open_epoch_fn(shard, local, config, rank), local, world_size, state.epoch, state.epoch_rows)
+    train_data = args.train_data
+    check_order(state, train_data.spec(), rank)
+    state.data_order = train_data.spec()
+    stream = BatchStream(open_epoch_fn(train_data, rank, world_size), train.global_batch_size, state.epoch,
+                         state.epoch_rows)
 
     launch = broadcast_object(uuid.uuid4().hex[:8], world_size)  # unique checkpoint names per attempt
     logger = RunLogger(config, output_dir, args.run_id, args.wandb_mode, state.step) if rank == 0 else None
@@ -343,7 +367,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     final_metrics: dict[str, float] = {}
     engine.train()
     while state.step < train.max_steps:
-        batch = to_model_inputs(stream.next(), engine.device, float_dtype)
+        local_batch = stream.next()  # this worker's rows of the global batch of this step
+        sample_ids = local_batch.pop(SAMPLE_ID)
+        batch = to_model_inputs(local_batch, engine.device, float_dtype)
         result = train_step(engine, batch, _step_context(config, state, rank, world_size, batch), chunk, world_size)
         window_samples += train.global_batch_size
         if not result.finite:
@@ -361,10 +387,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 say(f"[sde_ray] {message}: skipped ({consecutive_nan}/{train.max_nan_skips})")
             continue
         consecutive_nan = 0
+        clamp_temperatures(engine)  # the optimizer stepped
         for key, value in {**result.metrics, "loss": result.loss}.items():
             window[key] = window.get(key, 0.0) + float(value)
         window_count += 1
         last_features = (result.query, result.target)
+        step_losses = [result.loss]
         state.step += 1
         state.samples += train.global_batch_size
         state.epoch, state.epoch_rows = stream.epoch, stream.epoch_rows
@@ -392,7 +420,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             final_metrics = report
             window, window_count, window_start, window_samples = {}, 0, time.time(), 0
         if step_hook is not None:
-            step_hook(step=state.step, rank=rank, world_size=world_size, module=engine.module)
+            call_hook(step_hook, step=state.step, rank=rank, world_size=world_size, module=engine.module,
+                      sample_ids=sample_ids.tolist(), epoch=stream.epoch, losses=step_losses)
 
     # 6. Spectrum, export, final evaluation, final checkpoint.
     summary: dict[str, Any] = dict(final_metrics)  # empty when relaunching a finished run

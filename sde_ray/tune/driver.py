@@ -20,7 +20,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from sde_ray.config import Config, TuneConfig, with_values
-from sde_ray.data.pipeline import prepare_data
+from sde_ray.data.cache import prepare_data
 from sde_ray.ray_cluster import TRIAL_DRIVER_CPU, check_capacity, connect, run_resources
 from sde_ray.train.driver import build_trainer, resolve_paths
 from sde_ray.tune.outputs import best_row, plot, trial_rows, write_best_config, write_csv

@@ -146,3 +146,21 @@ def test_max_rows_and_clear_errors(tmp_path):
     pq.write_table(pa.table({"qry_text": ["x"], "tgt_text": [["y"]]}), bad)
     with pytest.raises(ValueError, match="qry_img_path"):
         read_rows(tmp_path / "Bad")
+
+
+def test_a_truncated_jpeg_counts_as_missing_instead_of_aborting(tmp_path):
+    from sde_ray.eval.dataset import load_images
+
+    whole = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(whole, "JPEG")
+    data = whole.getvalue()
+    with Image.open(io.BytesIO(data[: len(data) // 2])) as image:
+        image.verify()  # the old check: structure only, the truncation passes
+    (tmp_path / "eval_images").mkdir()
+    (tmp_path / "eval_images" / "cut.jpg").write_bytes(data[: len(data) // 2])
+    (tmp_path / "eval_images" / "whole.jpg").write_bytes(data)
+    source = eval_image_source(tmp_path)
+    found, missing = load_images(["cut.jpg", "whole.jpg"], source)
+    assert list(found) == ["whole.jpg"] and found["whole.jpg"] == data
+    assert list(missing) == ["cut.jpg"] and "undecodable" in missing["cut.jpg"]
+    source.close()

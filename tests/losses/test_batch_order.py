@@ -1,6 +1,6 @@
 """Every objective treats a batch as a set of pairs: the order of its rows changes nothing.
 
-The data pipeline relies on it (`sde_ray.data.pipeline.gather_rows` hands a batch's rows over in
+The data pipeline relies on it (`sde_ray.data.batches.gather_rows` hands a batch's rows over in
 stream order). FANoise draws its noise row by row, so in training it is order-invariant only in
 distribution; it is checked with the noise off.
 """

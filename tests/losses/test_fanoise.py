@@ -109,3 +109,21 @@ def test_bad_settings_are_rejected_by_name():
         FANoiseObjective(0.5, 0.1, ScheduleConfig(), "keys", 0.05, False, "ignore")
     with pytest.raises(ValueError, match="power must be > 0"):
         FANoiseObjective(0.0, 0.1, ScheduleConfig(), "both", 0.05, False, "ignore")
+
+
+def test_non_finite_features_give_a_non_finite_loss_not_an_exception():
+    """The NaN policy acts on a non-finite loss; FANoise used to raise from the spectrum instead."""
+    objective = FANoiseObjective(0.5, 0.5, ScheduleConfig(kind="constant"), "both", 0.05, False, "ignore")
+    query, _ = _planted_features(seed=1)
+    target, _ = _planted_features(seed=2)
+    query = query.float().clone()
+    query[3, 1] = float("nan")
+    context = StepContext(progress=0.5, rank=0, world_size=1, training=True,
+                          generator=torch.Generator().manual_seed(0))
+    loss, _ = objective(query, target.float(), context)
+    assert not torch.isfinite(loss)
+    # The same features with the entry made finite again give a finite loss.
+    query[3, 1] = 0.0
+    clean, _ = objective(query, target.float(), StepContext(progress=0.5, rank=0, world_size=1, training=True,
+                                                           generator=torch.Generator().manual_seed(0)))
+    assert torch.isfinite(clean)

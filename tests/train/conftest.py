@@ -29,7 +29,7 @@ SMALL = [
 @pytest.fixture(scope="session")
 def data_cache(tmp_path_factory) -> Path:
     """The synthetic MMEB and its shards, generated and converted once for the whole session."""
-    from sde_ray.data.pipeline import prepare_data
+    from sde_ray.data.cache import prepare_data
 
     cache = tmp_path_factory.mktemp("sde_ray_cache")
     prepare_data(load_config(None, SMALL + [f"data.cache_dir={cache}"]))

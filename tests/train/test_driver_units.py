@@ -12,7 +12,7 @@ from sde_ray.config import ConfigError, load_config
 from sde_ray.train.checkpoint import match_shapes
 from sde_ray.ray_cluster import run_resources
 from sde_ray.train.driver import dry_run_report, resolve_paths
-from sde_ray.train.loop import BatchStream
+from sde_ray.train.data import BatchStream
 from sde_ray.runs import RunLogger
 
 
@@ -63,26 +63,32 @@ def test_capacity_check_fails_fast_with_the_numbers(ray_cluster):
                                       "train.global_batch_size=48"]))
 
 
-def _epochs(rows_per_epoch: int, micro: int):
-    def open_epoch(epoch: int):
-        for start in range(0, rows_per_epoch - micro + 1, micro):
-            yield {"row": torch.arange(start, start + micro) + 1000 * epoch}
+def _epochs(rows_per_epoch: int, batch: int, opened: list):
+    """Epochs of `rows_per_epoch // batch` batches; records each (epoch, start_step) it is opened at."""
+    def open_epoch(epoch: int, start_step: int):
+        opened.append((epoch, start_step))
+        for start in range(start_step * batch, rows_per_epoch - batch + 1, batch):
+            yield {"row": torch.arange(start, start + batch) + 1000 * epoch}
     return open_epoch
 
 
-def test_batch_stream_rolls_epochs_and_resumes_by_rows():
-    stream = BatchStream(_epochs(40, 8), micro=8, world_size=1, epoch=0, epoch_rows=0)
+def test_batch_stream_rolls_epochs_and_resumes_at_the_saved_step():
+    opened = []
+    stream = BatchStream(_epochs(40, 8, opened), global_rows=8, epoch=0, epoch_rows=0)
     rows = [int(stream.next()["row"][0]) for _ in range(7)]
     assert rows == [0, 8, 16, 24, 32, 1000, 1008]
     assert (stream.epoch, stream.epoch_rows) == (1, 16)
-    # A resume with the same position continues with the next unseen batch.
-    resumed = BatchStream(_epochs(40, 8), micro=8, world_size=1, epoch=1, epoch_rows=16)
-    assert int(resumed.next()["row"][0]) == 1016
+    # A resume opens the saved epoch at the saved step (nothing before it is produced).
+    opened = []
+    resumed = BatchStream(_epochs(40, 8, opened), global_rows=8, epoch=1, epoch_rows=16)
+    assert int(resumed.next()["row"][0]) == 1016 and opened == [(1, 2)]
+    with pytest.raises(ValueError, match="whole number of global batches"):
+        BatchStream(_epochs(40, 8, []), global_rows=8, epoch=1, epoch_rows=12)
 
 
 def test_batch_stream_names_a_dataset_smaller_than_one_batch():
-    stream = BatchStream(_epochs(4, 8), micro=8, world_size=1, epoch=0, epoch_rows=0)
-    with pytest.raises(RuntimeError, match="no full batch of 8 rows"):
+    stream = BatchStream(_epochs(4, 8, []), global_rows=8, epoch=0, epoch_rows=0)
+    with pytest.raises(RuntimeError, match="no full global batch of 8 rows"):
         stream.next()
 
 

@@ -97,10 +97,33 @@ def test_run_grows_from_one_to_two_workers(small_config, tmp_path):
         assert sizes[0] == 1 and sizes[-1] == 2, sizes
         assert [r["step"] for r in _metrics(output_dir)] == list(range(2, 25, 2))
         assert "consolidated weights, fresh optimizer state (world size 1 -> 2)" in output
+        # The learning rate at every logged step, before and after the resize, is the uninterrupted
+        # schedule's: DeepSpeed's own scheduler, stepped once per optimizer step from a fresh start.
+        reference = _reference_lrs(config, 24)
+        for row in _metrics(output_dir):
+            assert row["lr"] == pytest.approx(reference[row["step"]], rel=1e-9, abs=1e-12), row
     finally:
         for process in reversed(processes):
             ray_nodes.stop(process)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _reference_lrs(config, steps: int) -> dict[int, float]:
+    """step -> the lr after `step` optimizer steps of the configured DeepSpeed schedule."""
+    import torch
+    from deepspeed.runtime import lr_schedules
+
+    from sde_ray.train.deepspeed_config import build_deepspeed_config
+
+    scheduler_block = build_deepspeed_config(config, 1)["scheduler"]
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=config.train.lr)
+    scheduler = getattr(lr_schedules, scheduler_block["type"])(optimizer, **scheduler_block["params"])
+    lrs = {}
+    for step in range(1, steps + 1):
+        optimizer.step()
+        scheduler.step()
+        lrs[step] = scheduler.get_last_lr()[0]
+    return lrs
 
 
 def _flatten(tree: dict, prefix: str = "") -> list[str]:

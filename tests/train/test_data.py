@@ -1,4 +1,6 @@
-"""The Ray Data pipeline on a local Ray cluster: 2 consumers, equal batches, every sample once, corrupt shard."""
+"""The training data path on a local Ray cluster (`sde_ray.train.data`) and its Ray-free parts:
+2 consumers, equal batches in the epoch order, every sample once, corrupt shards and bad samples,
+selective tar reads, and a resume that starts as fast late in an epoch as early in it."""
 
 from __future__ import annotations
 
@@ -13,23 +15,18 @@ import torch
 
 from sde_ray.config import load_config
 from sde_ray.data.convert import convert_mmeb
-from sde_ray.data.pipeline import (
-    SimpleProcessor,
+from sde_ray.bench.data import SimpleProcessor
+from sde_ray.data.batches import gather_rows, process_rows, stable_id
+from sde_ray.data.cache import prepare_data, synthetic_eval_dir
+from sde_ray.data.order import WorkerPlan
+from sde_ray.data.shards import check_shards, read_samples
+from sde_ray.train.data import (
+    TrainData,
     batches_per_epoch,
-    build_train_dataset,
-    check_shards,
-    data_resources,
-    epoch_seed,
-    gather_rows,
-    iter_worker_batches,
     cached_processor,
-    prepare_data,
-    preprocess_shard,
+    data_resources,
+    iter_epoch_batches,
     processor_key,
-    raw_batch_from_rows,
-    stable_id,
-    stream_chunks,
-    synthetic_eval_dir,
 )
 from sde_ray.data.synthetic import write_synthetic_mmeb
 
@@ -44,6 +41,12 @@ def shards(tmp_path_factory) -> tuple[Path, dict]:
     write_synthetic_mmeb(root, seed=0, train_per_subset=PER_SUBSET, eval_per_dataset=2)
     manifest = convert_mmeb(root / "MMEB-train", root / "shards", samples_per_shard=SHARD, progress=False)
     return root / "shards", manifest
+
+
+def train_data(check, factory, global_batch: int, window_rows: int, seed: int = 0) -> TrainData:
+    return TrainData(paths=tuple(check.paths), counts=tuple(check.samples[p] for p in check.paths),
+                     processor_factory=factory, seed=seed, global_batch=global_batch, window_rows=window_rows,
+                     preprocess_batch_size=8)
 
 
 def all_keys(manifest: dict, shard_dir: Path, exclude: set[str]) -> set[int]:
@@ -74,16 +77,16 @@ def test_two_consumers_equal_batches_each_sample_once_corrupt_shard_skipped(ray_
         assert list(check.skipped) == [str(corrupt)] and "manifest" in check.skipped[str(corrupt)]
         assert check.num_samples == 10 * SHARD  # 160 = 2 workers x 10 batches x 8: nothing dropped
 
-        dataset = build_train_dataset(check.paths, SimpleProcessor, seed=0, check=check, preprocess_batch_size=16)
-        iterators = dataset.streaming_split(2, equal=True)
+        plan = train_data(check, SimpleProcessor, global_batch=2 * BATCH, window_rows=64)
         seen: dict[int, list[int]] = {}
         batch_counts: dict[int, int] = {}
 
         def consume(rank: int) -> None:
             keys, count = [], 0
-            for batch in iter_worker_batches(iterators[rank], BATCH, seed=0, epoch=0, rank=rank):
+            for batch in iter_epoch_batches(plan, 0, rank, 2):
                 assert batch["qry_pixel_values"].shape == (BATCH, 3, 32, 32)
                 assert batch["qry_pixel_values"].dtype == torch.uint8  # normalised by the model
+                assert torch.equal(batch["key_id"], batch["sample_id"])  # the pipeline's id is the key's
                 keys.extend(batch["key_id"].tolist())
                 count += 1
             seen[rank], batch_counts[rank] = keys, count
@@ -160,24 +163,6 @@ def test_data_bench_quick(ray_cluster, tmp_path) -> None:
             assert run["later_epochs"]["samples"] == run["samples"] // 2
 
 
-@pytest.mark.ray
-def test_worker_batches_reshuffle_per_epoch_reproducibly(ray_cluster) -> None:
-    import ray
-
-    dataset = ray.data.range(100)
-
-    def order(epoch: int, rank: int = 0) -> list[int]:
-        batches = list(iter_worker_batches(dataset.iterator(), 8, seed=5, epoch=epoch, rank=rank, shuffle_buffer=32))
-        assert all(len(b["id"]) == 8 for b in batches) and len(batches) == 100 // 8
-        return [int(i) for b in batches for i in b["id"]]
-
-    first = order(0)
-    assert first == order(0)  # reproducible from (seed, epoch, rank)
-    assert first != order(1) and first != order(0, rank=1)
-    assert len(set(first)) == 96 and set(first) <= set(range(100))  # each row at most once, 4 dropped
-    assert first[:32] != sorted(first[:32]) and set(first[:32]) == set(range(32))  # shuffled within a buffer
-
-
 def _row_pieces(sizes: list[int], seed: int = 0) -> list[dict]:
     """Pieces of a stream whose row r holds `id` r and an image-like uint8 block of r's value."""
     generator = torch.Generator().manual_seed(seed)
@@ -199,41 +184,6 @@ def test_gather_rows_matches_indexing_the_concatenation() -> None:
         expected = index.sort().values
         assert torch.equal(batch["id"], expected)
         assert torch.equal(batch["pixels"], whole["pixels"][expected])
-
-
-def test_stream_chunks_cut_exact_runs_without_copying() -> None:
-    pieces = _row_pieces([5, 3, 10, 7])
-    chunks = list(stream_chunks(iter(pieces), 8))
-    assert [sum(len(p["id"]) for p in chunk) for chunk in chunks] == [8, 8, 8, 1]
-    assert torch.equal(torch.cat([p["id"] for chunk in chunks for p in chunk]), torch.arange(25))
-    storages = {piece["pixels"].untyped_storage().data_ptr() for piece in pieces}
-    assert all(p["pixels"].untyped_storage().data_ptr() in storages for chunk in chunks for p in chunk)
-
-
-@pytest.mark.ray
-@pytest.mark.parametrize("merge_chunk_bytes", [0, 2**40])  # always gather from pieces / always merge
-def test_worker_batches_match_a_single_process_reference(ray_cluster, merge_chunk_bytes) -> None:
-    import ray
-
-    # 7 blocks of 30 rows with 3 record batches each: chunks of 32 rows straddle them.
-    dataset = ray.data.range(210, override_num_blocks=7).map_batches(
-        lambda batch: {"id": batch["id"], "image": np.repeat(batch["id"][:, None], 48, 1).astype(np.uint8)},
-        batch_size=10)
-    dataset.context.execution_options.preserve_order = True
-    batches = list(iter_worker_batches(dataset.iterator(), 8, seed=3, epoch=2, rank=1, shuffle_buffer=32,
-                                       merge_chunk_bytes=merge_chunk_bytes))
-    # Reference: the stream in order, chunks of 32 rows, one permutation each, batches of 8.
-    stream = torch.cat([torch.as_tensor(b["id"]) for b in dataset.iter_batches(batch_size=None)])
-    generator = torch.Generator().manual_seed(epoch_seed(3, 2 * 1_000_003 + 1))
-    expected = []
-    for start in range(0, len(stream), 32):
-        chunk = stream[start:start + 32]
-        order = torch.randperm(len(chunk), generator=generator)
-        expected += [chunk[order[i:i + 8]].sort().values for i in range(0, len(chunk) - 7, 8)]
-    assert len(batches) == len(expected) == 210 // 8
-    for batch, rows in zip(batches, expected):
-        assert torch.equal(batch["id"], rows)
-        assert torch.equal(batch["image"], (rows[:, None] % 256).to(torch.uint8).expand(-1, 48))
 
 
 @pytest.mark.ray
@@ -295,52 +245,79 @@ def first_shard_rows(shards) -> dict[str, list]:
     return rows
 
 
-def test_preprocess_shard_yields_bounded_chunks_in_order(shards) -> None:
-    import pandas as pd
-
-    rows = first_shard_rows(shards)
-    frame = pd.DataFrame(rows)  # what Ray's WebDataset reader hands over
-    chunks = list(preprocess_shard(frame, processor_factory=SimpleProcessor, cache_key="test-chunks", chunk_rows=5))
-    assert [len(c["key_id"]) for c in chunks] == [5, 5, 5, 1]  # 16 rows
-    whole = SimpleProcessor()(raw_batch_from_rows(rows))
-    for name, value in whole.items():
-        assert (np.concatenate([c[name] for c in chunks]) == value).all(), name
-
-
 def test_a_sample_the_processor_rejects_is_skipped_and_logged_not_fatal(shards, caplog) -> None:
-    import pandas as pd
-
     rows = first_shard_rows(shards)
     with_image = next(i for i, image in enumerate(rows["qry.img"]) if image is not None)
     broken_json = (with_image + 1) % len(rows["json"])
     rows["qry.img"][with_image] = b"\xff\xd8 not a jpeg"
     rows["json"][broken_json] = b"{not json"
     bad_keys = {rows["__key__"][with_image], rows["__key__"][broken_json]}
-    frame = pd.DataFrame(rows)
-    with caplog.at_level("WARNING", logger="sde_ray.data.pipeline"):
-        chunks = list(preprocess_shard(frame, processor_factory=SimpleProcessor, cache_key="test-skip", chunk_rows=5))
-    kept = {int(k) for c in chunks for k in c["key_id"]}
+    with caplog.at_level("WARNING", logger="sde_ray.data.batches"):
+        out, kept_rows = process_rows(rows, SimpleProcessor(), "shard-0")
+    kept = {int(k) for k in out["key_id"]}
     assert kept == {stable_id(k) for k in rows["__key__"]} - {stable_id(k) for k in bad_keys}
+    assert [stable_id(rows["__key__"][i]) for i in kept_rows] == out["key_id"].tolist()  # which rows survived
     logged = " ".join(record.getMessage() for record in caplog.records)
     assert all(key in logged for key in bad_keys)
     assert sum(int(n) for n in re.findall(r"skipped (\d+) of", logged)) == 2  # counted
 
 
-@pytest.mark.ray
-def test_read_and_preprocess_fuse_into_one_task_and_processors_are_reused(ray_cluster, shards, tmp_path) -> None:
-    import functools
+
+
+def test_read_samples_matches_webdataset_and_never_decodes_the_other_rows(shards, tmp_path) -> None:
+    import tarfile
 
     shard_dir, manifest = shards
-    folder = tmp_path / "built"
-    folder.mkdir()
+    reference = first_shard_rows(shards)
+    path = str(shard_dir / manifest["shards"][0]["name"])
+    wanted = [1, 4, 9, 15]
+    got = read_samples(path, wanted)
+    for name in ("__key__", "json", "qry.img", "pos.img"):
+        assert got.get(name, [None] * len(wanted)) == [reference[name][i] for i in wanted], name
+    # Garble the image bytes of every other sample in a copy: reading and processing the wanted
+    # rows still works, so the other rows' bytes were never decoded.
+    copy = tmp_path / "garbled.tar"
+    data = bytearray(Path(path).read_bytes())
+    with tarfile.open(path) as archive:
+        for member in archive.getmembers():
+            index = reference["__key__"].index(member.name.split(".", 1)[0])
+            if index not in wanted and member.name.endswith(".img"):
+                data[member.offset_data:member.offset_data + member.size] = b"\x00" * member.size
+    copy.write_bytes(bytes(data))
+    out, kept = process_rows(read_samples(str(copy), wanted), SimpleProcessor())
+    assert kept == list(range(len(wanted)))
+    assert out["key_id"].tolist() == [stable_id(reference["__key__"][i]) for i in wanted]
+    with pytest.raises(ValueError, match="fewer than"):
+        read_samples(path, [SHARD + 3])
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_batches_follow_the_order_and_a_late_resume_starts_as_fast_as_an_early_one(ray_cluster, shards) -> None:
+    import time
+
+    shard_dir, manifest = shards
     check = check_shards(str(shard_dir), manifest)
-    factory = functools.partial(CountingProcessor, str(folder))
-    for epoch in range(2):
-        dataset = build_train_dataset(check.paths, factory, seed=0, epoch=epoch, check=check, preprocess_batch_size=8)
-        keys = [int(k) for batch in dataset.iter_batches(batch_size=None) for k in batch["key_id"]]
-        assert len(keys) == len(set(keys)) == manifest["num_samples"]
-        # Read and preprocessing ran as one operator: the raw bytes never crossed the object store.
-        assert "ReadWebDataset->MapBatches(preprocess_shard)" in dataset.stats()
-    builds = [name.split("-")[0] for name in os.listdir(folder)]
-    # One construction per worker process over 2 epochs x 11 shards (not one per task or epoch).
-    assert len(builds) == len(set(builds)) < len(check.paths)
+    data = train_data(check, SimpleProcessor, global_batch=8, window_rows=16, seed=4)
+    # Reference keys by (shard, row), read with webdataset.
+    import webdataset as wds
+
+    keys = {(i, r): stable_id(sample["__key__"]) for i, p in enumerate(check.paths)
+            for r, sample in enumerate(wds.WebDataset(p, shardshuffle=False, empty_check=False))}
+    for rank in range(2):
+        plan = WorkerPlan(data.order(1), rank, 2)
+        expected = []
+        for window in plan.windows():
+            where = {int(q): (t.shard, int(r)) for t in window.tasks for q, r in zip(t.positions, t.rows)}
+            expected += [sorted(keys[where[int(q)]] for q in batch) for batch in window.batches]
+        full = [sorted(b["key_id"].tolist()) for b in iter_epoch_batches(data, 1, rank, 2)]
+        assert full == expected and len(full) == data.order(1).steps == 176 // 8
+        assert [sorted(b["key_id"].tolist()) for b in iter_epoch_batches(data, 1, rank, 2, start_step=15)] == full[15:]
+    # Time from "resume" to the first batch, early and late in the epoch (printed for the report).
+    times = {}
+    for start in (1, 20):
+        began = time.perf_counter()
+        next(iter_epoch_batches(data, 1, 0, 2, start_step=start))
+        times[start] = time.perf_counter() - began
+    print(f"resume-to-first-batch: step 1 of 22: {times[1]:.2f} s; step 20 of 22: {times[20]:.2f} s")
+    assert times[20] < 2 * times[1] + 1.0

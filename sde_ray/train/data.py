@@ -1,0 +1,328 @@
+"""The Ray Data side of training: each worker's batches of an epoch, read in an order our code computes.
+
+Why not one dataset and `streaming_split`: streaming_split hands blocks to whichever worker asks
+first, and the shard order of `read_webdataset(shuffle=FileShuffleConfig(...))` is re-drawn from
+Ray's internal execution counter, which restarts at 0 with every new worker group. Neither is a
+function of (seed, epoch), so a restarted or resized run trained other rows than the run it resumed.
+
+Here every worker builds, per epoch, its own small Ray Data dataset from the read tasks of
+`sde_ray.data.order.WorkerPlan` (one per (window, shard): the rows of that shard this worker
+needs, ascending): `from_items(tasks) -> map_batches(read_task)`, where `read_task` reads only
+those samples of the tar (`read_samples`: the others are skipped by their headers, never decoded)
+and runs the model's batch processor on them in chunks, in CPU tasks of the data stage's
+reservation (`data_resources`, split over the workers). The worker regroups the blocks of one
+window and gathers its batches from them (`gather_rows`, one copy per row), in the plan's order.
+
+So the rows of global step s are the same whatever the world size or the number of restarts, and
+a resume at step k starts at the window holding k: earlier windows' shards are never opened.
+
+`BatchStream` drives that epoch after epoch and keeps the position that checkpoints save.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from sde_ray.data.batches import gather_rows, process_rows, stable_id
+from sde_ray.data.order import EpochOrder, Window, WorkerPlan, order_spec
+from sde_ray.data.shards import read_samples
+
+logger = logging.getLogger(__name__)
+
+POSITION = "__pos__"  # stream position of a row (the order's coordinate), dropped from batches
+WINDOW = "__window__"
+SAMPLE_ID = "sample_id"  # stable_id of the WebDataset key: lets tests and logs count rows
+
+# Below this many bytes a window's pieces are concatenated before gathering: one small copy costs
+# less than gathering every batch from many small pieces (per-op overhead). Measured on the consumer
+# alone per epoch: 32 px chunks (1.6 MB in ~5 pieces), 0.12 CPU-s gathering vs 0.08 merged; 224 px
+# chunks (77 MB), 0.09 gathering vs 0.28 with Ray's combine.
+MERGE_CHUNK_BYTES = 8 * 2**20
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU reservation for the data stage
+
+
+@dataclass(frozen=True)
+class DataResources:
+    """How the data stage's CPUs are spent: `concurrency` read+preprocess tasks of `task_cpus` each."""
+
+    task_cpus: float
+    concurrency: int
+
+    @property
+    def total(self) -> float:
+        return self.task_cpus * self.concurrency
+
+
+def data_resources(data_cpus: float, preprocess_concurrency: int) -> DataResources:
+    """Splits `data_cpus` evenly over `preprocess_concurrency` concurrent read+preprocess tasks.
+
+    The trap (DESIGN.md): Ray Data's read tasks ask for 1 CPU by default, and once the training
+    workers hold the rest of the cluster a read that cannot be scheduled stalls forever. Sizing the
+    tasks to fit inside `data_cpus` (which the train driver keeps out of the training workers' share)
+    means the whole stage always fits. The concurrency is capped too: fractional tasks without a
+    cap start many cold worker processes at once (measured here: 7x slower on 2 cores).
+    """
+    if data_cpus <= 0:
+        raise ValueError(f"data.data_cpus must be > 0 for a Ray Data pipeline, got {data_cpus}")
+    if preprocess_concurrency < 1:
+        raise ValueError(f"data.preprocess_concurrency must be >= 1, got {preprocess_concurrency}")
+    return DataResources(task_cpus=data_cpus / preprocess_concurrency, concurrency=preprocess_concurrency)
+
+
+# ---------------------------------------------------------------------------------------------
+# Processors, cached per Ray worker process
+
+# Each Ray worker process keeps the processors it has built (keyed by their factory's pickled
+# bytes): a tokenizer and image processor are built once per process and reused by every later
+# task and epoch, which is what an actor pool would buy, without an actor start per epoch.
+_PROCESSORS: OrderedDict[str, Callable[[dict], dict]] = OrderedDict()
+_PROCESSORS_KEPT = 4
+
+
+def processor_key(processor_factory: Callable[[], Callable[[dict], dict]]) -> str:
+    """A stable name for a processor factory: the sha256 of its cloudpickled bytes."""
+    from ray import cloudpickle
+
+    return hashlib.sha256(cloudpickle.dumps(processor_factory)).hexdigest()
+
+
+def cached_processor(key: str, processor_factory: Callable[[], Callable[[dict], dict]]) -> Callable[[dict], dict]:
+    """This process's processor for `key`, built by `processor_factory()` on first use."""
+    processor = _PROCESSORS.get(key)
+    if processor is None:
+        processor = _PROCESSORS[key] = processor_factory()
+        while len(_PROCESSORS) > _PROCESSORS_KEPT:
+            _PROCESSORS.popitem(last=False)
+    _PROCESSORS.move_to_end(key)
+    return processor
+
+
+# ---------------------------------------------------------------------------------------------
+# The epoch's data for one worker
+
+
+@dataclass(frozen=True)
+class TrainData:
+    """Everything a worker needs to read any epoch (picklable; built on the driver).
+
+    `paths`/`counts`: the usable shards (after `check_shards`) and their sample counts, in the
+    check's order (the order function permutes them per epoch).
+    """
+
+    paths: tuple[str, ...]
+    counts: tuple[int, ...]
+    processor_factory: Callable[[], Callable[[dict], dict]]
+    seed: int
+    global_batch: int
+    window_rows: int
+    data_cpus: float = 1.0
+    concurrency: int = 1
+    preprocess_batch_size: int = 64
+    target_block_mb: float = 32.0
+
+    def order(self, epoch: int) -> EpochOrder:
+        return EpochOrder(self.counts, self.seed, epoch, self.global_batch, self.window_rows)
+
+    def spec(self) -> dict:
+        return order_spec(self.paths, self.counts, self.seed, self.global_batch, self.window_rows)
+
+
+def train_data_from_config(config, prepared, processor_factory) -> TrainData:
+    """The `TrainData` of `config.data` / `config.train` and a `PreparedData` (the driver calls it)."""
+    check = prepared.check
+    counts = [check.samples.get(p) for p in check.paths] if check is not None else [None]
+    if check is None or any(c is None for c in counts):
+        raise ValueError("the epoch order needs every shard's sample count: give local shards or a manifest "
+                         f"with num_samples for each of data.shards ({prepared.shards[:3]}...)")
+    data = config.data
+    if data.shuffle_window < 1:
+        raise ValueError(f"data.shuffle_window must be >= 1 row, got {data.shuffle_window}")
+    if data.preprocess_batch_size < 1:
+        raise ValueError(f"data.preprocess_batch_size must be >= 1, got {data.preprocess_batch_size}")
+    data_resources(data.data_cpus, data.preprocess_concurrency)  # validates
+    return TrainData(paths=tuple(check.paths), counts=tuple(int(c) for c in counts),
+                     processor_factory=processor_factory, seed=data.shuffle_seed,
+                     global_batch=config.train.global_batch_size, window_rows=data.shuffle_window,
+                     data_cpus=data.data_cpus, concurrency=data.preprocess_concurrency,
+                     preprocess_batch_size=data.preprocess_batch_size, target_block_mb=data.target_block_mb)
+
+
+def read_task(batch: dict, *, paths: tuple[str, ...], processor_factory, cache_key: str,
+              chunk_rows: int) -> Iterator[dict[str, np.ndarray]]:
+    """Ray Data task: the rows of each read task in `batch` -> processed chunks with positions.
+
+    Only the wanted samples are read from the tar; the processor runs on `chunk_rows` of them at a
+    time (a task's memory stays at one chunk of decoded pixels). Rows it rejects are dropped and
+    logged (`process_rows`); the positions column tells the consumer which ones survived.
+    """
+    processor = cached_processor(cache_key, processor_factory)
+    for shard, rows, positions, window in zip(batch["shard"], batch["rows"], batch["positions"], batch["window"]):
+        rows, positions = np.frombuffer(rows, dtype=np.int64), np.frombuffer(positions, dtype=np.int64)
+        path = paths[int(shard)]
+        for start in range(0, len(rows), chunk_rows):
+            columns = read_samples(path, rows[start:start + chunk_rows].tolist())
+            out, kept = process_rows(columns, processor, path)
+            if out is None:
+                continue
+            out[SAMPLE_ID] = np.array([stable_id(columns["__key__"][i]) for i in kept], dtype=np.int64)
+            out[POSITION] = positions[start:start + chunk_rows][kept].astype(np.int64)
+            out[WINDOW] = np.full(len(kept), int(window), dtype=np.int64)
+            yield out
+
+
+def epoch_dataset(data: TrainData, windows: list[Window], world_size: int):
+    """This worker's Ray Dataset for the given windows: one block and one CPU task per read task."""
+    import ray.data
+
+    tasks = [{"shard": t.shard, "rows": t.rows.astype(np.int64).tobytes(),
+              "positions": t.positions.astype(np.int64).tobytes(), "window": t.window}
+             for window in windows for t in window.tasks]
+    # Each worker drives its own dataset: the data stage's CPUs are split over the workers.
+    resources = data_resources(data.data_cpus / world_size, data.concurrency)
+    dataset = ray.data.from_items(tasks, override_num_blocks=max(1, len(tasks)))
+    dataset = dataset.map_batches(
+        read_task,
+        fn_kwargs={"paths": data.paths, "processor_factory": data.processor_factory,
+                   "cache_key": processor_key(data.processor_factory), "chunk_rows": data.preprocess_batch_size},
+        batch_size=None,
+        batch_format="numpy",
+        num_cpus=resources.task_cpus,
+        compute=ray.data.TaskPoolStrategy(size=resources.concurrency),
+    )
+    dataset.context.execution_options.preserve_order = True  # blocks arrive in plan order
+    dataset.context.target_max_block_size = int(data.target_block_mb * 2**20)
+    dataset.context.enable_progress_bars = False
+    return dataset
+
+
+def iter_epoch_batches(data: TrainData, epoch: int, rank: int, world_size: int, start_step: int = 0,
+                       prefetch_batches: int = 1, merge_chunk_bytes: int | None = None) -> Iterator[dict]:
+    """This worker's local batches (global batch / world size rows each) of `epoch` from
+    `start_step` on, as CPU torch tensors, exactly `order.steps - start_step` of them."""
+    plan = WorkerPlan(data.order(epoch), rank, world_size, start_step)
+    windows = list(plan.windows())
+    if not windows:
+        return
+    merge_chunk_bytes = MERGE_CHUNK_BYTES if merge_chunk_bytes is None else merge_chunk_bytes
+    blocks = epoch_dataset(data, windows, world_size).iter_batches(
+        batch_size=None, batch_format="pyarrow", prefetch_batches=prefetch_batches)
+    pieces = (piece for block in blocks for piece in torch_pieces(block))
+    pending = None
+    for window in windows:
+        held = [pending] if pending is not None and int(pending[WINDOW][0]) == window.index else []
+        pending = None if held else pending
+        if pending is None:
+            for piece in pieces:
+                if int(piece[WINDOW][0]) != window.index:
+                    pending = piece
+                    break
+                held.append(piece)
+        yield from window_batches(window, held, merge_chunk_bytes)
+
+
+def window_batches(window: Window, pieces: list[dict], merge_chunk_bytes: int = MERGE_CHUNK_BYTES) -> Iterator[dict]:
+    """The window's batches gathered from its pieces, by stream position.
+
+    A row the processor rejected is missing: its place in the batch is taken by another row of the
+    same batch (logged), so every worker's batch stays full and the collectives stay in step.
+    """
+    import torch
+
+    if not pieces:
+        raise RuntimeError(f"window {window.index}: the processor rejected every row of this worker's share")
+    if len(pieces) > 1 and sum(v.nbytes for p in pieces for v in p.values()) < merge_chunk_bytes:
+        pieces = [{name: torch.cat([p[name] for p in pieces]) for name in pieces[0]}]
+    positions = torch.cat([p[POSITION] for p in pieces]).numpy()
+    by_position = np.argsort(positions, kind="stable")
+    ordered = positions[by_position]
+    pieces = [{k: v for k, v in p.items() if k not in (POSITION, WINDOW)} for p in pieces]
+    for wanted in window.batches:
+        slot = np.minimum(np.searchsorted(ordered, wanted), len(ordered) - 1)
+        found = ordered[slot] == wanted
+        if not found.all():
+            present = slot[found]
+            if not len(present):
+                raise RuntimeError(f"window {window.index}: every row of a batch was rejected by the processor")
+            logger.warning("%d rejected row(s) of a batch replaced by other rows of the same batch", int((~found).sum()))
+            slot = np.where(found, slot, present[np.arange(len(slot)) % len(present)])
+        yield gather_rows(pieces, torch.as_tensor(by_position[slot]))
+
+
+def torch_pieces(table) -> list[dict]:
+    """A pyarrow Table -> one dict of torch tensors per record batch, sharing the Arrow memory.
+
+    The tensors are read-only views of the object store (never written: `gather_rows` copies out).
+    """
+    import warnings
+
+    import pyarrow as pa
+    import torch
+    from ray.data.block import BlockAccessor
+
+    pieces = []
+    for record_batch in table.to_batches():
+        if not record_batch.num_rows:
+            continue
+        arrays = BlockAccessor.for_block(pa.Table.from_batches([record_batch])).to_batch_format("numpy")
+        with warnings.catch_warnings():  # torch warns that the object store's arrays are read-only
+            warnings.simplefilter("ignore")
+            pieces.append({name: torch.as_tensor(value) for name, value in arrays.items()})
+    return pieces
+
+
+# ---------------------------------------------------------------------------------------------
+# Epoch after epoch, positioned
+
+
+class BatchStream:
+    """Endless local batches of this worker, epoch after epoch, each step the same rows as the
+    uninterrupted run's.
+
+    Position: (epoch, global rows of the epoch consumed), a multiple of the global batch, so it is
+    the same for every world size; `open_epoch(epoch, start_step)` yields the rest of that epoch.
+    Every worker gets exactly `steps` batches per epoch (the order is a pure function), so the
+    workers change epochs at the same step without having to agree on it.
+    """
+
+    def __init__(self, open_epoch: Callable[[int, int], Iterator], global_rows: int, epoch: int, epoch_rows: int):
+        if epoch_rows % global_rows:
+            raise ValueError(f"epoch position {epoch_rows} is not a whole number of global batches of {global_rows} "
+                             "(checkpointed under another train.global_batch_size?)")
+        self.open_epoch, self.global_rows = open_epoch, global_rows
+        self.epoch, self.epoch_rows = epoch, epoch_rows
+        self.iterator = iter(self.open_epoch(self.epoch, self.epoch_rows // self.global_rows))
+
+    def next(self) -> dict:
+        for _ in range(2):
+            batch = next(self.iterator, None)
+            if batch is not None:
+                self.epoch_rows += self.global_rows
+                return batch
+            self.epoch, self.epoch_rows = self.epoch + 1, 0
+            self.iterator = iter(self.open_epoch(self.epoch, 0))
+        raise RuntimeError(f"the training data yields no full global batch of {self.global_rows} rows; "
+                           "add data or lower train.global_batch_size")
+
+
+def open_epoch_fn(data: TrainData, rank: int, world_size: int) -> Callable[[int, int], Iterator]:
+    def open_epoch(epoch: int, start_step: int) -> Iterator:
+        return iter_epoch_batches(data, epoch, rank, world_size, start_step)
+
+    return open_epoch
+
+
+def batches_per_epoch(num_samples: int, num_workers: int, batch_size: int) -> int:
+    """Local batches every worker gets per epoch: the epoch's global steps (rows // global batch)."""
+    if num_workers < 1 or batch_size < 1:
+        raise ValueError(f"num_workers and batch_size must be >= 1, got {num_workers}, {batch_size}")
+    return num_samples // (num_workers * batch_size)
+

@@ -1,0 +1,95 @@
+"""Optimizer hygiene on a real DeepSpeed engine (gloo, one process): open_clip's parameter groups
+(no weight decay on biases, norms, gains and the temperature) and the temperature clamped in place
+after the step, in the optimizer's master copy too. References: AdamW's closed form (a zero
+gradient leaves only the decay, p ← p·(1 − lr·wd)) and the clamp's bound ln 100."""
+
+from __future__ import annotations
+
+import math
+import socket
+
+import pytest
+import torch
+
+from sde_ray.config import ConfigError, load_config
+
+LR, WD = 0.1, 0.5
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    import os
+
+    import torch.distributed as dist
+
+    with socket.socket() as probe:  # a free port, not a fixed one
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _engine(stage: int):
+    from sde_ray.train.deepspeed_config import build_deepspeed_config
+    from sde_ray.train.loop import build_engine, build_train_module, seed_everything
+
+    config = load_config(None, ["loss.name=infonce", "loss.learnable_temperature=true", f"train.lr={LR}",
+                                f"train.weight_decay={WD}", "train.warmup_steps=0", "train.lr_schedule=constant",
+                                "train.grad_clip=0", "train.global_batch_size=4", f"deepspeed.zero_stage={stage}"])
+    seed_everything(0)
+    return build_engine(build_train_module(config), build_deepspeed_config(config, 1))
+
+
+def _zero_gradient_step(engine) -> None:
+    loss = sum((p * 0.0).sum() for p in engine.module.parameters() if p.requires_grad)
+    engine.backward(loss)
+    engine.step()
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_only_matrices_decay_and_the_temperature_is_clamped_in_place(stage, process_group):
+    from sde_ray.train.loop import clamp_temperatures
+
+    engine = _engine(stage)
+    before = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+    factor = 1.0
+    for _ in range(4):  # DeepSpeed clamps the warm-up to >= 2 steps, starting at lr 0
+        factor *= 1 - engine.optimizer.param_groups[0]["lr"] * WD
+        _zero_gradient_step(engine)
+    assert factor < 1.0
+    for name, parameter in engine.module.named_parameters():
+        decayed = before[name] * factor
+        if before[name].dim() >= 2:
+            torch.testing.assert_close(parameter.detach(), decayed, msg=name)
+        else:  # biases, norm gains, the log-temperature (shape (1,)): untouched by the decay
+            torch.testing.assert_close(parameter.detach(), before[name], msg=name)
+
+    log_scale = engine.module.objective.scale.log_scale
+    bound = math.log(100.0)
+    with torch.no_grad():
+        log_scale.data.fill_(bound + 0.5)
+    if stage > 0:
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        safe_set_full_fp32_param(log_scale, torch.full_like(log_scale, bound + 0.5))
+    clamp_temperatures(engine)
+    assert float(log_scale.detach()) == pytest.approx(bound)
+    _zero_gradient_step(engine)  # the next step starts from the clamped master copy
+    assert float(log_scale.detach()) == pytest.approx(bound)
+
+
+def test_the_temperature_keeps_its_gradient_at_the_bound():
+    from sde_ray.losses.objectives import Temperature
+
+    temperature = Temperature(0.01, learnable=True)  # log(1/τ) = ln 100: at the bound
+    (temperature() * 2.0).backward()
+    assert float(temperature.log_scale.grad) == pytest.approx(200.0)  # d(2·e^s)/ds = 2·100
+
+
+@pytest.mark.parametrize("value", ["0.005", "1.5"])
+def test_a_temperature_outside_the_clamp_is_a_config_error(value):
+    with pytest.raises(ConfigError, match=r"loss.temperature must be in \[0.01, 1\]"):
+        load_config(None, [f"loss.temperature={value}"])
