@@ -19,15 +19,16 @@ BENCHMARKS = ("spectral", "data", "train", "eval", "models")
 
 
 def _add_config_args(parser: argparse.ArgumentParser, default: str | None = "configs/default.yaml") -> None:
-    parser.add_argument("--config", default=default, help="YAML config file (default: %(default)s).")
+    parser.add_argument("--config", default=default, help="YAML config file, relative to the current directory "
+                        "(default: %(default)s; '' for the built-in defaults).")
     parser.add_argument("overrides", nargs="*", help="Dotted overrides key.sub=value (CLI > file > defaults).")
 
 
 def _load(args: argparse.Namespace, extra: list[str] | None = None):
-    path = args.config if args.config and Path(args.config).exists() else None
-    if args.config and path is None and args.config != "configs/default.yaml":
-        raise ConfigError(f"Config file not found: {args.config}")
-    return load_config(path, list(args.overrides) + list(extra or []))
+    # `--config` is read relative to the current directory, the default included: run elsewhere, the
+    # default `configs/default.yaml` is reported missing (never silently replaced by the built-in
+    # defaults). `--config ''` asks for the built-in defaults explicitly.
+    return load_config(args.config or None, list(args.overrides) + list(extra or []))
 
 
 def _output_override(args: argparse.Namespace) -> list[str]:
