@@ -5,7 +5,14 @@ Layout of one checkpoint directory (Ray merges every rank's files into it):
     deepspeed/state/...        DeepSpeed `save_checkpoint` (per-rank ZeRO shards, model states)
     consolidated.pt            full weights of the training module (encoder + objective), rank 0
     state.json                 step, samples consumed, epoch position, world size, ZeRO stage, config
-    rng/rank_<r>.pt            torch / numpy / python RNG state of rank r
+    rng/rank_<r>.pt            torch CPU / CUDA, numpy and python RNG state of rank r, as tensors
+    manifest/rank_<r>.json     sha256 of every file rank r wrote, written last (rank r's "complete" mark)
+
+Nothing here is unpickled by our code: the RNG state and the weights are tensors loaded with
+`weights_only=True`, the state is JSON. DeepSpeed's `load_checkpoint` does unpickle its own files
+(optimizer state), so `verify_checkpoint` checks every file against the manifests before any load:
+a file no rank wrote, an altered one or a missing one refuses the checkpoint, naming the path. A
+checkpoint is complete when every rank of its world size left a manifest and every file verifies.
 
 Resume picks one of two paths (`resume_plan`):
 - same world size and ZeRO stage: DeepSpeed `load_checkpoint` restores weights, optimizer moments
@@ -17,6 +24,7 @@ Resume picks one of two paths (`resume_plan`):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -51,14 +59,106 @@ class TrainState:
         return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
 
-def rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+def rng_state() -> dict[str, torch.Tensor]:
+    """Every RNG this process draws from, as plain tensors (loadable with `weights_only=True`)."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    version, python_state, gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
+        # position, has_gauss, cached gaussian (a float64 carries the int fields exactly)
+        "numpy_rest": torch.tensor([position, has_gauss, cached], dtype=torch.float64),
+        "python": torch.tensor(python_state, dtype=torch.int64),
+        "python_gauss": torch.tensor([] if gauss is None else [gauss], dtype=torch.float64),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    position, has_gauss, cached = state["numpy_rest"].tolist()
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), int(position),
+                         int(has_gauss), cached))
+    gauss = state["python_gauss"].tolist()
+    random.setstate((3, tuple(state["python"].tolist()), gauss[0] if gauss else None))
+    if "cuda" in state and torch.cuda.is_available():
+        # One state per device; a resume on fewer visible devices restores the ones it has.
+        devices = min(len(state["cuda"]), torch.cuda.device_count())
+        torch.cuda.set_rng_state_all(list(state["cuda"][:devices]))
+
+
+def restore_rng(directory: str | os.PathLike, rank: int) -> None:
+    rng_file = Path(directory) / "rng" / f"rank_{rank}.pt"
+    if rng_file.exists():
+        set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that must not be loaded (planted, altered or incomplete files); names the path."""
+
+
+MANIFEST_DIR = "manifest"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path, rank: int) -> None:
+    """sha256 of every file under `directory` (this rank's part), written last."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file())
+    listing = {p.relative_to(directory).as_posix(): _sha256(p) for p in files}
+    target = directory / MANIFEST_DIR / f"rank_{rank}.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(".tmp")
+    partial.write_text(json.dumps(listing, indent=0, sort_keys=True))
+    partial.rename(target)  # a half-written manifest never looks complete
+
+
+def verify_checkpoint(directory: str | os.PathLike) -> None:
+    """Raises CheckpointError naming the first file that is planted, altered or missing."""
+    directory = Path(directory)
+    manifests = sorted((directory / MANIFEST_DIR).glob("rank_*.json"))
+    try:
+        world_size = int(json.loads((directory / STATE).read_text())["world_size"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{directory / STATE}: missing or unreadable ({exc})") from None
+    if len(manifests) != world_size:
+        raise CheckpointError(
+            f"{directory / MANIFEST_DIR}: {len(manifests)} rank manifest(s) for world size {world_size} "
+            "(an incomplete checkpoint)")
+    expected: dict[str, str] = {}
+    for manifest in manifests:
+        try:
+            expected.update(json.loads(manifest.read_text()))
+        except ValueError as exc:
+            raise CheckpointError(f"{manifest}: not a manifest ({exc})") from None
+    manifest_names = {m.relative_to(directory).as_posix() for m in manifests}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        name = path.relative_to(directory).as_posix()
+        if name in manifest_names:
+            continue
+        if name not in expected:
+            raise CheckpointError(f"{path}: not written by any rank of this checkpoint (refused)")
+        if _sha256(path) != expected[name]:
+            raise CheckpointError(f"{path}: checksum differs from the manifest (altered; refused)")
+    missing = [name for name in expected if not (directory / name).is_file()]
+    if missing:
+        raise CheckpointError(f"{directory / missing[0]}: listed in the manifest but missing (incomplete)")
+
+
+def is_complete(directory: str | os.PathLike) -> bool:
+    try:
+        verify_checkpoint(directory)
+    except CheckpointError:
+        return False
+    return True
 
 
 def consolidated_state_dict(engine) -> dict[str, torch.Tensor] | None:
@@ -83,6 +183,7 @@ def save_checkpoint(directory: str | os.PathLike, engine, state: TrainState, con
     if rank == 0:
         torch.save(weights, directory / CONSOLIDATED)
         (directory / STATE).write_text(json.dumps({**asdict(state), "config": config_dict}, indent=1))
+    write_manifest(directory, rank)
 
 
 @dataclass
@@ -93,6 +194,7 @@ class ResumePlan:
 
 
 def resume_plan(directory: str | os.PathLike, world_size: int, zero_stage: int) -> ResumePlan:
+    verify_checkpoint(directory)  # before anything in it is read, DeepSpeed's pickles included
     state = TrainState.read(directory)
     exact = state.world_size == world_size and state.zero_stage == zero_stage
     return ResumePlan(state=state, exact=exact, directory=Path(directory))
@@ -121,9 +223,7 @@ def restore_engine(engine, plan: ResumePlan, rank: int) -> None:
         load_path, _ = engine.load_checkpoint(str(plan.directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint under {plan.directory / DEEPSPEED_DIR}")
-        rng_file = plan.directory / "rng" / f"rank_{rank}.pt"
-        if rng_file.exists():
-            set_rng_state(torch.load(rng_file, weights_only=False))
+        restore_rng(plan.directory, rank)
     else:
         engine.global_steps = plan.state.step
         engine.global_samples = plan.state.samples
