@@ -224,6 +224,10 @@ class TrainConfig:
     output_dir: str = doc("runs/default", "Run outputs: resolved config, metrics, checkpoints, plots, results.")
     storage_path: str = doc("", "Ray Train storage (shared FS or s3:// for multi-node); empty: <output_dir>/ray.")
     run_name: str = doc("sde", "Ray Train run name; relaunching with the same name resumes.")
+    on_config_change: Literal["refuse", "fork", "override"] = doc(
+        "refuse", "Relaunch into an output_dir recorded under another config: refuse (list the differing keys), "
+        "fork (a new run <output_dir>-fork-<hash>) or override (continue; logged in config_history.jsonl)."
+    )
 
 
 @dataclass

@@ -96,7 +96,12 @@ def restore_rng(directory: str | os.PathLike, rank: int) -> None:
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that must not be loaded (planted, altered or incomplete files); names the path."""
+    """A checkpoint that must not be loaded (planted, altered or incomplete files); names the path.
+    `incomplete`: files or manifests are missing (an interrupted write), nothing was changed."""
+
+    def __init__(self, message: str, incomplete: bool = False):
+        super().__init__(message)
+        self.incomplete = incomplete
 
 
 MANIFEST_DIR = "manifest"
@@ -128,11 +133,12 @@ def verify_checkpoint(directory: str | os.PathLike) -> None:
     try:
         world_size = int(json.loads((directory / STATE).read_text())["world_size"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{directory / STATE}: missing or unreadable ({exc})") from None
+        raise CheckpointError(f"{directory / STATE}: missing or unreadable ({exc})",
+                              incomplete=isinstance(exc, FileNotFoundError)) from None
     if len(manifests) != world_size:
         raise CheckpointError(
             f"{directory / MANIFEST_DIR}: {len(manifests)} rank manifest(s) for world size {world_size} "
-            "(an incomplete checkpoint)")
+            "(an incomplete checkpoint)", incomplete=True)
     expected: dict[str, str] = {}
     for manifest in manifests:
         try:
@@ -150,7 +156,8 @@ def verify_checkpoint(directory: str | os.PathLike) -> None:
             raise CheckpointError(f"{path}: checksum differs from the manifest (altered; refused)")
     missing = [name for name in expected if not (directory / name).is_file()]
     if missing:
-        raise CheckpointError(f"{directory / missing[0]}: listed in the manifest but missing (incomplete)")
+        raise CheckpointError(f"{directory / missing[0]}: listed in the manifest but missing (incomplete)",
+                              incomplete=True)
 
 
 def is_complete(directory: str | os.PathLike) -> bool:

@@ -134,6 +134,7 @@ def build_trainer(
     from ray.train.torch import TorchTrainer
 
     from sde_ray.data.pipeline import build_config_dataset, prepare_data
+    from sde_ray.train.checkpoint_store import prepare_resume
     from sde_ray.train.metrics import wandb_mode
 
     config = resolve_paths(config)
@@ -156,6 +157,7 @@ def build_trainer(
         "run_id": run_id(storage, name),
         "wandb_mode": wandb_mode(config.logging),
         "step_hook": step_hook,
+        "resume_dir": prepare_resume(f"{storage}/{name}"),
     }
     from sde_ray.train.loop import train_loop_per_worker
 
@@ -227,11 +229,11 @@ def run_train(config: Config, dry_run: bool = False) -> dict:
     import ray
 
     from sde_ray.data.pipeline import prepare_data
+    from sde_ray.train.checkpoint_store import prune_unregistered
+    from sde_ray.train.run_dir import claim_run_dir
 
-    config = resolve_paths(config)
+    config = claim_run_dir(resolve_paths(config))  # refuses a relaunch under another config
     output_dir = Path(config.train.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.yaml").write_text(dump_yaml(config))
     started = ensure_ray(config)
     try:
         check_capacity(config)
@@ -241,6 +243,7 @@ def run_train(config: Config, dry_run: bool = False) -> dict:
     finally:
         if started:
             ray.shutdown()
+    prune_unregistered(f"{config.train.storage_path}/{config.train.run_name}", [c.path for c, _ in result.best_checkpoints or []])
     metrics = dict(result.metrics or {})
     evaluation = metrics.pop("eval", None)
     summary = {

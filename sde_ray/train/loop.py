@@ -43,6 +43,7 @@ from sde_ray.train.checkpoint import (
     resume_plan,
     save_checkpoint,
 )
+from sde_ray.train.checkpoint_store import newer_checkpoint
 from sde_ray.train.deepspeed_config import build_deepspeed_config, micro_batch_size
 from sde_ray.train.metrics import RunLogger, average_over_ranks, say, spectral_snapshot
 
@@ -282,8 +283,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     resume_stack = contextlib.ExitStack()
     plan: ResumePlan | None = None
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        plan = resume_plan(resume_stack.enter_context(checkpoint.as_directory()), world_size, config.deepspeed.zero_stage)
+    resume_dir = newer_checkpoint(checkpoint and resume_stack.enter_context(checkpoint.as_directory()),
+                                  loop_config.get("resume_dir"))  # Ray's, or a newer unregistered one
+    if resume_dir is not None:
+        plan = resume_plan(resume_dir, world_size, config.deepspeed.zero_stage)
         if not plan.exact:
             load_consolidated(module, plan.directory)
 
