@@ -99,8 +99,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "train":
         from sde_ray.train.driver import run_train
 
-        run_train(_load(args, _output_override(args)), dry_run=args.dry_run)
-        return 0
+        from sde_ray.train.preemption import EXIT_PREEMPTED
+
+        summary = run_train(_load(args, _output_override(args)), dry_run=args.dry_run)
+        return EXIT_PREEMPTED if summary.get("preempted") else 0
     if args.command == "tune":
         from sde_ray.tune.driver import run_tune
 

@@ -122,12 +122,14 @@ def build_trainer(
     callbacks: list | None = None,
     prepared=None,
     step_hook: Callable[..., None] | None = None,
+    preemption=None,
 ):
     """The TorchTrainer of one training run (what `run_train` and each Tune trial fit).
 
     `prepared`: the `PreparedData` of `sde_ray.data.pipeline.prepare_data` (computed when None).
     `step_hook(step=, rank=, world_size=, module=)`: called on every worker after each optimizer
     step with the engine's module (instrumentation, fault injection in tests); cloudpickle-able.
+    `preemption`: the flag of a `preemption.Preemption`; when raised, the workers checkpoint and stop.
     """
     import ray.data
     import ray.train
@@ -158,6 +160,7 @@ def build_trainer(
         "wandb_mode": wandb_mode(config.logging),
         "step_hook": step_hook,
         "resume_dir": prepare_resume(f"{storage}/{name}"),
+        "preemption": preemption,
     }
     from sde_ray.train.loop import train_loop_per_worker
 
@@ -230,6 +233,7 @@ def run_train(config: Config, dry_run: bool = False) -> dict:
 
     from sde_ray.data.pipeline import prepare_data
     from sde_ray.train.checkpoint_store import prune_unregistered
+    from sde_ray.train.preemption import Preemption
     from sde_ray.train.run_dir import claim_run_dir
 
     config = claim_run_dir(resolve_paths(config))  # refuses a relaunch under another config
@@ -238,12 +242,13 @@ def run_train(config: Config, dry_run: bool = False) -> dict:
     try:
         check_capacity(config)
         prepared = prepare_data(config)
-        trainer = build_trainer(config, prepared=prepared)
-        result = trainer.fit()
+        with Preemption() as preemption:  # SIGTERM: checkpoint at the next step and return
+            result = build_trainer(config, prepared=prepared, preemption=preemption.flag).fit()
     finally:
         if started:
             ray.shutdown()
-    prune_unregistered(f"{config.train.storage_path}/{config.train.run_name}", [c.path for c, _ in result.best_checkpoints or []])
+    run_dir = f"{config.train.storage_path}/{config.train.run_name}"
+    prune_unregistered(run_dir, [checkpoint.path for checkpoint, _ in result.best_checkpoints or []])
     metrics = dict(result.metrics or {})
     evaluation = metrics.pop("eval", None)
     summary = {
@@ -253,7 +258,11 @@ def run_train(config: Config, dry_run: bool = False) -> dict:
         "output_dir": str(output_dir),
         "metrics_jsonl": str(output_dir / "metrics.jsonl"),
         "spectrum_plot": str(output_dir / "plots" / "spectrum.png"),
+        "preempted": bool(metrics.get("preempted")),
     }
+    if summary["preempted"]:
+        print(f"[sde_ray] preempted (SIGTERM) at step {metrics.get('step')}: checkpoint {summary['checkpoint']}; "
+              "rerun the same command to resume")
     if evaluation:
         from sde_ray.eval.report import results_markdown, write_results
 

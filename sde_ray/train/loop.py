@@ -46,6 +46,7 @@ from sde_ray.train.checkpoint import (
 from sde_ray.train.checkpoint_store import newer_checkpoint
 from sde_ray.train.deepspeed_config import build_deepspeed_config, micro_batch_size
 from sde_ray.train.metrics import RunLogger, average_over_ranks, say, spectral_snapshot
+from sde_ray.train.preemption import stop_requested
 
 # Keys of a processed batch that are not model inputs.
 TARGET_ID_KEY = "target_id"
@@ -381,6 +382,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
             window, window_count, window_start, window_samples = {}, 0, time.time(), 0
         if step_hook is not None:
             step_hook(step=state.step, rank=rank, world_size=world_size, module=engine.module)
+        if stop_requested(loop_config.get("preemption"), rank, world_size):  # SIGTERM on the driver
+            _checkpoint_and_report(engine, state, config, rank, {**final_metrics, "step": state.step,
+                                                                 "samples": state.samples, "preempted": 1}, launch)
+            return
 
     # 6. Spectrum, export, final evaluation, final checkpoint.
     summary: dict[str, Any] = dict(final_metrics)  # empty when relaunching a finished run
