@@ -75,11 +75,48 @@ def _is_ray_checkpoint(path: Path) -> bool:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint with the highest step under a run directory (Ray storage included)."""
-    from sde_ray.train.checkpoint import STATE, TrainState
+    """The newest complete checkpoint (highest step, then latest written) under a run directory
+    (Ray storage included); folders of an interrupted write or with altered files are passed over."""
+    from sde_ray.train.checkpoint import STATE, TrainState, is_complete
 
-    found = [p.parent for p in run_dir.rglob(STATE) if _is_ray_checkpoint(p.parent)]
-    return max(found, key=lambda p: (TrainState.read(p).step, p.stat().st_mtime)) if found else None
+    found = [p.parent for p in run_dir.rglob(STATE) if _is_ray_checkpoint(p.parent) and is_complete(p.parent)]
+    return max(found, key=lambda p: (TrainState.read(p).step, (p / STATE).stat().st_mtime)) if found else None
+
+
+def _run_root(path: Path, top: Path) -> Path:
+    """The training output folder a checkpoint or export below `top` belongs to: its nearest
+    ancestor holding a run's record (config.yaml / metrics.jsonl / model/), else its Ray run folder."""
+    for parent in [path, *path.parents]:
+        if parent == top.parent:
+            break
+        if any((parent / name).exists() for name in ("config.yaml", "metrics.jsonl", "model")):
+            return parent
+    return path
+
+
+def _runs_below(path: Path) -> list[Path]:
+    from sde_ray.models.embedder import EXPORT_FILE
+    from sde_ray.train.checkpoint import STATE
+
+    roots = {_run_root(p.parent.parent, path) for p in path.rglob(STATE) if _is_ray_checkpoint(p.parent)}
+    roots |= {_run_root(p.parent.parent, path) for p in path.rglob(EXPORT_FILE)
+              if p.parent.name != MODEL_FROM_CHECKPOINT}
+    return sorted(roots)
+
+
+def _export_is_current(run_dir: Path, checkpoint: Path | None) -> bool:
+    """The run's `model/` export holds its newest weights: no complete checkpoint is newer than the
+    step its results.json records (a relaunched run may have checkpointed past an older export)."""
+    from sde_ray.train.checkpoint import TrainState
+
+    if checkpoint is None:
+        return True
+    try:
+        results = json.loads((run_dir / "results.json").read_text())
+        exported_step = int(results["train"]["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False  # no record of what the export holds: the checkpoint is the known state
+    return exported_step >= TrainState.read(checkpoint).step
 
 
 def _state_dict_prefix(saved_keys: Sequence[str], model_keys: Sequence[str]) -> str:
@@ -116,24 +153,40 @@ def export_ray_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: str | os.P
 
 
 def resolve_checkpoint(checkpoint: str | os.PathLike, work_dir: Path) -> ResolvedCheckpoint:
-    """Finds (or, for a training checkpoint, exports into `work_dir`) the model folder to evaluate."""
+    """Finds (or, for a training checkpoint, exports into `work_dir`) the model folder to evaluate.
+
+    An export or a checkpoint folder is used as given. A run folder resolves to its newest complete
+    checkpoint unless its `model/` export is at least as new; a folder holding several runs is an
+    error listing them (never a silent pick). Prints what it used."""
     path = Path(checkpoint).expanduser().resolve()
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    resolved = _resolve(path, work_dir)
+    print(f"[sde_ray] evaluating {resolved.kind}: {resolved.source}")
+    return resolved
+
+
+def _resolve(path: Path, work_dir: Path) -> ResolvedCheckpoint:
     if _is_export(path):
         run_dir = path.parent if (path.parent / "metrics.jsonl").is_file() else None
         return ResolvedCheckpoint(path, run_dir, "pretrained", path)
-    if _is_export(path / "model"):
+    if _is_ray_checkpoint(path):
+        return ResolvedCheckpoint(export_ray_checkpoint(path, work_dir / MODEL_FROM_CHECKPOINT), None,
+                                  "ray_checkpoint", path)
+    runs = _runs_below(path)
+    if len(runs) > 1:
+        listed = ", ".join(str(r) for r in runs)
+        raise ValueError(f"{path} holds {len(runs)} runs ({listed}): pass one of them as --checkpoint")
+    source = latest_checkpoint(path)
+    if _is_export(path / "model") and _export_is_current(path, source):
         return ResolvedCheckpoint(path / "model", path, "run", path / "model")
-    source = path if _is_ray_checkpoint(path) else latest_checkpoint(path)
     if source is None:
         raise FileNotFoundError(
             f"{path} is not an exported model (no sde_ray_model.json), a run directory (no model/ and no "
-            "checkpoint below it) or a Ray Train checkpoint (consolidated.pt + state.json)"
+            "complete checkpoint below it) or a Ray Train checkpoint (consolidated.pt + state.json)"
         )
-    run_dir = path if source != path else None
     model_dir = export_ray_checkpoint(source, work_dir / MODEL_FROM_CHECKPOINT)
-    return ResolvedCheckpoint(model_dir, run_dir, "ray_checkpoint", source)
+    return ResolvedCheckpoint(model_dir, path, "ray_checkpoint", source)
 
 
 def default_output_dir(checkpoint: str | os.PathLike) -> Path:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -56,8 +57,8 @@ def test_sigterm_checkpoints_at_a_step_boundary_and_the_rerun_resumes(tmp_path, 
     output, _ = driver.communicate(timeout=180)
     assert driver.returncode == EXIT_PREEMPTED, output[-3000:]
     (tmp_path / "first.log").write_text(output)
-    # Ray's own controller may log a timed-out resource request under load; nothing of ours fails.
-    assert "sde_ray/" not in output.split("Traceback", 1)[-1] if "Traceback" in output else True
+    # Ray's own actors may log tracebacks under load (a timed-out resource request); none of ours.
+    assert not re.search(r'File "[^"]*/sde_ray/', output), output[-3000:]
     assert "SIGABRT" not in output and "Aborted" not in output
 
     run_dir = tmp_path / "run" / "ray" / "sde"
