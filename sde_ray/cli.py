@@ -142,6 +142,11 @@ def _dispatch(args: argparse.Namespace) -> int:
             samples_per_shard=args.samples_per_shard, workers=args.workers,
         )
         print(json.dumps({k: manifest[k] for k in ("num_samples", "num_shards", "rejected") if k in manifest}))
+        if not manifest["num_samples"]:  # nothing to train on is a failure, whatever the cause
+            reasons = {k: v for k, v in manifest["rejected_by_reason"].items() if v}
+            print(f"convert-mmeb: 0 samples written to {args.out}; rejected by reason: {json.dumps(reasons)} "
+                  f"(details in {Path(args.out) / 'rejects.jsonl'})", file=sys.stderr)
+            return 1
         return 0
     if args.command == "data" and args.data_command == "synth":
         from sde_ray.data.synthetic import write_synthetic_mmeb
