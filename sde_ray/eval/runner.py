@@ -45,6 +45,7 @@ from sde_ray.eval.scoring import (
     encode_dataset,
     prepare_dataset,
     score_dataset,
+    unscorable_reason,
 )
 
 MODEL_FROM_CHECKPOINT = "model_from_checkpoint"
@@ -242,9 +243,10 @@ class Evaluation:
     scores: dict[str, DatasetScore]
     pairs: list[tuple[np.ndarray, np.ndarray]]  # per dataset (queries, positives) of scorable rows
     encoded: list[EncodedDataset]  # kept only when a gap remedy needs a second look
+    unscorable: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> why nothing was scored
 
     def results(self) -> dict:
-        return summarize(self.scores, META_TASKS)
+        return {**summarize(self.scores, META_TASKS), "unscorable": dict(self.unscorable)}
 
 
 def evaluate_prepared(
@@ -260,7 +262,7 @@ def evaluate_prepared(
     """Scores datasets one at a time: already prepared ones, or `infos` read from `eval_root`."""
     from tqdm.auto import tqdm
 
-    scores, pairs, encoded = {}, [], []
+    scores, pairs, encoded, unscorable = {}, [], [], {}
     source = eval_image_source(eval_root) if eval_root is not None else None
     items = list(prepared) if prepared is not None else list(infos)
     try:
@@ -270,6 +272,11 @@ def evaluate_prepared(
                 if isinstance(item, PreparedDataset)
                 else prepare_dataset(eval_root, item, source, max_rows=max_rows)
             )
+            reason = unscorable_reason(p)
+            if reason is not None:  # reported by name, kept out of the averages; the rest is scored
+                print(f"[sde_ray] eval: {p.info.name}: {reason}")
+                unscorable[p.info.name] = reason
+                continue
             e = encode_dataset(p, encoder)
             scores[e.info.name] = score_dataset(e)
             pairs.append(e.positive_pairs())
@@ -278,7 +285,7 @@ def evaluate_prepared(
     finally:
         if source is not None:
             source.close()
-    return Evaluation(scores, pairs, encoded)
+    return Evaluation(scores, pairs, encoded, unscorable)
 
 
 def gap_remedy_effect(encoded: Sequence[EncodedDataset], remedy: str, k: int) -> dict:

@@ -23,10 +23,21 @@ from sde_ray.train.preemption import EXIT_PREEMPTED
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
-MAX_STEPS = 20
+MAX_STEPS = 10
 
 
-def _train(tmp_path: Path, data_cache: Path) -> subprocess.Popen:
+@pytest.fixture
+def drivers():
+    """Started `sde-ray train` processes, killed (by their own pid) if a test leaves one running."""
+    started: list[subprocess.Popen] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def _train(tmp_path: Path, data_cache: Path, drivers: list) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu", WANDB_MODE="offline")
     args = [
@@ -36,8 +47,9 @@ def _train(tmp_path: Path, data_cache: Path) -> subprocess.Popen:
         "train.checkpoint_every=1000", "scaling.num_workers=2", "eval.datasets=[SynColour]",
         "logging.wandb=false", "train.warmup_steps=2",
     ]
-    return subprocess.Popen([sys.executable, "-m", "sde_ray.cli", *args], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    drivers.append(subprocess.Popen([sys.executable, "-m", "sde_ray.cli", *args], cwd=tmp_path, env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return drivers[-1]
 
 
 def _steps(tmp_path: Path) -> list[int]:
@@ -47,14 +59,14 @@ def _steps(tmp_path: Path) -> list[int]:
     return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
 
 
-def test_sigterm_checkpoints_at_a_step_boundary_and_the_rerun_resumes(tmp_path, data_cache):
-    driver = _train(tmp_path, data_cache)
-    deadline = time.time() + 240
-    while not any(step >= 3 for step in _steps(tmp_path)):
+def test_sigterm_checkpoints_at_a_step_boundary_and_the_rerun_resumes(tmp_path, data_cache, drivers):
+    driver = _train(tmp_path, data_cache, drivers)
+    deadline = time.time() + 400
+    while not any(step >= 2 for step in _steps(tmp_path)):
         assert driver.poll() is None and time.time() < deadline, driver.communicate()[0][-3000:]
         time.sleep(0.2)
     driver.send_signal(signal.SIGTERM)
-    output, _ = driver.communicate(timeout=180)
+    output, _ = driver.communicate(timeout=400)
     assert driver.returncode == EXIT_PREEMPTED, output[-3000:]
     (tmp_path / "first.log").write_text(output)
     # Ray's own actors may log tracebacks under load (a timed-out resource request); none of ours.
@@ -65,11 +77,11 @@ def test_sigterm_checkpoints_at_a_step_boundary_and_the_rerun_resumes(tmp_path, 
     (checkpoint,) = checkpoint_dirs(run_dir)  # the only one: checkpoint_every is beyond the run
     verify_checkpoint(checkpoint)
     stopped = TrainState.read(checkpoint)
-    assert 3 <= stopped.step < MAX_STEPS and stopped.samples == stopped.step * 32
+    assert 2 <= stopped.step < MAX_STEPS and stopped.samples == stopped.step * 32
     assert json.loads((tmp_path / "run" / "results.json").read_text())["preempted"] is True
 
-    rerun = _train(tmp_path, data_cache)
-    output, _ = rerun.communicate(timeout=300)
+    rerun = _train(tmp_path, data_cache, drivers)
+    output, _ = rerun.communicate(timeout=600)
     (tmp_path / "rerun.log").write_text(output)
     assert rerun.returncode == 0, output[-3000:]
     assert f"resumed at step {stopped.step} from {checkpoint.name}: exact DeepSpeed state" in output
