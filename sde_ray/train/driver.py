@@ -10,6 +10,7 @@ and energy shares on the console. `build_trainer` is also what each Ray Tune tri
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -44,6 +45,29 @@ def resolve_paths(config: Config) -> Config:
     resolved = replace(config, overrides)
     resolved.data.shards = [_absolute(s) for s in config.data.shards]
     return resolved
+
+
+def check_data_paths(config: Config) -> None:
+    """Every local `data.shards` entry names something (a glob matching nothing is a config error
+    here, before Ray starts, instead of a traceback in the data stage); remote ones are read later."""
+    for index, entry in enumerate(config.data.shards):
+        if "://" in entry and not entry.startswith("file://"):
+            continue
+        local = os.path.expanduser(entry.removeprefix("file://"))
+        if any(ch in local for ch in "*?["):
+            found = bool(glob.glob(local))
+        elif os.path.isdir(local):
+            found = bool(glob.glob(os.path.join(local, "*.tar")))
+        else:
+            found = os.path.isfile(local)
+        if not found:
+            raise ConfigError(f"data.shards[{index}]: {entry!r} matches no WebDataset shard")
+
+
+def data_counts(prepared) -> dict[str, int]:
+    """What the data stage left out, logged with every metrics row and in results.json."""
+    return {"data_skipped_shards": len(prepared.skipped_shards),
+            "data_rejected_rows": int(prepared.manifest.get("rejected", 0) or 0)}
 
 
 def required_cpus(config: Config, workers: int | None = None) -> float:
@@ -161,6 +185,7 @@ def build_trainer(
         "step_hook": step_hook,
         "resume_dir": prepare_resume(f"{storage}/{name}"),
         "preemption": preemption,
+        "data_counts": data_counts(prepared),
     }
     from sde_ray.train.loop import train_loop_per_worker
 
@@ -236,7 +261,9 @@ def run_train(config: Config, dry_run: bool = False) -> dict:
     from sde_ray.train.preemption import Preemption
     from sde_ray.train.run_dir import claim_run_dir
 
-    config = claim_run_dir(resolve_paths(config))  # refuses a relaunch under another config
+    config = resolve_paths(config)
+    check_data_paths(config)
+    config = claim_run_dir(config)  # refuses a relaunch under another config
     output_dir = Path(config.train.output_dir)
     started = ensure_ray(config)
     try:
@@ -259,6 +286,8 @@ def run_train(config: Config, dry_run: bool = False) -> dict:
         "metrics_jsonl": str(output_dir / "metrics.jsonl"),
         "spectrum_plot": str(output_dir / "plots" / "spectrum.png"),
         "preempted": bool(metrics.get("preempted")),
+        "data": {**data_counts(prepared), "skipped_shards": dict(prepared.skipped_shards),
+                 "rejected_by_reason": prepared.manifest.get("rejected_by_reason", {})},
     }
     if summary["preempted"]:
         print(f"[sde_ray] preempted (SIGTERM) at step {metrics.get('step')}: checkpoint {summary['checkpoint']}; "

@@ -367,7 +367,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             elapsed = max(time.time() - window_start, 1e-9)
             report.update(step=state.step, epoch=state.epoch, samples=state.samples, world_size=world_size,
                           lr=float(engine.get_lr()[0]), samples_per_s=window_samples / elapsed,
-                          steps_per_s=(window_samples / train.global_batch_size) / elapsed, nan_skips=state.nan_skips)
+                          steps_per_s=(window_samples / train.global_batch_size) / elapsed, nan_skips=state.nan_skips,
+                          **loop_config.get("data_counts", {}))  # shards skipped, rows the converter rejected
             if do_eval:
                 model = rank_zero_model.get()
                 value = validation_p_at_1(model, processor, eval_root, config) if rank == 0 else None

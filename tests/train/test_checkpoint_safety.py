@@ -12,6 +12,7 @@ import hashlib
 import json
 import pickle
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -67,14 +68,23 @@ def test_cuda_rng_state_is_saved_and_restored(tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_planted_pickle_in_a_checkpoint_is_refused_and_never_runs(ray_cluster, small_config, tmp_path):
+def test_planted_pickle_in_a_checkpoint_is_refused_and_never_runs(ray_cluster, small_config, data_cache, tmp_path):
     import ray.train
 
     from sde_ray.train.driver import build_trainer
     from sde_ray.train.loop import TrainModule  # noqa: F401  (the run's module, imported here as on a worker)
 
-    config = small_config("train.max_steps=2", "scaling.num_workers=1", "scaling.max_failures=0")
+    # The run reads a copy of the shards with one truncated: skipped, and counted in every metrics row.
+    (manifest,) = data_cache.glob("*/shards-*/manifest.json")
+    shards = tmp_path / "shards"
+    shutil.copytree(manifest.parent, shards)
+    victim = sorted(shards.glob("*.tar"))[-1]
+    victim.write_bytes(victim.read_bytes()[:1000])
+    config = small_config("train.max_steps=2", "scaling.num_workers=1", "scaling.max_failures=0",
+                          f"data.shards=[{shards}/*.tar]")
     result = build_trainer(config).fit()
+    assert result.metrics["data_skipped_shards"] == 1
+    assert result.metrics["data_rejected_rows"] == json.loads(manifest.read_text())["rejected"]
     checkpoint = Path(result.checkpoint.path)
     verify_checkpoint(checkpoint)  # everything Ray stored was written (and listed) by a rank
     assert is_complete(checkpoint)

@@ -60,3 +60,13 @@ def test_fork_starts_a_new_run_and_override_records_the_change(tmp_path):
     history = [json.loads(line) for line in (tmp_path / "a/config_history.jsonl").read_text().splitlines()]
     assert [(h["key"], h["old"], h["new"]) for h in history] == [("train.lr", 1e-3, 0.01)]
     assert yaml.safe_load((tmp_path / "a/config.yaml").read_text()) == to_dict(kept)
+
+
+def test_a_shards_glob_matching_nothing_is_a_config_error_before_ray(tmp_path):
+    import ray
+
+    config = load_config(None, [*BASE, f"train.output_dir={tmp_path}/run", "data.source=mmeb",
+                                f"data.shards=[{tmp_path}/nowhere/*.tar]"])
+    with pytest.raises(ConfigError, match=r"data.shards\[0\]: .*nowhere/\*.tar' matches no WebDataset shard"):
+        run_train(config)
+    assert not ray.is_initialized() and not (tmp_path / "run").exists()
