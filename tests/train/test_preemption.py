@@ -1,13 +1,15 @@
 """SIGTERM (what Kubernetes and Slurm send on preemption) to a real `sde-ray train` driver mid-run:
 the workers stop at a step boundary, write a complete checkpoint, the driver exits with
-EXIT_PREEMPTED; rerunning the same command resumes from that step and finishes the run. Reference:
-the step counts of the uninterrupted schedule (max_steps, samples = steps × global batch)."""
+EXIT_PREEMPTED; rerunning the same command resumes from that step (not from an interrupted or
+unregistered leftover, which are cleaned away) and finishes the run. Reference: the step counts of
+the uninterrupted schedule (max_steps, samples = steps × global batch, every step logged once)."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -80,6 +82,17 @@ def test_sigterm_checkpoints_at_a_step_boundary_and_the_rerun_resumes(tmp_path, 
     assert 2 <= stopped.step < MAX_STEPS and stopped.samples == stopped.step * 32
     assert json.loads((tmp_path / "run" / "results.json").read_text())["preempted"] is True
 
+    # Leftovers of interrupted attempts: a checkpoint whose write stopped before its manifest (its
+    # state claims a later step, so a "highest step" pick would take it) and a complete copy Ray
+    # never registered. The rerun must resume from the preemption's, remove both, and keep
+    # train.keep_checkpoints (2) folders.
+    dead, stray = run_dir / "checkpoint_000099_dead", run_dir / "checkpoint_000000_stray"
+    shutil.copytree(checkpoint, dead)
+    shutil.rmtree(dead / "manifest")
+    state = json.loads((dead / "state.json").read_text())
+    (dead / "state.json").write_text(json.dumps({**state, "step": 99}))
+    shutil.copytree(checkpoint, stray)  # copy2 keeps the mtimes: not newer than the original
+
     rerun = _train(tmp_path, data_cache, drivers)
     output, _ = rerun.communicate(timeout=600)
     (tmp_path / "rerun.log").write_text(output)
@@ -87,5 +100,11 @@ def test_sigterm_checkpoints_at_a_step_boundary_and_the_rerun_resumes(tmp_path, 
     assert f"resumed at step {stopped.step} from {checkpoint.name}: exact DeepSpeed state" in output
     steps = _steps(tmp_path)
     assert steps == list(range(1, MAX_STEPS + 1))  # every step logged once: none lost, none repeated
-    final = max(checkpoint_dirs(run_dir), key=lambda d: TrainState.read(d).step)
+    kept = checkpoint_dirs(run_dir)
+    assert checkpoint in kept and len(kept) == 2 and not dead.exists() and not stray.exists()
+    final = max(kept, key=lambda d: TrainState.read(d).step)
     assert TrainState.read(final).step == MAX_STEPS and TrainState.read(final).samples == MAX_STEPS * 32
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    manifest = json.loads(next(data_cache.glob("*/shards-*/manifest.json")).read_text())
+    assert results["preempted"] is False
+    assert results["data"]["data_skipped_shards"] == 0 and results["data"]["data_rejected_rows"] == manifest["rejected"]
