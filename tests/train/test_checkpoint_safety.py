@@ -81,7 +81,7 @@ def test_planted_pickle_in_a_checkpoint_is_refused_and_never_runs(ray_cluster, s
     victim = sorted(shards.glob("*.tar"))[-1]
     victim.write_bytes(victim.read_bytes()[:1000])
     config = small_config("train.max_steps=2", "scaling.num_workers=1", "scaling.max_failures=0",
-                          f"data.shards=[{shards}/*.tar]")
+                          "data.source=mmeb", f"data.shards=[{shards}/*.tar]")
     result = build_trainer(config).fit()
     assert result.metrics["data_skipped_shards"] == 1
     assert result.metrics["data_rejected_rows"] == json.loads(manifest.read_text())["rejected"]
