@@ -383,10 +383,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
             window, window_count, window_start, window_samples = {}, 0, time.time(), 0
         if step_hook is not None:
             step_hook(step=state.step, rank=rank, world_size=world_size, module=engine.module)
-        if stop_requested(loop_config.get("preemption"), rank, world_size):  # SIGTERM on the driver
+        if state.step < train.max_steps and stop_requested(loop_config.get("preemption"), rank, world_size):
             _checkpoint_and_report(engine, state, config, rank, {**final_metrics, "step": state.step,
                                                                  "samples": state.samples, "preempted": 1}, launch)
-            return
+            return  # SIGTERM on the driver: stopped at this step boundary with a checkpoint
 
     # 6. Spectrum, export, final evaluation, final checkpoint.
     summary: dict[str, Any] = dict(final_metrics)  # empty when relaunching a finished run
