@@ -19,20 +19,21 @@ BENCHMARKS = ("spectral", "data", "train", "eval", "models")
 
 
 def _add_config_args(parser: argparse.ArgumentParser, default: str | None = "configs/default.yaml") -> None:
-    parser.add_argument("--config", default=default, help="YAML config file (default: %(default)s).")
+    parser.add_argument("--config", default=default, help="YAML config file, relative to the current directory "
+                        "(default: %(default)s; '' for the built-in defaults).")
     parser.add_argument("overrides", nargs="*", help="Dotted overrides key.sub=value (CLI > file > defaults).")
 
 
 def _load(args: argparse.Namespace):
     """The config of `--config` and the dotted overrides: the only place strings become config values.
 
-    `--output-dir` is a path and is set as a value (`with_values`), never written into an override
-    string and parsed again, so `#`, `: `, quotes or spaces in it survive unchanged.
+    `--config` is read relative to the current directory, the default included: run elsewhere, the
+    default `configs/default.yaml` is reported missing (never silently replaced by the built-in
+    defaults); `--config ''` asks for the built-in defaults explicitly. `--output-dir` is a path and
+    is set as a value (`with_values`), never written into an override string and parsed again, so
+    `#`, `: `, quotes or spaces in it survive unchanged.
     """
-    path = args.config if args.config and Path(args.config).exists() else None
-    if args.config and path is None and args.config != "configs/default.yaml":
-        raise ConfigError(f"Config file not found: {args.config}")
-    config = load_config(path, list(args.overrides))
+    config = load_config(args.config or None, list(args.overrides))
     if args.command == "train" and args.output_dir:
         config = with_values(config, {"train.output_dir": args.output_dir})
     return config
@@ -102,8 +103,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "train":
         from sde_ray.train.driver import run_train
 
-        run_train(_load(args), dry_run=args.dry_run)
-        return 0
+        from sde_ray.train.preemption import EXIT_PREEMPTED
+
+        summary = run_train(_load(args), dry_run=args.dry_run)
+        return EXIT_PREEMPTED if summary.get("preempted") else 0
     if args.command == "tune":
         from sde_ray.tune.driver import run_tune
 
@@ -143,6 +146,11 @@ def _dispatch(args: argparse.Namespace) -> int:
             samples_per_shard=args.samples_per_shard, workers=args.workers,
         )
         print(json.dumps({k: manifest[k] for k in ("num_samples", "num_shards", "rejected") if k in manifest}))
+        if not manifest["num_samples"]:  # nothing to train on is a failure, whatever the cause
+            reasons = {k: v for k, v in manifest["rejected_by_reason"].items() if v}
+            print(f"convert-mmeb: 0 samples written to {args.out}; rejected by reason: {json.dumps(reasons)} "
+                  f"(details in {Path(args.out) / 'rejects.jsonl'})", file=sys.stderr)
+            return 1
         return 0
     if args.command == "data" and args.data_command == "synth":
         from sde_ray.data.synthetic import write_synthetic_mmeb

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import os
 import re
 import types
@@ -232,6 +233,10 @@ class TrainConfig:
     output_dir: str = doc("runs/default", "Run outputs: resolved config, metrics, checkpoints, plots, results.")
     storage_path: str = doc("", "Ray Train storage (shared FS or s3:// for multi-node); empty: <output_dir>/ray.")
     run_name: str = doc("sde", "Ray Train run name; relaunching with the same name resumes.")
+    on_config_change: Literal["refuse", "fork", "override"] = doc(
+        "refuse", "Relaunch into an output_dir recorded under another config: refuse (list the differing keys), "
+        "fork (a new run <output_dir>-fork-<hash>) or override (continue; logged in config_history.jsonl)."
+    )
 
 
 @dataclass
@@ -494,14 +499,38 @@ def replace(config: Config, overrides: list[str]) -> Config:
 
 
 def read_yaml(path: str | os.PathLike) -> dict:
+    """The mapping in a YAML config file; every problem with the file is one `<path>: ...` line.
+
+    A relative path is relative to the current directory (never to the package or the repo)."""
     path = Path(path)
     if not path.exists():
-        raise ConfigError(f"Config file not found: {path}")
-    with path.open() as handle:
-        data = yaml.safe_load(handle) or {}
+        raise ConfigError(f"{path}: config file not found (relative paths are read from {Path.cwd()}).")
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory, not a YAML config file.")
+    try:
+        text = path.read_text(encoding="utf-8")
+        if "\x00" in text:
+            raise UnicodeDecodeError("utf-8", b"", 0, 1, "NUL byte")
+        data = yaml.safe_load(text)
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (binary or not UTF-8).") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc}).") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {_yaml_problem(exc)}") from None
+    if data is None:
+        return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping.")
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}.")
     return data
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message as one line: the problem and where (1-based line, column)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}."
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
@@ -573,8 +602,84 @@ def _check_schedule(schedule: ScheduleConfig, key: str) -> None:
         raise ConfigError(f"{key}.num_steps must be >= 1.")
 
 
+def _leaves(instance: Any, prefix: str = "") -> typing.Iterator[tuple[str, Any]]:
+    for f in dataclasses.fields(instance):
+        value = getattr(instance, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _leaves(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", value
+
+
+# Lower bounds of numeric fields that no cross-field rule covers: (dotted key, minimum, inclusive).
+# A bad value here would otherwise reach the workers and fail there, once per allowed retry.
+_MINIMUM: dict[str, tuple[float, bool]] = {
+    "train.global_batch_size": (1, True),
+    "train.micro_batch_size": (0, True),
+    "train.warmup_steps": (0, True),
+    "train.weight_decay": (0, True),
+    "train.grad_clip": (0, True),
+    "train.keep_checkpoints": (1, True),
+    "train.eval_every": (0, True),
+    "train.max_nan_skips": (0, True),
+    "train.seed": (0, True),
+    "scaling.max_failures": (0, True),
+    "scaling.elastic_resize_monitor_interval_s": (0, False),
+    "model.image_size": (1, True),
+    "model.max_text_length": (1, True),
+    "model.lora.r": (1, True),
+    "model.lora.alpha": (0, False),
+    "eval.batch_size": (1, True),
+    "eval.num_workers": (1, True),
+    "eval.val_queries": (1, True),
+    "data.shuffle_seed": (0, True),
+    "data.synth.train_per_subset": (1, True),
+    "data.synth.eval_per_dataset": (1, True),
+    "data.synth.num_candidates": (2, True),
+    "data.synth.image_size": (1, True),
+    "data.synth.seed": (0, True),
+    "spectral.tw_margin": (0, True),
+    "spectral.iqr_k": (0, True),
+    "spectral.auto_gram_ratio": (0, False),
+    "loss.w_hellinger": (0, True),
+    "loss.w_subspace": (0, True),
+    "loss.w_snr": (0, True),
+    "loss.dsrsd.w_decorrelation": (0, True),
+    "loss.dsrsd.w_orthogonality": (0, True),
+    "loss.dsrsd.w_regression": (0, True),
+    "loss.dsrsd.w_instance": (0, True),
+    "loss.disncl.w_exclusive": (0, True),
+    "loss.gap.w_gap": (0, True),
+    "loss.gap.w_centroid": (0, True),
+    "tune.num_samples": (1, True),
+    "tune.grace_period": (1, True),
+    "tune.reduction_factor": (2, True),
+    "tune.max_concurrent_trials": (0, True),
+    "logging.console_every": (1, True),
+}
+# Fields that are fractions in [0, 1].
+_UNIT = ("model.lora.dropout", "spectral.energy_fraction")
+
+
+def _check_ranges(config: Config) -> None:
+    """Every float is finite (NaN passes every `<`/`>` test, so it needs its own check), and every
+    numeric field listed above is within its range."""
+    values = dict(_leaves(config))
+    for key, value in values.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value}.")
+    for key, (low, inclusive) in _MINIMUM.items():
+        value = values[key]
+        if value < low or (value == low and not inclusive):
+            raise ConfigError(f"{key} must be {'>=' if inclusive else '>'} {low:g}, got {value}.")
+    for key in _UNIT:
+        if not 0.0 <= values[key] <= 1.0:
+            raise ConfigError(f"{key} must be in [0, 1], got {values[key]}.")
+
+
 def validate(config: Config) -> None:
     """Rejects invalid combinations with a message naming the keys involved."""
+    _check_ranges(config)
     s, t, d = config.scaling, config.train, config.deepspeed
     if is_elastic(s):
         if not (1 <= s.min_workers <= s.max_workers):

@@ -44,6 +44,82 @@ def checkpoint_step(path: Path) -> int:
     return int(json.loads((path / STATE).read_text()).get("step", 0))
 
 
+# Checkpoint integrity: every rank writes a sha256 manifest of its files last; a checkpoint is
+# loaded (resume, eval) only when every file matches (train.checkpoint writes, both sides verify).
+class CheckpointError(RuntimeError):
+    """A checkpoint that must not be loaded (planted, altered or incomplete files); names the path.
+    `incomplete`: files or manifests are missing (an interrupted write), nothing was changed."""
+
+    def __init__(self, message: str, incomplete: bool = False):
+        super().__init__(message)
+        self.incomplete = incomplete
+
+
+MANIFEST_DIR = "manifest"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path, rank: int) -> None:
+    """sha256 of every file under `directory` (this rank's part), written last."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file())
+    listing = {p.relative_to(directory).as_posix(): _sha256(p) for p in files}
+    target = directory / MANIFEST_DIR / f"rank_{rank}.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(".tmp")
+    partial.write_text(json.dumps(listing, indent=0, sort_keys=True))
+    partial.rename(target)  # a half-written manifest never looks complete
+
+
+def verify_checkpoint(directory: str | os.PathLike) -> None:
+    """Raises CheckpointError naming the first file that is planted, altered or missing."""
+    directory = Path(directory)
+    manifests = sorted((directory / MANIFEST_DIR).glob("rank_*.json"))
+    try:
+        world_size = int(json.loads((directory / STATE).read_text())["world_size"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{directory / STATE}: missing or unreadable ({exc})",
+                              incomplete=isinstance(exc, FileNotFoundError)) from None
+    if len(manifests) != world_size:
+        raise CheckpointError(
+            f"{directory / MANIFEST_DIR}: {len(manifests)} rank manifest(s) for world size {world_size} "
+            "(an incomplete checkpoint)", incomplete=True)
+    expected: dict[str, str] = {}
+    for manifest in manifests:
+        try:
+            expected.update(json.loads(manifest.read_text()))
+        except ValueError as exc:
+            raise CheckpointError(f"{manifest}: not a manifest ({exc})") from None
+    manifest_names = {m.relative_to(directory).as_posix() for m in manifests}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        name = path.relative_to(directory).as_posix()
+        if name in manifest_names:
+            continue
+        if name not in expected:
+            raise CheckpointError(f"{path}: not written by any rank of this checkpoint (refused)")
+        if _sha256(path) != expected[name]:
+            raise CheckpointError(f"{path}: checksum differs from the manifest (altered; refused)")
+    missing = [name for name in expected if not (directory / name).is_file()]
+    if missing:
+        raise CheckpointError(f"{directory / missing[0]}: listed in the manifest but missing (incomplete)",
+                              incomplete=True)
+
+
+def is_complete(directory: str | os.PathLike) -> bool:
+    try:
+        verify_checkpoint(directory)
+    except CheckpointError:
+        return False
+    return True
+
+
+
 def run_id(storage_path: str, run_name: str) -> str:
     """A wandb run id stable across restarts of the same Ray Train run (same storage + name)."""
     digest = hashlib.sha1(f"{storage_path}/{run_name}".encode()).hexdigest()[:10]

@@ -41,7 +41,7 @@ def test_config_typo_is_one_clear_line_and_exit_code_2():
 
 def test_missing_config_file_is_a_config_error(capsys):
     assert main(["config", "show", "--config", "nope/missing.yaml"]) == 2
-    assert "Config file not found" in capsys.readouterr().err
+    assert "config error: nope/missing.yaml: config file not found" in capsys.readouterr().err
 
 
 def _quick_start_blocks() -> list[str]:

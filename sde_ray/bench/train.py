@@ -247,8 +247,8 @@ def _gradcache_worker(config_dict: dict, batch: dict, chunks: list[int], steps: 
     rows = len(batch["target_id"])
     engines = []
     for chunk in chunks:
-        chunked = replace(config, [f"train.global_batch_size={rows}", f"train.micro_batch_size={chunk}",
-                                   "scaling.num_workers=1"])
+        chunked = with_values(config, {"train.global_batch_size": rows, "train.micro_batch_size": chunk,
+                                       "scaling.num_workers": 1})
         seed_everything(config.train.seed)
         engines.append(build_engine(build_train_module(chunked), build_deepspeed_config(chunked, 1)))
 

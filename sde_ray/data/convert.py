@@ -39,6 +39,7 @@ from sde_ray.data.mmeb import (
     MANIFEST,
     TRAIN_COLUMNS,
     TRAIN_NEG_COLUMNS,
+    ArchiveError,
     ImageSource,
     UnsafePathError,
     list_train_subsets,
@@ -55,7 +56,7 @@ PARTS_DIR = "_parts"
 SHARD_PATTERN = "shard-{:06d}.tar"
 REJECT_REASONS = (
     "empty_query", "empty_positive", "absolute_path", "parent_path", "zip_member_escapes",
-    "missing_image", "undecodable_image",
+    "missing_image", "undecodable_image", "corrupt_zip_member", "unreadable_zip",
 )
 IMAGE_FIELDS = (("qry", "qry_image_path"), ("pos", "pos_image_path"), ("neg", "neg_image_path"))
 
@@ -175,7 +176,7 @@ def _clear_worker_caches() -> None:
 def _load_image(source: ImageSource, path: str, field: str) -> bytes:
     try:
         data = source.read(path)
-    except UnsafePathError as exc:
+    except (UnsafePathError, ArchiveError) as exc:
         raise RowRejected(exc.reason, field, str(exc)) from None
     except FileNotFoundError as exc:
         raise RowRejected("missing_image", field, str(exc)) from None

@@ -31,6 +31,7 @@ import json
 import os
 import posixpath
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -226,6 +227,14 @@ def format_prompt(instruction: str, text: str = "", with_image: bool = True) -> 
 # Image access by relative path
 
 
+class ArchiveError(OSError):
+    """An image zip that cannot be read (`reason`: corrupt_zip_member | unreadable_zip); names it."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 class UnsafePathError(ValueError):
     """A path from the data that would reach outside its root; `reason` is a short code.
 
@@ -271,6 +280,7 @@ class ImageSource:
         self.zip_paths = [Path(z) for z in zips if Path(z).is_file()]
         self.zip_strip_prefixes = zip_strip_prefixes
         self._zips: list[tuple[zipfile.ZipFile, dict[str, zipfile.ZipInfo]]] | None = None
+        self.broken: dict[str, str] = {}  # zip path -> why it cannot be opened
 
     def __getstate__(self):  # zip handles do not pickle; each process reopens them
         state = dict(self.__dict__)
@@ -280,8 +290,15 @@ class ImageSource:
     def _open_zips(self):
         if self._zips is None:
             self._zips = []
+            self.broken: dict[str, str] = {}
             for path in self.zip_paths:
-                archive = zipfile.ZipFile(path)
+                try:
+                    archive = zipfile.ZipFile(path)
+                except (zipfile.BadZipFile, OSError) as exc:
+                    # A truncated or unreadable zip: the rows that need it are rejected naming it,
+                    # the rest of the source is still read.
+                    self.broken[str(path)] = f"{type(exc).__name__}: {exc}"
+                    continue
                 members = {}
                 for info in archive.infolist():
                     # Index by where the member would land so that an escaping member that
@@ -306,8 +323,11 @@ class ImageSource:
         for folder in self.folders:
             candidate = folder / rel
             if candidate.is_file():
-                # A symlink inside the folder could still point outside; refuse it.
-                if not candidate.resolve().is_relative_to(folder.resolve()):
+                # A symlink inside the folder could still point outside; refuse it. The top folder
+                # of the path (`images/`) may itself be a symlink to another disk: followed, and
+                # the path must stay inside where it points.
+                top = folder / rel.split("/")[0] if "/" in rel else folder
+                if not candidate.resolve().is_relative_to(top.resolve()):
                     raise UnsafePathError("parent_path", f"image path {path!r} resolves outside {folder}")
                 return candidate.read_bytes()
         for archive, members in self._open_zips():
@@ -315,7 +335,14 @@ class ImageSource:
                 info = members.get(name)
                 if info is not None:
                     check_zip_member_name(info.filename)
-                    return archive.read(info)
+                    try:
+                        return archive.read(info)
+                    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
+                        raise ArchiveError("corrupt_zip_member", f"{archive.filename}: member {info.filename!r}: "
+                                           f"{type(exc).__name__}: {exc}") from None
+        if self.broken:
+            zips = "; ".join(f"{path}: {why}" for path, why in self.broken.items())
+            raise ArchiveError("unreadable_zip", f"image {path!r} not found; unreadable zip(s): {zips}")
         raise FileNotFoundError(f"image {path!r} not found in {[str(f) for f in self.folders + self.zip_paths]}")
 
     def close(self) -> None:

@@ -46,8 +46,9 @@ from sde_ray.eval.scoring import (
     encode_dataset,
     prepare_dataset,
     score_dataset,
+    unscorable_reason,
 )
-from sde_ray.runs import CONSOLIDATED, STATE, checkpoint_step, is_checkpoint, wandb_mode
+from sde_ray.runs import CONSOLIDATED, STATE, checkpoint_step, is_checkpoint, is_complete, wandb_mode
 
 MODEL_FROM_CHECKPOINT = "model_from_checkpoint"
 
@@ -71,9 +72,43 @@ def _is_export(path: Path) -> bool:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint with the highest step under a run directory (Ray storage included)."""
-    found = [p.parent for p in run_dir.rglob(STATE) if is_checkpoint(p.parent)]
-    return max(found, key=lambda p: (checkpoint_step(p), p.stat().st_mtime)) if found else None
+    """The newest complete checkpoint (highest step, then latest written) under a run directory
+    (Ray storage included); folders of an interrupted write or with altered files are passed over."""
+    found = [p.parent for p in run_dir.rglob(STATE) if is_checkpoint(p.parent) and is_complete(p.parent)]
+    return max(found, key=lambda p: (checkpoint_step(p), (p / STATE).stat().st_mtime)) if found else None
+
+
+def _run_root(path: Path, top: Path) -> Path:
+    """The training output folder a checkpoint or export below `top` belongs to: its nearest
+    ancestor holding a run's record (config.yaml / metrics.jsonl / model/), else its Ray run folder."""
+    for parent in [path, *path.parents]:
+        if parent == top.parent:
+            break
+        if any((parent / name).exists() for name in ("config.yaml", "metrics.jsonl", "model")):
+            return parent
+    return path
+
+
+def _runs_below(path: Path) -> list[Path]:
+    from sde_ray.models.embedder import EXPORT_FILE
+
+    roots = {_run_root(p.parent.parent, path) for p in path.rglob(STATE) if is_checkpoint(p.parent)}
+    roots |= {_run_root(p.parent.parent, path) for p in path.rglob(EXPORT_FILE)
+              if p.parent.name != MODEL_FROM_CHECKPOINT}
+    return sorted(roots)
+
+
+def _export_is_current(run_dir: Path, checkpoint: Path | None) -> bool:
+    """The run's `model/` export holds its newest weights: no complete checkpoint is newer than the
+    step its results.json records (a relaunched run may have checkpointed past an older export)."""
+    if checkpoint is None:
+        return True
+    try:
+        results = json.loads((run_dir / "results.json").read_text())
+        exported_step = int(results["train"]["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False  # no record of what the export holds: the checkpoint is the known state
+    return exported_step >= checkpoint_step(checkpoint)
 
 
 def _state_dict_prefix(saved_keys: Sequence[str], model_keys: Sequence[str]) -> str:
@@ -109,24 +144,40 @@ def export_ray_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: str | os.P
 
 
 def resolve_checkpoint(checkpoint: str | os.PathLike, work_dir: Path) -> ResolvedCheckpoint:
-    """Finds (or, for a training checkpoint, exports into `work_dir`) the model folder to evaluate."""
+    """Finds (or, for a training checkpoint, exports into `work_dir`) the model folder to evaluate.
+
+    An export or a checkpoint folder is used as given. A run folder resolves to its newest complete
+    checkpoint unless its `model/` export is at least as new; a folder holding several runs is an
+    error listing them (never a silent pick). Prints what it used."""
     path = Path(checkpoint).expanduser().resolve()
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    resolved = _resolve(path, work_dir)
+    print(f"[sde_ray] evaluating {resolved.kind}: {resolved.source}")
+    return resolved
+
+
+def _resolve(path: Path, work_dir: Path) -> ResolvedCheckpoint:
     if _is_export(path):
         run_dir = path.parent if (path.parent / "metrics.jsonl").is_file() else None
         return ResolvedCheckpoint(path, run_dir, "pretrained", path)
-    if _is_export(path / "model"):
+    if is_checkpoint(path):
+        return ResolvedCheckpoint(export_ray_checkpoint(path, work_dir / MODEL_FROM_CHECKPOINT), None,
+                                  "ray_checkpoint", path)
+    runs = _runs_below(path)
+    if len(runs) > 1:
+        listed = ", ".join(str(r) for r in runs)
+        raise ValueError(f"{path} holds {len(runs)} runs ({listed}): pass one of them as --checkpoint")
+    source = latest_checkpoint(path)
+    if _is_export(path / "model") and _export_is_current(path, source):
         return ResolvedCheckpoint(path / "model", path, "run", path / "model")
-    source = path if is_checkpoint(path) else latest_checkpoint(path)
     if source is None:
         raise FileNotFoundError(
             f"{path} is not an exported model (no sde_ray_model.json), a run directory (no model/ and no "
-            "checkpoint below it) or a Ray Train checkpoint (consolidated.pt + state.json)"
+            "complete checkpoint below it) or a Ray Train checkpoint (consolidated.pt + state.json)"
         )
-    run_dir = path if source != path else None
     model_dir = export_ray_checkpoint(source, work_dir / MODEL_FROM_CHECKPOINT)
-    return ResolvedCheckpoint(model_dir, run_dir, "ray_checkpoint", source)
+    return ResolvedCheckpoint(model_dir, path, "ray_checkpoint", source)
 
 
 def default_output_dir(checkpoint: str | os.PathLike) -> Path:
@@ -182,9 +233,10 @@ class Evaluation:
     scores: dict[str, DatasetScore]
     pairs: list[tuple[np.ndarray, np.ndarray]]  # per dataset (queries, positives) of scorable rows
     encoded: list[EncodedDataset]  # kept only when a gap remedy needs a second look
+    unscorable: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> why nothing was scored
 
     def results(self) -> dict:
-        return summarize(self.scores, META_TASKS)
+        return {**summarize(self.scores, META_TASKS), "unscorable": dict(self.unscorable)}
 
 
 def evaluate_prepared(
@@ -200,7 +252,7 @@ def evaluate_prepared(
     """Scores datasets one at a time: already prepared ones, or `infos` read from `eval_root`."""
     from tqdm.auto import tqdm
 
-    scores, pairs, encoded = {}, [], []
+    scores, pairs, encoded, unscorable = {}, [], [], {}
     source = eval_image_source(eval_root) if eval_root is not None else None
     items = list(prepared) if prepared is not None else list(infos)
     try:
@@ -210,6 +262,11 @@ def evaluate_prepared(
                 if isinstance(item, PreparedDataset)
                 else prepare_dataset(eval_root, item, source, max_rows=max_rows)
             )
+            reason = unscorable_reason(p)
+            if reason is not None:  # reported by name, kept out of the averages; the rest is scored
+                print(f"[sde_ray] eval: {p.info.name}: {reason}")
+                unscorable[p.info.name] = reason
+                continue
             e = encode_dataset(p, encoder)
             scores[e.info.name] = score_dataset(e)
             pairs.append(e.positive_pairs())
@@ -218,7 +275,7 @@ def evaluate_prepared(
     finally:
         if source is not None:
             source.close()
-    return Evaluation(scores, pairs, encoded)
+    return Evaluation(scores, pairs, encoded, unscorable)
 
 
 def gap_remedy_effect(encoded: Sequence[EncodedDataset], remedy: str, k: int) -> dict:

@@ -68,6 +68,18 @@ class EncodedDataset:
         )
 
 
+def unscorable_reason(p: PreparedDataset) -> str | None:
+    """Why no row of a prepared dataset can be scored (None when some can): it is then reported
+    by name instead of scored, and the other datasets are still evaluated."""
+    if p.scorable.any():
+        return None
+    table = p.table
+    malformed = int(table.malformed.sum())
+    example = f"; e.g. {table.malformed_reasons[0]}" if table.malformed_reasons else ""
+    return (f"no scorable row: {table.num_rows} rows, {malformed} malformed, {table.num_rows - malformed} "
+            f"with a missing image{example}")
+
+
 def prepare_dataset(
     eval_root: str | os.PathLike,
     info: DatasetInfo,

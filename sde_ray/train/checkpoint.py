@@ -5,7 +5,14 @@ Layout of one checkpoint directory (Ray merges every rank's files into it):
     deepspeed/state/...        DeepSpeed `save_checkpoint` (per-rank ZeRO shards, model states)
     consolidated.pt            full weights of the training module (encoder + objective), rank 0
     state.json                 step, samples consumed, epoch position, world size, ZeRO stage, config
-    rng/rank_<r>.pt            torch / numpy / python RNG state of rank r
+    rng/rank_<r>.pt            torch CPU / CUDA, numpy and python RNG state of rank r, as tensors
+    manifest/rank_<r>.json     sha256 of every file rank r wrote, written last (rank r's "complete" mark)
+
+Nothing here is unpickled by our code: the RNG state and the weights are tensors loaded with
+`weights_only=True`, the state is JSON. DeepSpeed's `load_checkpoint` does unpickle its own files
+(optimizer state), so `verify_checkpoint` checks every file against the manifests before any load:
+a file no rank wrote, an altered one or a missing one refuses the checkpoint, naming the path. A
+checkpoint is complete when every rank of its world size left a manifest and every file verifies.
 
 Resume picks one of two paths (`resume_plan`):
 - same world size and ZeRO stage: DeepSpeed `load_checkpoint` restores weights, optimizer moments
@@ -17,6 +24,7 @@ Resume picks one of two paths (`resume_plan`):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -28,7 +36,18 @@ import numpy as np
 import torch
 
 from sde_ray.distributed import get_rank
-from sde_ray.runs import CONSOLIDATED, DEEPSPEED_DIR, DEEPSPEED_TAG, RNG_DIR, STATE
+from sde_ray.runs import (
+    CONSOLIDATED,
+    DEEPSPEED_DIR,
+    DEEPSPEED_TAG,
+    MANIFEST_DIR,
+    RNG_DIR,
+    STATE,
+    CheckpointError,
+    is_complete,
+    verify_checkpoint,
+    write_manifest,
+)
 
 
 
@@ -51,14 +70,40 @@ class TrainState:
         return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
 
-def rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+def rng_state() -> dict[str, torch.Tensor]:
+    """Every RNG this process draws from, as plain tensors (loadable with `weights_only=True`)."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    version, python_state, gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
+        # position, has_gauss, cached gaussian (a float64 carries the int fields exactly)
+        "numpy_rest": torch.tensor([position, has_gauss, cached], dtype=torch.float64),
+        "python": torch.tensor(python_state, dtype=torch.int64),
+        "python_gauss": torch.tensor([] if gauss is None else [gauss], dtype=torch.float64),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    position, has_gauss, cached = state["numpy_rest"].tolist()
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), int(position),
+                         int(has_gauss), cached))
+    gauss = state["python_gauss"].tolist()
+    random.setstate((3, tuple(state["python"].tolist()), gauss[0] if gauss else None))
+    if "cuda" in state and torch.cuda.is_available():
+        # One state per device; a resume on fewer visible devices restores the ones it has.
+        devices = min(len(state["cuda"]), torch.cuda.device_count())
+        torch.cuda.set_rng_state_all(list(state["cuda"][:devices]))
+
+
+def restore_rng(directory: str | os.PathLike, rank: int) -> None:
+    rng_file = Path(directory) / RNG_DIR / f"rank_{rank}.pt"
+    if rng_file.exists():
+        set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
 
 
 def consolidated_state_dict(engine) -> dict[str, torch.Tensor] | None:
@@ -83,6 +128,7 @@ def save_checkpoint(directory: str | os.PathLike, engine, state: TrainState, con
     if rank == 0:
         torch.save(weights, directory / CONSOLIDATED)
         (directory / STATE).write_text(json.dumps({**asdict(state), "config": config_dict}, indent=1))
+    write_manifest(directory, rank)
 
 
 @dataclass
@@ -93,6 +139,7 @@ class ResumePlan:
 
 
 def resume_plan(directory: str | os.PathLike, world_size: int, zero_stage: int) -> ResumePlan:
+    verify_checkpoint(directory)  # before anything in it is read, DeepSpeed's pickles included
     state = TrainState.read(directory)
     exact = state.world_size == world_size and state.zero_stage == zero_stage
     return ResumePlan(state=state, exact=exact, directory=Path(directory))
@@ -121,9 +168,7 @@ def restore_engine(engine, plan: ResumePlan, rank: int) -> None:
         load_path, _ = engine.load_checkpoint(str(plan.directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint under {plan.directory / DEEPSPEED_DIR}")
-        rng_file = plan.directory / RNG_DIR / f"rank_{rank}.pt"
-        if rng_file.exists():
-            set_rng_state(torch.load(rng_file, weights_only=False))
+        restore_rng(plan.directory, rank)
     else:
         engine.global_steps = plan.state.step
         engine.global_samples = plan.state.samples

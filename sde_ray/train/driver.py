@@ -10,7 +10,9 @@ and energy shares on the console. `build_trainer` is also what each Ray Tune tri
 
 from __future__ import annotations
 
+import glob
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,15 +21,18 @@ import ray.data
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from sde_ray.config import Config, ModelConfig, dump_yaml, is_elastic, to_dict, with_values, worker_counts
+from sde_ray.config import Config, ConfigError, ModelConfig, dump_yaml, is_elastic, to_dict, with_values, worker_counts
 from sde_ray.data.cache import prepare_data
 from sde_ray.eval.report import results_markdown, write_results
 from sde_ray.models import BatchProcessor, count_parameters
 from sde_ray.ray_cluster import check_capacity, connect, worker_env
 from sde_ray.runs import METRICS_FILE, run_id, wandb_mode
 from sde_ray.train.deepspeed_config import build_deepspeed_config
+from sde_ray.train.checkpoint_store import prepare_resume, prune_unregistered
 from sde_ray.train.data import train_data_from_config
 from sde_ray.train.loop import RunArgs, build_train_module, train_loop_per_worker
+from sde_ray.train.preemption import Preemption
+from sde_ray.train.run_dir import claim_run_dir
 
 
 def absolute_path(path: str) -> str:
@@ -53,12 +58,36 @@ def resolve_paths(config: Config) -> Config:
     })
 
 
+def check_data_paths(config: Config) -> None:
+    """Every local `data.shards` entry names something (a glob matching nothing is a config error
+    here, before Ray starts, instead of a traceback in the data stage); remote ones are read later."""
+    for index, entry in enumerate(config.data.shards):
+        if "://" in entry and not entry.startswith("file://"):
+            continue
+        local = os.path.expanduser(entry.removeprefix("file://"))
+        if any(ch in local for ch in "*?["):
+            found = bool(glob.glob(local))
+        elif os.path.isdir(local):
+            found = bool(glob.glob(os.path.join(local, "*.tar")))
+        else:
+            found = os.path.isfile(local)
+        if not found:
+            raise ConfigError(f"data.shards[{index}]: {entry!r} matches no WebDataset shard")
+
+
+def data_counts(prepared) -> dict[str, int]:
+    """What the data stage left out, logged with every metrics row and in results.json."""
+    return {"data_skipped_shards": len(prepared.skipped_shards),
+            "data_rejected_rows": int(prepared.manifest.get("rejected", 0) or 0)}
+
+
 def build_trainer(
     config: Config,
     *,
     callbacks: list | None = None,
     prepared=None,
     step_hook: Callable[..., None] | None = None,
+    preemption=None,
 ):
     """The TorchTrainer of one training run (what `run_train` and each Tune trial fit).
 
@@ -66,7 +95,8 @@ def build_trainer(
     `PreparedData` of `sde_ray.data.cache.prepare_data` (computed when None). `step_hook(step=,
     rank=, world_size=, module=)`: called on every worker after each optimizer step with the engine's
     module (instrumentation, fault injection in tests); cloudpickle-able. The workers receive the
-    typed config itself and a `RunArgs`, both pickled by Ray.
+    typed config itself and a `RunArgs`, both pickled by Ray. `preemption`: the flag of a
+    `preemption.Preemption`; when raised, the workers checkpoint and stop.
     """
     config = resolve_paths(config)
     if prepared is None:
@@ -82,7 +112,7 @@ def build_trainer(
     train_data = train_data_from_config(config, prepared, _ProcessorFactory(config.model))
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=worker_payload(config, prepared.eval_dir, train_data, step_hook),
+        train_loop_config=worker_payload(config, prepared, train_data, step_hook, preemption),
         scaling_config=ray.train.ScalingConfig(
             num_workers=num_workers,
             use_gpu=scaling.use_gpu,
@@ -100,16 +130,19 @@ def build_trainer(
     )
 
 
-def worker_payload(config: Config, eval_dir: str | None, train_data=None,
-                   step_hook: Callable[..., None] | None = None) -> dict:
+def worker_payload(config: Config, prepared=None, train_data=None, step_hook: Callable[..., None] | None = None,
+                   preemption=None) -> dict:
     """What every training worker receives (Ray Train's `train_loop_config` must be a dict): the
     resolved typed config and the run arguments, pickled as they are."""
     args = RunArgs(
-        eval_root=config.eval.data_dir or eval_dir or None,
+        eval_root=config.eval.data_dir or getattr(prepared, "eval_dir", None) or None,
         run_id=run_id(config.train.storage_path, config.train.run_name),
         wandb_mode=wandb_mode(config.logging),
         step_hook=step_hook,
         train_data=train_data,
+        resume_dir=prepare_resume(f"{config.train.storage_path}/{config.train.run_name}"),
+        preemption=preemption,
+        data_counts=data_counts(prepared) if prepared is not None else {},
     )
     return {"config": config, "args": args}
 
@@ -154,18 +187,20 @@ def run_train(config: Config, dry_run: bool = False) -> dict:
     if dry_run:
         return dry_run_report(config)
     config = resolve_paths(config)
+    check_data_paths(config)
+    config = claim_run_dir(config)  # refuses a relaunch under another config
     output_dir = Path(config.train.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.yaml").write_text(dump_yaml(config))
     started = connect(config)
     try:
         check_capacity(config)
         prepared = prepare_data(config)
-        trainer = build_trainer(config, prepared=prepared)
-        result = trainer.fit()
+        with Preemption() as preemption:  # SIGTERM: checkpoint at the next step and return
+            result = build_trainer(config, prepared=prepared, preemption=preemption.flag).fit()
     finally:
         if started:
             ray.shutdown()
+    run_dir = f"{config.train.storage_path}/{config.train.run_name}"
+    prune_unregistered(run_dir, [checkpoint.path for checkpoint, _ in result.best_checkpoints or []])
     metrics = dict(result.metrics or {})
     evaluation = metrics.pop("eval", None)
     summary = {
@@ -175,7 +210,13 @@ def run_train(config: Config, dry_run: bool = False) -> dict:
         "output_dir": str(output_dir),
         "metrics_jsonl": str(output_dir / METRICS_FILE),
         "spectrum_plot": str(output_dir / "plots" / "spectrum.png"),
+        "preempted": bool(metrics.get("preempted")),
+        "data": {**data_counts(prepared), "skipped_shards": dict(prepared.skipped_shards),
+                 "rejected_by_reason": prepared.manifest.get("rejected_by_reason", {})},
     }
+    if summary["preempted"]:
+        print(f"[sde_ray] preempted (SIGTERM) at step {metrics.get('step')}: checkpoint {summary['checkpoint']}; "
+              "rerun the same command to resume")
     if evaluation:
         write_results({**evaluation, **summary}, output_dir)
         print(results_markdown(evaluation))

@@ -30,7 +30,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ from sde_ray.eval.runner import evaluate_model
 from sde_ray.eval.runner import validation_p_at_1 as evaluate_validation
 from sde_ray.losses import StepContext, build_objective
 from sde_ray.models import BatchProcessor, build_model
-from sde_ray.distributed import all_ranks_true, broadcast_object, mean_over_ranks
+from sde_ray.distributed import broadcast_object, mean_over_ranks
 from sde_ray.runs import RunLogger, say
 from sde_ray.spectral import spectral_snapshot
 from sde_ray.train.checkpoint import (
@@ -57,9 +57,11 @@ from sde_ray.train.checkpoint import (
     resume_plan,
     save_checkpoint,
 )
+from sde_ray.train.checkpoint_store import newer_checkpoint
 from sde_ray.train.data import SAMPLE_ID, BatchStream, open_epoch_fn
-from sde_ray.train.deepspeed_config import build_deepspeed_config, chunk_size, local_batch_size
+from sde_ray.train.deepspeed_config import build_deepspeed_config, chunk_size
 from sde_ray.train.step import train_step
+from sde_ray.train.preemption import stop_requested
 
 # Keys of a processed batch that are not model inputs.
 TARGET_ID_KEY = "target_id"
@@ -74,6 +76,9 @@ class RunArgs:
     wandb_mode: str  # resolved on the driver, where WANDB_API_KEY is known
     step_hook: Callable[..., None] | None = None  # step_hook(step=, rank=, world_size=, module=, ...)
     train_data: Any = None  # sde_ray.train.data.TrainData: the shards, processor and epoch order
+    resume_dir: str | None = None  # newest complete checkpoint on storage (checkpoint_store.prepare_resume)
+    preemption: Any = None  # the flag actor a SIGTERM on the driver raises (train.preemption)
+    data_counts: dict = field(default_factory=dict)  # what the data stage left out
 
 
 # The schedule of one optimizer step's aftermath (torchtitan-style): what happens after step `step`.
@@ -321,8 +326,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     resume_stack = contextlib.ExitStack()
     plan: ResumePlan | None = None
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        plan = resume_plan(resume_stack.enter_context(checkpoint.as_directory()), world_size, config.deepspeed.zero_stage)
+    resume_dir = newer_checkpoint(checkpoint and resume_stack.enter_context(checkpoint.as_directory()),
+                                  args.resume_dir)  # Ray's, or a newer unregistered one
+    if resume_dir is not None:
+        plan = resume_plan(resume_dir, world_size, config.deepspeed.zero_stage)
         if not plan.exact:
             load_consolidated(module, plan.directory)
 
@@ -406,7 +413,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             elapsed = max(time.time() - window_start, 1e-9)
             report.update(step=state.step, epoch=state.epoch, samples=state.samples, world_size=world_size,
                           lr=float(engine.get_lr()[0]), samples_per_s=window_samples / elapsed,
-                          steps_per_s=(window_samples / train.global_batch_size) / elapsed, nan_skips=state.nan_skips)
+                          steps_per_s=(window_samples / train.global_batch_size) / elapsed, nan_skips=state.nan_skips,
+                          **args.data_counts)  # shards skipped, rows the converter rejected
             if do_eval:
                 model = rank_zero_model.get()
                 value = validation_p_at_1(model, processor, eval_root, config) if rank == 0 else None
@@ -422,6 +430,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if step_hook is not None:
             call_hook(step_hook, step=state.step, rank=rank, world_size=world_size, module=engine.module,
                       sample_ids=sample_ids.tolist(), epoch=stream.epoch, losses=step_losses)
+        if state.step < train.max_steps and stop_requested(args.preemption, rank, world_size):
+            _checkpoint_and_report(engine, state, config, rank, {**final_metrics, "step": state.step,
+                                                                 "samples": state.samples, "preempted": 1}, launch)
+            return  # SIGTERM on the driver: stopped at this step boundary with a checkpoint
 
     # 6. Spectrum, export, final evaluation, final checkpoint.
     summary: dict[str, Any] = dict(final_metrics)  # empty when relaunching a finished run

@@ -2,7 +2,8 @@
 
 Checked: images and rayVersion match pyproject's pinned Ray; autoscaling ranges agree across the
 launchers and KubeRay and with the elastic range the RayJob trains with; no internet ingress to
-the dashboard (8265), GCS (6379) or client (10001) ports; checkpoint storage is configured; no secret
+the dashboard (8265), GCS (6379) or client (10001) ports; every launcher node starts Ray with token
+auth from a secret store and fails closed, and its firewall admits only the cluster's own nodes; checkpoint storage is configured; no secret
 value is written anywhere; the runtime envs are valid Ray runtime envs carrying pyproject's deps.
 Each rule is also run on a broken example, so a rule that checks nothing fails here.
 """
@@ -269,6 +270,80 @@ def test_network_rule_catches_open_ports():
     assert not public_ingress(aws_ssh_only)
     assert public_ingress({"kind": "Service", "metadata": {"name": "x"}, "spec": {"type": "LoadBalancer"}})
     assert public_ingress({"head_start_ray_commands": ["ray start --head --dashboard-host=0.0.0.0"]})
+
+
+# ---- authentication and intra-cluster fencing -------------------------------------------------
+
+
+def unauthenticated_starts(data: dict) -> list[str]:
+    """`ray start` commands of a launcher config that would run without Ray token auth: each must
+    set RAY_AUTH_MODE=token and take RAY_AUTH_TOKEN from somewhere (never a literal) and refuse to
+    start when it is empty (Ray 2.60 enables auth on a head only if ~/.ray/auth_token exists)."""
+    found = []
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        for command in data.get(key, []) or []:
+            if "ray start" not in command:
+                continue
+            before = command.split("ray start", 1)[0]
+            if not re.search(r"export RAY_AUTH_MODE=token\b", before):
+                found.append(f"{key}: ray start without RAY_AUTH_MODE=token")
+            if not re.search(r'export RAY_AUTH_TOKEN="\$\(', before):
+                found.append(f"{key}: RAY_AUTH_TOKEN not read from a secret store")
+            if not re.search(r'test -n "\$RAY_AUTH_TOKEN" \|\| .*exit 1', before):
+                found.append(f"{key}: starts Ray even when the token is missing")
+    if data.get("provider") and not any(data.get(k) for k in ("head_start_ray_commands", "worker_start_ray_commands")):
+        found.append("launcher without start commands (the defaults start Ray unauthenticated)")
+    return found
+
+
+def wide_rules(data: dict) -> list[str]:
+    """Firewall rules of a launcher config that admit hosts other than the cluster's own nodes."""
+    found = []
+    provider = data.get("provider", {})
+    for rule in provider.get("security_group", {}).get("IpPermissions", []) or []:
+        cidrs = [r.get("CidrIp") for r in rule.get("IpRanges", [])] + [r.get("CidrIpv6") for r in rule.get("Ipv6Ranges", [])]
+        ssh_only = str(rule.get("IpProtocol")) == "tcp" and rule.get("FromPort") == rule.get("ToPort") == 22
+        if cidrs and not ssh_only:
+            found.append(f"security group rule admits CIDR {cidrs} (the VPC, not the cluster's nodes)")
+    if provider.get("type") == "gcp":
+        for name, node_type in data.get("available_node_types", {}).items():
+            if "sde-ray" not in (node_type.get("node_config", {}).get("tags", {}) or {}).get("items", []):
+                found.append(f"{name}: no `sde-ray` network tag for the cluster-only firewall rule")
+    return found
+
+
+@pytest.mark.parametrize("path", LAUNCHERS, ids=lambda p: p.name)
+def test_every_launcher_node_starts_ray_with_token_auth(path):
+    assert unauthenticated_starts(_docs(path)[0]) == []
+
+
+@pytest.mark.parametrize("path", LAUNCHERS, ids=lambda p: p.name)
+def test_launcher_firewalls_admit_only_the_clusters_own_nodes(path):
+    assert wide_rules(_docs(path)[0]) == []
+
+
+def test_the_documented_gcp_firewall_rule_is_tag_to_tag():
+    text = (REPO / "docs" / "operations.md").read_text()
+    rules = re.findall(r"gcloud compute firewall-rules create [^`]*", text)
+    assert rules and all("--source-tags=sde-ray" in r and "--source-ranges" not in r for r in rules)
+
+
+def test_auth_and_fence_rules_catch_the_issue_19_configs():
+    # The files as they were: `ray start` with no token, and an all-protocol rule from the VPC CIDR.
+    bare = {"provider": {"type": "aws"}, "head_start_ray_commands": ["ray stop", "ray start --head --port=6379"],
+            "worker_start_ray_commands": ["ray start --address=$RAY_HEAD_IP:6379"]}
+    literal = {"head_start_ray_commands": ["export RAY_AUTH_MODE=token; export RAY_AUTH_TOKEN=abc; ray start --head"]}
+    fail_open = {"head_start_ray_commands": [
+        'export RAY_AUTH_MODE=token; export RAY_AUTH_TOKEN="$(get-secret)"; ray start --head']}
+    assert len(unauthenticated_starts(bare)) == 6
+    assert "RAY_AUTH_TOKEN not read from a secret store" in unauthenticated_starts(literal)[0]
+    assert "starts Ray even when the token is missing" in unauthenticated_starts(fail_open)[0]
+    assert unauthenticated_starts({"provider": {"type": "aws"}})
+    vpc_wide = {"provider": {"type": "aws", "security_group": {"IpPermissions": [
+        {"IpProtocol": "-1", "IpRanges": [{"CidrIp": "10.0.0.0/16"}]}]}}}
+    untagged = {"provider": {"type": "gcp"}, "available_node_types": {"head": {"node_config": {}}}}
+    assert wide_rules(vpc_wide) and wide_rules(untagged)
+    assert not wide_rules({"provider": {"type": "aws", "security_group": {"IpPermissions": []}}})
 
 
 # ---- storage ------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ def _config_from_cli(argv: list[str]):
 def test_cli_resolve_and_worker_keep_every_character(tmp_path, monkeypatch, name):
     monkeypatch.chdir(tmp_path)
     expected = {key: str(tmp_path / name / key) for key in KEYS}
-    argv = ["train", "--output-dir", f"{name}/out", "data.source=mmeb"]
+    argv = ["train", "--config", "", "--output-dir", f"{name}/out", "data.source=mmeb"]  # built-in defaults
     argv += [f"{key}={name}/{key}" for key in KEYS]  # relative: resolve_paths makes them absolute
     config = _config_from_cli(argv)
     assert config.train.output_dir == f"{name}/out"
@@ -49,7 +49,7 @@ def test_cli_resolve_and_worker_keep_every_character(tmp_path, monkeypatch, name
     assert resolve_paths(resolved) == resolved  # idempotent: a second resolution changes nothing
 
     # What Ray ships to each worker (cloudpickle), unpickled as the worker sees it.
-    payload = cloudpickle.loads(cloudpickle.dumps(worker_payload(resolved, eval_dir=None)))
+    payload = cloudpickle.loads(cloudpickle.dumps(worker_payload(resolved)))
     assert payload["config"] == resolved
     assert payload["args"].eval_root == expected["eval.data_dir"]
     assert payload["config"].train.output_dir == str(tmp_path / name / "out")
@@ -59,7 +59,7 @@ def test_dry_run_prints_the_untouched_paths(tmp_path, monkeypatch, capsys):
     """The whole `sde-ray train --dry-run` command: the config it prints names the same paths."""
     monkeypatch.chdir(tmp_path)
     name = NAMES[-1]
-    code = cli.main(["train", "--dry-run", "--output-dir", str(tmp_path / name), f"data.cache_dir={name}",
+    code = cli.main(["train", "--config", "", "--dry-run", "--output-dir", str(tmp_path / name), f"data.cache_dir={name}",
                      f"eval.data_dir={tmp_path / name / 'eval'}"])
     assert code == 0
     printed = capsys.readouterr().out
