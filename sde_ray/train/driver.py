@@ -4,7 +4,8 @@
 folder), joins the configured cluster or starts a local Ray with enough logical CPUs for the
 workers plus `data.data_cpus`, fails fast when the cluster cannot fit them (Ray Data would otherwise
 wait forever for a CPU), prepares the data (synthetic MMEB generated and converted on first use),
-fits the trainer from `build_trainer`, and writes `results.json` / `.md` / `.csv` plus the P@1 table
+fits the trainer from `build_trainer`, evaluates the exported model on the eval runner's Ray actors
+once `fit()` has returned (`sde_ray.eval.runner.final_evaluation`), and writes `results.json` / `.md` / `.csv` plus the P@1 table
 and energy shares on the console. `build_trainer` is also what each Ray Tune trial fits.
 """
 
@@ -104,6 +105,17 @@ def run_id(storage_path: str, run_name: str) -> str:
     return f"{run_name}-{digest}"
 
 
+def eval_root_of(config: Config, prepared) -> str | None:
+    """The MMEB-eval root a run validates and evaluates on, checked on the driver before any worker
+    starts (its datasets must be readable; ones outside the catalog get a one-line notice)."""
+    root = config.eval.data_dir or prepared.eval_dir or None
+    if root:
+        from sde_ray.eval.runner import select_datasets
+
+        select_datasets(Path(root), config.eval.datasets or None)
+    return root
+
+
 def _worker_env(config: Config) -> dict[str, str]:
     env = {"TOKENIZERS_PARALLELISM": "false"}
     if not config.scaling.use_gpu:
@@ -152,7 +164,7 @@ def build_trainer(
     loop_config: dict[str, Any] = {
         "config": to_dict(config),
         "output_dir": config.train.output_dir,
-        "eval_root": config.eval.data_dir or prepared.eval_dir or None,
+        "eval_root": eval_root_of(config, prepared),
         "run_id": run_id(storage, name),
         "wandb_mode": wandb_mode(config.logging),
         "step_hook": step_hook,
@@ -220,6 +232,17 @@ def _energy_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def _evaluate_after_fit(config: Config, prepared, metrics: dict) -> dict | None:
+    """The final MMEB evaluation of the exported model on the eval actors (the training worker
+    group is gone by now, so its GPUs are free and no rank waits in a collective meanwhile)."""
+    root = config.eval.data_dir or prepared.eval_dir
+    if not root or not metrics.get("model_dir"):
+        return None
+    from sde_ray.eval.runner import final_evaluation
+
+    return final_evaluation(metrics["model_dir"], root, config, config.train.output_dir)
+
+
 def run_train(config: Config, dry_run: bool = False) -> dict:
     """The main job. Returns the summary also written to `<output_dir>/results.json`."""
     if dry_run:
@@ -238,11 +261,11 @@ def run_train(config: Config, dry_run: bool = False) -> dict:
         prepared = prepare_data(config)
         trainer = build_trainer(config, prepared=prepared)
         result = trainer.fit()
+        metrics = dict(result.metrics or {})
+        evaluation = _evaluate_after_fit(config, prepared, metrics)
     finally:
         if started:
             ray.shutdown()
-    metrics = dict(result.metrics or {})
-    evaluation = metrics.pop("eval", None)
     summary = {
         "train": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))},
         "checkpoint": result.checkpoint.path if result.checkpoint else None,

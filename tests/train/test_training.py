@@ -35,7 +35,7 @@ def test_two_workers_learn_under_zero(stage, ray_cluster, small_config, read_met
         assert key in rows[-1], key
 
     assert result.metrics["step"] == 12 and result.metrics["samples"] == 12 * 32
-    assert 0.0 <= result.metrics["eval"]["overall"] <= 1.0
+    assert "eval" not in result.metrics  # the workers export; the driver evaluates after fit()
     checkpoint = Path(result.checkpoint.path)
     state = json.loads((checkpoint / "state.json").read_text())
     assert state["step"] == 12 and state["world_size"] == 2 and state["zero_stage"] == stage
