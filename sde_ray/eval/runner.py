@@ -376,9 +376,10 @@ def evaluate_on_actors(
     config: Config,
     cache_dir: Path | None = None,
     keep_encoded: bool = False,
-) -> tuple[Evaluation, list[dict]]:
+) -> tuple[Evaluation, dict]:
     """Encodes on `eval.num_workers` Ray actors (GPU actors when the cluster has GPUs) through the
-    embedding cache; returns the evaluation and where each actor ran (pid, host, device)."""
+    embedding cache; returns the evaluation and a record of the run: where each actor ran (pid,
+    host, device, precision) and the cache's hits / misses (requests = one side of one dataset)."""
     pool = RayEncoderPool(model_dir, config.eval.num_workers, config.eval.batch_size,
                           precision=eval_precision(config))
     try:
@@ -389,7 +390,9 @@ def evaluate_on_actors(
         )
     finally:
         pool.shutdown()
-    return evaluation, actors
+    record = {"evaluated_by": actors, "embedding_cache": {"hits": encoder.hits, "misses": encoder.misses,
+                                                          "dir": str(cache_dir) if cache_dir else None}}
+    return evaluation, record
 
 
 def model_stamp(model_dir: Path) -> dict:
@@ -408,9 +411,10 @@ def final_evaluation(model_dir: str | os.PathLike, eval_root: str | os.PathLike,
     model_dir, eval_root = Path(model_dir), Path(eval_root)
     out = Path(output_dir) / "eval"
     infos = select_datasets(eval_root, config.eval.datasets or None, notice=False)
-    evaluation, actors = evaluate_on_actors(model_dir, eval_root, infos, config, out / EMBEDDING_CACHE)
+    evaluation, record = evaluate_on_actors(model_dir, eval_root, infos, config, out / EMBEDDING_CACHE)
     results = evaluation.results()
-    results.update(evaluated_by=actors, model=model_stamp(model_dir), benchmark=benchmark_version(eval_root))
+    results.update(record, model=model_stamp(model_dir), benchmark=benchmark_version(eval_root),
+                   model_dir=str(model_dir), data_dir=str(eval_root))
     write_vlm2vec_scores(results, out / VLM2VEC_DIR)
     return results
 
@@ -437,7 +441,7 @@ def run_eval(
 
     started_ray = _ensure_ray(config)
     try:
-        evaluation, actors = evaluate_on_actors(
+        evaluation, record = evaluate_on_actors(
             resolved.model_dir, eval_root, infos, config, out / EMBEDDING_CACHE, keep_encoded=bool(remedy)
         )
     finally:
@@ -448,8 +452,7 @@ def run_eval(
     results["checkpoint"] = str(Path(checkpoint).expanduser().resolve())
     results["model_dir"] = str(resolved.model_dir)
     results["data_dir"] = str(eval_root)
-    results.update(evaluated_by=actors, model=model_stamp(resolved.model_dir),
-                   benchmark=benchmark_version(eval_root))
+    results.update(record, model=model_stamp(resolved.model_dir), benchmark=benchmark_version(eval_root))
     write_vlm2vec_scores(results, out / VLM2VEC_DIR)
     if remedy:
         results["gap_remedy"] = gap_remedy_effect(evaluation.encoded, remedy, config.loss.gap.k)
