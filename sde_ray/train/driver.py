@@ -151,6 +151,7 @@ def build_trainer(
     config = resolve_paths(config)
     if prepared is None:
         prepared = prepare_data(config)
+    eval_root = eval_root_of(config, prepared)  # checked here, before Ray Data or a worker starts
     name = run_name or config.train.run_name
     storage = _absolute(storage_path) if storage_path else config.train.storage_path
     scaling = config.scaling
@@ -164,7 +165,7 @@ def build_trainer(
     loop_config: dict[str, Any] = {
         "config": to_dict(config),
         "output_dir": config.train.output_dir,
-        "eval_root": eval_root_of(config, prepared),
+        "eval_root": eval_root,
         "run_id": run_id(storage, name),
         "wandb_mode": wandb_mode(config.logging),
         "step_hook": step_hook,
