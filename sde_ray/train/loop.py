@@ -408,6 +408,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         summary["model_dir"] = str(export_dir)
         # Where and when training ended: the driver's evaluation starts after it (tests check it).
         summary.update(train_worker_pid=os.getpid(), train_finished_at=time.time())
+        if torch.device(engine.device).type == "cuda":
+            summary["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(engine.device) / 2**30
     if logger is not None:
         logger.finish(dict(summary))
     # Always a checkpoint: Ray Train keeps the metrics of checkpointed reports only (the Result's).

@@ -92,3 +92,18 @@ def test_bf16_autocast_features_are_fp32_and_close(prepared, tiny_export):
     assert bf16.dtype == np.float32 and not np.array_equal(fp32, bf16)  # autocast really ran in bf16
     cosine = (fp32 * bf16).sum(1) / np.linalg.norm(fp32, axis=1) / np.linalg.norm(bf16, axis=1)
     assert cosine.min() > 0.99
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_encoder_matches_cpu_fp32(prepared, tiny_export):
+    """On CUDA: the encoder runs on the GPU in bf16 and agrees with the CPU fp32 features."""
+    import copy
+
+    _, model, processor = tiny_export
+    side, texts, images = prepared[0].requests()[1]
+    reference = ModelEncoder(model, processor, batch_size=8).encode([(side, texts, images)])[0]
+    gpu = ModelEncoder(copy.deepcopy(model), processor, batch_size=8, device="cuda", precision="bf16")
+    assert next(gpu.model.parameters()).device.type == "cuda"
+    features = gpu.encode([(side, texts, images)])[0]
+    cosine = (reference * features).sum(1) / np.linalg.norm(reference, axis=1) / np.linalg.norm(features, axis=1)
+    assert features.dtype == np.float32 and cosine.min() > 0.99
