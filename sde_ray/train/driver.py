@@ -4,9 +4,9 @@
 folder), joins the configured cluster or starts a local Ray with enough logical CPUs for the
 workers plus `data.data_cpus`, fails fast when the cluster cannot fit them (Ray Data would otherwise
 wait forever for a CPU), prepares the data (synthetic MMEB generated and converted on first use),
-fits the trainer from `build_trainer`, evaluates the exported model on the eval runner's Ray actors
-once `fit()` has returned (`sde_ray.eval.runner.final_evaluation`), and writes `results.json` / `.md` / `.csv` plus the P@1 table
-and energy shares on the console. `build_trainer` is also what each Ray Tune trial fits.
+fits the trainer from `build_trainer`, evaluates the exported model on the eval runner's Ray
+actors once `fit()` has returned (`sde_ray.eval.runner.final_evaluation`), and writes
+`results.json` / `.md` / `.csv` plus the P@1 table and energy shares on the console. `build_trainer` is also what each Ray Tune trial fits.
 """
 
 from __future__ import annotations

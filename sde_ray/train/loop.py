@@ -228,7 +228,7 @@ class TrainedModel:
         params = list(module.parameters())
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             with torch.no_grad():
-                for (name, target), source in zip(self.device_copy.named_parameters(), params):
+                for target, source in zip(self.device_copy.parameters(), params):
                     target.copy_(source.data.reshape(target.shape))
         return self.device_copy.model
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from sde_ray.eval.encode import CachedEncoder, ModelEncoder, module_identity
 from sde_ray.eval.runner import evaluate_prepared, select_datasets
