@@ -416,6 +416,7 @@ def final_evaluation(model_dir: str | os.PathLike, eval_root: str | os.PathLike,
     results.update(record, model=model_stamp(model_dir), benchmark=benchmark_version(eval_root),
                    model_dir=str(model_dir), data_dir=str(eval_root))
     write_vlm2vec_scores(results, out / VLM2VEC_DIR)
+    log_to_wandb(results, {}, config, out)  # the workers' wandb run has finished: a job_type=eval run
     return results
 
 
