@@ -37,6 +37,11 @@ def get_rank() -> int:
     return dist.get_rank() if is_initialized() else 0
 
 
+def get_world_size() -> int:
+    """The default group's size; 1 without one."""
+    return dist.get_world_size() if is_initialized() else 1
+
+
 def group_device() -> torch.device:
     """The device the default group's backend moves: the current CUDA device under NCCL, else the CPU."""
     if is_initialized() and "nccl" in str(dist.get_backend()).lower():
@@ -100,6 +105,15 @@ def mean_over_ranks(metrics: dict[str, float], world_size: int) -> dict[str, flo
     keys = sorted(metrics)
     sums = all_reduce(torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64), world_size)
     return {k: float(v) / world_size for k, v in zip(keys, sums.tolist())}
+
+
+def all_gather_object(value: Any, world_size: int) -> list:
+    """Every rank's picklable `value`, in rank order (staged through the group's device under NCCL)."""
+    if world_size == 1:
+        return [value]
+    out: list = [None] * world_size
+    dist.all_gather_object(out, value)  # torch stages the pickles on the current CUDA device under NCCL
+    return out
 
 
 def broadcast_object(value: Any, world_size: int, src: int = 0) -> Any:

@@ -1,4 +1,5 @@
-"""Shared test fixtures: CPU-only DeepSpeed, offline wandb, one local Ray cluster per session."""
+"""Shared test fixtures: CPU-only DeepSpeed, offline wandb, one local Ray cluster per session; tests
+marked `gpu` are skipped unless CUDA is present."""
 
 from __future__ import annotations
 
@@ -18,6 +19,16 @@ import torch  # noqa: E402
 # On a 2-core box intra-op threads fight Ray workers and each other: tiny models ran 10-20x slower
 # with 2 threads than with 1 under load. Tests that measure nothing gain nothing from more.
 torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` run only where CUDA is present; everything else needs no GPU."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

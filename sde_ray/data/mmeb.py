@@ -54,6 +54,10 @@ META_TASK_TITLES: dict[str, str] = {
     "grounding": "Visual Grounding",
 }
 SPLITS: tuple[str, ...] = ("IND", "OOD")
+# A dataset found under an eval root but described by no catalog: scored, reported in a group of
+# its own (its meta_task and split), counted in no meta-task, in neither IND nor OOD nor overall.
+OUTSIDE_CATALOG = "outside_catalog"
+META_TASK_TITLES[OUTSIDE_CATALOG] = "Outside the catalog"
 
 IMAGE_TOKEN = "<|image_1|>"
 
@@ -76,6 +80,8 @@ class DatasetInfo:
     instruction: str = ""
 
     def __post_init__(self) -> None:
+        if self.meta_task == OUTSIDE_CATALOG and self.split == OUTSIDE_CATALOG:
+            return
         if self.meta_task not in META_TASKS:
             raise ValueError(f"dataset {self.name!r}: meta_task {self.meta_task!r} is not one of {META_TASKS}")
         if self.split not in SPLITS:
@@ -180,6 +186,11 @@ def load_dataset_catalog(root: str | os.PathLike | None = None) -> dict[str, Dat
             raise ValueError(f"{path}: bad dataset entry {entry!r} ({exc})") from exc
         catalog[info.name] = info
     return catalog
+
+
+def outside_catalog(name: str) -> DatasetInfo:
+    """The `DatasetInfo` of a dataset that no catalog describes (see `OUTSIDE_CATALOG`)."""
+    return DatasetInfo(name, OUTSIDE_CATALOG, OUTSIDE_CATALOG, "unknown", num_candidates=0)
 
 
 def subset_index(catalog: dict[str, DatasetInfo]) -> dict[str, DatasetInfo]:

@@ -7,17 +7,34 @@ normalisation (scoring normalises; the spectral diagnostics need them raw).
 `RayEncoderPool` starts `num_workers` actors, each loading the exported model folder once (one GPU
 each when the cluster has GPUs), cuts every request into batches, keeps all actors busy and shows
 a tqdm bar over the batches.
+
+Precision: an encoder runs its forward under `torch.autocast` in `precision` (bf16 / fp16; fp32 =
+no autocast) on its model's device; features come back as float32, so scoring and the spectral
+diagnostics stay in fp32 whatever the encoder's precision.
+
+`CachedEncoder` keeps the embeddings of every request under a key of (model identity, side,
+content of the request: texts and image bytes), in memory and optionally in a folder, so a second
+evaluation of the same model on the same data encodes nothing.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
 PREFIXES = {"query": "qry", "target": "pos"}
+AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    if precision not in AUTOCAST_DTYPES:
+        raise ValueError(f"precision must be one of {list(AUTOCAST_DTYPES)}, got {precision!r}")
+    return AUTOCAST_DTYPES[precision]
 
 
 def _prefix(side: str) -> str:
@@ -31,13 +48,22 @@ def _batches(count: int, batch_size: int) -> list[slice]:
 
 
 class ModelEncoder:
-    """A model and its `BatchProcessor` in this process (validation, tests, the Ray actors)."""
+    """A model and its `BatchProcessor` in this process (validation, tests, the Ray actors).
 
-    def __init__(self, model: torch.nn.Module, processor, batch_size: int = 64, device: str | None = None):
+    `device` moves the model there (default: where its parameters are); `calls` counts the batches
+    encoded (what the embedding-cache tests count).
+    """
+
+    def __init__(self, model: torch.nn.Module, processor, batch_size: int = 64, device: str | None = None,
+                 precision: str = "fp32"):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model, self.processor, self.batch_size = model, processor, batch_size
         self.device = torch.device(device) if device else next(model.parameters()).device
+        if next(model.parameters()).device != self.device:
+            model.to(self.device)
+        self.precision, self.dtype = precision, autocast_dtype(precision)
+        self.calls = 0
 
     @torch.no_grad()
     def encode_batch(self, side: str, texts: list[str], images: list) -> np.ndarray:
@@ -46,8 +72,10 @@ class ModelEncoder:
         batch = {key: torch.from_numpy(value).to(self.device) for key, value in arrays.items()}
         was_training = self.model.training
         self.model.eval()
+        self.calls += 1
         try:
-            features = self.model.encode_side(batch, prefix)
+            with torch.autocast(self.device.type, dtype=self.dtype or torch.bfloat16, enabled=self.dtype is not None):
+                features = self.model.encode_side(batch, prefix)
         finally:
             self.model.train(was_training)
         return features.detach().float().cpu().numpy()
@@ -66,24 +94,102 @@ class ModelEncoder:
         return int(getattr(self.model, "embed_dim", 0))
 
 
-def load_encoder(model_dir: str | os.PathLike, batch_size: int, device: str | None = None) -> ModelEncoder:
-    """A `ModelEncoder` for an exported `save_pretrained` folder."""
+def load_encoder(model_dir: str | os.PathLike, batch_size: int, device: str | None = None,
+                 precision: str = "fp32") -> ModelEncoder:
+    """A `ModelEncoder` for an exported `save_pretrained` folder (weights kept in fp32; the forward
+    runs under autocast in `precision`)."""
     from sde_ray.config import to_dict
     from sde_ray.models import BatchProcessor, load_pretrained
 
     model, model_config = load_pretrained(str(model_dir))
-    if device:
-        model = model.to(device)
-    return ModelEncoder(model, BatchProcessor(to_dict(model_config)), batch_size, device)
+    return ModelEncoder(model, BatchProcessor(to_dict(model_config)), batch_size, device, precision)
+
+
+def model_identity(model_dir: str | os.PathLike) -> str:
+    """A digest of an exported model folder's files (names and bytes): equal folders, equal ids."""
+    digest = hashlib.sha256()
+    root = Path(model_dir)
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(root)).encode() + b"\0")
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def module_identity(model: torch.nn.Module) -> str:
+    """A digest of an in-memory model's weights (its state dict, names and bytes)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode() + str(tensor.dtype).encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def request_key(model_id: str, side: str, texts: Sequence[str], images: Sequence) -> str:
+    """The cache key of one request: the model, the side and every item's text and image bytes."""
+    digest = hashlib.sha256(f"{model_id}\0{_prefix(side)}\0{len(texts)}".encode())
+    for text, image in zip(texts, images):
+        digest.update(text.encode() + b"\0")
+        digest.update(hashlib.sha256(image).digest() if image is not None else b"-")
+    return digest.hexdigest()
+
+
+class CachedEncoder:
+    """Wraps an encoder: a request seen before (same model, side and content) is not encoded again.
+
+    `cache_dir` keeps the arrays on disk (`<key>.npy`) so another process or a later `sde-ray eval`
+    of the same model reuses them; without it they live in this object only.
+    """
+
+    def __init__(self, encoder, model_id: str, cache_dir: str | os.PathLike | None = None):
+        self.encoder, self.model_id = encoder, model_id
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.memory: dict[str, np.ndarray] = {}
+        self.hits = self.misses = 0
+
+    def _load(self, key: str) -> np.ndarray | None:
+        if key in self.memory:
+            return self.memory[key]
+        path = self.cache_dir / f"{key}.npy" if self.cache_dir else None
+        if path is not None and path.is_file():
+            self.memory[key] = np.load(path, allow_pickle=False)
+            return self.memory[key]
+        return None
+
+    def encode(self, requests: Sequence[tuple[str, list[str], list]]) -> list[np.ndarray]:
+        keys = [request_key(self.model_id, side, texts, images) for side, texts, images in requests]
+        found = [self._load(key) for key in keys]
+        todo = [i for i, array in enumerate(found) if array is None]
+        self.hits, self.misses = self.hits + len(keys) - len(todo), self.misses + len(todo)
+        # One call for everything missing, so a parallel encoder still sees all the work at once.
+        for i, array in zip(todo, self.encoder.encode([requests[i] for i in todo]) if todo else []):
+            found[i] = self.memory[keys[i]] = array
+            if self.cache_dir is not None:
+                self.cache_dir.mkdir(parents=True, exist_ok=True)
+                tmp = self.cache_dir / f"{keys[i]}.tmp.npy"
+                np.save(tmp, array)
+                tmp.replace(self.cache_dir / f"{keys[i]}.npy")  # never a half-written entry
+        return found
 
 
 class _EncoderActor:
-    def __init__(self, model_dir: str, batch_size: int, use_gpu: bool):
+    def __init__(self, model_dir: str, batch_size: int, use_gpu: bool, precision: str):
+        import time
+
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-        self.encoder = load_encoder(model_dir, batch_size, "cuda" if use_gpu else "cpu")
+        self.encoder = load_encoder(model_dir, batch_size, "cuda" if use_gpu else "cpu", precision)
+        self.started_at = time.time()
 
     def encode_batch(self, side: str, texts: list[str], images: list) -> np.ndarray:
         return self.encoder.encode_batch(side, texts, images)
+
+    def describe(self) -> dict:
+        """Where this actor runs (recorded in the results: which process evaluated)."""
+        import socket
+
+        return {"pid": os.getpid(), "host": socket.gethostname(), "device": str(self.encoder.device),
+                "precision": self.encoder.precision, "started_at": self.started_at}
 
 
 class RayEncoderPool:
@@ -97,6 +203,7 @@ class RayEncoderPool:
         use_gpu: bool | None = None,
         cpus_per_worker: float = 1.0,
         progress: bool = True,
+        precision: str = "fp32",
     ):
         import ray
 
@@ -105,7 +212,11 @@ class RayEncoderPool:
         if use_gpu is None:
             use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
         actor = ray.remote(num_cpus=cpus_per_worker, num_gpus=1 if use_gpu else 0)(_EncoderActor)
-        self.actors = [actor.remote(str(model_dir), batch_size, use_gpu) for _ in range(num_workers)]
+        # fp16 autocast is a GPU mode; CPU actors of an fp16 run encode in bf16.
+        if precision == "fp16" and not use_gpu:
+            precision = "bf16"
+        autocast_dtype(precision)
+        self.actors = [actor.remote(str(model_dir), batch_size, use_gpu, precision) for _ in range(num_workers)]
         self.batch_size, self.progress = batch_size, progress
 
     def encode(self, requests: Sequence[tuple[str, list[str], list]]) -> list[np.ndarray]:
@@ -126,6 +237,11 @@ class RayEncoderPool:
         for index, ref in jobs:
             parts[index].append(ray.get(ref))
         return [np.concatenate(p) if p else np.zeros((0, 0), dtype=np.float32) for p in parts]
+
+    def describe(self) -> list[dict]:
+        import ray
+
+        return ray.get([actor.describe.remote() for actor in self.actors])
 
     def shutdown(self) -> None:
         import ray

@@ -42,6 +42,8 @@ def _summary_rows(results: dict) -> list[tuple[str, str, float | None]]:
         ("OOD", "ood", results["ood"]),
         ("Overall", "overall", results["overall"]),
     ]
+    if results.get("outside_catalog") is not None:  # user datasets: their own mean, outside Overall
+        rows.append((META_TASK_TITLES["outside_catalog"], "outside_catalog", results["outside_catalog"]))
     return rows
 
 
@@ -89,6 +91,31 @@ def write_results(results: dict, output_dir: str | os.PathLike) -> dict[str, Pat
             writer.writerow({"name": name, "kind": "dataset", **{k: row[k] for k in CSV_FIELDS[2:]}})
         for label, kind, value in _summary_rows(results):
             writer.writerow({"name": label, "kind": kind, "p_at_1": "" if value is None else value})
+    return paths
+
+
+VLM2VEC_SCORE_SUFFIX = "_score.json"
+
+
+def write_vlm2vec_scores(results: dict, output_dir: str | os.PathLike) -> list[Path]:
+    """One `<Dataset>_score.json` per dataset in VLM2Vec v1's layout (`eval.py`: `acc` = P@1,
+    `num_correct`, `num_pred` = queries), so published per-dataset scores compare file by file.
+    Each file also carries `benchmark` and `model` (the evaluated model's identity) from `results`.
+    """
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, row in results["datasets"].items():
+        payload = {
+            "acc": row["p_at_1"],
+            "num_correct": row["num_correct"],
+            "num_pred": row["num_queries"],
+            "benchmark": results.get("benchmark"),
+            "model": results.get("model"),
+        }
+        path = out / f"{name}{VLM2VEC_SCORE_SUFFIX}"
+        path.write_text(json.dumps(payload, indent=2) + "\n")
+        paths.append(path)
     return paths
 
 

@@ -1,11 +1,19 @@
 """MMEB evaluation entry points: `run_eval` (the `sde-ray eval` job, on Ray) and the in-process
 `evaluate_model` / `validation_p_at_1` the training loop calls.
 
+The final evaluation of a training run (`final_evaluation`, called by the driver after
+`trainer.fit()` returns) and `sde-ray eval` both encode on Ray actors (`evaluate_on_actors`), never
+inside the training worker group; validation during training is spread over the training ranks
+(`validation_p_at_1` with rank / world size / gather, see `sde_ray.eval.sharded`).
+
 `run_eval(checkpoint, ...)` accepts a run directory (its exported `model/`, else its latest
 checkpoint), a Ray Train checkpoint directory (`consolidated.pt` + `state.json`, exported to a
 `save_pretrained` folder first) or an exported `save_pretrained` folder. It encodes with
 `eval.num_workers` Ray actors (one GPU each when the cluster has GPUs), writes results.json / .md /
-.csv, the diagnostics and the plots into the output folder, and logs them to wandb.
+.csv, the diagnostics and the plots into the output folder, VLM2Vec-layout score files into its
+`vlm2vec/` (see `sde_ray.eval.report.write_vlm2vec_scores`), and logs them to wandb. Embeddings are
+cached under `<output>/embedding_cache`, keyed by the model's identity and each dataset's content,
+so evaluating the same model on the same data again encodes nothing.
 
 Output folder default: `<run>/eval` for a run directory (or its `model/`), otherwise
 `<checkpoint>-eval` beside the checkpoint.
@@ -25,18 +33,20 @@ import numpy as np
 
 from sde_ray.config import Config
 from sde_ray.data.mmeb import (
+    CATALOG_FILE,
     META_TASKS,
     DatasetInfo,
     eval_image_source,
     list_eval_datasets,
     load_dataset_catalog,
+    outside_catalog,
 )
 from sde_ray.eval import plots
 from sde_ray.eval.diagnostics import feature_diagnostics, pool_pairs, training_history, write_history_plots
-from sde_ray.eval.encode import ModelEncoder, RayEncoderPool
+from sde_ray.eval.encode import CachedEncoder, ModelEncoder, RayEncoderPool, model_identity
 from sde_ray.eval.gap import fit_remedy, fit_rows
 from sde_ray.eval.metrics import DatasetScore, summarize
-from sde_ray.eval.report import write_results
+from sde_ray.eval.report import write_results, write_vlm2vec_scores
 from sde_ray.ray_cluster import connect
 from sde_ray.eval.scoring import (
     EncodedDataset,
@@ -51,6 +61,10 @@ from sde_ray.eval.scoring import (
 from sde_ray.runs import CONSOLIDATED, STATE, checkpoint_step, is_checkpoint, is_complete, wandb_mode
 
 MODEL_FROM_CHECKPOINT = "model_from_checkpoint"
+EMBEDDING_CACHE = "embedding_cache"
+VLM2VEC_DIR = "vlm2vec"
+# What the built-in catalog describes: MMEB-eval as released, scored with VLM2Vec v1's protocol.
+MMEB_BENCHMARK = "MMEB-eval v1 (TIGER-Lab/MMEB-eval; VLM2Vec v1 P@1 protocol)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,8 +218,10 @@ def resolve_eval_root(data_dir: str | os.PathLike | None, config: Config) -> Pat
     return root
 
 
-def select_datasets(eval_root: Path, names: Sequence[str] | None = None) -> list[DatasetInfo]:
-    """The datasets to evaluate, in the catalog's report order; unknown or absent names are errors."""
+def select_datasets(eval_root: Path, names: Sequence[str] | None = None, notice: bool = True) -> list[DatasetInfo]:
+    """The datasets to evaluate: catalogued ones in the catalog's report order, then those no catalog
+    describes (scored in a group of their own, see `OUTSIDE_CATALOG`; a one-line notice names them).
+    Names asked for but absent are errors, as is a root without any dataset."""
     catalog = load_dataset_catalog(eval_root)
     present = list_eval_datasets(eval_root)
     if names:
@@ -213,15 +229,23 @@ def select_datasets(eval_root: Path, names: Sequence[str] | None = None) -> list
         if absent:
             raise ValueError(f"dataset(s) {absent} not found under {eval_root}; available: {present}")
     wanted = list(names) if names else present
-    unknown = [n for n in wanted if n not in catalog]
-    if unknown:
-        raise ValueError(
-            f"dataset(s) {unknown} under {eval_root} are not in the MMEB catalog (nor in a "
-            "mmeb_datasets.json there), so their meta-task and IND/OOD split are unknown"
-        )
     if not wanted:
         raise ValueError(f"no datasets (folders with test-*.parquet) under {eval_root}")
-    return [info for name, info in catalog.items() if name in wanted]
+    unknown = sorted(n for n in wanted if n not in catalog)
+    if unknown and notice:
+        print(f"[sde_ray] {len(unknown)} dataset(s) under {eval_root} are not in the MMEB catalog (nor in a "
+              f"{CATALOG_FILE} there): scored in their own group, outside the meta-tasks, IND/OOD and "
+              f"overall: {', '.join(unknown)}", flush=True)
+    return [info for name, info in catalog.items() if name in wanted] + [outside_catalog(n) for n in unknown]
+
+
+def benchmark_version(eval_root: Path) -> str:
+    """What the eval root holds: the built-in MMEB-eval, or the source its own catalog declares."""
+    path = Path(eval_root) / CATALOG_FILE
+    if path.is_file():
+        payload = json.loads(path.read_text())
+        return f"{payload.get('source', 'custom')} catalog (schema {payload.get('schema_version')}) at {path}"
+    return MMEB_BENCHMARK
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,20 +374,91 @@ def validation_p_at_1(
     max_queries: int = 200,
     batch_size: int = 64,
     datasets: Sequence[str] | None = None,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    gather=None,
+    precision: str = "fp32",
 ) -> float:
     """Mean P@1 over datasets on a small fixed slice: the first ⌈max_queries / #datasets⌉ rows of each.
 
-    The slice is read and its images loaded once per process, then only re-encoded.
+    The slice is read and its images loaded once per process, then only re-encoded. With
+    `world_size > 1` every rank calls it with its own copy of the model on its device and encodes
+    its share of the distinct items; `gather` (every rank's object in rank order, default
+    `sharded.all_gather_objects`) joins them and every rank returns the same value.
     """
+    from sde_ray.eval.sharded import all_gather_objects, sharded_encode
+
     prepared = _validation_slice(
         str(Path(eval_root).resolve()), tuple(datasets) if datasets else None, max_queries
     )
-    evaluation = evaluate_prepared(prepared, ModelEncoder(model, processor, batch_size))
-    return float(evaluation.results()["overall"])
+    encoder = ModelEncoder(model, processor, batch_size, precision=precision)
+    encoded = sharded_encode(prepared, encoder, rank, world_size, gather or all_gather_objects)
+    scores = {e.info.name: score_dataset(e) for e in encoded}
+    overall = summarize(scores, META_TASKS)["overall"]
+    if overall is None:  # only datasets outside the catalog: their mean stands in
+        overall = summarize(scores, META_TASKS)["outside_catalog"]
+    return float(overall)
 
 
 # ---------------------------------------------------------------------------------------------
 # The `sde-ray eval` job
+
+
+def eval_precision(config: Config) -> str:
+    """The precision the eval actors encode in: the training precision (fp16 only on GPUs)."""
+    return config.deepspeed.precision
+
+
+def evaluate_on_actors(
+    model_dir: Path,
+    eval_root: Path,
+    infos: Sequence[DatasetInfo],
+    config: Config,
+    cache_dir: Path | None = None,
+    keep_encoded: bool = False,
+) -> tuple[Evaluation, dict]:
+    """Encodes on `eval.num_workers` Ray actors (GPU actors when the cluster has GPUs) through the
+    embedding cache; returns the evaluation and a record of the run: where each actor ran (pid,
+    host, device, precision) and the cache's hits / misses (requests = one side of one dataset)."""
+    pool = RayEncoderPool(model_dir, config.eval.num_workers, config.eval.batch_size,
+                          precision=eval_precision(config))
+    try:
+        actors = pool.describe()
+        encoder = CachedEncoder(pool, model_identity(model_dir), cache_dir)
+        evaluation = evaluate_prepared(
+            None, encoder, eval_root=eval_root, infos=infos, keep_encoded=keep_encoded, progress=True
+        )
+    finally:
+        pool.shutdown()
+    record = {"evaluated_by": actors, "embedding_cache": {"hits": encoder.hits, "misses": encoder.misses,
+                                                          "dir": str(cache_dir) if cache_dir else None}}
+    return evaluation, record
+
+
+def model_stamp(model_dir: Path) -> dict:
+    """The evaluated model's identity, stamped on every score file."""
+    from sde_ray.models.embedder import EXPORT_FILE
+
+    meta = json.loads((Path(model_dir) / EXPORT_FILE).read_text())
+    return {"model_dir": str(model_dir), "sha256": model_identity(model_dir),
+            "source_name_or_path": meta.get("source_name_or_path")}
+
+
+def final_evaluation(model_dir: str | os.PathLike, eval_root: str | os.PathLike, config: Config,
+                     output_dir: str | os.PathLike) -> dict:
+    """The end-of-training evaluation (the driver calls it after `fit()`): the exported model on
+    the eval actors; VLM2Vec score files and the embedding cache under `<output_dir>/eval`."""
+    model_dir, eval_root = Path(model_dir), Path(eval_root)
+    out = Path(output_dir) / "eval"
+    infos = select_datasets(eval_root, config.eval.datasets or None, notice=False)
+    evaluation, record = evaluate_on_actors(model_dir, eval_root, infos, config, out / EMBEDDING_CACHE)
+    results = evaluation.results()
+    results.update(record, model=model_stamp(model_dir), benchmark=benchmark_version(eval_root),
+                   model_dir=str(model_dir), data_dir=str(eval_root))
+    write_vlm2vec_scores(results, out / VLM2VEC_DIR)
+    log_to_wandb(results, {}, config, out)  # the workers' wandb run has finished: a job_type=eval run
+    return results
 
 
 def run_eval(
@@ -388,13 +483,11 @@ def run_eval(
 
     # A local Ray takes the machine's CPUs: the encoding actors are the only work.
     started_ray = connect(config, local_cpus=os.cpu_count() or 1, log_to_driver=False)
-    pool = RayEncoderPool(resolved.model_dir, config.eval.num_workers, config.eval.batch_size)
     try:
-        evaluation = evaluate_prepared(
-            None, pool, eval_root=eval_root, infos=infos, keep_encoded=bool(remedy), progress=True
+        evaluation, record = evaluate_on_actors(
+            resolved.model_dir, eval_root, infos, config, out / EMBEDDING_CACHE, keep_encoded=bool(remedy)
         )
     finally:
-        pool.shutdown()
         if started_ray:
             ray.shutdown()
 
@@ -402,6 +495,8 @@ def run_eval(
     results["checkpoint"] = str(Path(checkpoint).expanduser().resolve())
     results["model_dir"] = str(resolved.model_dir)
     results["data_dir"] = str(eval_root)
+    results.update(record, model=model_stamp(resolved.model_dir), benchmark=benchmark_version(eval_root))
+    write_vlm2vec_scores(results, out / VLM2VEC_DIR)
     if remedy:
         results["gap_remedy"] = gap_remedy_effect(evaluation.encoded, remedy, config.loss.gap.k)
 

@@ -4,8 +4,9 @@
 folder), joins the configured cluster or starts a local Ray with enough logical CPUs for the
 workers plus `data.data_cpus`, fails fast when the cluster cannot fit them (Ray Data would otherwise
 wait forever for a CPU), prepares the data (synthetic MMEB generated and converted on first use),
-fits the trainer from `build_trainer`, and writes `results.json` / `.md` / `.csv` plus the P@1 table
-and energy shares on the console. `build_trainer` is also what each Ray Tune trial fits.
+fits the trainer from `build_trainer`, evaluates the exported model on the eval runner's Ray
+actors once `fit()` has returned (`sde_ray.eval.runner.final_evaluation`), and writes
+`results.json` / `.md` / `.csv` plus the P@1 table and energy shares on the console. `build_trainer` is also what each Ray Tune trial fits.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ray.train.torch import TorchTrainer
 from sde_ray.config import Config, ConfigError, ModelConfig, dump_yaml, is_elastic, to_dict, with_values, worker_counts
 from sde_ray.data.cache import prepare_data
 from sde_ray.eval.report import results_markdown, write_results
+from sde_ray.eval.runner import final_evaluation, select_datasets
 from sde_ray.models import BatchProcessor, count_parameters
 from sde_ray.ray_cluster import check_capacity, connect, worker_env
 from sde_ray.runs import METRICS_FILE, run_id, wandb_mode
@@ -81,6 +83,15 @@ def data_counts(prepared) -> dict[str, int]:
             "data_rejected_rows": int(prepared.manifest.get("rejected", 0) or 0)}
 
 
+def eval_root_of(config: Config, prepared) -> str | None:
+    """The MMEB-eval root a run validates and evaluates on, checked on the driver before any worker
+    starts (its datasets must be readable; ones outside the catalog get a one-line notice)."""
+    root = config.eval.data_dir or prepared.eval_dir or None
+    if root:
+        select_datasets(Path(root), config.eval.datasets or None)
+    return root
+
+
 def build_trainer(
     config: Config,
     *,
@@ -101,6 +112,7 @@ def build_trainer(
     config = resolve_paths(config)
     if prepared is None:
         prepared = prepare_data(config)
+    eval_root_of(config, prepared)  # checked here, before Ray Data or a worker starts
     scaling = config.scaling
     num_workers = (scaling.min_workers, scaling.max_workers) if is_elastic(scaling) else scaling.num_workers
     resources = {"CPU": scaling.cpus_per_worker}
@@ -182,6 +194,15 @@ def _energy_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def _evaluate_after_fit(config: Config, prepared, metrics: dict) -> dict | None:
+    """The final MMEB evaluation of the exported model on the eval actors (the training worker
+    group is gone by now, so its GPUs are free and no rank waits in a collective meanwhile)."""
+    root = config.eval.data_dir or prepared.eval_dir
+    if not root or not metrics.get("model_dir"):
+        return None
+    return final_evaluation(metrics["model_dir"], root, config, config.train.output_dir)
+
+
 def run_train(config: Config, dry_run: bool = False) -> dict:
     """The main job. Returns the summary also written to `<output_dir>/results.json`."""
     if dry_run:
@@ -196,13 +217,13 @@ def run_train(config: Config, dry_run: bool = False) -> dict:
         prepared = prepare_data(config)
         with Preemption() as preemption:  # SIGTERM: checkpoint at the next step and return
             result = build_trainer(config, prepared=prepared, preemption=preemption.flag).fit()
+        metrics = dict(result.metrics or {})
+        evaluation = None if metrics.get("preempted") else _evaluate_after_fit(config, prepared, metrics)
     finally:
         if started:
             ray.shutdown()
     run_dir = f"{config.train.storage_path}/{config.train.run_name}"
     prune_unregistered(run_dir, [checkpoint.path for checkpoint, _ in result.best_checkpoints or []])
-    metrics = dict(result.metrics or {})
-    evaluation = metrics.pop("eval", None)
     summary = {
         "train": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))},
         "checkpoint": result.checkpoint.path if result.checkpoint else None,

@@ -14,8 +14,11 @@ as they left the driver (pickled), never as strings or plain dicts:
    agreed by all ranks, one optimizer step; a non-finite step is skipped whole); the temperature
    clamped in place after the step;
 5. per optimizer step: metrics (averaged over ranks) every `log_every`, validation P@1 every
-   `eval_every` (rank 0 evaluates, every rank reports it), a checkpoint every `checkpoint_every`;
-6. at the end: spectrum plot, `save_pretrained` export, final P@1 on the eval split, final checkpoint.
+   `eval_every` (every rank encodes its share on its device, see `sde_ray.eval.sharded`), a
+   checkpoint every `checkpoint_every`;
+6. at the end: spectrum plot, `save_pretrained` export (rank 0), final checkpoint. The full MMEB
+   evaluation is not run here: the driver runs it on the eval actors after `fit()` returns, so no
+   rank ever waits in a collective while another evaluates.
 
 Every `ray.train.report` is a barrier, so each rank reports under the same step conditions.
 """
@@ -40,7 +43,6 @@ import torch
 
 from sde_ray.config import Config, TrainConfig, to_dict
 from sde_ray.eval.plots import plot_spectrum
-from sde_ray.eval.runner import evaluate_model
 from sde_ray.eval.runner import validation_p_at_1 as evaluate_validation
 from sde_ray.losses import StepContext, build_objective
 from sde_ray.models import BatchProcessor, build_model
@@ -245,48 +247,60 @@ def to_model_inputs(batch: dict, device: torch.device, float_dtype: torch.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
-# Evaluation and export on rank 0
+# Validation on every rank, export on rank 0
 
 
-class RankZeroModel:
-    """The trained encoder on rank 0, un-wrapped and in fp32, for validation and export.
+class TrainedModel:
+    """The trained encoder, un-wrapped: on every rank's device for validation, in fp32 for export.
 
-    Under ZeRO-0/1/2 in fp32 every rank holds the full weights and the engine's module is used
-    directly; under ZeRO-3 (gathered, a collective) or bf16 the weights go into a cached fp32 copy.
+    Validation: unpartitioned weights (ZeRO-0/1/2) are the engine's module itself, on the worker's
+    device in the engine's precision; under ZeRO-3 every rank gathers the full weights into a
+    cached copy on its device (a collective), in the engine's dtype. Export: an fp32 copy on the
+    CPU of rank 0 (what `save_pretrained` writes; a collective under ZeRO-3).
     """
 
     def __init__(self, config: Config, engine, rank: int):
         self.config, self.engine, self.rank = config, engine, rank
-        self.copy: TrainModule | None = None
+        self.device_copy: TrainModule | None = None
 
-    def get(self) -> torch.nn.Module | None:
-        """The encoder on rank 0, None elsewhere. Every rank must call it (ZeRO-3 gathers)."""
-        full_fp32 = next(self.engine.module.parameters()).dtype == torch.float32
-        if not self.engine.zero_optimization_partition_weights() and full_fp32:
-            return self.engine.module.model if self.rank == 0 else None
+    def for_validation(self) -> torch.nn.Module:
+        """The encoder on this rank's device. Every rank must call it (ZeRO-3 gathers)."""
+        module = self.engine.module
+        if not self.engine.zero_optimization_partition_weights():
+            return module.model
+        import deepspeed
+
+        if self.device_copy is None:
+            self.device_copy = build_train_module(self.config).to(self.engine.device, next(module.parameters()).dtype)
+        params = list(module.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            with torch.no_grad():
+                for target, source in zip(self.device_copy.parameters(), params):
+                    target.copy_(source.data.reshape(target.shape))
+        return self.device_copy.model
+
+    def for_export(self) -> torch.nn.Module | None:
+        """An fp32 copy of the encoder on rank 0's CPU, None elsewhere. Every rank must call it."""
         weights = consolidated_state_dict(self.engine)
         if self.rank != 0:
             return None
-        if self.copy is None:
-            self.copy = build_train_module(self.config)
-        self.copy.load_state_dict(match_shapes(weights, self.copy))
-        return self.copy.model
+        copy = build_train_module(self.config)
+        copy.load_state_dict(match_shapes({k: v.float() for k, v in weights.items()}, copy))
+        return copy.model
 
 
-def validation_p_at_1(model: torch.nn.Module, processor, eval_root: str, config: Config) -> float:
+def validation_p_at_1(model: torch.nn.Module, processor, eval_root: str, config: Config, rank: int,
+                      world_size: int) -> float:
+    """Validation P@1, every rank encoding its share under the training precision (same value on all)."""
+
     was_training = model.training
     model.eval()
     try:
         return float(evaluate_validation(model, processor, eval_root, max_queries=config.eval.val_queries,
-                                         batch_size=config.eval.batch_size))
+                                         batch_size=config.eval.batch_size, rank=rank, world_size=world_size,
+                                         precision=config.deepspeed.precision))
     finally:
         model.train(was_training)
-
-
-def final_evaluation(model: torch.nn.Module, processor, eval_root: str, config: Config) -> dict:
-    model.eval()
-    return evaluate_model(model, processor, eval_root, datasets=config.eval.datasets or None,
-                          batch_size=config.eval.batch_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,9 +375,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     launch = broadcast_object(uuid.uuid4().hex[:8], world_size)  # unique checkpoint names per attempt
     logger = RunLogger(config, output_dir, args.run_id, args.wandb_mode, state.step) if rank == 0 else None
-    rank_zero_model = RankZeroModel(config, engine, rank)
+    trained = TrainedModel(config, engine, rank)
     processor = None
-    if rank == 0 and eval_root:
+    if eval_root:
         processor = BatchProcessor(to_dict(config.model))
 
     # 4-5. Train.
@@ -416,9 +430,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                           steps_per_s=(window_samples / train.global_batch_size) / elapsed, nan_skips=state.nan_skips,
                           **args.data_counts)  # shards skipped, rows the converter rejected
             if do_eval:
-                model = rank_zero_model.get()
-                value = validation_p_at_1(model, processor, eval_root, config) if rank == 0 else None
-                report["val_p_at_1"] = broadcast_object(value, world_size)
+                report["val_p_at_1"] = validation_p_at_1(trained.for_validation(), processor, eval_root, config,
+                                                         rank, world_size)
             if logger is not None:
                 logger.log(state.step, report)
             if do_checkpoint and not is_last:
@@ -435,7 +448,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                                                  "samples": state.samples, "preempted": 1}, launch)
             return  # SIGTERM on the driver: stopped at this step boundary with a checkpoint
 
-    # 6. Spectrum, export, final evaluation, final checkpoint.
+    # 6. Spectrum, export, final checkpoint (the driver evaluates the export after fit()).
     summary: dict[str, Any] = dict(final_metrics)  # empty when relaunching a finished run
     summary.update(step=state.step, samples=state.samples, world_size=world_size)
     if last_features is not None:
@@ -444,18 +457,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
             path = plot_spectrum(spectra, Path(output_dir) / "plots" / "spectrum.png",
                                  title=f"{config.loss.name}: singular values at step {state.step}")
             logger.log_image("spectrum", str(path), state.step)
-    model = rank_zero_model.get()
-    evaluation = None
-    if rank == 0:  # Ray keeps rank 0's metrics only, so the full table is reported by rank 0 alone
+    model = trained.for_export()
+    if rank == 0:  # Ray keeps rank 0's metrics only
         export_dir = Path(output_dir) / "model"
         model.save_pretrained(str(export_dir))
         summary["model_dir"] = str(export_dir)
-        if eval_root:
-            evaluation = final_evaluation(model, processor, eval_root, config)
-        summary["eval"] = evaluation
+        # Where and when training ended: the driver's evaluation starts after it (tests check it).
+        summary.update(train_worker_pid=os.getpid(), train_finished_at=time.time())
+        if torch.device(engine.device).type == "cuda":
+            summary["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(engine.device) / 2**30
     if logger is not None:
-        overall = (evaluation or {}).get("overall")
-        logger.finish({**{k: v for k, v in summary.items() if k != "eval"}, "final_p_at_1": overall})
+        logger.finish(dict(summary))
     # Always a checkpoint: Ray Train keeps the metrics of checkpointed reports only (the Result's).
     _checkpoint_and_report(engine, state, config, rank, summary, launch)
 

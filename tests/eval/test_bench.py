@@ -1,4 +1,5 @@
-"""`sde-ray bench eval --quick`: both modes measured in one run, fewer items encoded, same P@1."""
+"""`sde-ray bench eval --quick`: both modes measured in one run, fewer items encoded, same P@1, on
+the synthetic sets and on MMEB-shaped ones (a shared label set; candidates drawn from a pool)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import json
 
 import pytest
 
-from sde_ray.bench.eval import main
+from sde_ray.bench.eval import QUICK_SHAPE, main
 from sde_ray.config import load_config
 
 
@@ -21,3 +22,11 @@ def test_quick_benchmark_reports_both_modes(tmp_path):
     assert result["speedup_dedup_over_naive"] == pytest.approx(
         result["dedup"]["queries_per_s"] / result["naive"]["queries_per_s"]
     )
+    shaped, shape = result["mmeb_shaped"], QUICK_SHAPE
+    assert shaped["identical_p_at_1"] is True
+    # Naive: every row encodes its query and all its candidates. Dedup: each set's distinct items —
+    # the queries, the one label set, and at most the whole image pool.
+    assert shaped["naive"]["encoded_items"] == 2 * shape["naive_rows"] * (1 + shape["candidates"])
+    assert shaped["dedup"]["queries"] == 2 * shape["queries"]
+    assert shaped["dedup"]["encoded_items"] <= 2 * shape["queries"] + shape["labels"] + shape["pool"]
+    assert shaped["speedup_dedup_over_naive"] > 1.0

@@ -110,3 +110,14 @@ def test_match_shapes_restores_scalar_parameters():
     fixed = match_shapes({"scale": torch.tensor([5.0]), "weight": torch.zeros(3)}, module)
     module.load_state_dict(fixed)
     assert module.scale.shape == () and module.scale.item() == 5.0
+
+
+def test_training_checks_its_eval_root_on_the_driver(small_config, tmp_path):
+    """An unusable eval root fails in build_trainer, before Ray Data or any worker starts."""
+    from sde_ray.train.driver import build_trainer
+
+    empty = tmp_path / "empty-eval"
+    empty.mkdir()
+    config = small_config(f"eval.data_dir={empty}", "eval.datasets=[]")
+    with pytest.raises(ValueError, match="no datasets"):
+        build_trainer(config)  # before a worker (or the trainer) exists

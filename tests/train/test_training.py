@@ -35,7 +35,7 @@ def test_two_workers_learn_under_zero(stage, ray_cluster, small_config, read_met
         assert key in rows[-1], key
 
     assert result.metrics["step"] == 12 and result.metrics["samples"] == 12 * 32
-    assert 0.0 <= result.metrics["eval"]["overall"] <= 1.0
+    assert "eval" not in result.metrics  # the workers export; the driver evaluates after fit()
     checkpoint = Path(result.checkpoint.path)
     state = json.loads((checkpoint / "state.json").read_text())
     assert state["step"] == 12 and state["world_size"] == 2 and state["zero_stage"] == stage
@@ -52,3 +52,28 @@ def test_two_workers_learn_under_zero(stage, ray_cluster, small_config, read_met
     for key, value in trained.items():
         torch.testing.assert_close(exported[key], value.reshape(exported[key].shape), msg=key)
     assert (Path(config.train.output_dir) / "plots" / "spectrum.png").stat().st_size > 0
+
+
+def test_bf16_zero3_validation_on_every_rank(ray_cluster, small_config, read_metrics):
+    """bf16 under ZeRO-3: each rank gathers the full weights onto its device and validates its share;
+    the reported P@1 agrees with the exported weights validated in one process under bf16 autocast
+    (bf16 layer norms vs autocast's fp32 ones may flip a near-tie: one query of slack)."""
+    from sde_ray.eval.runner import _validation_slice, validation_p_at_1
+    from sde_ray.models import BatchProcessor, load_pretrained
+    from sde_ray.config import to_dict
+    from sde_ray.train.driver import build_trainer
+
+    config = small_config("deepspeed.zero_stage=3", "deepspeed.precision=bf16", "train.max_steps=4",
+                          "train.eval_every=2", "train.checkpoint_every=4")
+    build_trainer(config).fit()
+    rows = {r["step"]: r for r in read_metrics(config.train.output_dir)}
+    assert "val_p_at_1" in rows[2] and "val_p_at_1" in rows[4]
+    model, model_config = load_pretrained(Path(config.train.output_dir) / "model")
+    eval_root = Path(config.data.cache_dir).rglob("MMEB-eval")
+    root = next(p for p in eval_root if p.is_dir())
+    single = validation_p_at_1(model, BatchProcessor(to_dict(model_config)), root,
+                               max_queries=config.eval.val_queries, batch_size=config.eval.batch_size,
+                               precision="bf16")
+    prepared = _validation_slice(str(root.resolve()), None, config.eval.val_queries)
+    one_query = 1 / (len(prepared) * max(p.table.num_rows for p in prepared))  # in the mean over datasets
+    assert abs(rows[4]["val_p_at_1"] - single) <= one_query + 1e-9

@@ -1,0 +1,35 @@
+"""Worker functions for the 2-rank gloo evaluation tests (a plain module so spawned children can
+import them; the launch helpers are the spectral tests' `gloo_workers`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+import gloo_workers
+
+
+def validation_worker(rank: int, world_size: int, rendezvous: str, out_dir: str, eval_root: str,
+                      datasets: list[str], max_queries: int) -> None:
+    """Distributed validation P@1 of a seed-0 tiny-clip; saves the value and the items it encoded."""
+    from sde_ray.config import ModelConfig, to_dict
+    from sde_ray.eval import encode
+    from sde_ray.eval.runner import validation_p_at_1
+    from sde_ray.models import BatchProcessor, build_model
+
+    gloo_workers.start(rank, world_size, rendezvous)
+    config = ModelConfig(name_or_path="tiny-clip")
+    model = build_model(config, seed=0).eval()
+    encoded = []
+    original = encode.ModelEncoder.encode_batch
+
+    def counting(self, side, texts, images):  # records what this rank encoded (real encoding runs)
+        encoded.append(len(texts))
+        return original(self, side, texts, images)
+
+    encode.ModelEncoder.encode_batch = counting
+    value = validation_p_at_1(model, BatchProcessor(to_dict(config)), eval_root, max_queries=max_queries,
+                              batch_size=4, datasets=datasets, rank=rank, world_size=world_size)
+    torch.save({"p_at_1": value, "items": sum(encoded)}, Path(out_dir) / f"rank{rank}.pt")
+    gloo_workers.finish()
