@@ -127,6 +127,14 @@ class SpectralConfig:
     fence: Literal["iqr", "energy", "log_gap"] = doc("iqr", "Rule that separates strong from weak above the noise edge.")
     iqr_k: float = doc(1.5, "Tukey fence multiplier k in Q3 + k·IQR.")
     energy_fraction: float = doc(0.5, "For fence=energy: strong directions hold this share of the signal energy.")
+    partition: Literal["hard", "soft"] = doc(
+        "hard",
+        "hard: 0/1 strong/weak/noise masks (the paper's reading; a σ at a threshold flips sets); soft: logistic "
+        "memberships in log σ around the same thresholds, so Δ is continuous in σ (needs fence=iqr). docs/spectral.md.",
+    )
+    soft_width: float = doc(
+        1.0, "partition=soft: logistic width in log σ, in Tracy-Widom units min(N,d)^(-2/3) (as tw_margin)."
+    )
     eps_strong: float = doc(0.1, "ε_s: strength of the strong-subspace perturbation.")
     eps_weak: float = doc(0.1, "ε_w: how far weak directions are scaled down at α = 1.")
     eps_noise: float = doc(0.5, "ε_n: how hard noise directions are attenuated at α = 0.")
@@ -537,6 +545,12 @@ def validate(config: Config) -> None:
             raise ConfigError(f"spectral.{name} must be >= 0.")
     if sp.eps_weak > 1 or sp.eps_noise > 1:
         raise ConfigError("spectral.eps_weak and spectral.eps_noise must be <= 1 (they scale σ down, never flip it).")
+    if sp.partition == "soft" and sp.fence != "iqr":
+        raise ConfigError(
+            f"spectral.partition=soft needs spectral.fence=iqr (its threshold is continuous in σ), got {sp.fence!r}."
+        )
+    if sp.soft_width <= 0:
+        raise ConfigError(f"spectral.soft_width must be > 0, got {sp.soft_width}.")
     _check_schedule(sp.alpha, "spectral.alpha")
     _check_schedule(config.loss.lambda_schedule, "loss.lambda_schedule")
     _check_schedule(config.loss.fanoise.schedule, "loss.fanoise.schedule")

@@ -3,7 +3,8 @@
 One step, per modality on this rank's raw features (top to bottom in `SDEObjective.forward`):
 1. the global spectrum σ, V of every rank's rows (gather → SVD, or Gram all-reduce → eigh;
    `spectral.mode`), identical on all ranks;
-2. the strong / weak / noise partition (`spectral.partition_spectrum`);
+2. the strong / weak / noise partition (`spectral.partition_spectrum`; hard masks or soft
+   memberships, `spectral.partition`);
 3. training only: Δ(α(t)) with ξ from `context.generator` (same on all ranks) or the adversarial
    sign, and F' = F·M applied to the local rows;
 4. the instance loss: symmetric InfoNCE over the global batch on the L2-normalised F';
@@ -155,7 +156,7 @@ class SDEObjective(torch.nn.Module):
         else:
             bases = [frozen_basis(x, v, s.sigma[:k], world_size) for x, v, s in zip(features, tops, spectra)]
             loss_subspace = projector_distance(bases[0], bases[1])
-        loss_snr = 0.5 * sum(snr_loss(e, p.noise, alpha) for e, p in zip(energies, partitions))
+        loss_snr = 0.5 * sum(snr_loss(e, p.weights()[2], alpha) for e, p in zip(energies, partitions))
         total = dual_domain_total(
             loss_instance,
             loss_hellinger,
