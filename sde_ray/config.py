@@ -69,6 +69,27 @@ class ModelConfig:
         "Hugging Face id or local path passed to from_pretrained. The names tiny-clip, tiny-siglip and "
         "tiny-qwen2-vl build a randomly initialised tiny model (and tokenizer/processor) in code.",
     )
+    vision_name_or_path: str = doc(
+        "",
+        "Assemble a dual encoder (transformers' VisionTextDualEncoderModel) from this vision checkpoint (HF id or "
+        "local path) and model.text_name_or_path; needs model.name_or_path='' and kind=dual_encoder.",
+    )
+    text_name_or_path: str = doc("", "The text checkpoint of an assembled dual encoder (with model.vision_name_or_path).")
+    pooling: Literal["cls", "mean"] = doc(
+        "cls",
+        "Assembled dual encoders: each tower's embedding is its first token (cls) or the attention-masked mean of "
+        "its last hidden states (mean; sentence-transformers' pooling). Other checkpoints pool as their heads do.",
+    )
+    projection_dim: int = doc(
+        0,
+        "Assembled dual encoders: width of the joint space; 0: the text tower's width, with the text projection "
+        "(and a vision projection of the same shape) initialised to the identity, so it starts as the towers' own pooling.",
+    )
+    init_from: str = doc(
+        "",
+        "Warm start: copy the weights of this exported model (a run directory or its model/ folder) into the "
+        "freshly built encoder; the architecture must match. Empty: the checkpoint's/random weights.",
+    )
     image_size: int = doc(
         32,
         "Input resolution of the tiny models, and the fixed resolution of VLM backbones (Qwen2-VL: rounded up "
@@ -556,6 +577,18 @@ def validate(config: Config) -> None:
     _check_schedule(config.loss.fanoise.schedule, "loss.fanoise.schedule")
     if not 0.0 <= config.data.synth.noisy_correspondence <= 1.0:
         raise ConfigError("data.synth.noisy_correspondence must be in [0, 1].")
+    m = config.model
+    if bool(m.vision_name_or_path) != bool(m.text_name_or_path):
+        raise ConfigError("model.vision_name_or_path and model.text_name_or_path assemble a dual encoder together; set both.")
+    if m.vision_name_or_path and (m.name_or_path or m.kind != "dual_encoder"):
+        raise ConfigError(
+            "model.vision_name_or_path/text_name_or_path assemble a dual encoder: set model.name_or_path='' "
+            f"(it names a whole checkpoint, got {m.name_or_path!r}) and model.kind=dual_encoder (got {m.kind!r})."
+        )
+    if not m.vision_name_or_path and not m.name_or_path:
+        raise ConfigError("model.name_or_path is empty: name a checkpoint, or set model.vision_name_or_path and text_name_or_path.")
+    if m.projection_dim < 0:
+        raise ConfigError(f"model.projection_dim must be >= 0, got {m.projection_dim}.")
     if config.data.source == "mmeb" and not (config.data.mmeb_train_dir or config.data.shards):
         raise ConfigError("data.source=mmeb needs data.mmeb_train_dir or data.shards.")
     if not 0 < config.loss.disncl.invariant_fraction <= 1:
