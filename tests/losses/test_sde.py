@@ -78,12 +78,14 @@ def test_total_is_the_lambda_weighted_sum():
     assert m["lambda"] == pytest.approx(0.3)
 
 
+@pytest.mark.parametrize("partition", ["hard", "soft"])
 @pytest.mark.parametrize("perturbation", ["random", "adversarial"])
 @pytest.mark.parametrize("form", ["surrogate", "projector"])
-def test_gather_and_gram_modes_give_the_same_loss_and_gradient(perturbation, form):
+def test_gather_and_gram_modes_give_the_same_loss_and_gradient(perturbation, form, partition):
     results = []
     for mode in ("gather", "gram"):
         config = Config()
+        config.spectral.partition = partition
         config.spectral.mode = mode
         config.spectral.strong_perturbation = perturbation
         config.loss.subspace_form = form
