@@ -219,6 +219,11 @@ class LossConfig:
     w_subspace: float = doc(1.0, "Weight of the subspace-consistency term.")
     w_snr: float = doc(0.1, "Weight of the SNR regulariser.")
     hellinger_on: Literal["singular", "energy"] = doc("singular", "Distributions compared: σ/Σσ or σ²/Σσ².")
+    hellinger_numerical_rank: bool = doc(
+        False,
+        "SDE: no Hellinger gradient through directions below the numerical rank (σ ≤ σ_1·max(N,d)·eps), whose "
+        "singular vectors are rounding noise; off reproduces the measured runs (docs/objectives.md).",
+    )
     subspace_k: int = doc(8, "Rank k of the compared top-k right singular subspaces.")
     subspace_form: Literal["projector", "surrogate"] = doc(
         "surrogate", "projector: ‖P_q − P_t‖²/2k; surrogate: 1 − ‖F_t V_q‖²/‖F_t‖² with detached bases."
