@@ -220,9 +220,9 @@ class LossConfig:
     w_snr: float = doc(0.1, "Weight of the SNR regulariser.")
     hellinger_on: Literal["singular", "energy"] = doc("singular", "Distributions compared: σ/Σσ or σ²/Σσ².")
     hellinger_numerical_rank: bool = doc(
-        False,
+        True,
         "SDE: no Hellinger gradient through directions below the numerical rank (σ ≤ σ_1·max(N,d)·eps), whose "
-        "singular vectors are rounding noise; off reproduces the measured runs (docs/objectives.md).",
+        "singular vectors are rounding noise and make the step depend on the row order; false: the old behaviour.",
     )
     subspace_k: int = doc(8, "Rank k of the compared top-k right singular subspaces.")
     subspace_form: Literal["projector", "surrogate"] = doc(

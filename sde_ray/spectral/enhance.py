@@ -66,7 +66,8 @@ def enhancement_deltas(
         - weak * (eps_weak * alpha)
         - noise * (eps_noise * (1.0 - alpha))
     )
-    coefficient = torch.where(sigma > 0, coefficient, torch.zeros_like(coefficient))
+    # σ = 0 keeps its set's ratio (δ = 0 either way): M acts on a zero direction as on a tiny one, so
+    # the gradient G·Mᵀ does not jump when rounding puts an eigenvalue at 0 instead of 1e-9.
     delta = coefficient * sigma
     delta_norm, sigma_norm = float(torch.linalg.vector_norm(delta)), float(torch.linalg.vector_norm(sigma))
     bound_factor = min(1.0, rho * sigma_norm / delta_norm) if delta_norm > 0 else 1.0
