@@ -9,7 +9,7 @@ then Δ is rescaled so that ‖Δ‖_F ≤ ρ‖Σ‖_F. With a soft partition (
 formula above wherever the memberships are 0/1.
 
 Every δ_i is a bounded multiple c_i·σ_i of its σ_i, so we carry the ratios `scale_i = δ_i/σ_i`
-directly (computed without dividing, zero where σ_i = 0): M = I + V·diag(scale)·Vᵀ, and
+directly (computed without dividing; a zero σ_i keeps its set's ratio): M = I + V·diag(scale)·Vᵀ, and
 F·M = F + (F V)·diag(scale)·Vᵀ, applied to each rank's own rows with V, σ, δ detached — gradients
 flow through F linearly and exactly.
 
