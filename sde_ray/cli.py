@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--seeds", type=int, default=3)
     compare.add_argument("--noisy-correspondence", default="0")
     compare.add_argument("--output-dir", default="runs/compare")
+    compare.add_argument("--data-orders", type=int, default=1, help="data.shuffle_seed values per seed.")
+    compare.add_argument("--init-from", default="", help="Fine-tune every objective from this run/export.")
+    compare.add_argument("--pretrain-steps", type=int, default=0, help="First pretrain InfoNCE this long; init from it.")
 
     config = commands.add_parser("config", help="Config utilities.")
     config_commands = config.add_subparsers(dest="config_command", required=True)
@@ -136,6 +139,9 @@ def _dispatch(args: argparse.Namespace) -> int:
             seeds=args.seeds,
             noisy_correspondence=[float(x) for x in args.noisy_correspondence.split(",") if x.strip()],
             output_dir=args.output_dir,
+            data_orders=args.data_orders,
+            init_from=args.init_from,
+            pretrain_steps=args.pretrain_steps,
         )
         return 0
     if args.command == "data" and args.data_command == "convert-mmeb":

@@ -70,6 +70,27 @@ class ModelConfig:
         "Hugging Face id or local path passed to from_pretrained. The names tiny-clip, tiny-siglip and "
         "tiny-qwen2-vl build a randomly initialised tiny model (and tokenizer/processor) in code.",
     )
+    vision_name_or_path: str = doc(
+        "",
+        "Assemble a dual encoder (transformers' VisionTextDualEncoderModel) from this vision checkpoint (HF id or "
+        "local path) and model.text_name_or_path; needs model.name_or_path='' and kind=dual_encoder.",
+    )
+    text_name_or_path: str = doc("", "The text checkpoint of an assembled dual encoder (with model.vision_name_or_path).")
+    pooling: Literal["cls", "mean"] = doc(
+        "cls",
+        "Assembled dual encoders: each tower's embedding is its first token (cls) or the attention-masked mean of "
+        "its last hidden states (mean; sentence-transformers' pooling). Other checkpoints pool as their heads do.",
+    )
+    projection_dim: int = doc(
+        0,
+        "Assembled dual encoders: width of the joint space; 0: the text tower's width, with the text projection "
+        "(and a vision projection of the same shape) initialised to the identity, so it starts as the towers' own pooling.",
+    )
+    init_from: str = doc(
+        "",
+        "Warm start: copy the weights of this exported model (a run directory or its model/ folder) into the "
+        "freshly built encoder; the architecture must match. Empty: the checkpoint's/random weights.",
+    )
     image_size: int = doc(
         32,
         "Input resolution of the tiny models, and the fixed resolution of VLM backbones (Qwen2-VL: rounded up "
@@ -131,6 +152,14 @@ class SpectralConfig:
     fence: Literal["iqr", "energy", "log_gap"] = doc("iqr", "Rule that separates strong from weak above the noise edge.")
     iqr_k: float = doc(1.5, "Tukey fence multiplier k in Q3 + k·IQR.")
     energy_fraction: float = doc(0.5, "For fence=energy: strong directions hold this share of the signal energy.")
+    partition: Literal["hard", "soft"] = doc(
+        "hard",
+        "hard: 0/1 strong/weak/noise masks (the paper's reading; a σ at a threshold flips sets); soft: logistic "
+        "memberships in log σ around the same thresholds, so Δ is continuous in σ (needs fence=iqr). docs/spectral.md.",
+    )
+    soft_width: float = doc(
+        1.0, "partition=soft: logistic width in log σ, in Tracy-Widom units min(N,d)^(-2/3) (as tw_margin)."
+    )
     eps_strong: float = doc(0.1, "ε_s: strength of the strong-subspace perturbation.")
     eps_weak: float = doc(0.1, "ε_w: how far weak directions are scaled down at α = 1.")
     eps_noise: float = doc(0.5, "ε_n: how hard noise directions are attenuated at α = 0.")
@@ -195,6 +224,11 @@ class LossConfig:
     w_subspace: float = doc(1.0, "Weight of the subspace-consistency term.")
     w_snr: float = doc(0.1, "Weight of the SNR regulariser.")
     hellinger_on: Literal["singular", "energy"] = doc("singular", "Distributions compared: σ/Σσ or σ²/Σσ².")
+    hellinger_numerical_rank: bool = doc(
+        True,
+        "SDE: no Hellinger gradient through directions below the numerical rank (σ ≤ σ_1·max(N,d)·eps), whose "
+        "singular vectors are rounding noise and make the step depend on the row order; false: the old behaviour.",
+    )
     subspace_k: int = doc(8, "Rank k of the compared top-k right singular subspaces.")
     subspace_form: Literal["projector", "surrogate"] = doc(
         "surrogate", "projector: ‖P_q − P_t‖²/2k; surrogate: 1 − ‖F_t V_q‖²/‖F_t‖² with detached bases."
@@ -717,11 +751,29 @@ def validate(config: Config) -> None:
             raise ConfigError(f"spectral.{name} must be >= 0.")
     if sp.eps_weak > 1 or sp.eps_noise > 1:
         raise ConfigError("spectral.eps_weak and spectral.eps_noise must be <= 1 (they scale σ down, never flip it).")
+    if sp.partition == "soft" and sp.fence != "iqr":
+        raise ConfigError(
+            f"spectral.partition=soft needs spectral.fence=iqr (its threshold is continuous in σ), got {sp.fence!r}."
+        )
+    if sp.soft_width <= 0:
+        raise ConfigError(f"spectral.soft_width must be > 0, got {sp.soft_width}.")
     _check_schedule(sp.alpha, "spectral.alpha")
     _check_schedule(config.loss.lambda_schedule, "loss.lambda_schedule")
     _check_schedule(config.loss.fanoise.schedule, "loss.fanoise.schedule")
     if not 0.0 <= config.data.synth.noisy_correspondence <= 1.0:
         raise ConfigError("data.synth.noisy_correspondence must be in [0, 1].")
+    m = config.model
+    if bool(m.vision_name_or_path) != bool(m.text_name_or_path):
+        raise ConfigError("model.vision_name_or_path and model.text_name_or_path assemble a dual encoder together; set both.")
+    if m.vision_name_or_path and (m.name_or_path or m.kind != "dual_encoder"):
+        raise ConfigError(
+            "model.vision_name_or_path/text_name_or_path assemble a dual encoder: set model.name_or_path='' "
+            f"(it names a whole checkpoint, got {m.name_or_path!r}) and model.kind=dual_encoder (got {m.kind!r})."
+        )
+    if not m.vision_name_or_path and not m.name_or_path:
+        raise ConfigError("model.name_or_path is empty: name a checkpoint, or set model.vision_name_or_path and text_name_or_path.")
+    if m.projection_dim < 0:
+        raise ConfigError(f"model.projection_dim must be >= 0, got {m.projection_dim}.")
     if config.data.source == "mmeb" and not (config.data.mmeb_train_dir or config.data.shards):
         raise ConfigError("data.source=mmeb needs data.mmeb_train_dir or data.shards.")
     if not 0 < config.loss.disncl.invariant_fraction <= 1:

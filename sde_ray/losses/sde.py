@@ -3,7 +3,8 @@
 One step, per modality on this rank's raw features (top to bottom in `SDEObjective.forward`):
 1. the global spectrum σ, V of every rank's rows (gather → SVD, or Gram all-reduce → eigh;
    `spectral.mode`), identical on all ranks;
-2. the strong / weak / noise partition (`spectral.partition_spectrum`);
+2. the strong / weak / noise partition (`spectral.partition_spectrum`; hard masks or soft
+   memberships, `spectral.partition`);
 3. training only: Δ(α(t)) with ξ from `context.generator` (same on all ranks) or the adversarial
    sign, and F' = F·M applied to the local rows;
 4. the instance loss: symmetric InfoNCE over the global batch on the L2-normalised F';
@@ -142,7 +143,13 @@ class SDEObjective(torch.nn.Module):
         loss_instance = self._instance(enhanced[0], enhanced[1], logit_scale, context)
 
         energies = [projected_energies(x, s.basis, world_size) for x, s in zip(features, spectra)]
-        loss_hellinger = hellinger_loss(energies[0], energies[1], lc.hellinger_on)
+        hellinger_energies = energies
+        if lc.hellinger_numerical_rank:
+            hellinger_energies = [
+                _detach_below_numerical_rank(e, s.sigma, max(num_rows, dim), query.dtype)
+                for e, s in zip(energies, spectra)
+            ]
+        loss_hellinger = hellinger_loss(hellinger_energies[0], hellinger_energies[1], lc.hellinger_on)
         k = min(lc.subspace_k, spectra[0].rank)
         tops = [s.basis[:, :k] for s in spectra]
         if lc.subspace_form == "surrogate":
@@ -150,7 +157,7 @@ class SDEObjective(torch.nn.Module):
         else:
             bases = [frozen_basis(x, v, s.sigma[:k], world_size) for x, v, s in zip(features, tops, spectra)]
             loss_subspace = projector_distance(bases[0], bases[1])
-        loss_snr = 0.5 * sum(snr_loss(e, p.noise, alpha) for e, p in zip(energies, partitions))
+        loss_snr = 0.5 * sum(snr_loss(e, p.weights()[2], alpha) for e, p in zip(energies, partitions))
         total = dual_domain_total(
             loss_instance,
             loss_hellinger,
@@ -180,6 +187,22 @@ class SDEObjective(torch.nn.Module):
         for side, spectrum, partition, bound in zip("qt", spectra, partitions, bound_factors):
             metrics.update(_side_metrics(side, spectrum, partition, bound))
         return total, metrics
+
+
+def _detach_below_numerical_rank(
+    energies: torch.Tensor, sigma: torch.Tensor, size: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Energies with no gradient through directions below the numerical rank (σ_i ≤ σ_1·max(N, d)·eps,
+    numpy's matrix_rank tolerance for the features' dtype).
+
+    Why: there u_i = F v_i/σ_i is rounding noise (duplicate rows, collapsed features), so the Hellinger
+    gradient's push on those σ_i — large, since ∂√p/∂p grows as p → 0 — points in an arbitrary,
+    row-order-dependent direction. The values (hence the loss) are unchanged."""
+    if sigma.numel() == 0:
+        return energies
+    tolerance = float(sigma[0]) * size * torch.finfo(dtype).eps
+    keep = (sigma > tolerance).to(device=energies.device)
+    return torch.where(keep, energies, energies.detach())
 
 
 def _side_metrics(side: str, spectrum: Spectrum, partition: Partition, bound_factor: float) -> dict[str, float]:

@@ -3,7 +3,8 @@
 - `build_model(model_config, seed=0)`: a CLIP/SigLIP dual encoder or a Qwen2-VL last-token embedder
   with `encode_side(batch, prefix) -> [B, D]`, `forward(batch) -> (query, target)`, `embed_dim` and
   `save_pretrained(dir)`.
-- `load_pretrained(dir) -> (model, model_config)` reloads an export.
+- `load_pretrained(dir) -> (model, model_config)` reloads an export; `warm_start` / `resolve_export`
+  serve `model.init_from`.
 - `BatchProcessor(model_config_dict)`: raw MMEB batch -> fixed-shape numpy arrays (Ray Data actors).
 - `count_parameters(model) -> {"total", "trainable"}`.
 
@@ -11,7 +12,15 @@ The names `tiny-clip`, `tiny-siglip`, `tiny-qwen2-vl` build small random models 
 `model.name_or_path` goes through `from_pretrained`. See docs/models.md.
 """
 
-from sde_ray.models.build import KINDS, apply_lora, build_model, count_parameters, load_pretrained
+from sde_ray.models.build import (
+    KINDS,
+    apply_lora,
+    build_model,
+    count_parameters,
+    load_pretrained,
+    resolve_export,
+    warm_start,
+)
 from sde_ray.models.dual_encoder import DualEncoder
 from sde_ray.models.embedder import Embedder
 from sde_ray.models.processing import BatchProcessor, decode_image
@@ -32,4 +41,6 @@ __all__ = [
     "last_token_pool",
     "load_pretrained",
     "patchify_qwen2_vl",
+    "resolve_export",
+    "warm_start",
 ]

@@ -3,6 +3,9 @@
 The backbone comes from `from_pretrained(model.name_or_path)` through the Auto class of its kind
 (the tiny names build one in code instead); then, in this order: unused heads are frozen, gradient
 checkpointing is switched on, LoRA adapters are added, and the kind's wrapper goes around it.
+With `model.vision_name_or_path` + `model.text_name_or_path` the backbone is a VisionTextDualEncoderModel
+assembled from the two towers' `from_pretrained`. With `model.init_from` the weights of an exported
+model are copied in before LoRA (a warm start: the architecture must match, checked key by key).
 """
 
 from __future__ import annotations
@@ -46,7 +49,26 @@ def _check_model_type(config: ModelConfig, model_type: str) -> None:
         )
 
 
+def _assemble_dual_encoder(config: ModelConfig) -> nn.Module:
+    """VisionTextDualEncoderModel from two checkpoints; projection_dim 0: identity-initialised text width."""
+    from transformers import AutoConfig, VisionTextDualEncoderModel
+
+    text_width = AutoConfig.from_pretrained(config.text_name_or_path).hidden_size
+    width = config.projection_dim or text_width
+    model = VisionTextDualEncoderModel.from_vision_text_pretrained(
+        config.vision_name_or_path, config.text_name_or_path, projection_dim=width, dtype=torch.float32
+    )
+    if not config.projection_dim:
+        with torch.no_grad():  # start from the towers' own pooled embeddings where the shapes allow
+            for projection in (model.text_projection, model.visual_projection):
+                if projection.weight.shape[0] == projection.weight.shape[1]:
+                    projection.weight.copy_(torch.eye(width))
+    return model
+
+
 def _load_backbone(config: ModelConfig, tokenizer) -> nn.Module:
+    if config.vision_name_or_path:
+        return _assemble_dual_encoder(config)
     if config.name_or_path in TINY_MODELS:
         return tiny_backbone(config.name_or_path, config, tokenizer)
     import transformers
@@ -75,6 +97,10 @@ def _freeze_unused(backbone: nn.Module) -> None:
         parameter = getattr(backbone, name, None)
         if isinstance(parameter, nn.Parameter):
             parameter.requires_grad_(False)
+    for tower in ("text_model", "vision_model"):  # assembled encoders pool last_hidden_state themselves
+        pooler = getattr(getattr(backbone, tower, None), "pooler", None) if backbone.config.model_type == "vision-text-dual-encoder" else None
+        if isinstance(pooler, nn.Module):
+            pooler.requires_grad_(False)
     output = backbone.get_output_embeddings()
     if (
         output is not None and output.weight is not backbone.get_input_embeddings().weight
@@ -110,6 +136,8 @@ def build_model(model_config: ModelConfig, seed: int = 0) -> Embedder:
         torch.manual_seed(seed)
         backbone = _load_backbone(model_config, tokenizer)
         _check_compatible(model_config, backbone)
+        if model_config.init_from:
+            warm_start(backbone, model_config.init_from)
         _freeze_unused(backbone)
         if model_config.gradient_checkpointing:
             # Non-reentrant: works when the inputs need no grad (frozen embeddings under LoRA).
@@ -119,6 +147,36 @@ def build_model(model_config: ModelConfig, seed: int = 0) -> Embedder:
     kind = KINDS[model_config.kind]
     embed_dim = kind.embed_dim(backbone.config)
     return kind.wrapper(backbone, tokenizer, image_processor, model_config, embed_dim)
+
+
+def resolve_export(path: str | Path) -> Path:
+    """The model export named by `path`: an export folder itself, or a run directory's `model/`."""
+    path = Path(path).expanduser().resolve()
+    for candidate in (path, path / "model"):
+        if (candidate / EXPORT_FILE).is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"model.init_from={str(path)!r} is neither a model export ({EXPORT_FILE}) nor a run directory with one in model/."
+    )
+
+
+def warm_start(backbone: nn.Module, init_from: str | Path) -> None:
+    """Copies the exported backbone weights of `init_from` into `backbone` (same architecture)."""
+    import transformers
+
+    export = resolve_export(init_from)
+    meta = json.loads((export / EXPORT_FILE).read_text())
+    kind = meta["model_config"]["kind"]
+    source = getattr(transformers, KINDS[kind].auto_class).from_pretrained(str(export), dtype=torch.float32)
+    theirs, ours = source.state_dict(), backbone.state_dict()
+    missing, unexpected = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
+    mismatched = [k for k in ours if k in theirs and theirs[k].shape != ours[k].shape]
+    if missing or unexpected or mismatched:
+        raise ValueError(
+            f"model.init_from={str(export)!r} does not match the configured architecture: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}, shape mismatches {mismatched[:5]}."
+        )
+    backbone.load_state_dict(theirs, strict=True)
 
 
 def load_pretrained(directory: str | Path) -> tuple[Embedder, ModelConfig]:
@@ -131,7 +189,10 @@ def load_pretrained(directory: str | Path) -> tuple[Embedder, ModelConfig]:
         raise FileNotFoundError(f"{directory} is not an sde_ray model export: {EXPORT_FILE} is missing.")
     meta = json.loads(meta_path.read_text())
     config = from_dict(meta["model_config"], ModelConfig)
-    config = dataclasses.replace(config, name_or_path=str(directory))
+    # The export is self-contained: no tower assembly, no warm start on reload.
+    config = dataclasses.replace(
+        config, name_or_path=str(directory), vision_name_or_path="", text_name_or_path="", init_from=""
+    )
     model = build_model(config)
     model.eval()
     return model, config

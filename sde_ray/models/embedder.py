@@ -150,13 +150,19 @@ class Embedder(nn.Module):
         backbone.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
         self.image_processor.save_pretrained(directory)
+        # The folder is a whole checkpoint: it is loaded by name, never re-assembled or re-warm-started.
         config = dataclasses.replace(
-            self.model_config, lora=dataclasses.replace(self.model_config.lora, enabled=False)
+            self.model_config,
+            lora=dataclasses.replace(self.model_config.lora, enabled=False),
+            vision_name_or_path="",
+            text_name_or_path="",
+            init_from="",
         )
         meta = {
             "format": EXPORT_FORMAT,
             "model_config": dataclasses.asdict(config),
-            "source_name_or_path": self.model_config.name_or_path,
+            "source_name_or_path": self.model_config.name_or_path
+            or f"{self.model_config.vision_name_or_path} + {self.model_config.text_name_or_path}",
             "lora_merged": merged,
             "embed_dim": self.embed_dim,
         }

@@ -76,19 +76,30 @@ def load_processors(config: ModelConfig) -> tuple[Any, Any]:
     from sde_ray.models.tiny import TINY_MODELS, tiny_processors
 
     name = config.name_or_path
+    if config.vision_name_or_path:  # an assembled dual encoder: each tower brings its own
+        return _from_pretrained(config.text_name_or_path, config.vision_name_or_path)
     if name in TINY_MODELS:
         expected = TINY_MODELS[name].kind
         if config.kind != expected:
             raise ValueError(f"model.name_or_path={name} is a {expected} model but model.kind={config.kind}.")
         return tiny_processors(name, config)
+    return _from_pretrained(name, name)
+
+
+def _from_pretrained(text_name: str, vision_name: str) -> tuple[Any, Any]:
     from transformers import AutoImageProcessor, AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        image_processor = AutoImageProcessor.from_pretrained(name)
+        tokenizer = AutoTokenizer.from_pretrained(text_name)
+        image_processor = AutoImageProcessor.from_pretrained(vision_name)
     except OSError as exc:
+        names = (
+            f"model.name_or_path={text_name!r}"
+            if text_name == vision_name
+            else f"model.text_name_or_path={text_name!r} / model.vision_name_or_path={vision_name!r}"
+        )
         raise OSError(
-            f"model.name_or_path={name!r}: cannot load its tokenizer/image processor with from_pretrained "
+            f"{names}: cannot load its tokenizer/image processor with from_pretrained "
             f"(no such local folder, or the Hub is unreachable; offline, use tiny-clip, tiny-siglip or "
             f"tiny-qwen2-vl, or a folder written by save_pretrained). Cause: {exc}"
         ) from exc

@@ -24,9 +24,10 @@ def energy_shares(singular_values: torch.Tensor, partition: Partition) -> dict[s
     total = float(energy.sum())
     if total <= 0:
         return {"strong": 0.0, "weak": 0.0, "noise": 0.0}
+    # Membership-weighted: the masks for a hard partition, the soft memberships otherwise.
     return {
-        name: float(energy[mask.to(energy.device)].sum()) / total
-        for name, mask in (("strong", partition.strong), ("weak", partition.weak), ("noise", partition.noise))
+        name: float((energy * weight.to(energy.device)).sum()) / total
+        for name, weight in zip(("strong", "weak", "noise"), partition.weights())
     }
 
 

@@ -4,10 +4,12 @@
 - strong: δ_i = ε_s·α·(σ_i/σ_1)·σ_i·ξ_i, ξ_i uniform in [−1, 1] or the adversarial sign (below);
 - weak:   δ_i = −ε_w·α·σ_i;
 - noise:  δ_i = −ε_n·(1 − α)·σ_i;
-then Δ is rescaled so that ‖Δ‖_F ≤ ρ‖Σ‖_F.
+then Δ is rescaled so that ‖Δ‖_F ≤ ρ‖Σ‖_F. With a soft partition (memberships m_s + m_w + m_n = 1,
+`spectral.partition`) each δ_i is the membership-weighted sum of the three lines, which is the
+formula above wherever the memberships are 0/1.
 
 Every δ_i is a bounded multiple c_i·σ_i of its σ_i, so we carry the ratios `scale_i = δ_i/σ_i`
-directly (computed without dividing, zero where σ_i = 0): M = I + V·diag(scale)·Vᵀ, and
+directly (computed without dividing; a zero σ_i keeps its set's ratio): M = I + V·diag(scale)·Vᵀ, and
 F·M = F + (F V)·diag(scale)·Vᵀ, applied to each rank's own rows with V, σ, δ detached — gradients
 flow through F linearly and exactly.
 
@@ -33,7 +35,7 @@ class Enhancement:
     delta: torch.Tensor
     scale: torch.Tensor
     bound_factor: float  # the rescaling applied for the Frobenius bound (1.0: bound not active)
-    base_scale: float  # the ratio every noise direction shares, −ε_n(1 − α)·bound_factor
+    base_scale: float  # the ratio every noise direction shares, −ε_n(1 − α)·bound_factor (0: soft)
 
 
 def enhancement_deltas(
@@ -58,21 +60,19 @@ def enhancement_deltas(
     xi = xi.detach().to(device=sigma.device, dtype=torch.float64)
     top = float(sigma[0]) if sigma.numel() else 0.0
     relative = sigma / top if top > 0 else torch.zeros_like(sigma)
-    coefficient = torch.zeros_like(sigma)
-    coefficient = torch.where(
-        partition.strong.to(sigma.device), eps_strong * alpha * relative * xi, coefficient
+    strong, weak, noise = (w.to(sigma.device) for w in partition.weights())
+    coefficient = (
+        strong * (eps_strong * alpha * relative * xi)
+        - weak * (eps_weak * alpha)
+        - noise * (eps_noise * (1.0 - alpha))
     )
-    coefficient = torch.where(
-        partition.weak.to(sigma.device), torch.full_like(sigma, -eps_weak * alpha), coefficient
-    )
-    coefficient = torch.where(
-        partition.noise.to(sigma.device), torch.full_like(sigma, -eps_noise * (1.0 - alpha)), coefficient
-    )
-    coefficient = torch.where(sigma > 0, coefficient, torch.zeros_like(coefficient))
+    # σ = 0 keeps its set's ratio (δ = 0 either way): M acts on a zero direction as on a tiny one, so
+    # the gradient G·Mᵀ does not jump when rounding puts an eigenvalue at 0 instead of 1e-9.
     delta = coefficient * sigma
     delta_norm, sigma_norm = float(torch.linalg.vector_norm(delta)), float(torch.linalg.vector_norm(sigma))
     bound_factor = min(1.0, rho * sigma_norm / delta_norm) if delta_norm > 0 else 1.0
-    base_scale = -eps_noise * (1.0 - alpha) * bound_factor
+    # Soft noise memberships differ per direction: no ratio is shared, so no shortcut (b = 0 is exact).
+    base_scale = 0.0 if partition.soft else -eps_noise * (1.0 - alpha) * bound_factor
     return Enhancement(delta * bound_factor, coefficient * bound_factor, bound_factor, base_scale)
 
 

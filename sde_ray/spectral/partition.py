@@ -14,6 +14,21 @@ Our reading of SDE's "IQR + Marchenko–Pastur" split (docs/spectral.md):
   `log_gap` (cut at the largest gap in log σ). The rest above the edge is weak.
 
 The three masks are disjoint, cover every index and are ordered: strong ones come first.
+
+Soft membership (`partition="soft"`, ours). The hard masks are a step function of σ: a singular value
+a rounding error away from τ_mp or the fence flips sets, and Δ jumps by O(ε·σ). The soft partition
+keeps the same thresholds and replaces each step by a logistic in log σ,
+
+    above_i = S((log σ_i − log τ_mp) / w),   strong|above_i = S((log σ_i − log τ_s) / w),
+    strong_i = above_i·strong|above_i,  weak_i = above_i·(1 − strong|above_i),  noise_i = 1 − above_i,
+
+with S the logistic, τ_s = max(τ_mp, τ_fence) and w = soft_width·min(N, d)^(-2/3): the width is
+counted in the same Tracy–Widom units as the margin, the scale on which the top noise singular value
+fluctuates anyway. The three weights are in [0, 1] and sum to 1 for every direction. Both
+thresholds are continuous functions of σ (quantiles with linear interpolation), so the weights are
+too, and |∂weight/∂log σ_i| ≤ 1/(4w) at fixed thresholds (S' ≤ 1/4). The `energy` and `log_gap`
+fences cut at a singular value chosen by a count, which jumps; they are hard-only. The boolean
+masks of a soft partition are the hard partition with the same thresholds (counts, plots).
 """
 
 from __future__ import annotations
@@ -26,6 +41,8 @@ import torch
 
 NOISE_ESTIMATORS = ("gavish_donoho", "iqr")
 FENCES = ("iqr", "energy", "log_gap")
+PARTITIONS = ("hard", "soft")
+SOFT_FENCES = ("iqr",)  # fences whose threshold is a continuous function of σ
 
 
 @dataclass(frozen=True)
@@ -38,6 +55,18 @@ class Partition:
     tau_mp: float  # noise edge incl. the Tracy–Widom margin: noise = σ ≤ tau_mp
     tau_fence: float  # the strong fence as computed by the rule (strong = σ > max(tau_mp, tau_fence))
     noise_std: float  # estimated entry std s of the noise
+    # (3, r) float64 memberships (strong, weak, noise) of a soft partition; None: the masks themselves.
+    soft_weights: torch.Tensor | None = None
+
+    @property
+    def soft(self) -> bool:
+        return self.soft_weights is not None
+
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(strong, weak, noise) memberships in [0, 1] summing to 1 per direction (float64)."""
+        if self.soft_weights is not None:
+            return self.soft_weights[0], self.soft_weights[1], self.soft_weights[2]
+        return tuple(mask.to(torch.float64) for mask in (self.strong, self.weak, self.noise))
 
     @property
     def num_strong(self) -> int:
@@ -138,8 +167,11 @@ def partition_spectrum(
     fence: str = "iqr",
     iqr_k: float = 1.5,
     energy_fraction: float = 0.5,
+    partition: str = "hard",
+    soft_width: float = 1.0,
 ) -> Partition:
-    """Splits the descending singular values of an N × d matrix into strong / weak / noise masks."""
+    """Splits the descending singular values of an N × d matrix into strong / weak / noise masks
+    (and, with `partition="soft"`, continuous memberships around the same thresholds)."""
     if singular_values.dim() != 1:
         raise ValueError(f"singular_values must be 1-D, got shape {tuple(singular_values.shape)}")
     if num_rows < 1 or num_cols < 1:
@@ -151,6 +183,14 @@ def partition_spectrum(
         )
     if fence not in FENCES:
         raise ValueError(f"unknown fence {fence!r}; valid: {', '.join(FENCES)}")
+    if partition not in PARTITIONS:
+        raise ValueError(f"unknown partition {partition!r}; valid: {', '.join(PARTITIONS)}")
+    if partition == "soft" and fence not in SOFT_FENCES:
+        raise ValueError(
+            f"partition=soft needs a fence whose threshold is continuous in σ ({', '.join(SOFT_FENCES)}), got {fence!r}"
+        )
+    if partition == "soft" and not soft_width > 0:
+        raise ValueError(f"soft_width must be > 0, got {soft_width}")
     if tw_margin < 0 or iqr_k < 0 or not 0 < energy_fraction <= 1:
         raise ValueError(
             f"need tw_margin >= 0, iqr_k >= 0 and 0 < energy_fraction <= 1; "
@@ -171,7 +211,29 @@ def partition_spectrum(
     strong = index < num_strong
     weak = (index >= num_strong) & (index < num_signal)
     noise = index >= num_signal
-    return Partition(strong, weak, noise, tau_mp, tau_fence, noise_std)
+    weights = None
+    if partition == "soft":
+        width = soft_width * min(num_rows, num_cols) ** (-2.0 / 3.0)
+        weights = soft_memberships(sigma, tau_mp, max(tau_mp, tau_fence), width)
+    return Partition(strong, weak, noise, tau_mp, tau_fence, noise_std, weights)
+
+
+def soft_memberships(sigma: torch.Tensor, tau_mp: float, tau_strong: float, width: float) -> torch.Tensor:
+    """(3, r) logistic memberships (strong, weak, noise) in log σ around τ_mp and τ_strong.
+
+    σ = 0 (or a zero threshold) is handled as the limit: log 0 = −∞ is pure noise.
+    """
+    sigma = sigma.to(torch.float64)
+    log_sigma = torch.where(sigma > 0, sigma.clamp_min(torch.finfo(torch.float64).tiny).log(), -math.inf)
+
+    def step(tau: float) -> torch.Tensor:
+        if tau <= 0:
+            return (sigma > 0).to(torch.float64)
+        return torch.sigmoid((log_sigma - math.log(tau)) / width)
+
+    above, strong_given_above = step(tau_mp), step(tau_strong)
+    strong = above * strong_given_above
+    return torch.stack([strong, above - strong, 1.0 - above])
 
 
 def partition_kwargs(spectral_config) -> dict:
@@ -182,4 +244,6 @@ def partition_kwargs(spectral_config) -> dict:
         "fence": spectral_config.fence,
         "iqr_k": spectral_config.iqr_k,
         "energy_fraction": spectral_config.energy_fraction,
+        "partition": spectral_config.partition,
+        "soft_width": spectral_config.soft_width,
     }

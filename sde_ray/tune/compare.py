@@ -10,6 +10,18 @@ Outputs in `output_dir`: `runs.jsonl` (one flat record per run), `compare.json` 
 summary), `compare.md` (mean ± std over seeds: P@1 overall / per meta-task / IND / OOD, then
 energy shares and modality gap), `compare.csv` (long format) and `compare.png` (bar plot).
 A run that fails is recorded with its error, left out of the means, and counted in the tables.
+
+Objective names are a registered objective (`loss.name`) optionally followed by `-modifier`s from
+`MODIFIERS`, each a small set of config deltas: `sde-soft`, `sde-no_hellinger`,
+`sde-soft-only_enhancement`. SDE's parts are the enhancement Δ, the Hellinger term, the subspace
+term, the SNR term and the λ schedule; `no_<part>` leaves one out, `only_<part>` keeps that part
+alone on top of InfoNCE (`sde-no_all` is InfoNCE computed by the SDE objective). Everything not in a
+modifier's deltas is the base config's.
+
+Fine-tuning regime: `init_from` (a run directory or model export) warm-starts every run from the same
+weights (`model.init_from`); `pretrain_steps` > 0 first trains InfoNCE for that many steps into
+`<output_dir>/pretrain` and uses it. The starting spectrum (the pretrained run's final energy
+shares) is written next to the table.
 """
 
 from __future__ import annotations
@@ -21,13 +33,69 @@ import traceback
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from sde_ray.config import Config, ConfigError, to_dict, with_values
+from sde_ray.config import Config, ConfigError, parse_override, to_dict, validate, with_values
 
 P_AT_1_KEYS = ("overall", "ind", "ood")
 SPECTRAL_KEYS = tuple(
     f"energy_{subset}_{side}" for side in ("q", "t") for subset in ("strong", "weak", "noise")
 ) + ("effective_rank_q", "effective_rank_t", "gap_centroid", "loss")
 RUN_RECORD = "compare_run.json"
+
+_NO_ENHANCEMENT = ["spectral.eps_strong=0.0", "spectral.eps_weak=0.0", "spectral.eps_noise=0.0"]
+# λ ≡ 1 (the `constant` curve with start = end): the instance loss at full weight, no λ-weighted terms.
+_LAMBDA_ONE = ["loss.lambda_schedule.kind=constant", "loss.lambda_schedule.start=1.0", "loss.lambda_schedule.end=1.0"]
+_PART_OFF = {
+    "enhancement": _NO_ENHANCEMENT,
+    "hellinger": ["loss.w_hellinger=0.0"],
+    "subspace": ["loss.w_subspace=0.0"],
+    "snr": ["loss.w_snr=0.0"],
+}
+# name -> (objectives it applies to, config deltas). Deltas are applied after the base config.
+MODIFIERS: dict[str, tuple[tuple[str, ...], list[str]]] = {
+    "soft": (("sde",), ["spectral.partition=soft"]),
+    "hard": (("sde",), ["spectral.partition=hard"]),
+    **{f"no_{part}": (("sde",), deltas) for part, deltas in _PART_OFF.items()},
+    # The schedule left out: λ held at the mean of the default linear 0.5 -> 1 curve, so the
+    # spectral terms keep the same total weight over training.
+    "no_lambda_schedule": (
+        ("sde",),
+        ["loss.lambda_schedule.kind=constant", "loss.lambda_schedule.start=0.75", "loss.lambda_schedule.end=0.75"],
+    ),
+    **{
+        f"only_{part}": (
+            ("sde",),
+            [d for other, deltas in _PART_OFF.items() if other != part for d in deltas]
+            + (_LAMBDA_ONE if part in ("enhancement", "snr") else []),
+        )
+        for part in _PART_OFF
+    },
+    "no_all": (("sde",), [d for deltas in _PART_OFF.values() for d in deltas] + _LAMBDA_ONE),
+}
+
+
+def objective_overrides(name: str) -> list[str]:
+    """The config deltas of an objective name `base[-modifier...]` (ConfigError when unknown)."""
+    from sde_ray.losses import OBJECTIVES
+
+    base, *modifiers = name.split("-")
+    if base not in OBJECTIVES:
+        raise ConfigError(f"unknown objective(s) {base} (in {name!r}); valid: {', '.join(sorted(OBJECTIVES))}")
+    overrides = [f"loss.name={base}"]
+    for modifier in modifiers:
+        if modifier not in MODIFIERS:
+            raise ConfigError(
+                f"unknown modifier {modifier!r} in objective {name!r}; valid: {', '.join(sorted(MODIFIERS))}"
+            )
+        applies_to, deltas = MODIFIERS[modifier]
+        if base not in applies_to:
+            raise ConfigError(f"modifier {modifier!r} in {name!r} applies to {', '.join(applies_to)} only")
+        overrides += deltas
+    return overrides
+
+
+def objective_deltas(name: str) -> list[tuple[list[str], Any]]:
+    """`objective_overrides(name)` as typed (key parts, value) assignments for `with_values`."""
+    return [parse_override(text) for text in objective_overrides(name)]
 
 
 def _format_rate(rate: float) -> str:
@@ -38,15 +106,17 @@ def check_request(
     objectives: Sequence[str], seeds: int, noisy_correspondence: Sequence[float], config: Config
 ) -> None:
     """Rejects an empty, unknown or duplicated objective list, seeds < 1 and rates outside [0, 1]."""
-    from sde_ray.losses import OBJECTIVES
-
     if not objectives:
         raise ConfigError("compare needs at least one objective (--objectives sde,infonce,...)")
-    unknown = [name for name in objectives if name not in OBJECTIVES]
-    if unknown:
-        raise ConfigError(
-            f"unknown objective(s) {', '.join(unknown)}; valid: {', '.join(sorted(OBJECTIVES))}"
-        )
+    try:
+        validate(config)
+        base_valid = True
+    except ConfigError:
+        base_valid = False  # the base config's own error surfaces when a run starts
+    for name in objectives:  # unknown names, and deltas that break the config, fail here
+        variant = with_values(config, objective_deltas(name), check=False)
+        if base_valid:
+            validate(variant)
     if len(set(objectives)) != len(objectives):
         raise ConfigError(f"objectives listed twice in {', '.join(objectives)}")
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
@@ -65,7 +135,7 @@ def check_request(
 def run_config(config: Config, objective: str, seed: int, rate: float, run_dir: Path) -> Config:
     """The config of one run: the base config with only objective, seed, noise rate and outputs changed."""
     group = config.logging.wandb_group or "compare"
-    return with_values(config, {
+    return with_values(config, objective_deltas(objective) + list({
         "loss.name": objective,
         "train.seed": config.train.seed + seed,
         "data.synth.noisy_correspondence": rate,
@@ -73,7 +143,7 @@ def run_config(config: Config, objective: str, seed: int, rate: float, run_dir: 
         "train.storage_path": str(run_dir / "ray"),
         "train.run_name": f"compare-{objective}-nc{_format_rate(rate)}-s{seed}",
         "logging.wandb_group": group,
-    })
+    }.items()))
 
 
 def run_record(result: dict, objective: str, seed: int, rate: float) -> dict[str, Any]:
@@ -113,6 +183,7 @@ def metric_names(records: Iterable[dict]) -> list[str]:
                 "noisy_correspondence",
                 "output_dir",
                 "error",
+                "data_order",
             ):
                 keys.append(key)
     fixed = [f"p_at_1_{k}" for k in P_AT_1_KEYS]
@@ -267,7 +338,30 @@ def plot_comparison(rows: Sequence[dict], path: Path) -> Path:
     return path
 
 
-def write_comparison(records: Sequence[dict], output_dir: str | Path) -> dict[str, Any]:
+def init_markdown(init_record: dict) -> str:
+    """The starting point of a fine-tuning comparison: its P@1 and energy shares."""
+    cells = [_cell({"mean": init_record.get(f"p_at_1_{k}"), "std": 0.0}, 100.0, 1) for k in P_AT_1_KEYS]
+    energies = [
+        _cell({"mean": init_record.get(f"energy_{subset}_{side}"), "std": 0.0}, 100.0, 1)
+        for side in ("q", "t")
+        for subset in ("strong", "weak", "noise")
+    ]
+    return "\n".join(
+        [
+            f"### Starting point: {init_record.get('output_dir')}",
+            "",
+            "| P@1 overall | IND | OOD | strong (q) | weak (q) | noise (q) | strong (t) | weak (t) | noise (t) |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| " + " | ".join(c.replace(" ± 0.0", "") for c in cells + energies) + " |",
+            "",
+            "",
+        ]
+    )
+
+
+def write_comparison(
+    records: Sequence[dict], output_dir: str | Path, init_record: dict | None = None
+) -> dict[str, Any]:
     """Summarises `records` and writes compare.{json,md,csv,png}; returns the summary and paths."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -278,8 +372,10 @@ def write_comparison(records: Sequence[dict], output_dir: str | Path) -> dict[st
         "csv": out / "compare.csv",
         "png": out / "compare.png",
     }
-    paths["json"].write_text(json.dumps({"runs": list(records), "summary": rows}, indent=2) + "\n")
-    paths["md"].write_text(comparison_markdown(rows))
+    paths["json"].write_text(
+        json.dumps({"runs": list(records), "summary": rows, "init": init_record}, indent=2) + "\n"
+    )
+    paths["md"].write_text((init_markdown(init_record) if init_record else "") + comparison_markdown(rows))
     write_csv(rows, paths["csv"])
     plot_comparison(rows, paths["png"])
     return {"runs": list(records), "summary": rows, "paths": {k: str(v) for k, v in paths.items()}}
@@ -293,43 +389,97 @@ def _reusable(run_dir: Path, config: Config) -> dict | None:
     return saved["record"] if saved.get("config") == to_dict(config) else None
 
 
+def _train_or_reuse(run_config_: Config, run_dir: Path, objective: str, seed: int, rate: float, label: str) -> dict:
+    """The flat record of one run: the saved one when its config is unchanged, else from a new run."""
+    record = _reusable(run_dir, run_config_)
+    if record is not None:
+        return record
+    from sde_ray.train.driver import run_train
+
+    print(f"[compare] {label} -> {run_dir}", flush=True)
+    record = run_record(run_train(run_config_), objective, seed, rate)
+    (run_dir / RUN_RECORD).write_text(json.dumps({"config": to_dict(run_config_), "record": record}, indent=1) + "\n")
+    return record
+
+
+def pretrain(config: Config, steps: int, output_dir: Path) -> dict[str, Any]:
+    """InfoNCE for `steps` steps into `<output_dir>/pretrain` (reused when unchanged); its record."""
+    run_dir = output_dir / "pretrain"
+    this_config = with_values(config, {
+        "loss.name": "infonce",
+        "train.max_steps": steps,
+        "train.output_dir": str(run_dir),
+        "train.storage_path": str(run_dir / "ray"),
+        "train.run_name": "compare-pretrain",
+    })
+    rate = config.data.synth.noisy_correspondence
+    return _train_or_reuse(this_config, run_dir, "pretrain-infonce", 0, rate, f"pretrain infonce {steps} steps")
+
+
+def _init_record(init_from: str) -> dict[str, Any] | None:
+    """The starting point's own compare record when `init_from` is a compare/pretrain run directory."""
+    marker = Path(init_from) / RUN_RECORD
+    if not marker.is_file():
+        return None
+    return json.loads(marker.read_text())["record"]
+
+
 def run_compare(
     config: Config,
     objectives: Sequence[str],
     seeds: int,
     noisy_correspondence: Sequence[float],
     output_dir: str,
+    data_orders: int = 1,
+    init_from: str = "",
+    pretrain_steps: int = 0,
 ) -> dict[str, Any]:
-    """Trains every objective × seed × rate with `run_train`, then writes and returns the comparison."""
+    """Trains every objective × seed × data order × rate with `run_train`, then writes and returns the
+    comparison. `init_from` / `pretrain_steps`: the fine-tuning regime (module docstring)."""
     import ray
 
     from sde_ray.ray_cluster import connect
     from sde_ray.train.driver import run_train
 
     check_request(objectives, seeds, noisy_correspondence, config)
+    if isinstance(data_orders, bool) or not isinstance(data_orders, int) or data_orders < 1:
+        raise ConfigError(f"--data-orders must be an integer >= 1, got {data_orders!r}")
+    if init_from and pretrain_steps:
+        raise ConfigError("give --init-from RUN or --pretrain-steps N, not both")
+    if pretrain_steps < 0:
+        raise ConfigError(f"--pretrain-steps must be >= 0, got {pretrain_steps}")
+    if init_from:
+        from sde_ray.models import resolve_export
+
+        init_from = str(resolve_export(init_from))  # a clear error before any run starts
     out = Path(output_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     records: list[dict] = []
     started = connect(config)  # one Ray session for all runs (run_train leaves an initialised one alone)
+    init_record = None
     try:
+        if pretrain_steps:
+            init_record = pretrain(config, pretrain_steps, out)
+            init_from = str(init_record["output_dir"])
+        elif init_from:
+            init_record = _init_record(init_from)
+        if init_from:
+            config = with_values(config, {"model.init_from": init_from})
         with (out / "runs.jsonl").open("w") as log:
             for rate in noisy_correspondence:
                 for objective in objectives:
                     for seed in range(seeds):
-                        run_dir = out / f"nc{_format_rate(rate)}" / objective / f"seed{seed}"
-                        this_config = run_config(config, objective, seed, rate, run_dir)
-                        record = _reusable(run_dir, this_config)
-                        if record is None:
-                            print(
-                                f"[compare] {objective} seed {seed} noise {_format_rate(rate)} -> {run_dir}",
-                                flush=True,
-                            )
-                            try:
-                                record = run_record(run_train(this_config), objective, seed, rate)
-                                (run_dir / RUN_RECORD).write_text(
-                                    json.dumps({"config": to_dict(this_config), "record": record}, indent=1)
-                                    + "\n"
+                        for order in range(data_orders):
+                            leaf = f"seed{seed}" if data_orders == 1 else f"seed{seed}-order{order}"
+                            run_dir = out / f"nc{_format_rate(rate)}" / objective / leaf
+                            this_config = run_config(config, objective, seed, rate, run_dir)
+                            if data_orders > 1:
+                                this_config = with_values(
+                                    this_config, {"data.shuffle_seed": config.data.shuffle_seed + order}
                                 )
+                            label = f"{objective} seed {seed} order {order} noise {_format_rate(rate)}"
+                            try:
+                                record = _train_or_reuse(this_config, run_dir, objective, seed, rate, label)
                             except Exception as exc:  # noqa: BLE001 - a failed run is a result too
                                 traceback.print_exc()
                                 record = {
@@ -339,12 +489,13 @@ def run_compare(
                                     "output_dir": str(run_dir),
                                     "error": f"{type(exc).__name__}: {exc}",
                                 }
-                        records.append(record)
-                        log.write(json.dumps(record) + "\n")
-                        log.flush()
+                            record["data_order"] = order
+                            records.append(record)
+                            log.write(json.dumps(record) + "\n")
+                            log.flush()
     finally:
         if started:
             ray.shutdown()
-    result = write_comparison(records, out)
+    result = write_comparison(records, out, init_record)
     print(Path(result["paths"]["md"]).read_text())
     return result

@@ -69,23 +69,25 @@ def local_rows(x: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
     return x.chunk(world_size, dim=0)[rank]
 
 
-def sde_cases() -> list[tuple[str, str, str]]:
-    """(spectral.mode, spectral.strong_perturbation, loss.subspace_form) combinations compared."""
+def sde_cases() -> list[tuple[str, ...]]:
+    """(spectral.mode, spectral.strong_perturbation, loss.subspace_form[, spectral.partition]) compared."""
     return [
         ("gather", "random", "surrogate"),
         ("gram", "random", "surrogate"),
         ("gram", "adversarial", "projector"),
         ("gather", "adversarial", "projector"),
+        ("gram", "adversarial", "surrogate", "soft"),
     ]
 
 
-def sde_config(mode: str, perturbation: str, subspace_form: str):
+def sde_config(mode: str, perturbation: str, subspace_form: str, partition: str = "hard"):
     from sde_ray.config import Config
 
     config = Config()
     config.spectral.mode = mode
     config.spectral.strong_perturbation = perturbation
     config.spectral.rho = 0.3
+    config.spectral.partition = partition
     config.loss.subspace_form = subspace_form
     config.loss.subspace_k = 3
     config.loss.learnable_temperature = True

@@ -66,7 +66,7 @@ def test_frobenius_bound_rescales_delta():
     assert result.bound_factor == pytest.approx(0.1)
 
 
-def test_zero_singular_values_get_zero_scale():
+def test_zero_singular_values_get_zero_delta_and_their_sets_ratio():
     sigma = torch.tensor([2.0, 0.0, 0.0], dtype=torch.float64)
     result = enhancement_deltas(
         sigma,
@@ -89,7 +89,21 @@ def test_zero_singular_values_get_zero_scale():
         eps_noise=0.1,
         rho=0.1,
     )
-    assert all_zero.delta.eq(0).all() and all_zero.scale.eq(0).all()
+    assert all_zero.delta.eq(0).all()
+    # M acts on an exactly-zero direction as on a tiny one (no jump in the gradient G·Mᵀ when
+    # rounding puts an eigenvalue at 0 rather than 1e-300).
+    tiny = enhancement_deltas(
+        torch.full((3,), 1e-300, dtype=torch.float64),
+        _partition(0, 0, 3),
+        0.5,
+        torch.ones(3, dtype=torch.float64),
+        eps_strong=0.1,
+        eps_weak=0.1,
+        eps_noise=0.1,
+        rho=0.1,
+    )
+    torch.testing.assert_close(all_zero.scale, tiny.scale, rtol=0, atol=0)
+    assert all_zero.scale.eq(-0.1 * 0.5).all()
 
 
 def test_random_signs_are_reproducible_and_in_range():

@@ -172,3 +172,137 @@ def test_energy_and_log_gap_fences():
 def test_bad_arguments_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         partition_spectrum(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Soft partition: memberships, agreement with the hard one, continuity of Δ
+
+
+def _spiked(shape=(64, 48), spikes=(40.0, 25.0, 12.0, 6.0, 3.5), seed=0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(*shape, generator=g, dtype=torch.float64)
+    u = torch.linalg.qr(torch.randn(shape[0], len(spikes), generator=g, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(shape[1], len(spikes), generator=g, dtype=torch.float64))[0]
+    signal = u @ torch.diag(torch.tensor(spikes, dtype=torch.float64) * math.sqrt(shape[0])) @ v.T
+    return torch.linalg.svdvals(signal / math.sqrt(shape[0]) + noise)
+
+
+def _width(shape, soft_width=1.0) -> float:
+    # docs/spectral.md: the logistic width in log σ is soft_width Tracy–Widom units min(N, d)^(-2/3).
+    return soft_width * min(shape) ** (-2.0 / 3.0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("soft_width", [0.3, 1.0, 4.0])
+def test_soft_memberships_are_in_unit_interval_and_sum_to_one(seed, soft_width):
+    shape = (64, 48)
+    sigma = _spiked(shape, seed=seed)
+    part = partition_spectrum(sigma, *shape, partition="soft", soft_width=soft_width)
+    weights = torch.stack(part.weights())
+    assert weights.shape == (3, sigma.numel())
+    assert (weights >= 0).all() and (weights <= 1).all()
+    torch.testing.assert_close(weights.sum(0), torch.ones(sigma.numel(), dtype=torch.float64), atol=1e-12, rtol=0)
+    # The boolean masks of a soft partition are the hard partition with the same thresholds.
+    hard = partition_spectrum(sigma, *shape)
+    assert torch.equal(part.strong, hard.strong) and torch.equal(part.noise, hard.noise)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_soft_and_hard_agree_far_from_the_thresholds(seed):
+    shape = (64, 48)
+    sigma = _spiked(shape, seed=seed)
+    hard = partition_spectrum(sigma, *shape)
+    soft = partition_spectrum(sigma, *shape, partition="soft", soft_width=0.5)
+    width = _width(shape, 0.5)
+    tau_strong = max(hard.tau_mp, hard.tau_fence)
+    distance = torch.minimum((sigma.log() - math.log(hard.tau_mp)).abs(), (sigma.log() - math.log(tau_strong)).abs())
+    far = distance > 12 * width  # logistic(12) > 1 − 1e-5 on each side
+    assert far.sum() >= sigma.numel() // 2  # the check covers most of the spectrum
+    for hard_mask, soft_weight in zip((hard.strong, hard.weak, hard.noise), soft.weights()):
+        assert (soft_weight[far] - hard_mask[far].double()).abs().max() < 2e-5
+    assert hard.num_strong >= 1 and hard.num_noise >= 1  # both thresholds are exercised
+
+
+def test_soft_partition_needs_a_continuous_fence():
+    sigma = _spiked()
+    with pytest.raises(ValueError, match="partition=soft needs a fence"):
+        partition_spectrum(sigma, 64, 48, partition="soft", fence="energy")
+    with pytest.raises(ValueError, match="soft_width"):
+        partition_spectrum(sigma, 64, 48, partition="soft", soft_width=0.0)
+
+
+def _deltas(sigma, shape, partition, xi, eps=(0.3, 0.2, 0.5), alpha=0.4):
+    from sde_ray.spectral import enhancement_deltas
+
+    part = partition_spectrum(sigma, *shape, partition=partition, soft_width=1.0)
+    # ρ large: the Frobenius rescale stays inactive, so Δ is the membership formula itself.
+    enhancement = enhancement_deltas(
+        sigma, part, alpha, xi, eps_strong=eps[0], eps_weak=eps[1], eps_noise=eps[2], rho=10.0
+    )
+    assert enhancement.bound_factor == 1.0
+    return enhancement.delta, part
+
+
+def _lipschitz_bound(sigma, part, shape, eps=(0.3, 0.2, 0.5), iqr_k=1.5) -> float:
+    """First-order bound on ‖∂Δ/∂σ_j‖ for the soft partition (derivation in docs/spectral.md).
+
+    δ_i = c_i·σ_i, |c_i| ≤ E = Σ ε; d(a_jσ_j)/dσ_j ≤ 2E; each membership is built from two logistics
+    of slope ≤ 1/(4w) in log σ; a linearly interpolated quantile moves at most as fast as one σ_j, so
+    d log τ_mp/dσ_j ≤ 1/σ_med and d log τ_s/dσ_j ≤ (1 + 2k)/τ_s; a membership change of each of the two
+    logistics moves |c_i| by at most 5E/2·(its change)."""
+    E = sum(eps)
+    w = _width(shape)
+    median = float(torch.quantile(sigma, 0.5))
+    tau_s = max(part.tau_mp, part.tau_fence)
+    g = max(1.0 / median, (1 + 2 * iqr_k) / tau_s)
+    return 2 * E + (5 * E / (4 * w)) * (1.0 + g * float(sigma.sum()))
+
+
+@pytest.mark.parametrize("threshold", ["noise_edge", "strong_fence"])
+def test_soft_delta_is_continuous_where_the_hard_one_jumps(threshold):
+    """Move one σ_j across a threshold in steps of 1e-9·σ_j: the hard Δ jumps by O(ε·σ_j) at the
+    crossing, the soft Δ changes by at most the Lipschitz bound times the step."""
+    shape = (64, 48)
+    sigma = _spiked(shape, seed=1)
+    xi = torch.linspace(-1, 1, sigma.numel(), dtype=torch.float64)
+    hard = partition_spectrum(sigma, *shape)
+    tau = hard.tau_mp if threshold == "noise_edge" else max(hard.tau_mp, hard.tau_fence)
+    count = hard.num_strong + hard.num_weak
+    j = count - 1 if threshold == "noise_edge" else hard.num_strong - 1  # the last one above
+    assert j >= 1
+
+    def with_value(value):
+        out = sigma.clone()
+        out[j] = value
+        return out
+
+    def crossing_count(s):
+        p = partition_spectrum(s, *shape)
+        return p.num_strong + p.num_weak if threshold == "noise_edge" else p.num_strong
+
+    # Bisect the σ_j at which the hard partition changes (the thresholds move with σ_j a little).
+    low, high = float(sigma[j + 1]) * 1.0000001, float(sigma[j - 1]) * 0.9999999
+    assert crossing_count(with_value(low)) != crossing_count(with_value(high))
+    while high - low > 1e-9 * high:
+        mid = 0.5 * (low + high)
+        if crossing_count(with_value(mid)) == crossing_count(with_value(low)):
+            low = mid
+        else:
+            high = mid
+    assert abs(high / tau - 1) < 0.05  # the crossing is at the threshold
+    step = high - low
+    hard_low, _ = _deltas(with_value(low), shape, "hard", xi)
+    hard_high, _ = _deltas(with_value(high), shape, "hard", xi)
+    soft_low, part = _deltas(with_value(low), shape, "soft", xi)
+    soft_high, _ = _deltas(with_value(high), shape, "soft", xi)
+    hard_jump = float(torch.linalg.vector_norm(hard_high - hard_low))
+    soft_change = float(torch.linalg.vector_norm(soft_high - soft_low))
+    assert hard_jump > 0.01 * high  # a discontinuity: a finite jump for a 1e-9 relative step
+    bound = _lipschitz_bound(with_value(low), part, shape) * step
+    assert soft_change <= bound
+    # And the soft Δ is differentiable there: finite differences at two step sizes agree.
+    rates = []
+    for h in (1e-5 * high, 1e-7 * high):
+        up, _ = _deltas(with_value(low + h), shape, "soft", xi)
+        rates.append((up - soft_low) / h)
+    torch.testing.assert_close(rates[0], rates[1], rtol=1e-2, atol=1e-3 * float(rates[0].abs().max()))

@@ -200,3 +200,87 @@ def test_compare_end_to_end_two_objectives_two_seeds(tmp_path, ray_cluster):
     # A second call finds every run finished with the same config and only rebuilds the table.
     again = run_compare(config, ["disncl", "dsrsd"], 2, [0.0], str(tmp_path))
     assert again["runs"] == result["runs"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Objective modifiers: SDE's parts alone and left out
+
+
+def _flat(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and key not in ("overrides", "space"):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def test_a_leave_one_out_changes_only_its_own_keys():
+    from sde_ray.config import replace
+    from sde_ray.tune.compare import objective_overrides
+
+    base = _flat(to_dict(Config()))
+    expected = {
+        "sde-no_hellinger": {"loss.w_hellinger"},
+        "sde-no_subspace": {"loss.w_subspace"},
+        "sde-no_snr": {"loss.w_snr"},
+        "sde-no_enhancement": {"spectral.eps_strong", "spectral.eps_weak", "spectral.eps_noise"},
+        "sde-soft": {"spectral.partition"},
+        "sde-soft-no_snr": {"spectral.partition", "loss.w_snr"},
+    }
+    for name, keys in expected.items():
+        variant = _flat(to_dict(replace(Config(), objective_overrides(name))))
+        changed = {k for k in base if base[k] != variant[k]}
+        assert changed == keys, name
+    schedule = _flat(to_dict(replace(Config(), objective_overrides("sde-no_lambda_schedule"))))
+    assert {k for k in base if base[k] != schedule[k]} <= {
+        "loss.lambda_schedule.kind", "loss.lambda_schedule.start", "loss.lambda_schedule.end"
+    }
+
+
+def test_sde_with_every_part_removed_is_plain_infonce():
+    """`sde-no_all` through the SDE objective gives InfoNCE's loss and gradients (the infonce objective)."""
+    import torch
+
+    from sde_ray.config import replace
+    from sde_ray.losses import StepContext, build_objective
+    from sde_ray.tune.compare import objective_overrides
+
+    g = torch.Generator().manual_seed(0)
+    # A few strong directions over a noise floor: a spectrum the partition splits (with pure noise
+    # every direction is scaled alike, which the L2 normalisation undoes).
+    spikes = torch.tensor([8.0, 5.0, 3.0] + [0.0] * 13, dtype=torch.float64)
+    query = torch.randn(32, 16, generator=g, dtype=torch.float64) * (spikes + 0.3)
+    target = (query + 0.5 * torch.randn(32, 16, generator=g, dtype=torch.float64)).requires_grad_()
+    query.requires_grad_()
+    losses, grads = [], []
+    for name in ("sde-no_all", "infonce"):
+        objective = build_objective(replace(Config(), objective_overrides(name)), 16)
+        context = StepContext(progress=0.3, generator=torch.Generator().manual_seed(1))
+        loss, _ = objective(query, target, context)
+        losses.append(loss)
+        grads.append(torch.autograd.grad(loss, (query, target)))
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-9, atol=1e-12)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-12)
+    # Keeping the enhancement alone changes the loss: the modifiers act.
+    enhanced = build_objective(replace(Config(), objective_overrides("sde-only_enhancement")), 16)
+    loss, _ = enhanced(query, target, StepContext(progress=0.3, generator=torch.Generator().manual_seed(1)))
+    assert abs(float(loss.detach()) / float(losses[1].detach()) - 1) > 1e-4
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [("sde-bogus", "unknown modifier 'bogus'"), ("infonce-soft", "applies to sde only"), ("nope-soft", "unknown objective")],
+)
+def test_unknown_or_misapplied_modifiers_are_rejected(name, message):
+    with pytest.raises(ConfigError, match=message):
+        check_request([name], 1, [0.0], Config())
+
+
+def test_soft_modifier_with_a_hard_only_fence_is_rejected_before_any_run():
+    config = Config()
+    config.spectral.fence = "energy"
+    with pytest.raises(ConfigError, match="spectral.partition=soft needs spectral.fence=iqr"):
+        check_request(["sde-soft"], 1, [0.0], config)

@@ -78,7 +78,7 @@ def test_malformed_specs_are_rejected_with_the_key(base, spec, fragment):
         ("spectral.eps_weak", {"type": "uniform", "low": 0.5, "high": 1.5}, "eps_weak"),  # validate(): <= 1
         ("train.max_steps", {"type": "uniform", "low": 10, "high": 20}, "expected an integer"),
         ("spectral.alpha.kind", {"type": "choice", "values": ["cosine", "zigzag"]}, "'zigzag' is not one of"),
-        ("loss.temperature", {"type": "grid", "values": [0.05, -0.1]}, "loss.temperature must be > 0"),
+        ("loss.temperature", {"type": "grid", "values": [0.05, -0.1]}, "loss.temperature must be in [0.01, 1]"),
     ],
 )
 def test_values_the_config_would_reject_fail_before_any_trial(base, key, spec, fragment):
