@@ -112,6 +112,13 @@ class DataConfig:
         32.0, "Ray Data block size target (MB) of the preprocessed stream; near one processor chunk avoids "
         "re-concatenating chunks into Ray's 128 MB default blocks (docs/data.md)."
     )
+    batching: Literal["random", "same_subset", "teacher_cluster"] = doc(
+        "random", "Epoch batch plan (sde_ray/data/batching.py): random rows, one subset per global batch "
+        "(VLM2Vec-V2), or teacher clusters sharing a batch (B3)."
+    )
+    negatives_sidecar: str = doc(
+        "", "Folder of a `sde-ray mine` sidecar (sample key -> mined negative keys) joined by sample key; empty: none."
+    )
     synth: SynthConfig = doc(SynthConfig(), "The synthetic MMEB generator.")
 
 
@@ -196,6 +203,10 @@ class LossConfig:
     )
     duplicate_targets: Literal["ignore", "mask", "multi_positive"] = doc(
         "ignore", "Identical targets in a batch: ignore (one-hot), mask them from negatives, or count them positive."
+    )
+    negatives_per_query: int = doc(
+        0, "Explicit negatives per query (the dataset's neg_* columns or a mined sidecar) added, shared across "
+        "the global batch, to the InfoNCE candidates; 0 = in-batch negatives only."
     )
     fanoise: FANoiseConfig = doc(FANoiseConfig(), "FANoise settings.")
     disncl: DisNCLConfig = doc(DisNCLConfig(), "DisNCL settings.")
@@ -575,6 +586,11 @@ def validate(config: Config) -> None:
                        "data.shuffle_buffer": config.data.shuffle_buffer}.items():
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}.")
+    if losses.negatives_per_query < 0:
+        raise ConfigError(f"loss.negatives_per_query must be >= 0, got {losses.negatives_per_query}.")
+    if losses.negatives_per_query and losses.name == "disncl":
+        raise ConfigError("loss.name=disncl takes no explicit negatives (soft targets over paired rows); "
+                          "set loss.negatives_per_query=0.")
     if config.data.target_block_mb <= 0:
         raise ConfigError(f"data.target_block_mb must be > 0, got {config.data.target_block_mb}.")
 
