@@ -56,7 +56,8 @@ def split_negatives(
     rows, total = query.shape[0], target.shape[0]
     if query.dim() != 2 or target.dim() != 2 or rows == 0 or total % rows or query.shape[1] != target.shape[1]:
         raise ValueError(
-            f"target must be (B·(1+K)) × d for query B × d (K explicit negatives per query), got "
+            f"target must have the same shape as query (B × d), or B·(1+K) rows with K explicit negatives "
+            f"per query, got "
             f"query {tuple(query.shape)} and target {tuple(target.shape)}"
         )
     if target_ids is not None and target_ids.shape[0] not in (rows, total):

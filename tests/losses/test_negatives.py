@@ -97,7 +97,7 @@ def test_layout_round_trip_and_bad_shapes():
     torch.testing.assert_close(positives, data["target"])
     torch.testing.assert_close(negatives, data["negatives"])
     torch.testing.assert_close(with_negatives(positives, negatives), stacked)
-    with pytest.raises(ValueError, match="B·\\(1\\+K\\)"):
+    with pytest.raises(ValueError, match="same shape"):
         split_negatives(data["query"], stacked[:-1])
 
 
