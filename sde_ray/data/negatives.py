@@ -271,3 +271,66 @@ def rows_meta(sidecar: Sidecar, keys: list[str], subsets: list[str] | None = Non
     if subsets is not None:
         meta["subset"] = np.asarray(subsets)
     return meta
+
+
+# ---------------------------------------------------------------------------------------------
+# The join: mined negatives' targets looked up by key in the shards
+
+
+class CorpusIndex:
+    """Sample key -> where its json and `pos.img` members lie in the local shards (tar headers
+    only), so a negative's target is read with one seek instead of a pass over its shard."""
+
+    def __init__(self, paths: Iterable[str | os.PathLike]):
+        self.members: dict[str, dict[str, tuple[str, int, int]]] = {}
+        for path in paths:
+            with tarfile.open(path, mode="r:") as archive:
+                for member in archive:
+                    if member.isreg() and "." in member.name:
+                        key, suffix = member.name.split("/")[-1].split(".", 1)
+                        if suffix in ("json", "pos.img"):
+                            self.members.setdefault(key, {})[suffix] = (str(path), member.offset_data, member.size)
+        self._files: dict[str, object] = {}
+
+    def _read(self, where: tuple[str, int, int]) -> bytes:
+        path, offset, size = where
+        handle = self._files.get(path)
+        if handle is None:
+            handle = self._files[path] = open(path, "rb")  # noqa: SIM115 - kept open for later reads
+        handle.seek(offset)
+        return handle.read(size)
+
+    def target(self, key: str) -> tuple[str, bytes | None, str]:
+        """(pos_text, pos image bytes or None, target_hash) of sample `key`."""
+        if key not in self.members:
+            raise KeyError(f"sample key {key!r} is in no shard")
+        members = self.members[key]
+        meta = json.loads(self._read(members["json"]))
+        image = self._read(members["pos.img"]) if "pos.img" in members else None
+        return meta["pos_text"], image, meta["target_hash"]
+
+
+class MinedNegatives:
+    """A batch processor that first replaces each row's negatives by its mined ones (the sidecar's
+    first `negatives_per_query` keys, their targets read from the shards), then runs `processor`.
+
+    Built inside the Ray Data worker processes (by the train driver's processor factory), where
+    `sde_ray.data.pipeline.cached_processor` keeps it: the sidecar is loaded and the shard index
+    built once per process.
+    """
+
+    def __init__(self, processor, sidecar_dir: str, shards: list[str], negatives_per_query: int):
+        self.processor, self.negatives_per_query = processor, negatives_per_query
+        self.negatives = load_sidecar(sidecar_dir).negatives
+        self.index = CorpusIndex(shards)
+
+    def __call__(self, raw: dict) -> dict:
+        texts, images, hashes = [], [], []
+        for key in raw["key"]:
+            if key not in self.negatives:
+                raise KeyError(f"sample {key!r} has no row in the negatives sidecar")
+            found = [self.index.target(k) for k in self.negatives[key][: self.negatives_per_query]]
+            texts.append([f[0] for f in found])
+            images.append([f[1] for f in found])
+            hashes.append([f[2] for f in found])
+        return self.processor({**raw, "neg_text": texts, "neg_image": images, "neg_target_hash": hashes})

@@ -82,6 +82,13 @@ def with_negatives(positives: torch.Tensor, negatives: torch.Tensor | None) -> t
     return torch.cat([positives[:, None], grouped], dim=1).reshape(-1, positives.shape[1])
 
 
+def ids_with_negatives(target_ids: torch.Tensor | None, negative_ids: torch.Tensor | None) -> torch.Tensor | None:
+    """(B,) positive ids and (B, K) negative ids -> (B·(1+K),) ids in the per-query layout."""
+    if target_ids is None or negative_ids is None:
+        return target_ids
+    return torch.cat([target_ids[:, None], negative_ids.view(target_ids.shape[0], -1)], dim=1).reshape(-1)
+
+
 def _directional_loss(
     logits: torch.Tensor, labels: torch.Tensor, same_target: torch.Tensor | None, duplicates: str
 ) -> torch.Tensor:

@@ -36,7 +36,7 @@ def resolve_paths(config: Config) -> Config:
         f"train.storage_path={_absolute(storage)}",
         f"data.cache_dir={_absolute(config.data.cache_dir)}",
     ]
-    for key in ("mmeb_train_dir", "mmeb_eval_dir"):
+    for key in ("mmeb_train_dir", "mmeb_eval_dir", "negatives_sidecar"):
         if getattr(config.data, key):
             overrides.append(f"data.{key}={_absolute(getattr(config.data, key))}")
     if config.eval.data_dir:
@@ -148,7 +148,9 @@ def build_trainer(
         resources["GPU"] = 1
     # The rank-0 progress line is the run's progress display; Ray Data's bars would interleave with it.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    dataset = build_config_dataset(config, prepared, _ProcessorFactory(to_dict(config.model)))
+    factory = _ProcessorFactory(to_dict(config.model), config.loss.negatives_per_query,
+                                config.data.negatives_sidecar, prepared.shards)
+    dataset = build_config_dataset(config, prepared, factory)
     loop_config: dict[str, Any] = {
         "config": to_dict(config),
         "output_dir": config.train.output_dir,
@@ -183,13 +185,33 @@ def build_trainer(
 class _ProcessorFactory:
     """Builds the model's BatchProcessor inside a Ray Data actor (picklable: a plain dict)."""
 
-    def __init__(self, model_config: dict):
+    def __init__(self, model_config: dict, negatives_per_query: int = 0, sidecar: str = "",
+                 shards: list[str] | None = None):
         self.model_config = model_config
+        self.negatives_per_query, self.sidecar, self.shards = negatives_per_query, sidecar, shards or []
 
     def __call__(self):
         from sde_ray.models import BatchProcessor
 
-        return BatchProcessor(self.model_config)
+        processor = BatchProcessor(self.model_config, self.negatives_per_query)
+        if self.sidecar and self.negatives_per_query:
+            from sde_ray.data.negatives import MinedNegatives
+
+            return MinedNegatives(processor, self.sidecar, self.shards, self.negatives_per_query)
+        return processor
+
+
+def check_negatives(config: Config, shards: list[str]) -> None:
+    """A mined sidecar must cover exactly these shards' samples, with enough negatives each: checked
+    on the driver, before any worker starts."""
+    if not config.data.negatives_sidecar:
+        return
+    from sde_ray.data.negatives import check_sidecar, load_sidecar, shard_keys
+
+    if not config.loss.negatives_per_query:
+        raise ConfigError("data.negatives_sidecar is set but loss.negatives_per_query=0: the sidecar would be unused.")
+    check_sidecar(load_sidecar(config.data.negatives_sidecar), shard_keys(shards),
+                  negatives_per_query=config.loss.negatives_per_query)
 
 
 def dry_run_report(config: Config) -> dict:
@@ -236,6 +258,7 @@ def run_train(config: Config, dry_run: bool = False) -> dict:
     try:
         check_capacity(config)
         prepared = prepare_data(config)
+        check_negatives(config, prepared.shards)
         trainer = build_trainer(config, prepared=prepared)
         result = trainer.fit()
     finally:

@@ -408,13 +408,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
 def _step_context(config: Config, state: TrainState, rank: int, world_size: int, batch: dict, micro_index: int):
     from sde_ray.losses import StepContext
+    from sde_ray.losses.infonce import ids_with_negatives
 
     return StepContext(
         progress=state.step / config.train.max_steps,
         rank=rank,
         world_size=world_size,
         training=True,
-        target_ids=batch.get(TARGET_ID_KEY),
+        # With explicit negatives: one id per target row, in the objectives' per-query layout.
+        target_ids=ids_with_negatives(batch.get(TARGET_ID_KEY), batch.get("neg_target_id")),
         generator=step_generator(config.train.seed, state.step, micro_index),
     )
 
