@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -78,3 +80,55 @@ def test_sidecar_keys_must_match_the_shards():
         check_sidecar(sidecar, ["a", "b"], negatives_per_query=2)
     with pytest.raises(ValueError, match="in no shard"):
         check_sidecar(Sidecar({"a": ["z"]}, {"a": [0.1]}, {"a": -1}, {}), ["a"])
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from sde_ray.data.convert import convert_mmeb
+    from sde_ray.data.synthetic import write_synthetic_mmeb
+
+    root = tmp_path_factory.mktemp("corpus")
+    summary = write_synthetic_mmeb(root / "synth", seed=0, train_per_subset=2, eval_per_dataset=2)
+    manifest = convert_mmeb(summary["train_dir"], root / "shards", samples_per_shard=8, workers=1, progress=False)
+    return [str(root / "shards" / entry["name"]) for entry in manifest["shards"]]
+
+
+def _write_sidecar(directory, keys, negatives):
+    from sde_ray.data.negatives import write_part
+
+    write_part(directory / "parts" / "all.parquet", keys, negatives, [[0.5] * len(n) for n in negatives],
+               np.ones(len(keys)), -np.ones(len(keys)))
+    (directory / "sidecar.json").write_text(json.dumps({"complete": True, "embed_dim": 8}))
+
+
+def test_mined_negatives_join_reads_the_negatives_targets_from_the_shards(shards, tmp_path):
+    from sde_ray.data.negatives import MinedNegatives, read_shard
+
+    columns = [read_shard(s) for s in shards]
+    keys = [k for c in columns for k in c["key"]]
+    texts = [t for c in columns for t in c["pos_text"]]
+    images = [i for c in columns for i in c["pos_image"]]
+    hashes = [h for c in columns for h in c["target_hash"]]
+    chosen = [[keys[(i + 3) % len(keys)], keys[(i + 7) % len(keys)]] for i in range(len(keys))]
+    _write_sidecar(tmp_path, keys, chosen)
+    join = MinedNegatives(lambda raw: raw, str(tmp_path), shards, negatives_per_query=1)
+    rows = list(range(0, len(keys), 5))
+    out = join({"key": [keys[i] for i in rows]})
+    for n, i in enumerate(rows):
+        j = (i + 3) % len(keys)
+        assert out["neg_text"][n] == [texts[j]] and out["neg_image"][n] == [images[j]]
+        assert out["neg_target_hash"][n] == [hashes[j]]
+
+
+def test_driver_refuses_a_sidecar_of_other_shards_before_training(shards, tmp_path):
+    from sde_ray.config import ConfigError, load_config
+    from sde_ray.data.negatives import shard_keys
+    from sde_ray.train.driver import check_negatives
+
+    keys = shard_keys(shards)
+    _write_sidecar(tmp_path, keys[:-1], [[keys[0]]] * (len(keys) - 1))  # one sample short
+    config = load_config(None, [f"data.negatives_sidecar={tmp_path}", "loss.negatives_per_query=1"])
+    with pytest.raises(ValueError, match="do not match the shards"):
+        check_negatives(config, shards)
+    with pytest.raises(ConfigError, match="negatives_per_query=0"):
+        check_negatives(load_config(None, [f"data.negatives_sidecar={tmp_path}"]), shards)
