@@ -63,7 +63,10 @@ class TrainModule(torch.nn.Module):
         # The spectral stage (SVD / eigh, partition thresholds) wants at least fp32 under bf16 too.
         query, target = query.float(), target.float()
         loss, metrics = self.objective(query, target, context)
-        return loss, metrics, query.detach(), target.detach()
+        # Diagnostics (spectra, gap) describe the paired rows: explicit negatives are left out.
+        from sde_ray.losses.infonce import split_negatives
+
+        return loss, metrics, query.detach(), split_negatives(query, target)[0].detach()
 
 
 def build_train_module(config: Config) -> TrainModule:
