@@ -203,7 +203,14 @@ class _ProcessorFactory:
 
 def check_negatives(config: Config, shards: list[str]) -> None:
     """A mined sidecar must cover exactly these shards' samples, with enough negatives each: checked
-    on the driver, before any worker starts."""
+    on the driver, before any worker starts. A batch planner other than `random` is refused until
+    the planned data order (issue 15) consumes `sde_ray.data.batching`: silently training on random
+    batches would mislabel the run."""
+    if config.data.batching != "random":
+        raise ConfigError(
+            f"data.batching={config.data.batching}: the planners exist (sde_ray/data/batching.py) but the "
+            "Ray Data stream does not follow a planned order yet; use data.batching=random."
+        )
     if not config.data.negatives_sidecar:
         return
     from sde_ray.data.negatives import check_sidecar, load_sidecar, shard_keys

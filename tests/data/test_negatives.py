@@ -132,3 +132,11 @@ def test_driver_refuses_a_sidecar_of_other_shards_before_training(shards, tmp_pa
         check_negatives(config, shards)
     with pytest.raises(ConfigError, match="negatives_per_query=0"):
         check_negatives(load_config(None, [f"data.negatives_sidecar={tmp_path}"]), shards)
+
+
+def test_driver_refuses_a_planner_the_stream_does_not_follow(shards):
+    from sde_ray.config import ConfigError, load_config
+    from sde_ray.train.driver import check_negatives
+
+    with pytest.raises(ConfigError, match="data.batching=same_subset"):
+        check_negatives(load_config(None, ["data.batching=same_subset"]), shards)
