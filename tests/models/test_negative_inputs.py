@@ -67,3 +67,16 @@ def test_one_row_batch_without_negatives_is_an_error(tiny_configs, raw):
     one = {key: value[:1] for key, value in raw.items()}
     with pytest.raises(ValueError, match="negatives_per_query=2"):
         BatchProcessor(config, negatives_per_query=K)({**one, "neg_text": [[]], "neg_image": [[]]})
+
+
+def test_chunks_of_rows_concatenate_to_the_whole_batch_layout(tiny_configs, raw, make_png):
+    """GradCache encodes a batch in chunks of rows and concatenates the features: with the per-query
+    layout the concatenation is the whole batch's layout, negatives included."""
+    config = next(iter(tiny_configs.values()))
+    out = BatchProcessor(dataclasses.asdict(config), negatives_per_query=K)(_with_negatives(raw, make_png))
+    batch = {key: torch.from_numpy(value) for key, value in out.items()}
+    model = build_model(config, seed=0).eval()
+    with torch.no_grad():
+        whole = model(batch)[1]
+        parts = [model({key: value[rows] for key, value in batch.items()})[1] for rows in (slice(0, 2), slice(2, None))]
+    torch.testing.assert_close(torch.cat(parts), whole, rtol=1e-4, atol=1e-5)
