@@ -26,6 +26,7 @@ The filter drops, in score order, before taking the top k (counts per reason in 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tarfile
 from collections.abc import Iterable, Mapping
@@ -33,6 +34,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 SIDECAR_META = "sidecar.json"
 PARTS = "parts"
@@ -229,9 +232,11 @@ def load_sidecar(directory: str | os.PathLike) -> Sidecar:
 
 
 def check_sidecar(sidecar: Sidecar, shard_keys: Iterable[str], where: str = "data.negatives_sidecar",
-                  negatives_per_query: int = 0) -> None:
-    """Raises ValueError unless the sidecar's keys are exactly the shards' sample keys, every negative
-    names a sample of the shards, and each key has at least `negatives_per_query` negatives."""
+                  negatives_per_query: int = 0) -> int:
+    """Raises ValueError unless the sidecar's keys are exactly the shards' sample keys and every
+    negative names a sample of the shards. Returns how many samples have fewer than
+    `negatives_per_query` mined negatives (the filter can leave a query none; the processor pads
+    those with in-batch positives) and logs it."""
     shard_keys = set(shard_keys)
     side_keys = set(sidecar.negatives)
     missing, extra = sorted(shard_keys - side_keys), sorted(side_keys - shard_keys)
@@ -244,13 +249,11 @@ def check_sidecar(sidecar: Sidecar, shard_keys: Iterable[str], where: str = "dat
     unknown = sorted({k for keys in sidecar.negatives.values() for k in keys} - shard_keys)
     if unknown:
         raise ValueError(f"{where}: {len(unknown)} negative keys are in no shard (e.g. {unknown[:3]})")
-    if negatives_per_query:
-        short = [k for k, keys in sidecar.negatives.items() if len(keys) < negatives_per_query]
-        if short:
-            raise ValueError(
-                f"{where}: {len(short)} samples have fewer than loss.negatives_per_query={negatives_per_query} "
-                f"mined negatives (e.g. {short[:3]}); mine with a larger mine.top_k or lower the count"
-            )
+    short = sum(len(keys) < negatives_per_query for keys in sidecar.negatives.values())
+    if short:
+        logger.warning("%s: %d of %d samples have fewer than loss.negatives_per_query=%d mined negatives; "
+                       "they are padded with in-batch positives", where, short, len(sidecar), negatives_per_query)
+    return short
 
 
 def shard_keys(paths: Iterable[str | os.PathLike]) -> list[str]:
