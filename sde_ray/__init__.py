@@ -5,8 +5,7 @@ The pure library (`spectral`, `losses`, `models`, `data`) depends on torch/numpy
 and world size as arguments; the application (`train`, `tune`, `eval`, `cli`) owns Ray and DeepSpeed.
 Shared by both: `config` (the typed tree) and `distributed` (every collective); shared by the
 application: `runs` (checkpoint format, run logging) and `ray_cluster` (joining or starting Ray).
-docs/architecture.md draws the import arrows; tests/test_architecture.py enforces them. (One arrow
-is still pending: `data/pipeline.py` holds the Ray Dataset until it moves into the application.)
+docs/architecture.md draws the import arrows; tests/test_architecture.py enforces them.
 """
 
 __version__ = "0.1.0"

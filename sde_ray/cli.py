@@ -1,4 +1,4 @@
-"""The `sde-ray` console script: train | tune | eval | compare | config | data | bench.
+"""The `sde-ray` console script: train | tune | eval | compare | config | data | mine | bench.
 
 Every command that reads a config takes `--config PATH` followed by dotted overrides
 (`train.lr=3e-4 loss.name=infonce`); precedence is CLI > file > defaults. Config errors are printed
@@ -91,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--eval-per-dataset", type=int, default=100)
     synth.add_argument("--noisy-correspondence", type=float, default=0.0)
 
+    mine = commands.add_parser("mine", help="Mine hard negatives of the training corpus with a teacher (Ray job).")
+    mine.add_argument("--checkpoint", required=True, help="Teacher: run dir, Ray checkpoint or save_pretrained dir.")
+    mine.add_argument("--out", required=True, help="Sidecar folder (resumable: finished parts are kept).")
+    _add_config_args(mine)
+
     bench = commands.add_parser("bench", help="Benchmarks (ratios measured side by side in one run).")
     bench.add_argument("name", choices=BENCHMARKS)
     bench.add_argument("--json", default=None, help="Also write the results as JSON here.")
@@ -165,6 +170,12 @@ def _dispatch(args: argparse.Namespace) -> int:
             args.out, seed=args.seed, train_per_subset=args.train_per_subset,
             eval_per_dataset=args.eval_per_dataset, noisy_correspondence=args.noisy_correspondence,
         )
+        return 0
+    if args.command == "mine":
+        from sde_ray.mine import run_mine
+
+        summary = run_mine(_load(args), args.checkpoint, args.out)
+        print(json.dumps({k: summary[k] for k in ("rows", "counts", "encode_rows_per_s")}))
         return 0
     if args.command == "bench":
         import importlib

@@ -137,6 +137,13 @@ class DataConfig:
         32.0, "Ray Data block size target (MB) of the preprocessed stream; near one processor chunk avoids "
         "re-concatenating chunks into Ray's 128 MB default blocks (docs/data.md)."
     )
+    batching: Literal["random", "same_subset", "teacher_cluster"] = doc(
+        "random", "Epoch batch plan (sde_ray/data/batching.py): random rows, one subset per global batch "
+        "(VLM2Vec-V2), or teacher clusters sharing a batch (B3)."
+    )
+    negatives_sidecar: str = doc(
+        "", "Folder of a `sde-ray mine` sidecar (sample key -> mined negative keys) joined by sample key; empty: none."
+    )
     synth: SynthConfig = doc(SynthConfig(), "The synthetic MMEB generator.")
 
 
@@ -236,6 +243,10 @@ class LossConfig:
     duplicate_targets: Literal["ignore", "mask", "multi_positive"] = doc(
         "ignore", "Identical targets in a batch: ignore (one-hot), mask them from negatives, or count them positive."
     )
+    negatives_per_query: int = doc(
+        0, "Explicit negatives per query (the dataset's neg_* columns or a mined sidecar) added, shared across "
+        "the global batch, to the InfoNCE candidates; 0 = in-batch negatives only."
+    )
     fanoise: FANoiseConfig = doc(FANoiseConfig(), "FANoise settings.")
     disncl: DisNCLConfig = doc(DisNCLConfig(), "DisNCL settings.")
     dsrsd: DSRSDConfig = doc(DSRSDConfig(), "DSRSD-Net settings.")
@@ -328,6 +339,20 @@ class LoggingConfig:
 
 
 @dataclass
+class MineConfig:
+    """`sde-ray mine`: offline hard-negative mining with a teacher checkpoint (sde_ray/mine.py)."""
+
+    top_k: int = doc(4, "Negatives kept per query after the false-negative filter.")
+    margin: float = doc(
+        0.05, "Drop candidates whose cosine is above (positive's cosine − margin): likely false negatives."
+    )
+    within_subset: bool = doc(True, "Search candidates among targets of the query's own subset only.")
+    num_workers: int = doc(2, "Encoding actors (one GPU each when the cluster has GPUs).")
+    batch_size: int = doc(64, "Rows per encoding batch.")
+    cluster_size: int = doc(0, "Rows per teacher cluster for data.batching=teacher_cluster (0: no clusters).")
+
+
+@dataclass
 class Config:
     model: ModelConfig = doc(ModelConfig(), "The encoder.")
     data: DataConfig = doc(DataConfig(), "Data source, shards and the Ray Data pipeline.")
@@ -339,6 +364,7 @@ class Config:
     tune: TuneConfig = doc(TuneConfig(), "Ray Tune sweeps.")
     eval: EvalConfig = doc(EvalConfig(), "MMEB evaluation.")
     logging: LoggingConfig = doc(LoggingConfig(), "Console and W&B.")
+    mine: MineConfig = doc(MineConfig(), "Offline hard-negative mining.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -807,6 +833,18 @@ def validate(config: Config) -> None:
                        "data.shuffle_window": config.data.shuffle_window}.items():
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}.")
+    if losses.negatives_per_query < 0:
+        raise ConfigError(f"loss.negatives_per_query must be >= 0, got {losses.negatives_per_query}.")
+    if losses.negatives_per_query and losses.name == "disncl":
+        raise ConfigError("loss.name=disncl takes no explicit negatives (soft targets over paired rows); "
+                          "set loss.negatives_per_query=0.")
+    mine = config.mine
+    for key, value in {"mine.top_k": mine.top_k, "mine.num_workers": mine.num_workers,
+                       "mine.batch_size": mine.batch_size}.items():
+        if value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}.")
+    if mine.cluster_size < 0 or mine.margin < 0:
+        raise ConfigError(f"mine.cluster_size and mine.margin must be >= 0, got {mine.cluster_size}, {mine.margin}.")
     if config.data.target_block_mb <= 0:
         raise ConfigError(f"data.target_block_mb must be > 0, got {config.data.target_block_mb}.")
 

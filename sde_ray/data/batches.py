@@ -42,7 +42,21 @@ def raw_batch_from_rows(batch: dict[str, Any]) -> dict[str, list]:
         "subset": [m["subset"] for m in metas],
         "key": [str(k) for k in batch["__key__"]] if "__key__" in batch else [""] * n,
     }
+    raw.update(own_negatives(metas, batch.get("neg.img") if "neg.img" in batch else [None] * n))
     return raw
+
+
+def own_negatives(metas: list[dict], images: list) -> dict[str, list[list]]:
+    """The dataset's own negatives (MMEB-train's neg_text / neg_image_path, carried by the
+    converter as json `neg_text` and member `neg.img`) as per-row lists of 0 or 1 negative.
+    Their content ids are computed by the processor, and only when negatives are used."""
+    texts, pixels = [], []
+    for meta, image in zip(metas, images):
+        text, image = meta.get("neg_text") or "", _bytes_or_none(image)
+        present = bool(text.strip()) or image is not None
+        texts.append([text] if present else [])
+        pixels.append([image] if present else [])
+    return {"neg_text": texts, "neg_image": pixels}
 
 
 # Each Ray worker process keeps the processors it has built (keyed by their factory's pickled

@@ -105,6 +105,11 @@ class DisNCLObjective(torch.nn.Module):
 
     def forward(self, query: torch.Tensor, target: torch.Tensor, context: StepContext):
         k, world_size = self.invariant_dim, context.world_size
+        if target.shape[0] != query.shape[0]:
+            raise ValueError(
+                "disncl builds soft many-to-many targets over paired rows and takes no explicit negatives "
+                f"(target has {target.shape[0]} rows for {query.shape[0]} queries); set loss.negatives_per_query=0"
+            )
         if query.shape[1] < k:
             raise ValueError(f"features have {query.shape[1]} dims but the invariant part needs {k}")
         q = F.normalize(query[:, :k], dim=-1)

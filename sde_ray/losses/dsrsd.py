@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from sde_ray.losses import StepContext
 from sde_ray.losses.gap import modality_gap_metrics
 from sde_ray.distributed import gather_with_grad
-from sde_ray.losses.infonce import info_nce
+from sde_ray.losses.infonce import info_nce, split_negatives
 from sde_ray.losses.objectives import Temperature
 
 
@@ -84,12 +84,20 @@ class DSRSDObjective(torch.nn.Module):
         self.duplicates = duplicates
 
     def forward(self, query: torch.Tensor, target: torch.Tensor, context: StepContext):
-        rank, world_size, ids = context.rank, context.world_size, context.target_ids
+        rank, world_size = context.rank, context.world_size
+        # Explicit negatives are contrastive candidates only (their shared factors through the
+        # target head); decorrelation, orthogonality and regression use the paired rows.
+        target, negatives, ids, negative_ids = split_negatives(query, target, context.target_ids)
         scale = self.scale()
         zq, sq, pq = dual_streams(query, self.query_head.to(query.dtype))
         zt, st, pt = dual_streams(target, self.target_head.to(target.dtype))
         nq, nt = F.normalize(zq, dim=-1), F.normalize(zt, dim=-1)
-        contrastive = info_nce(nq, nt, scale, rank, world_size, ids, self.duplicates)
+        shared_negatives = None
+        if negatives is not None:
+            shared_negatives = F.normalize(dual_streams(negatives, self.target_head.to(negatives.dtype))[0], dim=-1)
+        contrastive = info_nce(
+            nq, nt, scale, rank, world_size, ids, self.duplicates, shared_negatives, negative_ids
+        )
         regression = (nq - nt).pow(2).sum(-1).mean()
         decorrelation = 0.5 * (
             off_diagonal_correlation(gather_with_grad(zq, world_size))
@@ -117,6 +125,8 @@ class DSRSDObjective(torch.nn.Module):
                 world_size,
                 ids,
                 self.duplicates,
+                None if negatives is None else F.normalize(negatives, dim=-1),
+                negative_ids,
             )
             loss = loss + self.w_instance * instance
             metrics["loss_instance"] = float(instance.detach())

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from sde_ray.losses import StepContext
 from sde_ray.losses.gap import modality_gap_metrics
-from sde_ray.losses.infonce import info_nce
+from sde_ray.losses.infonce import info_nce, split_negatives
 from sde_ray.losses.objectives import Temperature
 from sde_ray.spectral.decompose import Spectrum, distributed_spectrum
 from sde_ray.spectral.schedules import schedule_value
@@ -134,6 +134,9 @@ class FANoiseObjective(torch.nn.Module):
         return features + noise, realised
 
     def forward(self, query: torch.Tensor, target: torch.Tensor, context: StepContext):
+        # Explicit negatives enter the InfoNCE candidates without noise: the noise lives in the
+        # spectrum of the paired rows, which is what FANoise regularises.
+        target, negatives, ids, negative_ids = split_negatives(query, target, context.target_ids)
         level = self.noise_level(context)
         noisy_query, query_energy = self._noisy(
             query, level if self.inject in ("both", "query") else 0.0, context
@@ -147,8 +150,10 @@ class FANoiseObjective(torch.nn.Module):
             self.scale(),
             context.rank,
             context.world_size,
-            context.target_ids,
+            ids,
             self.duplicates,
+            None if negatives is None else F.normalize(negatives, dim=-1),
+            negative_ids,
         )
         metrics = {
             "loss_instance": float(loss.detach()),

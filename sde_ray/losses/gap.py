@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from sde_ray.losses import StepContext
 from sde_ray.distributed import gather_with_grad
-from sde_ray.losses.infonce import info_nce
+from sde_ray.losses.infonce import info_nce, split_negatives
 from sde_ray.losses.objectives import Temperature
 from sde_ray.spectral.diagnostics import centroid_gap
 
@@ -123,9 +123,12 @@ class GapObjective(torch.nn.Module):
         return (lambda q: q @ projector), (lambda t: t @ projector)
 
     def forward(self, query: torch.Tensor, target: torch.Tensor, context: StepContext):
+        # Explicit negatives are InfoNCE candidates only; the remedy is fitted on the paired rows.
+        target, negatives, ids, negative_ids = split_negatives(query, target, context.target_ids)
         q, t = F.normalize(query, dim=-1), F.normalize(target, dim=-1)
+        n = None if negatives is None else F.normalize(negatives, dim=-1)
         instance = info_nce(
-            q, t, self.scale(), context.rank, context.world_size, context.target_ids, self.duplicates
+            q, t, self.scale(), context.rank, context.world_size, ids, self.duplicates, n, negative_ids
         )
         all_q = gather_with_grad(q, context.world_size)
         all_t = gather_with_grad(t, context.world_size)

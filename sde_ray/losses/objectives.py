@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from sde_ray.losses import StepContext
-from sde_ray.losses.infonce import info_nce
+from sde_ray.losses.infonce import info_nce, split_negatives
 
 
 class Temperature(torch.nn.Module):
@@ -39,7 +39,8 @@ class Temperature(torch.nn.Module):
 
 
 class InfoNCEObjective(torch.nn.Module):
-    """Symmetric InfoNCE on L2-normalised features over the global batch."""
+    """Symmetric InfoNCE on L2-normalised features over the global batch (plus explicit negatives
+    when `target` carries them, see `sde_ray.losses.infonce`)."""
 
     def __init__(self, temperature: float, learnable_temperature: bool, duplicates: str):
         super().__init__()
@@ -47,9 +48,11 @@ class InfoNCEObjective(torch.nn.Module):
         self.duplicates = duplicates
 
     def forward(self, query: torch.Tensor, target: torch.Tensor, context: StepContext):
+        target, negatives, ids, negative_ids = split_negatives(query, target, context.target_ids)
         q, t = F.normalize(query, dim=-1), F.normalize(target, dim=-1)
+        n = None if negatives is None else F.normalize(negatives, dim=-1)
         loss = info_nce(
-            q, t, self.scale(), context.rank, context.world_size, context.target_ids, self.duplicates
+            q, t, self.scale(), context.rank, context.world_size, ids, self.duplicates, n, negative_ids
         )
         return loss, {"loss_instance": float(loss.detach())}
 

@@ -12,6 +12,11 @@ One step, per modality on this rank's raw features (top to bottom in `SDEObjecti
    ‖F v_i‖² with V detached — no SVD backward;
 6. total = λ(t)·L_inst + (1 − λ(t))(w_h·L_hell + w_s·L_sub) + w_snr·L_snr.
 
+Explicit negatives (`target` in the per-query layout of `sde_ray.losses.infonce`) are left out of
+the spectrum, the partition and the spectral terms, which compare the two modalities' spectra of
+*paired* rows; they are mapped by the target modality's M (exactly F·M, as they need not lie in the
+paired rows' span) and join the instance loss as candidates (docs/objectives.md).
+
 The spectral terms are the same number on every rank, so the mean of the per-rank losses is the
 global loss and rank-averaged gradients equal the single-process ones.
 """
@@ -33,7 +38,7 @@ from sde_ray.losses.dual_domain import (
     spectral_distribution,
     subspace_surrogate,
 )
-from sde_ray.losses.infonce import info_nce
+from sde_ray.losses.infonce import info_nce, split_negatives
 from sde_ray.losses.objectives import Temperature
 from sde_ray.spectral import (
     Partition,
@@ -68,18 +73,22 @@ class SDEObjective(torch.nn.Module):
         self.loss = loss_config
         self.scale = Temperature(loss_config.temperature, loss_config.learnable_temperature)
 
-    def _instance(self, query, target, logit_scale, context: StepContext) -> torch.Tensor:
+    def _instance(self, query, target, logit_scale, context: StepContext, negatives=None, ids=None,
+                  negative_ids=None) -> torch.Tensor:
         return info_nce(
             F.normalize(query, dim=-1),
             F.normalize(target, dim=-1),
             logit_scale,
             context.rank,
             context.world_size,
-            context.target_ids,
+            ids,
             self.loss.duplicate_targets,
+            None if negatives is None else F.normalize(negatives, dim=-1),
+            negative_ids,
         )
 
-    def _strong_xi(self, features, spectra, logit_scale, context: StepContext) -> list[torch.Tensor]:
+    def _strong_xi(self, features, spectra, logit_scale, context: StepContext, negatives=None, ids=None,
+                   negative_ids=None) -> list[torch.Tensor]:
         """ξ per modality: uniform [−1, 1] from the shared generator, or sign(∂L_inst/∂σ_i)."""
         if self.spectral.strong_perturbation == "random":
             if context.generator is None and context.world_size > 1:
@@ -89,7 +98,10 @@ class SDEObjective(torch.nn.Module):
             x.detach().to(torch.promote_types(x.dtype, torch.float32)).requires_grad_() for x in features
         ]
         with torch.enable_grad():
-            loss = self._instance(leaves[0], leaves[1], logit_scale.detach(), context)
+            loss = self._instance(
+                leaves[0], leaves[1], logit_scale.detach(), context,
+                None if negatives is None else negatives.detach(), ids, negative_ids,
+            )
             gradients = torch.autograd.grad(loss, leaves)
         return [
             adversarial_signs(x, s.basis, g, context.world_size)
@@ -97,16 +109,19 @@ class SDEObjective(torch.nn.Module):
         ]
 
     def forward(self, query: torch.Tensor, target: torch.Tensor, context: StepContext):
+        target, negatives, ids, negative_ids = split_negatives(query, target, context.target_ids)
         if query.dim() != 2 or query.shape != target.shape:
             raise ValueError(
                 f"query and target must be (B × d) of the same shape, got {tuple(query.shape)} and {tuple(target.shape)}"
             )
         sp, lc = self.spectral, self.loss
         rank, world_size = context.rank, context.world_size
-        if not _finite_on_every_rank(query, target, world_size):
+        if not _finite_on_every_rank(query, target if negatives is None else torch.cat([target, negatives]),
+                                     world_size):
             # A NaN loss on every rank (not an exception on one) lets the trainer's nan_policy act.
             nan = float("nan")
-            return (query.sum() + target.sum()) * nan, {"loss": nan, "nonfinite_features": 1.0}
+            extra = 0.0 if negatives is None else negatives.sum()
+            return (query.sum() + target.sum() + extra) * nan, {"loss": nan, "nonfinite_features": 1.0}
         num_rows, dim = query.shape[0] * world_size, query.shape[1]
         mode = choose_mode(num_rows, dim, sp.mode, sp.auto_gram_ratio)
         features = (query, target)
@@ -118,10 +133,10 @@ class SDEObjective(torch.nn.Module):
         lam = schedule_value(lc.lambda_schedule, context.progress)
         logit_scale = self.scale()
 
-        enhanced = features
+        enhanced, enhanced_negatives = features, negatives
         bound_factors = [1.0, 1.0]
         if context.training:
-            xis = self._strong_xi(features, spectra, logit_scale, context)
+            xis = self._strong_xi(features, spectra, logit_scale, context, negatives, ids, negative_ids)
             enhancements = [
                 enhancement_deltas(
                     s.sigma,
@@ -140,7 +155,12 @@ class SDEObjective(torch.nn.Module):
                 for x, s, e in zip(features, spectra, enhancements)
             )
             bound_factors = [e.bound_factor for e in enhancements]
-        loss_instance = self._instance(enhanced[0], enhanced[1], logit_scale, context)
+            if negatives is not None:
+                # base_scale 0: the explicit I + V·diag(scale)·Vᵀ, exact outside the paired rows' span.
+                enhanced_negatives = apply_enhancement(negatives, spectra[1].basis, enhancements[1].scale, 0.0)
+        loss_instance = self._instance(
+            enhanced[0], enhanced[1], logit_scale, context, enhanced_negatives, ids, negative_ids
+        )
 
         energies = [projected_energies(x, s.basis, world_size) for x, s in zip(features, spectra)]
         hellinger_energies = energies

@@ -89,8 +89,19 @@ class Embedder(nn.Module):
         raise NotImplementedError
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(query features, target features), both [B, embed_dim], before L2 normalisation."""
-        return self.encode_side(batch, "qry"), self.encode_side(batch, "pos")
+        """(query features, target features), both [B, embed_dim], before L2 normalisation.
+
+        With explicit negatives in the batch (`neg_*` arrays [B, K, ...]), the target features are
+        [B·(1+K), embed_dim] in the per-query layout of `sde_ray.losses.infonce`: the objectives'
+        input carries the negatives, and a chunk of rows carries its own."""
+        query, target = self.encode_side(batch, "qry"), self.encode_side(batch, "pos")
+        if "neg_input_ids" not in batch:
+            return query, target
+        from sde_ray.losses.infonce import with_negatives
+
+        negatives = {key: torch.as_tensor(value).flatten(0, 1) for key, value in batch.items()
+                     if key.startswith("neg_") and key != "neg_target_id"}
+        return query, with_negatives(target, self.encode_side(negatives, "neg"))
 
     # ------------------------------------------------------------------------------------------
     def hf_model(self) -> nn.Module:

@@ -7,6 +7,13 @@ maps a raw batch (`qry_text`, `pos_text`, `qry_image`, `pos_image`, `target_hash
 `{qry,pos}_pixel_values` uint8 [B, 3, H, W] (zeros where a row has no image),
 `{qry,pos}_has_image` bool [B] and `target_id` int64 [B].
 
+With `negatives_per_query=K > 0` the raw batch also carries per-row lists `neg_text`, `neg_image` and
+optionally `neg_target_hash` (the dataset's own negatives, see sde_ray/data/batches.py, or a mined
+sidecar's, `sde_ray.data.negatives.MinedNegatives`),
+and the processor adds `neg_*` arrays of shape [B, K, ...] and `neg_target_id` int64 [B, K]. A row
+with fewer than K negatives is padded with the positives of the next rows of its batch: those are
+in-batch candidates already, so a pad adds no false negative, only a repeated candidate.
+
 Pixels are the image after the family image processor's geometric steps (resize, centre crop) and
 before its rescale and normalisation. Dual encoders run the processor with `do_rescale=False,
 do_normalize=False`, which leaves exact integers in 0..255 (checked on every batch), so the uint8
@@ -41,6 +48,7 @@ from sde_ray.config import ModelConfig, from_dict
 from sde_ray.data.mmeb import stable_id
 
 SIDES = ("qry", "pos")
+NEG = "neg"  # the explicit negatives' prefix
 RAW_COLUMNS = ("qry_text", "pos_text", "qry_image", "pos_image", "target_hash")
 
 # Qwen2-VL's vision markers (VLM2Vec swaps MMEB's placeholder for the pad token; we add the
@@ -137,12 +145,13 @@ def _column(batch: Any, key: str, rows: int | None) -> list:
 class BatchProcessor:
     """Picklable callable: raw batch dict → dict of fixed-shape numpy arrays (see module docstring)."""
 
-    def __init__(self, model_config_dict: dict):
+    def __init__(self, model_config_dict: dict, negatives_per_query: int = 0):
         if not isinstance(model_config_dict, dict):
             raise TypeError(
                 f"BatchProcessor takes dataclasses.asdict(ModelConfig), got {type(model_config_dict).__name__}."
             )
         self.model_config_dict = copy.deepcopy(model_config_dict)
+        self.negatives_per_query = int(negatives_per_query)
         self.config: ModelConfig = from_dict(self.model_config_dict, ModelConfig)
         self.tokenizer, self.image_processor = load_processors(self.config)
         if self.tokenizer.pad_token_id is None:
@@ -154,10 +163,10 @@ class BatchProcessor:
 
     # Rebuilt from the plain dict on unpickling: small payload, nothing process-specific travels.
     def __getstate__(self) -> dict:
-        return {"model_config_dict": self.model_config_dict}
+        return {"model_config_dict": self.model_config_dict, "negatives_per_query": self.negatives_per_query}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["model_config_dict"])
+        self.__init__(state["model_config_dict"], state.get("negatives_per_query", 0))
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -177,6 +186,44 @@ class BatchProcessor:
             out.update(self.encode_inputs(texts, images, side))
         hashes = _column(batch, "target_hash", rows)
         out["target_id"] = np.array([stable_id(h) for h in hashes], dtype=np.int64)
+        if self.negatives_per_query:
+            out.update(self._negatives(batch, rows, hashes))
+        return out
+
+    def _negatives(self, batch: Any, rows: int, hashes: list) -> dict[str, np.ndarray]:
+        """The `neg_*` arrays [B, K, ...]: each row's own negatives, padded with the next rows' positives."""
+        k = self.negatives_per_query
+        texts, images = _column(batch, "neg_text", rows), _column(batch, "neg_image", rows)
+        if "neg_target_hash" in batch:  # a mined sidecar's join brings the shards' content ids
+            neg_hashes = _column(batch, "neg_target_hash", rows)
+        else:  # the dataset's own negatives: the converter's content id of (text, image bytes)
+            from sde_ray.data.convert import target_hash
+
+            neg_hashes = [[target_hash(t, i if isinstance(i, (bytes, bytearray)) else None)
+                           for t, i in zip(ts, im)] for ts, im in zip(texts, images)]
+        pos_texts, pos_images = _column(batch, "pos_text", rows), _column(batch, "pos_image", rows)
+        flat_texts, flat_images, flat_hashes = [], [], []
+        for row in range(rows):
+            own = list(zip(texts[row], images[row], neg_hashes[row]))[:k]
+            if len(own) < k and rows == 1:
+                raise ValueError(
+                    f"neg_text[{row}]: {len(own)} negatives for loss.negatives_per_query={k}, and a one-row "
+                    "batch has no other positive to pad with"
+                )
+            step = 1
+            while len(own) < k:
+                other = (row + step) % rows
+                step += 1
+                if other == row:
+                    continue
+                own.append((pos_texts[other], pos_images[other], hashes[other]))
+            for text, image, content in own:
+                flat_texts.append(text)
+                flat_images.append(image)
+                flat_hashes.append(content)
+        arrays = self.encode_inputs(flat_texts, flat_images, NEG)
+        out = {name: value.reshape(rows, k, *value.shape[1:]) for name, value in arrays.items()}
+        out[f"{NEG}_target_id"] = np.array([stable_id(h) for h in flat_hashes], dtype=np.int64).reshape(rows, k)
         return out
 
     def encode_inputs(

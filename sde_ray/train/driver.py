@@ -55,6 +55,7 @@ def resolve_paths(config: Config) -> Config:
         "data.cache_dir": absolute_path(config.data.cache_dir),
         "data.mmeb_train_dir": absolute_path(config.data.mmeb_train_dir),
         "data.mmeb_eval_dir": absolute_path(config.data.mmeb_eval_dir),
+        "data.negatives_sidecar": absolute_path(config.data.negatives_sidecar),
         "data.shards": [absolute_path(shard) for shard in config.data.shards],
         "eval.data_dir": absolute_path(config.eval.data_dir),
     })
@@ -121,7 +122,9 @@ def build_trainer(
     # The rank-0 progress line is the run's progress display; Ray Data's bars would interleave with it.
     ray.data.DataContext.get_current().enable_progress_bars = False
     # No Ray Train dataset: each worker reads its rows of the epoch order itself (sde_ray.train.data).
-    train_data = train_data_from_config(config, prepared, _ProcessorFactory(config.model))
+    factory = _ProcessorFactory(config.model, config.loss.negatives_per_query,
+                                config.data.negatives_sidecar, prepared.shards)
+    train_data = train_data_from_config(config, prepared, factory)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=worker_payload(config, prepared, train_data, step_hook, preemption),
@@ -162,11 +165,38 @@ def worker_payload(config: Config, prepared=None, train_data=None, step_hook: Ca
 class _ProcessorFactory:
     """Builds the model's BatchProcessor inside a Ray Data actor (picklable: a config dataclass)."""
 
-    def __init__(self, model_config: ModelConfig):
+    def __init__(self, model_config: ModelConfig, negatives_per_query: int = 0, sidecar: str = "",
+                 shards: list[str] | None = None):
         self.model_config = model_config
+        self.negatives_per_query, self.sidecar, self.shards = negatives_per_query, sidecar, shards or []
 
     def __call__(self):
-        return BatchProcessor(to_dict(self.model_config))  # BatchProcessor ships as plain data
+        processor = BatchProcessor(to_dict(self.model_config), self.negatives_per_query)  # ships as plain data
+        if self.sidecar and self.negatives_per_query:
+            from sde_ray.data.negatives import MinedNegatives
+
+            return MinedNegatives(processor, self.sidecar, self.shards, self.negatives_per_query)
+        return processor
+
+
+def check_negatives(config: Config, shards: list[str]) -> None:
+    """A mined sidecar must cover exactly these shards' samples, with enough negatives each: checked
+    on the driver, before any worker starts. A batch planner other than `random` is refused until
+    the planned data order (issue 15) consumes `sde_ray.data.batching`: silently training on random
+    batches would mislabel the run."""
+    if config.data.batching != "random":
+        raise ConfigError(
+            f"data.batching={config.data.batching}: the planners exist (sde_ray/data/batching.py) but the "
+            "Ray Data stream does not follow a planned order yet; use data.batching=random."
+        )
+    if not config.data.negatives_sidecar:
+        return
+    from sde_ray.data.negatives import check_sidecar, load_sidecar, shard_keys
+
+    if not config.loss.negatives_per_query:
+        raise ConfigError("data.negatives_sidecar is set but loss.negatives_per_query=0: the sidecar would be unused.")
+    check_sidecar(load_sidecar(config.data.negatives_sidecar), shard_keys(shards),
+                  negatives_per_query=config.loss.negatives_per_query)
 
 
 def dry_run_report(config: Config) -> dict:
@@ -215,6 +245,7 @@ def run_train(config: Config, dry_run: bool = False) -> dict:
     try:
         check_capacity(config)
         prepared = prepare_data(config)
+        check_negatives(config, prepared.shards)
         with Preemption() as preemption:  # SIGTERM: checkpoint at the next step and return
             result = build_trainer(config, prepared=prepared, preemption=preemption.flag).fit()
         metrics = dict(result.metrics or {})

@@ -45,6 +45,7 @@ from sde_ray.config import Config, TrainConfig, to_dict
 from sde_ray.eval.plots import plot_spectrum
 from sde_ray.eval.runner import validation_p_at_1 as evaluate_validation
 from sde_ray.losses import StepContext, build_objective
+from sde_ray.losses.infonce import ids_with_negatives, split_negatives
 from sde_ray.models import BatchProcessor, build_model
 from sde_ray.distributed import broadcast_object, mean_over_ranks
 from sde_ray.runs import RunLogger, say
@@ -117,7 +118,8 @@ class TrainModule(torch.nn.Module):
         if cached is not None:
             query, target = torch.cat([query, cached[0]]), torch.cat([target, cached[1]])
         loss, metrics = self.objective(query, target, context)
-        return loss, metrics, query.detach(), target.detach()
+        # Diagnostics (spectra, gap) describe the paired rows: explicit negatives are left out.
+        return loss, metrics, query.detach(), split_negatives(query, target)[0].detach()
 
 
 def build_train_module(config: Config) -> TrainModule:
@@ -478,7 +480,8 @@ def _step_context(config: Config, state: TrainState, rank: int, world_size: int,
         rank=rank,
         world_size=world_size,
         training=True,
-        target_ids=batch.get(TARGET_ID_KEY),
+        # With explicit negatives: one id per target row, in the objectives' per-query layout.
+        target_ids=ids_with_negatives(batch.get(TARGET_ID_KEY), batch.get("neg_target_id")),
         generator=step_generator(config.train.seed, state.step, 0),
     )
 

@@ -1,0 +1,177 @@
+"""Epoch batch plans: which rows share a global batch (pure numpy; no Ray, no torch).
+
+A planner maps per-row metadata, `(seed, epoch)`, the global batch size and the world size to the
+epoch's row order grouped into global batches: an int64 array `[num_batches, global_batch]` of row
+indices. Rank r's local batch of global batch b is `plan[b, r·L:(r+1)·L]` with
+`L = global_batch // world` (`worker_batch`), so every worker gets the same number of batches by
+construction. The plan is a function of its arguments only: the same call on every rank, and after
+a resume, gives the same order (i15's data order calls these; `data.batching` names one).
+
+Planners (`PLANNERS`, `data.batching`):
+- `random`: one permutation of all rows.
+- `same_subset`: every global batch holds rows of one subset only (VLM2Vec-V2's same-task
+  sub-batches: in-batch negatives from the same task are harder and never trivially of another
+  modality/format). Each subset is shuffled and cut into batches; the batches of all subsets are
+  then shuffled together, so subsets interleave over the epoch.
+- `teacher_cluster`: rows whose targets a teacher finds mutually similar share a batch (B3's idea).
+  Clusters (ids from `cluster_rows`, or a `sde-ray mine` sidecar's `cluster` column) are shuffled,
+  rows within each are shuffled, and the concatenation is cut into batches: a cluster stays within
+  one batch, or spans two adjacent ones.
+
+The remainder is explicit (`remainder`):
+- `drop` (default): rows that fill no whole batch (per subset for `same_subset`, over the epoch
+  otherwise) are left out of this epoch. Every row appears at most once; which rows are left out
+  changes with the epoch's shuffle. `dropped_rows` says how many.
+- `pad`: the last partial batch is filled with other rows of the same group (subset, or the whole
+  epoch), drawn without repeating a row within that batch. Every row appears at least once; the
+  padding rows appear twice. A subset smaller than one global batch cannot be padded without
+  repeating a row inside a batch and is an error naming it.
+With a row count that divides into whole batches (per subset for `same_subset`), both modes give
+every row exactly once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Callable
+
+import numpy as np
+
+REMAINDERS = ("drop", "pad")
+
+
+def _rng(seed: int, epoch: int, salt: int) -> np.random.Generator:
+    # SeedSequence mixes the words: (seed, epoch) pairs never collide the way seed + epoch would.
+    return np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch), salt]))
+
+
+def _check(global_batch: int, world: int, remainder: str) -> None:
+    if world < 1 or global_batch < 1:
+        raise ValueError(f"global_batch and world must be >= 1, got {global_batch}, {world}")
+    if global_batch % world:
+        raise ValueError(f"global_batch ({global_batch}) must be divisible by world ({world})")
+    if remainder not in REMAINDERS:
+        raise ValueError(f"remainder must be one of {REMAINDERS}, got {remainder!r}")
+
+
+def _column(rows_meta: Mapping[str, Sequence], key: str, mode: str) -> np.ndarray:
+    if key not in rows_meta:
+        raise KeyError(f"data.batching={mode} needs per-row '{key}' ids in rows_meta; got {sorted(rows_meta)}")
+    return np.asarray(rows_meta[key])
+
+
+def _num_rows(rows_meta: Mapping[str, Sequence]) -> int:
+    lengths = {key: len(values) for key, values in rows_meta.items()}
+    if not lengths or len(set(lengths.values())) != 1:
+        raise ValueError(f"rows_meta needs columns of one length (one entry per row), got {lengths}")
+    return next(iter(lengths.values()))
+
+
+def _cut(order: np.ndarray, global_batch: int, remainder: str, rng: np.random.Generator,
+         group: str = "the epoch") -> np.ndarray:
+    """`order` cut into whole batches; the tail dropped or padded with other rows of `order`."""
+    full = len(order) // global_batch
+    batches = order[: full * global_batch].reshape(full, global_batch)
+    tail = order[full * global_batch:]
+    if remainder == "drop" or len(tail) == 0:
+        return batches
+    if len(order) < global_batch:
+        raise ValueError(
+            f"remainder=pad: {group} has {len(order)} rows, fewer than one global batch ({global_batch}); "
+            "padding would repeat a row within a batch (use remainder=drop or a smaller batch)"
+        )
+    others = order[: full * global_batch]
+    pad = rng.choice(others, size=global_batch - len(tail), replace=False)
+    return np.concatenate([batches, np.concatenate([tail, pad])[None]])
+
+
+def plan_random(rows_meta: Mapping[str, Sequence], seed: int, epoch: int, global_batch: int, world: int,
+                remainder: str = "drop") -> np.ndarray:
+    """One permutation of all rows, cut into global batches."""
+    _check(global_batch, world, remainder)
+    rng = _rng(seed, epoch, 0)
+    return _cut(rng.permutation(_num_rows(rows_meta)), global_batch, remainder, rng)
+
+
+def plan_same_subset(rows_meta: Mapping[str, Sequence], seed: int, epoch: int, global_batch: int, world: int,
+                     remainder: str = "drop") -> np.ndarray:
+    """Global batches of one subset each (`rows_meta["subset"]`), in a shuffled order of batches."""
+    _check(global_batch, world, remainder)
+    _num_rows(rows_meta)
+    subsets = _column(rows_meta, "subset", "same_subset")
+    rng = _rng(seed, epoch, 1)
+    parts = []
+    for subset in np.unique(subsets):  # sorted: the plan does not depend on row order of first sight
+        rows = np.flatnonzero(subsets == subset)
+        name = subset.item() if isinstance(subset, np.generic) else subset
+        parts.append(_cut(rng.permutation(rows), global_batch, remainder, rng, f"subset {name!r}"))
+    batches = np.concatenate(parts) if parts else np.zeros((0, global_batch), dtype=np.int64)
+    return batches[rng.permutation(len(batches))].astype(np.int64)
+
+
+def plan_teacher_cluster(rows_meta: Mapping[str, Sequence], seed: int, epoch: int, global_batch: int,
+                         world: int, remainder: str = "drop") -> np.ndarray:
+    """Shuffled clusters (`rows_meta["cluster"]`) laid end to end and cut into global batches."""
+    _check(global_batch, world, remainder)
+    _num_rows(rows_meta)
+    clusters = _column(rows_meta, "cluster", "teacher_cluster")
+    rng = _rng(seed, epoch, 2)
+    labels = np.unique(clusters)
+    members = [rng.permutation(np.flatnonzero(clusters == label)) for label in labels]
+    order = np.concatenate([members[i] for i in rng.permutation(len(labels))]) if members else np.zeros(0, np.int64)
+    return _cut(order.astype(np.int64), global_batch, remainder, rng)
+
+
+PLANNERS: dict[str, Callable[..., np.ndarray]] = {
+    "random": plan_random,
+    "same_subset": plan_same_subset,
+    "teacher_cluster": plan_teacher_cluster,
+}
+
+
+def plan_epoch(rows_meta: Mapping[str, Sequence], seed: int, epoch: int, global_batch: int, world: int,
+               mode: str = "random", remainder: str = "drop") -> np.ndarray:
+    """The epoch's `[num_batches, global_batch]` row indices under planner `mode` (`data.batching`)."""
+    if mode not in PLANNERS:
+        raise ValueError(f"unknown data.batching {mode!r}; valid: {', '.join(PLANNERS)}")
+    return PLANNERS[mode](rows_meta, seed, epoch, global_batch, world, remainder)
+
+
+def worker_batch(plan: np.ndarray, batch: int, rank: int, world: int) -> np.ndarray:
+    """Rank `rank`'s rows of global batch `batch`: a contiguous 1/world slice."""
+    local = plan.shape[1] // world
+    return plan[batch, rank * local:(rank + 1) * local]
+
+
+def dropped_rows(plan: np.ndarray, num_rows: int) -> int:
+    """Rows of `num_rows` that a plan leaves out of its epoch (0 with remainder=pad)."""
+    return num_rows - len(np.unique(plan))
+
+
+def cluster_rows(embeddings: np.ndarray, num_clusters: int, seed: int = 0, iterations: int = 20) -> np.ndarray:
+    """Spherical k-means cluster ids of (teacher) target embeddings, for `plan_teacher_cluster`.
+
+    Cosine similarity, farthest-point seeding from a row drawn with `seed`; deterministic. A stand-in for B3's
+    graph partitioning that keeps the property the planner needs: mutually similar targets share
+    an id.
+    """
+    x = np.asarray(embeddings, dtype=np.float64)
+    if x.ndim != 2 or not 1 <= num_clusters <= len(x):
+        raise ValueError(f"need (N × d) embeddings and 1 <= num_clusters <= N, got {x.shape}, {num_clusters}")
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    rng = np.random.default_rng(seed)
+    # Farthest-point seeding: each new centre is the row least similar to the centres so far
+    # (sampled k-means++ seeding put two centres in one planted cluster too often).
+    centres = [x[rng.integers(len(x))]]
+    for _ in range(1, num_clusters):
+        centres.append(x[int(np.argmin(np.max(x @ np.stack(centres).T, axis=1)))])
+    centres = np.stack(centres)
+    labels = np.zeros(len(x), dtype=np.int64)
+    for _ in range(iterations):
+        labels = np.argmax(x @ centres.T, axis=1)
+        for k in range(num_clusters):
+            members = x[labels == k]
+            if len(members):
+                centre = members.sum(0)
+                centres[k] = centre / max(np.linalg.norm(centre), 1e-12)
+    return labels
