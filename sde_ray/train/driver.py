@@ -85,12 +85,17 @@ def data_counts(prepared) -> dict[str, int]:
 
 
 def eval_root_of(config: Config, prepared) -> str | None:
-    """The MMEB-eval root a run validates and evaluates on, checked on the driver before any worker
-    starts (its datasets must be readable; ones outside the catalog get a one-line notice)."""
-    root = config.eval.data_dir or prepared.eval_dir or None
+    """The MMEB-eval root a run validates and evaluates on (`eval.data_dir`, else the prepared
+    synthetic eval split; None: no evaluation)."""
+    return config.eval.data_dir or getattr(prepared, "eval_dir", None) or None
+
+
+def check_eval_root(config: Config, prepared) -> None:
+    """On the driver, before any worker starts: the eval root's datasets must be readable (ones
+    outside the catalog get a one-line notice)."""
+    root = eval_root_of(config, prepared)
     if root:
         select_datasets(Path(root), config.eval.datasets or None)
-    return root
 
 
 def build_trainer(
@@ -113,7 +118,7 @@ def build_trainer(
     config = resolve_paths(config)
     if prepared is None:
         prepared = prepare_data(config)
-    eval_root_of(config, prepared)  # checked here, before Ray Data or a worker starts
+    check_eval_root(config, prepared)  # before Ray Data or a worker starts
     scaling = config.scaling
     num_workers = (scaling.min_workers, scaling.max_workers) if is_elastic(scaling) else scaling.num_workers
     resources = {"CPU": scaling.cpus_per_worker}
@@ -150,7 +155,7 @@ def worker_payload(config: Config, prepared=None, train_data=None, step_hook: Ca
     """What every training worker receives (Ray Train's `train_loop_config` must be a dict): the
     resolved typed config and the run arguments, pickled as they are."""
     args = RunArgs(
-        eval_root=config.eval.data_dir or getattr(prepared, "eval_dir", None) or None,
+        eval_root=eval_root_of(config, prepared),
         run_id=run_id(config.train.storage_path, config.train.run_name),
         wandb_mode=wandb_mode(config.logging),
         step_hook=step_hook,
@@ -227,7 +232,7 @@ def _energy_table(metrics: dict) -> str:
 def _evaluate_after_fit(config: Config, prepared, metrics: dict) -> dict | None:
     """The final MMEB evaluation of the exported model on the eval actors (the training worker
     group is gone by now, so its GPUs are free and no rank waits in a collective meanwhile)."""
-    root = config.eval.data_dir or prepared.eval_dir
+    root = eval_root_of(config, prepared)
     if not root or not metrics.get("model_dir"):
         return None
     return final_evaluation(metrics["model_dir"], root, config, config.train.output_dir)

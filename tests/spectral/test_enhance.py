@@ -66,42 +66,20 @@ def test_frobenius_bound_rescales_delta():
     assert result.bound_factor == pytest.approx(0.1)
 
 
+def _with_eps_01(sigma: torch.Tensor, partition: Partition, alpha: float, rho: float):
+    """enhancement_deltas with ξ = 1 and ε = 0.1 for every set."""
+    return enhancement_deltas(sigma, partition, alpha, torch.ones(len(sigma), dtype=torch.float64),
+                              eps_strong=0.1, eps_weak=0.1, eps_noise=0.1, rho=rho)
+
+
 def test_zero_singular_values_get_zero_delta_and_their_sets_ratio():
-    sigma = torch.tensor([2.0, 0.0, 0.0], dtype=torch.float64)
-    result = enhancement_deltas(
-        sigma,
-        _partition(1, 0, 2),
-        1.0,
-        torch.ones(3, dtype=torch.float64),
-        eps_strong=0.1,
-        eps_weak=0.1,
-        eps_noise=0.1,
-        rho=1.0,
-    )
+    result = _with_eps_01(torch.tensor([2.0, 0.0, 0.0], dtype=torch.float64), _partition(1, 0, 2), 1.0, rho=1.0)
     assert torch.isfinite(result.scale).all() and result.scale[1:].eq(0).all()
-    all_zero = enhancement_deltas(
-        torch.zeros(3, dtype=torch.float64),
-        _partition(0, 0, 3),
-        0.5,
-        torch.ones(3, dtype=torch.float64),
-        eps_strong=0.1,
-        eps_weak=0.1,
-        eps_noise=0.1,
-        rho=0.1,
-    )
+    all_zero = _with_eps_01(torch.zeros(3, dtype=torch.float64), _partition(0, 0, 3), 0.5, rho=0.1)
     assert all_zero.delta.eq(0).all()
     # M acts on an exactly-zero direction as on a tiny one (no jump in the gradient G·Mᵀ when
     # rounding puts an eigenvalue at 0 rather than 1e-300).
-    tiny = enhancement_deltas(
-        torch.full((3,), 1e-300, dtype=torch.float64),
-        _partition(0, 0, 3),
-        0.5,
-        torch.ones(3, dtype=torch.float64),
-        eps_strong=0.1,
-        eps_weak=0.1,
-        eps_noise=0.1,
-        rho=0.1,
-    )
+    tiny = _with_eps_01(torch.full((3,), 1e-300, dtype=torch.float64), _partition(0, 0, 3), 0.5, rho=0.1)
     torch.testing.assert_close(all_zero.scale, tiny.scale, rtol=0, atol=0)
     assert all_zero.scale.eq(-0.1 * 0.5).all()
 
