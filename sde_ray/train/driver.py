@@ -132,7 +132,9 @@ def build_trainer(
     train_data = train_data_from_config(config, prepared, factory)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=worker_payload(config, prepared, train_data, step_hook, preemption),
+        # Interrupted checkpoint folders are removed here, once per fit; the newest complete one is offered.
+        train_loop_config=worker_payload(config, prepared, train_data, step_hook, preemption,
+                                         resume_dir=prepare_resume(f"{config.train.storage_path}/{config.train.run_name}")),
         scaling_config=ray.train.ScalingConfig(
             num_workers=num_workers,
             use_gpu=scaling.use_gpu,
@@ -151,7 +153,7 @@ def build_trainer(
 
 
 def worker_payload(config: Config, prepared=None, train_data=None, step_hook: Callable[..., None] | None = None,
-                   preemption=None) -> dict:
+                   preemption=None, resume_dir: str | None = None) -> dict:
     """What every training worker receives (Ray Train's `train_loop_config` must be a dict): the
     resolved typed config and the run arguments, pickled as they are."""
     args = RunArgs(
@@ -160,7 +162,7 @@ def worker_payload(config: Config, prepared=None, train_data=None, step_hook: Ca
         wandb_mode=wandb_mode(config.logging),
         step_hook=step_hook,
         train_data=train_data,
-        resume_dir=prepare_resume(f"{config.train.storage_path}/{config.train.run_name}"),
+        resume_dir=resume_dir,
         preemption=preemption,
         data_counts=data_counts(prepared) if prepared is not None else {},
     )
