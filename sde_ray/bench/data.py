@@ -37,7 +37,8 @@ import psutil
 
 from sde_ray.config import Config
 from sde_ray.data.convert import convert_mmeb
-from sde_ray.data.batches import raw_batch_from_rows, stable_id
+from sde_ray.data.batches import raw_batch_from_rows
+from sde_ray.data.mmeb import stable_id
 from sde_ray.data.shards import check_shards
 from sde_ray.data.synthetic import write_synthetic_mmeb
 from sde_ray.ray_cluster import start_local

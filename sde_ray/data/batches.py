@@ -11,7 +11,6 @@ No Ray here (the Ray Data tasks and the worker-side stream of `sde_ray.train.dat
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Callable, Iterator
@@ -92,11 +91,6 @@ def process_rows(rows: dict[str, list], processor: Callable[[dict], dict],
         return None, []
     # Processor outputs are arrays with the row on axis 0: the kept rows' outputs stack as they are.
     return {name: np.concatenate([out[name] for out in outputs]) for name in outputs[0]}, kept
-
-
-def stable_id(text: str) -> int:
-    """A non-negative int64 from a string, the same in every process (unlike hash())."""
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
 
 
 def piece_rows(piece: dict) -> int:

@@ -62,6 +62,7 @@ class TrainState:
     world_size: int = 1
     zero_stage: int = 0
     nan_skips: int = 0
+    rows_replaced: int = 0  # rows the processor rejected at read time, replaced in their batch
     data_order: dict = field(default_factory=dict)  # what the epoch order depends on (sde_ray.data.order)
 
     @classmethod

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sde_ray.data.batches import gather_rows, process_rows, stable_id
+from sde_ray.data.batches import gather_rows, process_rows
+from sde_ray.data.mmeb import stable_id
 from sde_ray.data.order import EpochOrder, Window, WorkerPlan, order_spec
 from sde_ray.data.shards import read_samples
 
@@ -38,6 +39,9 @@ logger = logging.getLogger(__name__)
 POSITION = "__pos__"  # stream position of a row (the order's coordinate), dropped from batches
 WINDOW = "__window__"
 SAMPLE_ID = "sample_id"  # stable_id of the WebDataset key: lets tests and logs count rows
+# Per row of a batch: True where the row stands in for one the processor rejected at read time
+# (the training loop pops it and counts the replacements into metrics.jsonl and results.json).
+REPLACED = "__replaced__"
 
 # Below this many bytes a window's pieces are concatenated before gathering: one small copy costs
 # less than gathering every batch from many small pieces (per-op overhead). Measured on the consumer
@@ -254,7 +258,11 @@ def window_batches(window: Window, pieces: list[dict], merge_chunk_bytes: int = 
                 raise RuntimeError(f"window {window.index}: every row of a batch was rejected by the processor")
             logger.warning("%d rejected row(s) of a batch replaced by other rows of the same batch", int((~found).sum()))
             slot = np.where(found, slot, present[np.arange(len(slot)) % len(present)])
-        yield gather_rows(pieces, torch.as_tensor(by_position[slot]))
+        # gather_rows returns the batch sorted by slot; the flags follow the same sort.
+        by_slot = np.argsort(by_position[slot], kind="stable")
+        batch = gather_rows(pieces, torch.as_tensor(by_position[slot]))
+        batch[REPLACED] = torch.as_tensor(~found[by_slot])
+        yield batch
 
 
 def torch_pieces(table) -> list[dict]:

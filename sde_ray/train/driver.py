@@ -270,7 +270,8 @@ def run_train(config: Config, dry_run: bool = False) -> dict:
         "metrics_jsonl": str(output_dir / METRICS_FILE),
         "spectrum_plot": str(output_dir / "plots" / "spectrum.png"),
         "preempted": bool(metrics.get("preempted")),
-        "data": {**data_counts(prepared), "skipped_shards": dict(prepared.skipped_shards),
+        "data": {**data_counts(prepared), "data_rows_replaced": int(metrics.get("data_rows_replaced", 0)),
+                 "skipped_shards": dict(prepared.skipped_shards),
                  "rejected_by_reason": prepared.manifest.get("rejected_by_reason", {})},
     }
     if summary["preempted"]:

@@ -47,7 +47,7 @@ from sde_ray.eval.runner import validation_p_at_1 as evaluate_validation
 from sde_ray.losses import StepContext, build_objective
 from sde_ray.losses.infonce import ids_with_negatives, split_negatives
 from sde_ray.models import BatchProcessor, build_model
-from sde_ray.distributed import broadcast_object, mean_over_ranks
+from sde_ray.distributed import all_reduce, broadcast_object, mean_over_ranks
 from sde_ray.runs import RunLogger, say
 from sde_ray.spectral import spectral_snapshot
 from sde_ray.train.checkpoint import (
@@ -61,7 +61,7 @@ from sde_ray.train.checkpoint import (
     save_checkpoint,
 )
 from sde_ray.train.checkpoint_store import newer_checkpoint
-from sde_ray.train.data import SAMPLE_ID, BatchStream, open_epoch_fn
+from sde_ray.train.data import REPLACED, SAMPLE_ID, BatchStream, open_epoch_fn
 from sde_ray.train.deepspeed_config import build_deepspeed_config, chunk_size
 from sde_ray.train.step import train_step
 from sde_ray.train.preemption import stop_requested
@@ -386,12 +386,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
     window: dict[str, float] = {}
     window_count, window_start, window_samples = 0, time.time(), 0
     consecutive_nan = 0
+    replaced_rows = 0  # this rank's rows that stood in for read-time rejects, since the last sync
     last_features = None
     final_metrics: dict[str, float] = {}
     engine.train()
     while state.step < train.max_steps:
         local_batch = stream.next()  # this worker's rows of the global batch of this step
         sample_ids = local_batch.pop(SAMPLE_ID)
+        replaced_rows += int(local_batch.pop(REPLACED).sum())
         batch = to_model_inputs(local_batch, engine.device, float_dtype)
         result = train_step(engine, batch, _step_context(config, state, rank, world_size, batch), chunk, world_size)
         window_samples += train.global_batch_size
@@ -425,11 +427,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
         do_eval = should_validate(state.step, train, eval_root)
         do_checkpoint = should_checkpoint(state.step, train)
         if do_log or do_eval or do_checkpoint:
+            replaced_rows = _count_replaced(state, replaced_rows, world_size)
             report = _step_metrics(window, window_count, config, rank, world_size, last_features)
             elapsed = max(time.time() - window_start, 1e-9)
             report.update(step=state.step, epoch=state.epoch, samples=state.samples, world_size=world_size,
                           lr=float(engine.get_lr()[0]), samples_per_s=window_samples / elapsed,
                           steps_per_s=(window_samples / train.global_batch_size) / elapsed, nan_skips=state.nan_skips,
+                          data_rows_replaced=state.rows_replaced,  # rejected while reading, this run
                           **args.data_counts)  # shards skipped, rows the converter rejected
             if do_eval:
                 report["val_p_at_1"] = validation_p_at_1(trained.for_validation(), processor, eval_root, config,
@@ -446,13 +450,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
             call_hook(step_hook, step=state.step, rank=rank, world_size=world_size, module=engine.module,
                       sample_ids=sample_ids.tolist(), epoch=stream.epoch, losses=step_losses)
         if state.step < train.max_steps and stop_requested(args.preemption, rank, world_size):
+            replaced_rows = _count_replaced(state, replaced_rows, world_size)
             _checkpoint_and_report(engine, state, config, rank, {**final_metrics, "step": state.step,
                                                                  "samples": state.samples, "preempted": 1}, launch)
             return  # SIGTERM on the driver: stopped at this step boundary with a checkpoint
 
     # 6. Spectrum, export, final checkpoint (the driver evaluates the export after fit()).
     summary: dict[str, Any] = dict(final_metrics)  # empty when relaunching a finished run
-    summary.update(step=state.step, samples=state.samples, world_size=world_size)
+    replaced_rows = _count_replaced(state, replaced_rows, world_size)
+    summary.update(step=state.step, samples=state.samples, world_size=world_size,
+                   data_rows_replaced=state.rows_replaced)
     if last_features is not None:
         _, spectra = spectral_snapshot(last_features[0], last_features[1], config.spectral, rank, world_size)
         if rank == 0:
@@ -472,6 +479,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
         logger.finish(dict(summary))
     # Always a checkpoint: Ray Train keeps the metrics of checkpointed reports only (the Result's).
     _checkpoint_and_report(engine, state, config, rank, summary, launch)
+
+
+def _count_replaced(state: TrainState, replaced_rows: int, world_size: int) -> int:
+    """Adds every rank's count of replaced rows since the last sync to `state.rows_replaced` (one
+    all-reduce; all ranks call it at the same steps) and returns the new local count, 0."""
+    state.rows_replaced += int(all_reduce(torch.tensor([replaced_rows], dtype=torch.int64), world_size).item())
+    return 0
 
 
 def _step_context(config: Config, state: TrainState, rank: int, world_size: int, batch: dict):

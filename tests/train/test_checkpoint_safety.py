@@ -43,6 +43,23 @@ def _plant(target: Path, marker: Path) -> None:
     target.write_bytes(pickle.dumps({"torch": _Planted(str(marker))}))
 
 
+def _zero_images(path: Path, every: int) -> set[int]:
+    """Zeroes the image bytes of every `every`-th sample that has one, in place; their stable ids."""
+    import tarfile
+
+    from sde_ray.data.mmeb import stable_id
+
+    data = bytearray(path.read_bytes())
+    with tarfile.open(path) as archive:
+        members = [m for m in archive.getmembers() if m.name.endswith(".img")]
+    keys = sorted({m.name.split(".", 1)[0] for m in members})[::every]
+    for member in members:
+        if member.name.split(".", 1)[0] in keys:
+            data[member.offset_data:member.offset_data + member.size] = b"\x00" * member.size
+    path.write_bytes(bytes(data))
+    return {stable_id(key) for key in keys}
+
+
 def test_rng_state_round_trips_through_weights_only_load(tmp_path):
     random.gauss(0, 1), np.random.randn()  # both keep a cached gaussian in their state
     torch.save(rng_state(), tmp_path / "rng.pt")
@@ -75,16 +92,36 @@ def test_planted_pickle_in_a_checkpoint_is_refused_and_never_runs(ray_cluster, s
     from sde_ray.train.loop import TrainModule  # noqa: F401  (the run's module, imported here as on a worker)
 
     # The run reads a copy of the shards with one truncated: skipped, and counted in every metrics row.
+    # In the others every fourth image is zeroed in place (the tar stays valid): the processor
+    # rejects those rows while training reads them, and each one's place goes to another row.
     (manifest,) = data_cache.glob("*/shards-*/manifest.json")
     shards = tmp_path / "shards"
     shutil.copytree(manifest.parent, shards)
-    victim = sorted(shards.glob("*.tar"))[-1]
+    *intact, victim = sorted(shards.glob("*.tar"))
     victim.write_bytes(victim.read_bytes()[:1000])
+    corrupted = set()
+    for path in intact:
+        corrupted |= _zero_images(path, every=4)
+    log = tmp_path / "ids.jsonl"
+
+    def record_ids(sample_ids):
+        with open(log, "a") as handle:
+            handle.write(json.dumps(sample_ids) + "\n")
+
     config = small_config("train.max_steps=2", "scaling.num_workers=1", "scaling.max_failures=0",
-                          "data.source=mmeb", f"data.shards=[{shards}/*.tar]")
-    result = build_trainer(config).fit()
+                          "data.source=mmeb", f"data.shards=[{shards}/*.tar]", "train.log_every=1")
+    result = build_trainer(config, step_hook=record_ids).fit()
     assert result.metrics["data_skipped_shards"] == 1
     assert result.metrics["data_rejected_rows"] == json.loads(manifest.read_text())["rejected"]
+    # Reference: the ids trained. Each step has 32 slots; a row trains once per epoch, so every
+    # replacement (a copy of another row of its batch) is one distinct id fewer.
+    trained = [i for line in log.read_text().splitlines() for i in json.loads(line)]
+    assert len(trained) == 2 * 32 and not corrupted & set(trained)
+    replaced = len(trained) - len(set(trained))
+    assert replaced > 0
+    assert result.metrics["data_rows_replaced"] == replaced
+    rows = [json.loads(line) for line in (Path(config.train.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["data_rows_replaced"] == replaced and rows[0]["data_rows_replaced"] <= replaced
     checkpoint = Path(result.checkpoint.path)
     verify_checkpoint(checkpoint)  # everything Ray stored was written (and listed) by a rank
     assert is_complete(checkpoint)

@@ -16,7 +16,8 @@ import torch
 from sde_ray.config import load_config
 from sde_ray.data.convert import convert_mmeb
 from sde_ray.bench.data import SimpleProcessor
-from sde_ray.data.batches import gather_rows, process_rows, stable_id
+from sde_ray.data.batches import gather_rows, process_rows
+from sde_ray.data.mmeb import stable_id
 from sde_ray.data.cache import prepare_data, synthetic_eval_dir
 from sde_ray.data.order import WorkerPlan
 from sde_ray.data.shards import check_shards, read_samples
