@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 import ray_nodes  # noqa: E402  (the shared ray-start helpers)
@@ -28,6 +30,8 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 DRIVER = """
 import json, sys, time
+from pathlib import Path
+import torch
 from sde_ray.config import load_config
 from sde_ray.ray_cluster import check_capacity, connect
 from sde_ray.train.driver import build_trainer
@@ -36,7 +40,13 @@ config = load_config(None, json.loads(sys.argv[1]))
 connect(config)
 check_capacity(config)
 
+weights = Path(sys.argv[2])
+
 def slow_while_alone(step, rank, world_size, module):
+    # The weights after every step on rank 0, flattened: what the resize resumed from, and where it went.
+    if rank == 0:
+        flat = torch.cat([p.detach().float().flatten().cpu() for p in module.parameters()])
+        torch.save(flat, weights / f"w{world_size}_{step}.pt")
     if world_size == 1:  # leave time for the test to add a node and for the controller to notice it
         time.sleep(4)
 
@@ -75,7 +85,7 @@ def test_run_grows_from_one_to_two_workers(small_config, tmp_path):
         driver_log = tmp_path / "driver.log"
         flat = _flatten(to_dict(config))
         with open(driver_log, "w") as log:
-            driver = subprocess.Popen([sys.executable, str(script), json.dumps(flat)], stdout=log,
+            driver = subprocess.Popen([sys.executable, str(script), json.dumps(flat), str(tmp_path)], stdout=log,
                                       stderr=subprocess.STDOUT, env=env, start_new_session=True)
         processes.append(driver)
         output_dir = Path(config.train.output_dir)
@@ -97,6 +107,21 @@ def test_run_grows_from_one_to_two_workers(small_config, tmp_path):
         assert sizes[0] == 1 and sizes[-1] == 2, sizes
         assert [r["step"] for r in _metrics(output_dir)] == list(range(2, 25, 2))
         assert "consolidated weights, fresh optimizer state (world size 1 -> 2)" in output
+        # The weights continue from the checkpoint: the first 2-worker step starts from the weights the
+        # 1-worker attempt had at the checkpointed step N (one optimizer step away), not from the
+        # initial weights (which one step from a fresh start would stay next to).
+        resumed_at = int(re.findall(r"resumed at step (\d+) from \S+ consolidated weights, fresh optimizer state "
+                                    r"\(world size 1 -> 2\)", output)[-1])
+        assert resumed_at >= 2 and resumed_at % 2 == 0
+        at_checkpoint = torch.load(tmp_path / f"w1_{resumed_at}.pt")
+        after_resize = torch.load(tmp_path / f"w2_{resumed_at + 1}.pt")
+        first_step = torch.load(tmp_path / "w1_1.pt")
+        one_step = (after_resize - at_checkpoint).norm()
+        assert one_step < 0.5 * (after_resize - first_step).norm(), (one_step, (after_resize - first_step).norm())
+        # One step is about one step: bounded by the 1-worker attempt's own largest single step x 3.
+        steps = [(torch.load(tmp_path / f"w1_{s + 1}.pt") - torch.load(tmp_path / f"w1_{s}.pt")).norm()
+                 for s in range(1, resumed_at)]
+        assert one_step < 3 * max(steps)
         # The learning rate at every logged step, before and after the resize, is the uninterrupted
         # schedule's: DeepSpeed's own scheduler, stepped once per optimizer step from a fresh start.
         reference = _reference_lrs(config, 24)
