@@ -314,11 +314,14 @@ def test_batches_follow_the_order_and_a_late_resume_starts_as_fast_as_an_early_o
         full = [sorted(b["key_id"].tolist()) for b in iter_epoch_batches(data, 1, rank, 2)]
         assert full == expected and len(full) == data.order(1).steps == 176 // 8
         assert [sorted(b["key_id"].tolist()) for b in iter_epoch_batches(data, 1, rank, 2, start_step=15)] == full[15:]
-    # Time from "resume" to the first batch, early and late in the epoch (printed for the report).
-    times = {}
-    for start in (1, 20):
-        began = time.perf_counter()
-        next(iter_epoch_batches(data, 1, 0, 2, start_step=start))
-        times[start] = time.perf_counter() - began
-    print(f"resume-to-first-batch: step 1 of 22: {times[1]:.2f} s; step 20 of 22: {times[20]:.2f} s")
-    assert times[20] < 2 * times[1] + 1.0
+    # Time from "resume" to the first batch, early and late in the epoch (printed for the report):
+    # interleaved, best of 3 each, so one slow Ray task start-up does not decide it.
+    times = {1: [], 20: []}
+    for _ in range(3):
+        for start in times:
+            began = time.perf_counter()
+            next(iter_epoch_batches(data, 1, 0, 2, start_step=start))
+            times[start].append(time.perf_counter() - began)
+    early, late = min(times[1]), min(times[20])
+    print(f"resume-to-first-batch (best of 3): step 1 of 22: {early:.2f} s; step 20 of 22: {late:.2f} s")
+    assert late < 2 * early + 0.5
