@@ -135,8 +135,7 @@ def check_request(
 def run_config(config: Config, objective: str, seed: int, rate: float, run_dir: Path) -> Config:
     """The config of one run: the base config with only objective, seed, noise rate and outputs changed."""
     group = config.logging.wandb_group or "compare"
-    return with_values(config, objective_deltas(objective) + list({
-        "loss.name": objective,
+    return with_values(config, objective_deltas(objective) + list({  # loss.name: the deltas' base name
         "train.seed": config.train.seed + seed,
         "data.synth.noisy_correspondence": rate,
         "train.output_dir": str(run_dir),

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from sde_ray.config import Config, ConfigError, to_dict
+from sde_ray.config import Config, ConfigError, load_config, to_dict
 from sde_ray.tune.compare import (
     check_request,
     comparison_markdown,
@@ -134,6 +134,16 @@ def test_run_config_changes_only_objective_seed_noise_and_outputs(tmp_path):
         before[section].pop(key), after[section].pop(key)
     before["data"]["synth"].pop("noisy_correspondence"), after["data"]["synth"].pop("noisy_correspondence")
     assert before == after
+
+
+def test_a_modified_objective_runs_its_base_objective_with_the_modifier_applied(tmp_path):
+    # Reference: the config a user would write by hand for "sde-soft-no_hellinger".
+    by_hand = load_config(None, ["loss.name=sde", "spectral.partition=soft", "loss.w_hellinger=0"])
+    changed = run_config(Config(), "sde-soft-no_hellinger", 0, 0.0, tmp_path / "run")
+    assert changed.loss.name == "sde"
+    assert changed.spectral.partition == by_hand.spectral.partition == "soft"
+    assert changed.loss.w_hellinger == by_hand.loss.w_hellinger == 0.0
+    assert "sde-soft-no_hellinger" in changed.train.run_name
 
 
 @pytest.mark.parametrize(
