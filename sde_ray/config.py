@@ -138,11 +138,13 @@ class DataConfig:
         "re-concatenating chunks into Ray's 128 MB default blocks (docs/data.md)."
     )
     batching: Literal["random", "same_subset", "teacher_cluster"] = doc(
-        "random", "Epoch batch plan (sde_ray/data/batching.py): random rows, one subset per global batch "
-        "(VLM2Vec-V2), or teacher clusters sharing a batch (B3)."
+        "random", "Which rows share a global batch (the epoch order, docs/data.md): random (windowed shuffle), "
+        "same_subset (each global batch from one subset, by the sample key; VLM2Vec-V2) or teacher_cluster (the "
+        "clusters of data.negatives_sidecar laid end to end; B3). Rows that fill no whole batch sit out the epoch."
     )
     negatives_sidecar: str = doc(
-        "", "Folder of a `sde-ray mine` sidecar (sample key -> mined negative keys) joined by sample key; empty: none."
+        "", "Folder of a `sde-ray mine` sidecar (sample key -> mined negative keys, teacher cluster) joined by "
+        "sample key: mined negatives with loss.negatives_per_query, clusters with data.batching=teacher_cluster."
     )
     synth: SynthConfig = doc(SynthConfig(), "The synthetic MMEB generator.")
 
@@ -349,7 +351,10 @@ class MineConfig:
     within_subset: bool = doc(True, "Search candidates among targets of the query's own subset only.")
     num_workers: int = doc(2, "Encoding actors (one GPU each when the cluster has GPUs).")
     batch_size: int = doc(64, "Rows per encoding batch.")
-    cluster_size: int = doc(0, "Rows per teacher cluster for data.batching=teacher_cluster (0: no clusters).")
+    cluster_size: int = doc(
+        0, "Mean rows per teacher cluster (k-means on the teacher's targets) for data.batching=teacher_cluster; "
+        "must divide train.global_batch_size (0: no clusters)."
+    )
 
 
 @dataclass
@@ -845,6 +850,9 @@ def validate(config: Config) -> None:
             raise ConfigError(f"{key} must be >= 1, got {value}.")
     if mine.cluster_size < 0 or mine.margin < 0:
         raise ConfigError(f"mine.cluster_size and mine.margin must be >= 0, got {mine.cluster_size}, {mine.margin}.")
+    if config.data.batching == "teacher_cluster" and not config.data.negatives_sidecar:
+        raise ConfigError("data.batching=teacher_cluster needs data.negatives_sidecar: a `sde-ray mine` output "
+                          "mined with mine.cluster_size > 0 (its teacher clusters).")
     if config.data.target_block_mb <= 0:
         raise ConfigError(f"data.target_block_mb must be > 0, got {config.data.target_block_mb}.")
 

@@ -7,7 +7,8 @@
 3. With every target encoded, each shard's queries take their top-k targets by cosine after the
    false-negative filter (`sde_ray.data.negatives.mine_negatives`), written as `DIR/parts/<shard>.parquet`.
 4. `DIR/sidecar.json` records the teacher, its embedding size, the settings, the shards' sample
-   counts, the drop counts per reason and the encoding throughput; `complete: true` last.
+   counts, the drop counts per reason, the encoding throughput and the top-k + filter throughput
+   (`topk_rows_per_s`, queries per second in this process); `complete: true` last.
 
 Resumable: a shard whose embeddings or part is on disk is skipped (both are written atomically).
 A rerun with another teacher embedding size, other settings or other shards is refused, naming
@@ -153,7 +154,7 @@ def run_mine(config: Config, checkpoint: str, out_dir: str, progress: bool = Tru
     clusters = np.full(len(keys), -1, dtype=np.int64)
     if config.mine.cluster_size:
         clusters = cluster_rows(targets, max(1, len(keys) // config.mine.cluster_size), seed=config.train.seed)
-    counts, offset = MineCounts(), 0
+    counts, offset, topk = MineCounts(), 0, {"rows": 0, "seconds": 0.0}
     from tqdm.auto import tqdm
 
     for shard, column, embedding in tqdm(list(zip(prepared.shards, columns, embeddings)), desc="mine: top-k",
@@ -165,10 +166,13 @@ def run_mine(config: Config, checkpoint: str, out_dir: str, progress: bool = Tru
         if part.exists() and counts_path.exists():
             counts.add(MineCounts(**json.loads(counts_path.read_text())))
             continue
+        started = time.perf_counter()
         negatives, scores, positive, part_counts = mine_negatives(
             embedding["queries"], targets, hashes, rows, config.mine.top_k, config.mine.margin,
             groups=subsets if config.mine.within_subset else None,
         )
+        topk["seconds"] += time.perf_counter() - started
+        topk["rows"] += len(rows)
         counts.add(part_counts)
         counts_path.parent.mkdir(parents=True, exist_ok=True)
         counts_path.write_text(json.dumps(part_counts.as_dict()))  # before the part: a part implies its counts
@@ -178,6 +182,8 @@ def run_mine(config: Config, checkpoint: str, out_dir: str, progress: bool = Tru
     summary = {**plan, "rows": len(keys), "counts": counts.as_dict(),
                "encode_rows": encoding["rows"], "encode_seconds": round(encoding["seconds"], 3),
                "encode_rows_per_s": round(encoding["rows"] / encoding["seconds"], 2) if encoding["seconds"] else None,
+               "topk_rows": topk["rows"], "topk_seconds": round(topk["seconds"], 3),
+               "topk_rows_per_s": round(topk["rows"] / topk["seconds"], 2) if topk["seconds"] else None,
                "complete": True}
     (out / SIDECAR_META).write_text(json.dumps(summary, indent=1) + "\n")
     return summary

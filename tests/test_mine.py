@@ -77,7 +77,9 @@ def test_mine_on_two_actors_matches_in_process_search_and_resumes(ray_cluster, t
     assert counts["queries"] == len(keys) and counts["dropped"]["positive"] == len(keys)
     assert counts["dropped"]["same_content"] > 0  # synthetic classification labels repeat targets
     assert len(set(sidecar.clusters.values())) == len(keys) // 8
-    print("mine throughput rows/s on 2 actors:", summary["encode_rows_per_s"])
+    assert summary["topk_rows"] == len(keys) and summary["topk_rows_per_s"] > 0
+    print("mine throughput rows/s on 2 actors:", summary["encode_rows_per_s"], "top-k + filter rows/s:",
+          summary["topk_rows_per_s"])
 
     # Resume: a lost part is rewritten from the cached embeddings, nothing is re-encoded.
     parts = sorted((out / "parts").glob("*.parquet"))

@@ -5,9 +5,12 @@ epoch's row order grouped into global batches: an int64 array `[num_batches, glo
 indices. Rank r's local batch of global batch b is `plan[b, r·L:(r+1)·L]` with
 `L = global_batch // world` (`worker_batch`), so every worker gets the same number of batches by
 construction. The plan is a function of its arguments only: the same call on every rank, and after
-a resume, gives the same order (i15's data order calls these; `data.batching` names one).
+a resume, gives the same order. `sde_ray.data.order.EpochOrder` turns the plan of `data.batching`
+into the epoch's stream of (shard, row) positions, which the training workers read; `row_groups`
+gives it the per-row ids from the shards' sample keys (the subset) or a mined sidecar (the teacher
+cluster).
 
-Planners (`PLANNERS`, `data.batching`):
+Planners (`PLANNERS`, `data.batching`; `GROUP_COLUMN`: the per-row id each one batches by):
 - `random`: one permutation of all rows.
 - `same_subset`: every global batch holds rows of one subset only (VLM2Vec-V2's same-task
   sub-batches: in-batch negatives from the same task are harder and never trivially of another
@@ -15,8 +18,8 @@ Planners (`PLANNERS`, `data.batching`):
   then shuffled together, so subsets interleave over the epoch.
 - `teacher_cluster`: rows whose targets a teacher finds mutually similar share a batch (B3's idea).
   Clusters (ids from `cluster_rows`, or a `sde-ray mine` sidecar's `cluster` column) are shuffled,
-  rows within each are shuffled, and the concatenation is cut into batches: a cluster stays within
-  one batch, or spans two adjacent ones.
+  rows within each are shuffled, and the concatenation is cut into batches: a cluster no larger
+  than a batch stays within one batch, or spans two adjacent ones.
 
 The remainder is explicit (`remainder`):
 - `drop` (default): rows that fill no whole batch (per subset for `same_subset`, over the epoch
@@ -38,6 +41,7 @@ from typing import Callable
 import numpy as np
 
 REMAINDERS = ("drop", "pad")
+GROUP_COLUMN = {"same_subset": "subset", "teacher_cluster": "cluster"}
 
 
 def _rng(seed: int, epoch: int, salt: int) -> np.random.Generator:
@@ -113,12 +117,14 @@ def plan_teacher_cluster(rows_meta: Mapping[str, Sequence], seed: int, epoch: in
                          world: int, remainder: str = "drop") -> np.ndarray:
     """Shuffled clusters (`rows_meta["cluster"]`) laid end to end and cut into global batches."""
     _check(global_batch, world, remainder)
-    _num_rows(rows_meta)
+    n = _num_rows(rows_meta)
     clusters = _column(rows_meta, "cluster", "teacher_cluster")
     rng = _rng(seed, epoch, 2)
-    labels = np.unique(clusters)
-    members = [rng.permutation(np.flatnonzero(clusters == label)) for label in labels]
-    order = np.concatenate([members[i] for i in rng.permutation(len(labels))]) if members else np.zeros(0, np.int64)
+    labels, inverse = np.unique(clusters, return_inverse=True)
+    # One sort instead of a pass per cluster (MMEB-sized corpora have tens of thousands): rows are
+    # ordered by their cluster's place in a shuffled cluster order, then by a random key.
+    place = rng.permutation(len(labels))[inverse.reshape(-1)]
+    order = np.lexsort((rng.permutation(n), place)) if n else np.zeros(0, np.int64)
     return _cut(order.astype(np.int64), global_batch, remainder, rng)
 
 
@@ -146,6 +152,37 @@ def worker_batch(plan: np.ndarray, batch: int, rank: int, world: int) -> np.ndar
 def dropped_rows(plan: np.ndarray, num_rows: int) -> int:
     """Rows of `num_rows` that a plan leaves out of its epoch (0 with remainder=pad)."""
     return num_rows - len(np.unique(plan))
+
+
+def row_groups(mode: str, keys: Sequence[str], clusters: Mapping[str, int] | None = None) -> np.ndarray | None:
+    """The per-row ids planner `mode` batches by, for the rows whose sample keys are `keys` (None
+    for `random`), as int64 (a planner sees only which rows share an id, and the ids' order).
+
+    `same_subset`: the subset named by the key (`sde_ray.data.convert.key_subset`: our converter
+    writes `<subset>-<row>`); the ids are the subsets' ranks by name, so the plan is the one the
+    names would give. `teacher_cluster`: `clusters[key]` (a `sde-ray mine` sidecar's `cluster`
+    column). Raises ValueError naming what is missing.
+    """
+    if mode == "random":
+        return None
+    if mode == "same_subset":
+        from sde_ray.data.convert import key_subset
+
+        names = np.asarray([key_subset(key) for key in keys])
+        return np.unique(names, return_inverse=True)[1].reshape(-1).astype(np.int64)
+    if mode == "teacher_cluster":
+        if clusters is None:
+            raise ValueError("data.batching=teacher_cluster needs teacher clusters (a `sde-ray mine` sidecar)")
+        missing = [key for key in keys if key not in clusters]
+        if missing:
+            raise ValueError(f"{len(missing)} sample keys have no teacher cluster (e.g. {missing[:3]}); "
+                             "mine again on these shards (`sde-ray mine`)")
+        labels = np.asarray([clusters[key] for key in keys], dtype=np.int64)
+        if len(labels) and (labels < 0).all():
+            raise ValueError("the sidecar has no teacher clusters (mined with mine.cluster_size=0): "
+                             "mine again with mine.cluster_size > 0")
+        return labels
+    raise ValueError(f"unknown data.batching {mode!r}; valid: {', '.join(PLANNERS)}")
 
 
 def cluster_rows(embeddings: np.ndarray, num_clusters: int, seed: int = 0, iterations: int = 20) -> np.ndarray:

@@ -72,6 +72,15 @@ def sample_key(subset: str, row: int) -> str:
     return f"{subset.replace('.', '_')}-{row:08d}"
 
 
+def key_subset(key: str) -> str:
+    """The subset part of a `sample_key` (dots as `_`): what `data.batching=same_subset` groups by."""
+    subset, _, row = key.rpartition("-")
+    if not subset or len(row) != 8 or not row.isdigit():
+        raise ValueError(f"sample key {key!r} is not <subset>-<row:08d> (the converter's keys): its subset is "
+                         "unknown; data.batching=same_subset needs shards written by `sde-ray data convert-mmeb`")
+    return subset
+
+
 def target_hash(text: str, image: bytes | None) -> str:
     """Content id of a target: identical (text, image bytes) pairs share it."""
     digest = hashlib.sha1(text.encode("utf-8"))

@@ -29,7 +29,7 @@ import json
 import logging
 import os
 import tarfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -99,17 +99,62 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def _by_score(similarity: np.ndarray, head: int):
-    """Indices in descending score order: the top `head` first (argpartition), the rest only if the
-    filter needs them (a full sort of every row would dominate on a large corpus)."""
-    if head < len(similarity):
-        top = np.argpartition(-similarity, head)[:head]
-        top = top[np.lexsort((top, -similarity[top]))]
-        yield from top
-        rest = np.setdiff1d(np.arange(len(similarity)), top, assume_unique=True)
-        yield from rest[np.lexsort((rest, -similarity[rest]))]
+def _ranked(similarity: np.ndarray, head: int) -> np.ndarray:
+    """Per row, the column indices of the `head` best scores, best first (ties: lower index first).
+    `argpartition` first, so only `head` columns per row are sorted, not the whole corpus."""
+    n = similarity.shape[1]
+    if head < n:
+        top = np.sort(np.argpartition(-similarity, head - 1, axis=1)[:, :head], axis=1)
     else:
-        yield from np.lexsort((np.arange(len(similarity)), -similarity))
+        top = np.broadcast_to(np.arange(n), similarity.shape)
+    # A stable sort of index-ordered columns breaks ties by the lower index.
+    order = np.argsort(-np.take_along_axis(similarity, top, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(top, order, axis=1)
+
+
+def _filter(similarity: np.ndarray, rows: np.ndarray, limit: np.ndarray, hash_ids: np.ndarray, top_k: int,
+            head: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The false-negative filter on a block of queries, vectorised over (query, candidate).
+
+    For each query (target row `rows[j]`, margin limit `limit[j]`) the candidates are walked in
+    score order (`_ranked`, the first `head`): each gets the first reason of `REASONS` that applies,
+    or is kept; a candidate whose content id was already kept is a `duplicate_candidate`, which is
+    the same as "not the first candidate of its content id among the candidates no other reason
+    dropped". The walk stops at the `top_k`-th kept candidate or at the first score of −inf (outside
+    the query's group); drops after the stop are not counted.
+
+    Returns (kept candidates [b, top_k] −1-padded, per-reason drop counts [b, 4], whether each
+    query's walk ended inside the head: False where it ran out of the head with fewer than `top_k`
+    kept while finite candidates may follow).
+    """
+    ranked = _ranked(similarity, head)
+    scores = np.take_along_axis(similarity, ranked, axis=1)
+    finite = np.isfinite(scores)
+    positive = ranked == rows[:, None]
+    same = ~positive & (hash_ids[ranked] == hash_ids[rows][:, None])
+    margin = ~positive & ~same & (scores > limit[:, None])
+    eligible = finite & ~positive & ~same & ~margin
+    # First candidate of each content id among the eligible ones, per query: `np.unique` gives the
+    # first occurrence of each (query, id) pair in row-major, i.e. rank, order.
+    b, h = ranked.shape
+    pair = (np.arange(b, dtype=np.int64)[:, None] * (int(hash_ids.max(initial=0)) + 1) + hash_ids[ranked])[eligible]
+    first = np.zeros(len(pair), dtype=bool)
+    first[np.unique(pair, return_index=True)[1]] = True
+    kept = np.zeros_like(eligible)
+    kept[eligible] = first
+    duplicate = eligible & ~kept
+    # The walk's end: the top_k-th kept candidate, else the first −inf, else the end of the head.
+    taken = np.cumsum(kept, axis=1)
+    stop = np.where(taken[:, -1] >= top_k, np.argmax(taken >= top_k, axis=1) + 1, h)
+    stop = np.minimum(stop, np.where(finite.all(axis=1), h, np.argmin(finite, axis=1)))
+    walked = np.arange(h)[None, :] < stop[:, None]
+    counts = np.stack([(reason & walked).sum(axis=1) for reason in (positive, same, margin, duplicate)], axis=1)
+    chosen = np.full((b, top_k), -1, dtype=np.int64)
+    slot = taken - 1
+    where = kept & walked
+    chosen[np.nonzero(where)[0], slot[where]] = ranked[where]
+    complete = (taken[:, -1] >= top_k) | ~finite.all(axis=1) | (h == similarity.shape[1])
+    return chosen, counts, complete
 
 
 def mine_negatives(
@@ -127,49 +172,44 @@ def mine_negatives(
 
     `groups`: optional per-target group ids (subsets): a query searches only its own group.
     Returns `(negatives [n, top_k] int64 target rows, −1 where fewer survive; their scores
-    [n, top_k] float32, NaN-padded; positive scores [n]; counts)`.
+    [n, top_k] float32, NaN-padded; positive scores [n]; counts)`. The filter runs on a block of
+    queries at once (`_filter`) over the best `8·top_k + 32` candidates of each; a query that needs
+    more (a weak teacher scores many targets within the margin of the positive) is filtered again
+    over 8× as many.
     """
     rows = np.asarray(list(rows), dtype=np.int64)
     q, t = _normalise(queries), _normalise(targets)
     if q.shape[1] != t.shape[1] or len(q) != len(rows):
         raise ValueError(f"queries {q.shape} / targets {t.shape} / rows {rows.shape} do not match")
-    hashes = np.asarray(target_hashes)
-    group_of = None if groups is None else np.asarray(groups)
+    hash_ids = np.unique(np.asarray(target_hashes), return_inverse=True)[1].reshape(-1)
+    group_ids = None if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1].reshape(-1)
     negatives = np.full((len(rows), top_k), -1, dtype=np.int64)
     scores = np.full((len(rows), top_k), np.nan, dtype=np.float32)
     positive = np.einsum("nd,nd->n", q, t[rows])
-    counts = MineCounts(queries=len(rows))
+    limit = positive - margin
+    dropped = np.zeros(len(REASONS), dtype=np.int64)
+    head = min(len(t), 8 * top_k + 32)
     for start in range(0, len(rows), block):
-        sims = q[start:start + block] @ t.T
-        for offset, similarity in enumerate(sims):
-            j = start + offset
-            row = rows[j]
-            if group_of is not None:
-                similarity = np.where(group_of == group_of[row], similarity, -np.inf)
-            taken, seen = 0, set()
-            limit = positive[j] - margin
-            for candidate in _by_score(similarity, 8 * top_k + 32):
-                score = similarity[candidate]
-                if not np.isfinite(score):
-                    break  # the rest are outside the query's group
-                if candidate == row:
-                    reason = "positive"
-                elif hashes[candidate] == hashes[row]:
-                    reason = "same_content"
-                elif score > limit:
-                    reason = "within_margin"
-                elif hashes[candidate] in seen:
-                    reason = "duplicate_candidate"
-                else:
-                    negatives[j, taken], scores[j, taken] = candidate, score
-                    seen.add(hashes[candidate])
-                    taken += 1
-                    if taken == top_k:
-                        break
-                    continue
-                counts.dropped[reason] += 1
-            counts.kept += taken
-            counts.short += int(taken < top_k)
+        part = slice(start, start + block)
+        sims = q[part] @ t.T
+        if group_ids is not None:
+            sims = np.where(group_ids[None, :] == group_ids[rows[part]][:, None], sims, -np.inf)
+        # Most queries end their walk in the head; the others are filtered again over 8× more
+        # candidates, until every walk has ended (at worst over the whole corpus).
+        chosen = np.empty((len(sims), top_k), dtype=np.int64)
+        counts = np.empty((len(sims), len(REASONS)), dtype=np.int64)
+        pending, width = np.arange(len(sims)), head
+        while len(pending):
+            chosen[pending], counts[pending], complete = _filter(
+                sims[pending], rows[part][pending], limit[part][pending], hash_ids, top_k, width)
+            pending, width = pending[~complete], min(len(t), 8 * width)
+        negatives[part] = chosen
+        found = chosen >= 0
+        scores[part][found] = np.take_along_axis(sims, np.maximum(chosen, 0), axis=1)[found]
+        dropped += counts.sum(axis=0)
+    taken = (negatives >= 0).sum(axis=1)
+    counts = MineCounts(queries=len(rows), kept=int(taken.sum()), short=int((taken < top_k).sum()),
+                        dropped={reason: int(n) for reason, n in zip(REASONS, dropped)})
     return negatives, scores, positive.astype(np.float32), counts
 
 
@@ -266,14 +306,6 @@ def shard_keys(paths: Iterable[str | os.PathLike]) -> list[str]:
             )
         keys.extend(seen)
     return keys
-
-
-def rows_meta(sidecar: Sidecar, keys: list[str], subsets: list[str] | None = None) -> Mapping[str, np.ndarray]:
-    """Planner metadata (`sde_ray.data.batching`) for rows `keys`: teacher clusters and subsets."""
-    meta = {"cluster": np.array([sidecar.clusters[k] for k in keys], dtype=np.int64)}
-    if subsets is not None:
-        meta["subset"] = np.asarray(subsets)
-    return meta
 
 
 # ---------------------------------------------------------------------------------------------

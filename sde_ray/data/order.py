@@ -1,30 +1,48 @@
-"""The data order of an epoch: a pure function of (shards, seed, epoch, global batch, window).
+"""The data order of an epoch: a pure function of (shards, seed, epoch, global batch, window, batching).
 
 Nothing here depends on Ray, on the world size, or on how many times a run was restarted, so a
-resumed or resized run sees exactly the rows the uninterrupted run would have seen:
+resumed or resized run sees exactly the rows the uninterrupted run would have seen. An epoch is a
+*stream*: the (shard, row) of every stream position, a function of (seed, epoch). Global step s
+takes stream positions [s·G, (s+1)·G) (G = global batch); worker r of W takes the slice
+[s·G + r·L, s·G + (r+1)·L), L = G / W. Every worker therefore gets the same number of batches, and a
+step is the same set of rows for every W that divides G. Two ways to build the stream
+(`data.batching`):
 
-1. shard order: a permutation of the shards drawn from `epoch_seed(seed, epoch)`;
-2. the epoch stream: every row of every shard, shard after shard in that order;
-3. sample shuffle: the stream cut into windows of `window_rows` consecutive rows (whole global
-   batches), each window permuted by its own generator (seed, epoch, window). A window spans many
-   shards, so a batch mixes rows of many shards and which rows share a batch changes every epoch;
-4. steps: global step s of the epoch takes stream positions [s·G, (s+1)·G) (G = global batch);
-   worker r of W takes the slice [s·G + r·L, s·G + (r+1)·L), L = G / W. The last G-incomplete
-   rows of the stream are not trained in that epoch (a different tail every epoch).
+- `random` (the default), a windowed shuffle of the shard-ordered stream:
+  1. shard order: a permutation of the shards drawn from `epoch_seed(seed, epoch)`;
+  2. every row of every shard, shard after shard in that order;
+  3. that stream cut into windows of `window_rows` consecutive rows (whole global batches), each
+     window permuted by its own generator (seed, epoch, window). A window spans many shards, so a
+     batch mixes rows of many shards and which rows share a batch changes every epoch.
+  The last G-incomplete rows of the stream are not trained in that epoch (a different tail every
+  epoch).
+- a planner of `sde_ray.data.batching` (`same_subset`, `teacher_cluster`): the epoch's global
+  batches are `plan_epoch(groups, seed, epoch, G)` over the rows' group ids (`groups[i]` for the
+  i-th row of the shards laid end to end in `counts` order: the subset, or the teacher cluster),
+  and the stream is those batches one after the other. The planner's remainder rule is `drop`:
+  rows that fill no whole batch (per subset for `same_subset`, over the epoch for
+  `teacher_cluster`) sit out the epoch, so every row is trained at most once per epoch;
+  `EpochOrder.dropped_rows` counts them (the same number every epoch: it depends on the group
+  sizes only). A planned batch draws its rows from anywhere in the corpus, so a window of it reads
+  from many shards (each shard once per window, its wanted rows only).
 
-`WorkerPlan` turns that into what one worker has to read from a given step on: per window, the
-rows of each shard it needs (sorted, so a reader skips the others without decoding them) and its
-batches as stream positions. Consumed windows are not in the plan at all, so their shards are
-never opened; inside the window the resume falls in, the consumed rows are left out of the reads.
+`WorkerPlan` turns a stream into what one worker has to read from a given step on: per window
+(`window_rows` consecutive stream positions), the rows of each shard it needs (sorted, so a reader
+skips the others without decoding them) and its batches as stream positions. Consumed windows are
+not in the plan at all, so their shards are never opened; inside the window the resume falls in,
+the consumed rows are left out of the reads. Both stream kinds are positioned the same way.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
+
+from sde_ray.data.batching import GROUP_COLUMN, plan_epoch
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -41,17 +59,26 @@ def window_size(window_rows: int, global_batch: int) -> int:
 
 @dataclass(frozen=True)
 class EpochOrder:
-    """The order of one epoch (see the module docstring). `counts[i]` rows in shard i."""
+    """The order of one epoch (see the module docstring). `counts[i]` rows in shard i; `groups`:
+    one group id per row (shards end to end), needed by every `batching` but `random`."""
 
     counts: tuple[int, ...]
     seed: int
     epoch: int
     global_batch: int
     window_rows: int
+    batching: str = "random"
+    groups: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if any(c < 0 for c in self.counts):
             raise ValueError(f"shard row counts must be >= 0, got {self.counts}")
+        if self.batching != "random":
+            if self.batching not in GROUP_COLUMN:
+                raise ValueError(f"unknown batching {self.batching!r}; valid: random, {', '.join(GROUP_COLUMN)}")
+            if self.groups is None or len(self.groups) != self.num_rows:
+                raise ValueError(f"batching={self.batching} needs one group id per row ({self.num_rows}), got "
+                                 f"{None if self.groups is None else len(self.groups)}")
         object.__setattr__(self, "window_rows", window_size(self.window_rows, self.global_batch))
 
     @property
@@ -61,13 +88,26 @@ class EpochOrder:
     @property
     def steps(self) -> int:
         """Optimizer steps in this epoch (the same for every world size that divides G)."""
-        return self.num_rows // self.global_batch
+        return len(self._stream[0]) // self.global_batch
+
+    @property
+    def dropped_rows(self) -> int:
+        """Rows of the shards that no step of this epoch trains (the remainder)."""
+        return self.num_rows - self.steps * self.global_batch
 
     def shard_order(self) -> np.ndarray:
         return np.random.default_rng(epoch_seed(self.seed, self.epoch)).permutation(len(self.counts))
 
     def stream(self) -> tuple[np.ndarray, np.ndarray]:
-        """(shard index, row index in shard) of every stream position of the epoch, shuffled."""
+        """(shard index, row index in shard) of every stream position of the epoch."""
+        return self._stream
+
+    @cached_property
+    def _stream(self) -> tuple[np.ndarray, np.ndarray]:
+        # Computed once per order (WorkerPlan reads it for every window); frozen dataclasses allow it.
+        return self._windowed_stream() if self.batching == "random" else self._planned_stream()
+
+    def _windowed_stream(self) -> tuple[np.ndarray, np.ndarray]:
         order = self.shard_order()
         counts = np.asarray(self.counts, dtype=np.int64)
         shard = np.repeat(order, counts[order])
@@ -78,6 +118,16 @@ class EpochOrder:
             perm = start + perm.permutation(stop - start)
             shard[start:stop], row[start:stop] = shard[perm], row[perm]
         return shard, row.astype(np.int64)
+
+    def _planned_stream(self) -> tuple[np.ndarray, np.ndarray]:
+        # world=1: the plan must not depend on the world size (an elastic resume sees the same batches);
+        # WorkerPlan checks that its world divides G.
+        plan = plan_epoch({GROUP_COLUMN[self.batching]: self.groups}, self.seed, self.epoch, self.global_batch,
+                          world=1, mode=self.batching, remainder="drop")
+        flat = plan.reshape(-1)
+        starts = np.concatenate([[0], np.cumsum(np.asarray(self.counts, dtype=np.int64))])
+        shard = np.searchsorted(starts, flat, side="right") - 1
+        return shard.astype(np.int64), (flat - starts[shard]).astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -141,11 +191,17 @@ class WorkerPlan:
             yield Window(index=first // steps_per_window, tasks=tasks, batches=batches)
 
 
-def order_spec(paths: Sequence[str], counts: Sequence[int], seed: int, global_batch: int, window_rows: int) -> dict:
-    """What the order depends on besides the epoch (checkpointed, compared on resume)."""
+def order_spec(paths: Sequence[str], counts: Sequence[int], seed: int, global_batch: int, window_rows: int,
+               batching: str = "random", groups: np.ndarray | None = None) -> dict:
+    """What the order depends on besides the epoch (checkpointed, compared on resume). A planned
+    order adds its planner and a digest of the group ids (a random order's spec is unchanged)."""
     digest = hashlib.sha256("\n".join(f"{p}:{c}" for p, c in zip(paths, counts)).encode()).hexdigest()[:16]
-    return {"shards": digest, "seed": seed, "global_batch": global_batch,
+    spec = {"shards": digest, "seed": seed, "global_batch": global_batch,
             "window_rows": window_size(window_rows, global_batch)}
+    if batching != "random":
+        labels = np.ascontiguousarray(np.asarray(groups, dtype=np.int64))
+        spec.update(batching=batching, groups=hashlib.sha256(labels.tobytes()).hexdigest()[:16])
+    return spec
 
 
 def batch_pair_overlap(batches_a: list[np.ndarray], batches_b: list[np.ndarray], num_rows: int) -> float:

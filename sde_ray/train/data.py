@@ -14,7 +14,11 @@ reservation (`data_resources`, split over the workers). The worker regroups the 
 window and gathers its batches from them (`gather_rows`, one copy per row), in the plan's order.
 
 So the rows of global step s are the same whatever the world size or the number of restarts, and
-a resume at step k starts at the window holding k: earlier windows' shards are never opened.
+a resume at step k starts at the window holding k: earlier windows' shards are never opened. With
+`data.batching=same_subset | teacher_cluster` the order's stream is the planner's batches
+(`EpochOrder`); `train_data_from_config` reads the per-row group ids on the driver (sample keys from
+the tar headers, teacher clusters from the mined sidecar) and refuses a mode whose inputs are
+missing before any worker starts.
 
 `BatchStream` drives that epoch after epoch and keeps the position that checkpoints save.
 """
@@ -25,7 +29,7 @@ import hashlib
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -119,7 +123,8 @@ class TrainData:
     """Everything a worker needs to read any epoch (picklable; built on the driver).
 
     `paths`/`counts`: the usable shards (after `check_shards`) and their sample counts, in the
-    check's order (the order function permutes them per epoch).
+    check's order (the order function permutes them per epoch). `batching`/`groups`: the planner
+    of `data.batching` and its per-row ids (rows of `paths` end to end; None for `random`).
     """
 
     paths: tuple[str, ...]
@@ -132,12 +137,60 @@ class TrainData:
     concurrency: int = 1
     preprocess_batch_size: int = 64
     target_block_mb: float = 32.0
+    batching: str = "random"
+    groups: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     def order(self, epoch: int) -> EpochOrder:
-        return EpochOrder(self.counts, self.seed, epoch, self.global_batch, self.window_rows)
+        return EpochOrder(self.counts, self.seed, epoch, self.global_batch, self.window_rows,
+                          self.batching, self.groups)
 
     def spec(self) -> dict:
-        return order_spec(self.paths, self.counts, self.seed, self.global_batch, self.window_rows)
+        return order_spec(self.paths, self.counts, self.seed, self.global_batch, self.window_rows,
+                          self.batching, self.groups)
+
+
+def batch_groups(config, paths: list[str], counts: list[int]) -> np.ndarray | None:
+    """The per-row group ids `data.batching` plans by, for the shards `paths` (None for `random`).
+
+    On the driver: the sample keys come from the local shards' tar headers, in the order the
+    readers count rows; teacher clusters from `data.negatives_sidecar`. Raises ConfigError for a
+    mode whose inputs are missing: remote shards, keys that name no subset, no sidecar, a sidecar
+    without clusters or with clusters that do not divide the global batch.
+    """
+    from sde_ray.config import ConfigError
+    from sde_ray.data.batching import row_groups
+    from sde_ray.data.negatives import load_sidecar, shard_keys
+
+    mode = config.data.batching
+    if mode == "random":
+        return None
+    remote = [p for p in paths if "://" in p and not p.startswith("file://")]
+    if remote:
+        raise ConfigError(f"data.batching={mode} reads every row's sample key from the shards' tar headers on the "
+                          f"driver: local shards only, got {remote[:2]}...")
+    keys = shard_keys(paths)
+    if len(keys) != sum(counts):
+        raise ConfigError(f"data.batching={mode}: the shards hold {len(keys)} distinct sample keys but "
+                          f"{sum(counts)} samples (a key repeated within or across shards?)")
+    clusters = None
+    if mode == "teacher_cluster":
+        if not config.data.negatives_sidecar:
+            raise ConfigError("data.batching=teacher_cluster needs data.negatives_sidecar (a `sde-ray mine` output "
+                              "mined with mine.cluster_size > 0)")
+        sidecar = load_sidecar(config.data.negatives_sidecar)
+        size, batch = int(sidecar.meta.get("cluster_size") or 0), config.train.global_batch_size
+        if size <= 0:
+            raise ConfigError(f"data.negatives_sidecar={config.data.negatives_sidecar} was mined without teacher "
+                              "clusters (mine.cluster_size=0): mine again with mine.cluster_size > 0")
+        if batch % size:
+            raise ConfigError(f"data.batching=teacher_cluster: the sidecar's clusters of ~{size} rows (mine.cluster_size) "
+                              f"do not divide train.global_batch_size={batch}: a batch would hold a fraction of a "
+                              "cluster; mine with a cluster_size that divides the global batch")
+        clusters = sidecar.clusters
+    try:
+        return row_groups(mode, keys, clusters)
+    except ValueError as exc:
+        raise ConfigError(f"data.batching={mode}: {exc}") from None
 
 
 def train_data_from_config(config, prepared, processor_factory) -> TrainData:
@@ -153,11 +206,19 @@ def train_data_from_config(config, prepared, processor_factory) -> TrainData:
     if data.preprocess_batch_size < 1:
         raise ValueError(f"data.preprocess_batch_size must be >= 1, got {data.preprocess_batch_size}")
     data_resources(data.data_cpus, data.preprocess_concurrency)  # validates
-    return TrainData(paths=tuple(check.paths), counts=tuple(int(c) for c in counts),
-                     processor_factory=processor_factory, seed=data.shuffle_seed,
-                     global_batch=config.train.global_batch_size, window_rows=data.shuffle_window,
-                     data_cpus=data.data_cpus, concurrency=data.preprocess_concurrency,
-                     preprocess_batch_size=data.preprocess_batch_size, target_block_mb=data.target_block_mb)
+    counts = [int(c) for c in counts]
+    groups = batch_groups(config, list(check.paths), counts)
+    train_data = TrainData(paths=tuple(check.paths), counts=tuple(counts),
+                           processor_factory=processor_factory, seed=data.shuffle_seed,
+                           global_batch=config.train.global_batch_size, window_rows=data.shuffle_window,
+                           data_cpus=data.data_cpus, concurrency=data.preprocess_concurrency,
+                           preprocess_batch_size=data.preprocess_batch_size, target_block_mb=data.target_block_mb,
+                           batching=data.batching, groups=None if groups is None else groups.astype(np.int32))
+    if not train_data.order(0).steps:
+        raise ValueError(f"data.batching={data.batching}: an epoch of these {sum(counts)} rows holds no full global "
+                         f"batch of {config.train.global_batch_size} (same_subset: no subset has that many rows); "
+                         "add data or lower train.global_batch_size")
+    return train_data
 
 
 def read_task(batch: dict, *, paths: tuple[str, ...], processor_factory, cache_key: str,

@@ -78,10 +78,15 @@ def check_data_paths(config: Config) -> None:
             raise ConfigError(f"data.shards[{index}]: {entry!r} matches no WebDataset shard")
 
 
-def data_counts(prepared) -> dict[str, int]:
-    """What the data stage left out, logged with every metrics row and in results.json."""
-    return {"data_skipped_shards": len(prepared.skipped_shards),
-            "data_rejected_rows": int(prepared.manifest.get("rejected", 0) or 0)}
+def data_counts(prepared, train_data=None) -> dict[str, int]:
+    """What the data stage left out, logged with every metrics row and in results.json: skipped
+    shards, rows the converter rejected and, given the epoch order, the rows each epoch leaves out
+    (the remainder of `data.batching`: the same count every epoch)."""
+    counts = {"data_skipped_shards": len(prepared.skipped_shards),
+              "data_rejected_rows": int(prepared.manifest.get("rejected", 0) or 0)}
+    if train_data is not None:
+        counts["data_epoch_rows_left_out"] = train_data.order(0).dropped_rows
+    return counts
 
 
 def eval_root_of(config: Config, prepared) -> str | None:
@@ -130,6 +135,9 @@ def build_trainer(
     factory = _ProcessorFactory(config.model, config.loss.negatives_per_query,
                                 config.data.negatives_sidecar, prepared.shards)
     train_data = train_data_from_config(config, prepared, factory)
+    epoch = train_data.order(0)
+    print(f"[sde_ray] data.batching={config.data.batching}: {epoch.steps} global batches of {epoch.global_batch} "
+          f"per epoch; {epoch.dropped_rows} of {epoch.num_rows} rows left out of each epoch (the remainder)")
     return TorchTrainer(
         train_loop_per_worker,
         # Interrupted checkpoint folders are removed here, once per fit; the newest complete one is offered.
@@ -164,7 +172,7 @@ def worker_payload(config: Config, prepared=None, train_data=None, step_hook: Ca
         train_data=train_data,
         resume_dir=resume_dir,
         preemption=preemption,
-        data_counts=data_counts(prepared) if prepared is not None else {},
+        data_counts=data_counts(prepared, train_data) if prepared is not None else {},
     )
     return {"config": config, "args": args}
 
@@ -188,20 +196,16 @@ class _ProcessorFactory:
 
 def check_negatives(config: Config, shards: list[str]) -> None:
     """A mined sidecar must cover exactly these shards' samples, with enough negatives each: checked
-    on the driver, before any worker starts. A batch planner other than `random` is refused until
-    the planned data order (issue 15) consumes `sde_ray.data.batching`: silently training on random
-    batches would mislabel the run."""
-    if config.data.batching != "random":
-        raise ConfigError(
-            f"data.batching={config.data.batching}: the planners exist (sde_ray/data/batching.py) but the "
-            "Ray Data stream does not follow a planned order yet; use data.batching=random."
-        )
+    on the driver, before any worker starts. A sidecar feeds mined negatives
+    (`loss.negatives_per_query`), teacher clusters (`data.batching=teacher_cluster`), or both; the
+    batch planner's own inputs are checked where the order is built (`train_data_from_config`)."""
     if not config.data.negatives_sidecar:
         return
     from sde_ray.data.negatives import check_sidecar, load_sidecar, shard_keys
 
-    if not config.loss.negatives_per_query:
-        raise ConfigError("data.negatives_sidecar is set but loss.negatives_per_query=0: the sidecar would be unused.")
+    if not config.loss.negatives_per_query and config.data.batching != "teacher_cluster":
+        raise ConfigError("data.negatives_sidecar is set but loss.negatives_per_query=0 and data.batching is not "
+                          "teacher_cluster: the sidecar would be unused.")
     check_sidecar(load_sidecar(config.data.negatives_sidecar), shard_keys(shards),
                   negatives_per_query=config.loss.negatives_per_query)
 

@@ -71,6 +71,66 @@ def test_within_subset_search_stays_in_the_group():
         assert all(groups[j] == groups[i] for j in row if j >= 0)
 
 
+
+def _walk(queries, targets, hashes, top_k, margin, groups):
+    """The filter as a plain walk, query by query, over every candidate in (score desc, index) order:
+    the reference the vectorised `mine_negatives` must reproduce, counts included."""
+    q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    t = targets / np.linalg.norm(targets, axis=1, keepdims=True)
+    chosen, dropped = [], dict.fromkeys(("positive", "same_content", "within_margin", "duplicate_candidate"), 0)
+    for i in range(len(q)):
+        scores = (t @ q[i]).astype(np.float32)
+        kept, ids = [], set()
+        for j in sorted(range(len(t)), key=lambda j: (-scores[j], j)):
+            if groups is not None and groups[j] != groups[i]:
+                continue
+            reason = ("positive" if j == i else "same_content" if hashes[j] == hashes[i]
+                      else "within_margin" if scores[j] > scores[i] - margin
+                      else "duplicate_candidate" if hashes[j] in ids else None)
+            if reason:
+                dropped[reason] += 1
+                continue
+            kept.append(j)
+            ids.add(hashes[j])
+            if len(kept) == top_k:
+                break
+        chosen.append(kept)
+    return chosen, dropped
+
+
+@pytest.mark.parametrize("margin", [0.05, 0.6])
+@pytest.mark.parametrize("within_subset", [False, True])
+def test_vectorised_filter_matches_the_walk_on_a_planted_corpus(margin, within_subset):
+    rng = np.random.default_rng(4)
+    n, subsets = 600, 3
+    # Classification-like corpus: a third of the targets repeat one of 12 labels (content ids and
+    # vectors shared), the rest are unique; queries lie near their targets. margin=0.6 mimics a weak
+    # teacher: most candidates fall within the margin and many walks run past the first head of
+    # 8·top_k + 32 candidates (the widening path).
+    labels = rng.normal(size=(12, DIM))
+    label_of = np.where(np.arange(n) % 3 == 0, rng.integers(0, 12, n), -1)
+    targets = np.where(label_of[:, None] >= 0, labels[np.maximum(label_of, 0)], rng.normal(size=(n, DIM)))
+    queries = targets + 0.8 * rng.normal(size=(n, DIM))
+    hashes = [f"label{label}" if label >= 0 else f"row{i}" for i, label in enumerate(label_of)]
+    groups = [i % subsets for i in range(n)] if within_subset else None
+    negatives, scores, _, counts = mine_negatives(queries, targets, hashes, range(n), top_k=4, margin=margin,
+                                                  groups=groups, block=128)
+    chosen, dropped = _walk(queries, targets, hashes, 4, margin, groups)
+    # Copies of one label tie exactly here but not always in float32's last bit (the blocked matrix
+    # product): compare the mined content ids, in score order, not which copy carries them.
+    assert [[hashes[j] for j in row if j >= 0] for row in negatives] == [[hashes[j] for j in c] for c in chosen]
+    assert counts.dropped == dropped
+    assert counts.kept == sum(map(len, chosen)) and counts.short == sum(len(c) < 4 for c in chosen)
+    t = targets / np.linalg.norm(targets, axis=1, keepdims=True)
+    q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    for i, row in enumerate(negatives):
+        found = row[row >= 0]
+        np.testing.assert_allclose(scores[i, :len(found)], t[found] @ q[i], atol=1e-5)
+        assert np.isnan(scores[i, len(found):]).all()
+    if margin > 0.5:
+        assert dropped["within_margin"] > 40 * n  # the widening path was taken
+
+
 def test_sidecar_keys_must_match_the_shards():
     sidecar = Sidecar({"a": ["b"], "b": ["a"]}, {"a": [0.5], "b": [0.4]}, {"a": -1, "b": -1}, {})
     check_sidecar(sidecar, ["a", "b"])
@@ -132,10 +192,3 @@ def test_driver_refuses_a_sidecar_of_other_shards_before_training(shards, tmp_pa
     with pytest.raises(ConfigError, match="negatives_per_query=0"):
         check_negatives(load_config(None, [f"data.negatives_sidecar={tmp_path}"]), shards)
 
-
-def test_driver_refuses_a_planner_the_stream_does_not_follow(shards):
-    from sde_ray.config import ConfigError, load_config
-    from sde_ray.train.driver import check_negatives
-
-    with pytest.raises(ConfigError, match="data.batching=same_subset"):
-        check_negatives(load_config(None, ["data.batching=same_subset"]), shards)

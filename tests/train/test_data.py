@@ -207,7 +207,6 @@ class CountingProcessor(SimpleProcessor):
     """SimpleProcessor that leaves one file per construction (pid in the name) in `folder`."""
 
     def __init__(self, folder: str) -> None:
-        import os
         import uuid
 
         super().__init__()
@@ -325,3 +324,45 @@ def test_batches_follow_the_order_and_a_late_resume_starts_as_fast_as_an_early_o
     early, late = min(times[1]), min(times[20])
     print(f"resume-to-first-batch (best of 3): step 1 of 22: {early:.2f} s; step 20 of 22: {late:.2f} s")
     assert late < 2 * early + 0.5
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_same_subset_batches_through_the_ray_stream_and_a_resume_yields_the_rest(ray_cluster, shards) -> None:
+    import dataclasses
+
+    from sde_ray.data.batching import row_groups
+    from sde_ray.data.negatives import read_shard, shard_keys
+    from sde_ray.train.data import BatchStream, open_epoch_fn
+
+    shard_dir, manifest = shards
+    check = check_shards(str(shard_dir), manifest)
+    data = dataclasses.replace(train_data(check, SimpleProcessor, global_batch=BATCH, window_rows=24, seed=2),
+                               batching="same_subset", groups=row_groups("same_subset", shard_keys(check.paths)))
+    # Each row's subset from its own json member, keyed like the pipeline's sample_id.
+    subset_of = {stable_id(k): s for p in check.paths for k, s in zip(*(read_shard(p)[c] for c in ("key", "subset")))}
+    steps = data.order(0).steps
+    assert steps == 11 * PER_SUBSET // BATCH and data.order(0).dropped_rows == 0
+    seen: dict[int, list[list[int]]] = {}
+
+    def consume(rank: int, epoch_rows: int = 0, into: dict = seen) -> None:
+        stream = BatchStream(open_epoch_fn(data, rank, 2), BATCH, epoch=0, epoch_rows=epoch_rows)
+        into[rank] = [stream.next()["key_id"].tolist() for _ in range(steps - epoch_rows // BATCH)]
+        assert (stream.epoch, stream.epoch_rows) == (0, steps * BATCH)  # exactly the epoch, no more
+
+    threads = [threading.Thread(target=consume, args=(rank,)) for rank in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert {rank: len(batches) for rank, batches in seen.items()} == {0: steps, 1: steps}  # equal per worker
+    global_batches = [a + b for a, b in zip(seen[0], seen[1])]
+    for batch in global_batches:
+        assert len({subset_of[k] for k in batch}) == 1
+    everything = [k for batch in global_batches for k in batch]
+    assert len(everything) == len(set(everything)) == 11 * PER_SUBSET  # every row once
+    # Resumed mid-epoch (the position a checkpoint saves): the remaining batches, row for row.
+    resumed: dict[int, list[list[int]]] = {}
+    for rank in range(2):
+        consume(rank, epoch_rows=15 * BATCH, into=resumed)
+        assert resumed[rank] == seen[rank][15:]
