@@ -80,16 +80,17 @@ def split_rows(batch: dict[str, torch.Tensor], chunk: int) -> list[dict[str, tor
 
 
 def backward(engine, loss: torch.Tensor) -> None:
-    """`engine.backward` with the gradient of `loss` itself, unscaled, under every ZeRO stage and precision.
+    """`engine.backward` with the gradient of `loss` itself, unscaled, whatever the ZeRO stage.
 
     `scale_wrt_gas=False` stops the loss division by `gradient_accumulation_steps`. DeepSpeed 0.19
     also hooks every tensor an engine forward returns with a gradient division by the same factor,
     skipped only in a backward that `engine.backward` has registered, and it registers by a hook on
     the tensor it is handed. A tensor's hooks run in the order they were added, so when that tensor
-    is the engine output itself (the objective's loss), the division runs first. ZeRO-1/2/3 in fp32
-    hide this (their loss scaler hands backward a new tensor, loss × 1), ZeRO-0 does not: there the
-    objective's gradients, the cached feature gradients with them, came out divided by the chunk
-    count. A view of the loss is a new autograd node whose hook fires before any output hook.
+    is the engine output itself (the objective's loss), the division runs first. ZeRO-1/2/3 hide
+    this (their loss scaler hands backward a new tensor, loss × 1); ZeRO-0 does not (fp32 has no
+    ZeRO optimizer, and DeepSpeed's bf16 optimizer no loss scaler): there the objective's gradients,
+    the cached feature gradients with them, came out divided by the chunk count. A view of the
+    loss is a new autograd node, whose hook fires before any output hook.
     """
     engine.backward(loss.view_as(loss), scale_wrt_gas=False)
 
