@@ -14,8 +14,8 @@ One step, per modality on this rank's raw features (top to bottom in `SDEObjecti
 
 Explicit negatives (`target` in the per-query layout of `sde_ray.losses.infonce`) are left out of
 the spectrum, the partition and the spectral terms, which compare the two modalities' spectra of
-*paired* rows; they are mapped by the target modality's M (exactly F·M, as they need not lie in the
-paired rows' span) and join the instance loss as candidates (docs/objectives.md).
+*paired* rows; they are mapped by the target modality's M, the map the paired rows see, and join
+the instance loss as candidates (docs/objectives.md).
 
 The spectral terms are the same number on every rank, so the mean of the per-rank losses is the
 global loss and rank-averaged gradients equal the single-process ones.
@@ -126,8 +126,12 @@ class SDEObjective(torch.nn.Module):
         mode = choose_mode(num_rows, dim, sp.mode, sp.auto_gram_ratio)
         features = (query, target)
         spectra: list[Spectrum] = [distributed_spectrum(x, rank, world_size, mode) for x in features]
+        resolved = [_above_numerical_rank(s.sigma, max(num_rows, dim), query.dtype, mode) for s in spectra]
+        # σ's below the numerical rank are zeros up to rounding: partitioned as exact zeros, so that the
+        # thresholds (a median, quantiles) do not follow the rounding when they fall among them.
         partitions: list[Partition] = [
-            partition_spectrum(s.sigma, num_rows, dim, **partition_kwargs(sp)) for s in spectra
+            partition_spectrum(torch.where(keep, s.sigma, 0.0), num_rows, dim, **partition_kwargs(sp))
+            for s, keep in zip(spectra, resolved)
         ]
         alpha = schedule_value(sp.alpha, context.progress)
         lam = schedule_value(lc.lambda_schedule, context.progress)
@@ -156,8 +160,12 @@ class SDEObjective(torch.nn.Module):
             )
             bound_factors = [e.bound_factor for e in enhancements]
             if negatives is not None:
-                # base_scale 0: the explicit I + V·diag(scale)·Vᵀ, exact outside the paired rows' span.
-                enhanced_negatives = apply_enhancement(negatives, spectra[1].basis, enhancements[1].scale, 0.0)
+                # The paired rows' M, (1 + b) outside the strong/weak directions: a negative's part outside
+                # their signal subspace is attenuated like noise. I + V·diag(scale)·Vᵀ (b = 0) would
+                # depend on which null directions of a rank-deficient target batch V holds (rounding).
+                enhanced_negatives = apply_enhancement(
+                    negatives, spectra[1].basis, enhancements[1].scale, enhancements[1].base_scale
+                )
         loss_instance = self._instance(
             enhanced[0], enhanced[1], logit_scale, context, enhanced_negatives, ids, negative_ids
         )
@@ -165,10 +173,7 @@ class SDEObjective(torch.nn.Module):
         energies = [projected_energies(x, s.basis, world_size) for x, s in zip(features, spectra)]
         hellinger_energies = energies
         if lc.hellinger_numerical_rank:
-            hellinger_energies = [
-                _detach_below_numerical_rank(e, s.sigma, max(num_rows, dim), query.dtype)
-                for e, s in zip(energies, spectra)
-            ]
+            hellinger_energies = [_detach_below_numerical_rank(e, keep) for e, keep in zip(energies, resolved)]
         loss_hellinger = hellinger_loss(hellinger_energies[0], hellinger_energies[1], lc.hellinger_on)
         k = min(lc.subspace_k, spectra[0].rank)
         tops = [s.basis[:, :k] for s in spectra]
@@ -209,20 +214,27 @@ class SDEObjective(torch.nn.Module):
         return total, metrics
 
 
-def _detach_below_numerical_rank(
-    energies: torch.Tensor, sigma: torch.Tensor, size: int, dtype: torch.dtype
-) -> torch.Tensor:
-    """Energies with no gradient through directions below the numerical rank (σ_i ≤ σ_1·max(N, d)·eps,
-    numpy's matrix_rank tolerance for the features' dtype).
-
-    Why: there u_i = F v_i/σ_i is rounding noise (duplicate rows, collapsed features), so the Hellinger
-    gradient's push on those σ_i — large, since ∂√p/∂p grows as p → 0 — points in an arbitrary,
-    row-order-dependent direction. The values (hence the loss) are unchanged."""
+def _above_numerical_rank(sigma: torch.Tensor, size: int, dtype: torch.dtype, mode: str) -> torch.Tensor:
+    """Which σ_i are above the numerical rank: σ_i > σ_1·max(N, d)·eps, numpy's matrix_rank
+    tolerance for the features' dtype; in Gram mode at least σ_1·√(max(N, d)·eps_float64), since
+    eigh of the float64 Gram resolves σ² to max(N, d)·eps·σ_1² (it squares the condition number).
+    Below it, σ_i and its singular vectors are rounding noise (duplicate rows, collapsed features):
+    they differ between one process and the ranks' gather or Gram, and between row orders."""
     if sigma.numel() == 0:
-        return energies
-    tolerance = float(sigma[0]) * size * torch.finfo(dtype).eps
-    keep = (sigma > tolerance).to(device=energies.device)
-    return torch.where(keep, energies, energies.detach())
+        return torch.ones_like(sigma, dtype=torch.bool)
+    relative = size * torch.finfo(dtype).eps
+    if mode == "gram":
+        relative = max(relative, (size * torch.finfo(torch.float64).eps) ** 0.5)
+    return sigma > float(sigma[0]) * relative
+
+
+def _detach_below_numerical_rank(energies: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Energies with no gradient through the directions below the numerical rank (`keep` false).
+
+    Why: there u_i = F v_i/σ_i is rounding noise, so the Hellinger gradient's push on those σ_i —
+    large, since ∂√p/∂p grows as p → 0 — points in an arbitrary, row-order-dependent direction. The
+    values (hence the loss) are unchanged."""
+    return torch.where(keep.to(device=energies.device), energies, energies.detach())
 
 
 def _side_metrics(side: str, spectrum: Spectrum, partition: Partition, bound_factor: float) -> dict[str, float]:

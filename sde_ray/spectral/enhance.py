@@ -35,7 +35,7 @@ class Enhancement:
     delta: torch.Tensor
     scale: torch.Tensor
     bound_factor: float  # the rescaling applied for the Frobenius bound (1.0: bound not active)
-    base_scale: float  # the ratio every noise direction shares, −ε_n(1 − α)·bound_factor (0: soft)
+    base_scale: float  # the pure-noise ratio −ε_n(1 − α)·bound_factor (see `apply_enhancement`)
 
 
 def enhancement_deltas(
@@ -71,8 +71,9 @@ def enhancement_deltas(
     delta = coefficient * sigma
     delta_norm, sigma_norm = float(torch.linalg.vector_norm(delta)), float(torch.linalg.vector_norm(sigma))
     bound_factor = min(1.0, rho * sigma_norm / delta_norm) if delta_norm > 0 else 1.0
-    # Soft noise memberships differ per direction: no ratio is shared, so no shortcut (b = 0 is exact).
-    base_scale = 0.0 if partition.soft else -eps_noise * (1.0 - alpha) * bound_factor
+    # The pure-noise ratio, for the hard and the soft partition alike: a soft membership of a σ far
+    # below τ_mp is 1 in float64, so those directions share it exactly (`apply_enhancement`).
+    base_scale = -eps_noise * (1.0 - alpha) * bound_factor
     return Enhancement(delta * bound_factor, coefficient * bound_factor, bound_factor, base_scale)
 
 
@@ -89,11 +90,19 @@ def apply_enhancement(
 ) -> torch.Tensor:
     """F·M without forming M: (1 + b)·F + (F V_a)·diag(scale_a − b)·V_aᵀ, a = {i : scale_i ≠ b}.
 
-    With b = 0 this is F + (F V)·diag(δ/σ)·Vᵀ for any basis. A nonzero b (the shared noise ratio,
+    With b = 0 this is F + (F V)·diag(δ/σ)·Vᵀ for any basis. A nonzero b (the pure-noise ratio,
     `Enhancement.base_scale`) is exact only when the columns of V span the row space of F — true for
     the full top-min(N, d) basis of the global matrix and any subset of its rows — and then only the
     few strong/weak directions are multiplied: 2·n·k·d flops instead of 2·n·r·d. Works on a rank's
     local rows; differentiable w.r.t. `features` only.
+
+    The value F·M does not depend on M outside F's row space, but the gradient G·Mᵀ does (G, from the
+    other modality's rows, has components in F's null space). With b, M is (1 + b) on every
+    direction outside the active set: on F's null directions that V happens to hold (σ ≈ 0, V
+    arbitrary there, set by rounding) and on the complement of V (N < d) alike, so the gradient is
+    a function of F alone. With b = 0, M is 1 + b on the null directions in V but 1 on those outside
+    it, and which null directions V holds is decided by rounding: two ranks' gathered features and
+    one process's (bitwise different) gave gradients 3 % apart.
     """
     dtype = torch.promote_types(features.dtype, torch.float32)
     basis = basis.detach().to(device=features.device, dtype=dtype)

@@ -5,9 +5,9 @@ and spectral batch. Each worker holds `global / world_size` rows (the local batc
 chunks of `train.micro_batch_size` rows (GradCache, `sde_ray.train.step`); every chunk is one DeepSpeed
 micro-step, so `train_micro_batch_size_per_gpu` = chunk, `gradient_accumulation_steps` = chunks and
 `train_batch_size` = chunk × chunks × world = global (DeepSpeed checks this identity at `initialize`).
-The chunks accumulate into one optimizer step; the loss is never divided by the chunk count
-(`engine.backward(..., scale_wrt_gas=False)`: the cached feature gradients are already the gradients
-of the global loss).
+The chunks accumulate into one optimizer step; no gradient is divided by the chunk count
+(`sde_ray.train.step.backward`: the cached feature gradients are already the gradients of the
+global loss).
 The optimizer is AdamW (torch's, so nothing is JIT-compiled on CPU; DeepSpeed's CPU Adam when the
 optimizer state is offloaded), the schedule a linear warm-up then cosine / linear decay or a
 constant learning rate, all stepped by the engine once per optimizer step. `deepspeed.overrides`

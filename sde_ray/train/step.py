@@ -22,11 +22,12 @@ plain step: one forward, one backward.
 
 DeepSpeed sees every chunk as one micro-step (`gradient_accumulation_steps` = chunks, see
 `deepspeed_config`), so its micro-step counter reaches the accumulation boundary at the last chunk
-and the optimizer steps once per global batch. Every backward passes `scale_wrt_gas=False`: the
-feature gradients are already those of the global loss, and DeepSpeed's default 1/chunks scaling
-would shrink them. ZeRO-0 and ZeRO-1 reduce gradients once, at the boundary; ZeRO-2 and ZeRO-3
-reduce (reduce-scatter) after every chunk's backward, because they partition gradients as they are
-produced (docs/training.md measures the cost).
+and the optimizer steps once per global batch. No backward may be scaled by 1/chunks: the feature
+gradients are already those of the global loss. DeepSpeed scales in two places, and `backward` below
+turns both off (`scale_wrt_gas=False`, and a loss that is not itself an engine output: see there).
+ZeRO-0 and ZeRO-1 reduce gradients once, at the boundary; ZeRO-2 and ZeRO-3 reduce (reduce-scatter)
+after every chunk's backward, because they partition gradients as they are produced
+(docs/training.md measures the cost).
 
 Non-finite losses: before any backward, all ranks agree (one all-reduce) that the loss is finite.
 If not, nothing is back-propagated, no micro-step is counted, the RNG goes back to where the step
@@ -78,6 +79,22 @@ def split_rows(batch: dict[str, torch.Tensor], chunk: int) -> list[dict[str, tor
     return [{key: value[start:start + chunk] for key, value in batch.items()} for start in range(0, rows, chunk)]
 
 
+def backward(engine, loss: torch.Tensor) -> None:
+    """`engine.backward` with the gradient of `loss` itself, unscaled, whatever the ZeRO stage.
+
+    `scale_wrt_gas=False` stops the loss division by `gradient_accumulation_steps`. DeepSpeed 0.19
+    also hooks every tensor an engine forward returns with a gradient division by the same factor,
+    skipped only in a backward that `engine.backward` has registered, and it registers by a hook on
+    the tensor it is handed. A tensor's hooks run in the order they were added, so when that tensor
+    is the engine output itself (the objective's loss), the division runs first. ZeRO-1/2/3 hide
+    this (their loss scaler hands backward a new tensor, loss × 1); ZeRO-0 does not (fp32 has no
+    ZeRO optimizer, and DeepSpeed's bf16 optimizer no loss scaler): there the objective's gradients,
+    the cached feature gradients with them, came out divided by the chunk count. A view of the
+    loss is a new autograd node, whose hook fires before any output hook.
+    """
+    engine.backward(loss.view_as(loss), scale_wrt_gas=False)
+
+
 def train_step(engine, batch: dict[str, torch.Tensor], context, chunk: int, world_size: int) -> StepResult:
     """One optimizer step of `engine` (a DeepSpeed engine around `loop.TrainModule`) on this worker's
     local `batch`, encoded `chunk` rows at a time. `context` is the objective's `StepContext` for the
@@ -108,7 +125,7 @@ def train_step(engine, batch: dict[str, torch.Tensor], context, chunk: int, worl
     if not all_ranks_finite(loss, world_size):
         set_rng_state(step_start, device)  # a skipped step leaves no trace, randomness included
         return StepResult(finite=False, loss=float(loss.detach()), chunks=len(pieces))
-    engine.backward(loss, scale_wrt_gas=False)
+    backward(engine, loss)
     engine.step()
 
     # 3. Replay each cached chunk with a graph and push its cached feature gradients through it.
@@ -118,7 +135,7 @@ def train_step(engine, batch: dict[str, torch.Tensor], context, chunk: int, worl
             set_rng_state(state, device)
             chunk_query, chunk_target = engine(piece)
             surrogate = (chunk_query * query_grad).sum() + (chunk_target * target_grad).sum()
-            engine.backward(surrogate, scale_wrt_gas=False)
+            backward(engine, surrogate)
             engine.step()
     set_rng_state(after_encode, device)  # the step drew one pass of dropout masks, as a plain step does
 

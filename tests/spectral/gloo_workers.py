@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 WORLD_SIZE = 2
+DEFICIENT_ROWS, DEFICIENT_DIM = 24, 32  # N < d (see deficient_inputs)
 
 
 def launch(worker, out_dir: Path, *args) -> list[dict]:
@@ -119,6 +120,47 @@ def run_sde(inputs, config, rank: int, world_size: int, seed: int = 7) -> dict:
     }
 
 
+def deficient_inputs(num_rows: int, in_dim: int, seed: int = 5) -> dict[str, torch.Tensor]:
+    """Fewer rows than dimensions and rank-deficient targets, as synthetic MMEB's batches are: each
+    target row appears 3 times (a repeated label text), one random explicit negative per query.
+
+    The target spectrum then has numerically-zero singular values whose singular vectors are
+    rounding noise, and V (top min(N, d)) does not span R^d: the gradient may depend on neither."""
+    g = torch.Generator().manual_seed(seed)
+    signal = torch.randn(num_rows, 4, generator=g) @ torch.randn(4, in_dim, generator=g) * 3.0
+    query = signal + 0.3 * torch.randn(num_rows, in_dim, generator=g)
+    distinct = signal[::3] + 0.3 * torch.randn(num_rows // 3, in_dim, generator=g)
+    target = distinct.repeat_interleave(3, dim=0)
+    negatives = 2.0 * torch.randn(num_rows, in_dim, generator=g)
+    return {"query": query, "target": target, "negatives": negatives}
+
+
+def deficient_cases() -> list[tuple[str, str, str]]:
+    """(spectral.mode, spectral.partition, negatives) compared on `deficient_inputs`."""
+    return [(mode, partition, negatives) for mode in ("gather", "gram") for partition in ("hard", "soft")
+            for negatives in ("none", "negatives")]
+
+
+def run_sde_on_features(inputs, case, rank: int, world_size: int, dtype=torch.float32, seed: int = 7) -> dict:
+    """The SDE objective on this rank's rows of `inputs` as leaf features; loss, feature gradients."""
+    from sde_ray.losses import StepContext, build_objective
+
+    mode, partition, negatives = case
+    objective = build_objective(sde_config(mode, "random", "surrogate", partition), inputs["query"].shape[1])
+    query = local_rows(inputs["query"], rank, world_size).to(dtype).requires_grad_()
+    target = local_rows(inputs["target"], rank, world_size).to(dtype).requires_grad_()
+    negative = local_rows(inputs["negatives"], rank, world_size).to(dtype).requires_grad_()
+    # One negative per query: the per-query target layout (positive, negative) of sde_ray.losses.infonce.
+    targets = target if negatives == "none" else torch.stack([target, negative], dim=1).flatten(0, 1)
+    context = StepContext(progress=0.4, rank=rank, world_size=world_size, training=True,
+                          generator=torch.Generator().manual_seed(seed))
+    loss, metrics = objective(query, targets, context)
+    loss.backward()
+    return {"loss": loss.detach(), "query_grad": query.grad, "target_grad": target.grad,
+            "negative_grad": negative.grad if negatives != "none" else None,
+            "scale_grad": objective.scale.log_scale.grad, "metrics": metrics}
+
+
 def spectral_worker(rank: int, world_size: int, rendezvous: str, out_dir: str, num_rows: int, in_dim: int) -> None:
     from sde_ray.spectral import distributed_gram_spectrum, enhancement_matrix, gather_spectrum
 
@@ -134,6 +176,9 @@ def spectral_worker(rank: int, world_size: int, rendezvous: str, out_dir: str, n
         result[f"{name}_matrix"] = enhancement_matrix(spectrum.basis, scale)
     for case in sde_cases():
         result[case] = run_sde(inputs, sde_config(*case), rank, world_size)
+    deficient = deficient_inputs(DEFICIENT_ROWS, DEFICIENT_DIM)
+    for case in deficient_cases():
+        result[case] = run_sde_on_features(deficient, case, rank, world_size)
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     finish()
 
