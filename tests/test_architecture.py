@@ -17,6 +17,10 @@ LIBRARY = ("spectral", "losses", "models", "data")
 SHARED_LEAVES = ("config", "distributed")
 APPLICATION = ("train", "tune", "eval", "bench", "cli", "runs", "ray_cluster", "config_doc")
 FRAMEWORKS = ("ray", "deepspeed", "wandb")
+# Objectives and the spectral maths take plain values or their own small frozen dataclasses
+# (`SDESpectral`, `SpectrumRule`, ...), never config sections: they do not import the config. The
+# registry builders (`build_x(config, embed_dim)`, `spectrum_rule`) read the `Config` they are handed.
+CONFIG_FREE = ("spectral", "losses")
 
 # Explicit exceptions: (file relative to sde_ray/, imported top-level name). None today.
 ALLOWED: set[tuple[str, str]] = set()
@@ -66,6 +70,8 @@ def _violations(root: Path = PACKAGE, allowed: set = ALLOWED) -> list[str]:
             where = f"sde_ray/{relative}:{line} imports {name}"
             if part in LIBRARY + SHARED_LEAVES and target not in LIBRARY + SHARED_LEAVES:
                 out.append(f"{where}: the library (and config/distributed) must not import {target}")
+            if part in CONFIG_FREE and target == "config":
+                out.append(f"{where}: objectives and spectral maths take plain values, not config sections")
             if part in SHARED_LEAVES and target in LIBRARY:
                 out.append(f"{where}: config/distributed are leaves, imported by the library, never importing it")
             if part == "eval" and target in ("train", "tune"):
@@ -106,15 +112,18 @@ def test_private_ray_apis_and_ray_init_are_fenced():
 
 
 def test_the_rules_see_a_forbidden_arrow(tmp_path):
-    """The reader itself: a planted `import ray` in a library file and an Eval -> Train import are caught."""
+    """The reader itself: a planted `import ray` in a library file, an Eval -> Train import and an
+    objective importing the config are caught."""
     fake = tmp_path / "sde_ray"
     (fake / "losses").mkdir(parents=True)
     (fake / "eval").mkdir()
     (fake / "losses" / "bad.py").write_text("def f():\n    import ray\n")
     (fake / "eval" / "bad.py").write_text("from ..train import loop\n")
+    (fake / "losses" / "typed.py").write_text("from sde_ray.config import LossConfig\n")
     found = _violations(fake, set())
     assert any("losses/bad.py:2 imports ray" in v for v in found), found
     assert any("eval/bad.py:1 imports sde_ray.train" in v and "Eval must not" in v for v in found), found
+    assert any("losses/typed.py:1 imports sde_ray.config" in v and "plain values" in v for v in found), found
 
 
 def test_readme_layout_matches_the_tree():

@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from sde_ray.config import Config, to_dict
+from sde_ray.config import Config
 from sde_ray.data.mmeb import eval_image_source
 from sde_ray.data.synthetic import write_synthetic_mmeb
 from sde_ray.eval.encode import ModelEncoder
@@ -134,7 +134,7 @@ def main(json_path: str | None = None, config: Config | None = None, quick: bool
     repeats = 1 if quick else 3
     torch.manual_seed(config.train.seed)
     model = build_model(config.model, seed=config.train.seed).eval()
-    encoder = ModelEncoder(model, BatchProcessor(to_dict(config.model)), config.eval.batch_size)
+    encoder = ModelEncoder(model, BatchProcessor(config.model), config.eval.batch_size)
 
     shape = QUICK_SHAPE if quick else {"queries": QUERIES, "labels": LABELS, "candidates": CANDIDATES,
                                        "pool": POOL, "naive_rows": NAIVE_ROWS}

@@ -8,7 +8,6 @@ counts. Ratios (of CPU time) are against tiny-clip, the default model.
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import statistics
@@ -61,7 +60,7 @@ def _median_seconds(fn, repeats: int, warmup: int = 2) -> tuple[float, float]:
 
 def bench_model(name: str, batch_size: int, repeats: int) -> dict:
     config = ModelConfig(kind=TINY_MODELS[name].kind, name_or_path=name)
-    processor = BatchProcessor(dataclasses.asdict(config))
+    processor = BatchProcessor(config)
     raw = _raw_batch(batch_size, config.image_size)
     process_s, process_cpu_s = _median_seconds(lambda: processor(raw), repeats)
     batch = {key: torch.as_tensor(value) for key, value in processor(raw).items()}

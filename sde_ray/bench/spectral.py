@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from sde_ray.losses.sde import SDESpectral, sde_spectral
 from sde_ray.spectral import (
     apply_enhancement,
     communicated_bytes,
@@ -28,8 +29,6 @@ from sde_ray.spectral import (
     gram_matrix,
     gram_spectrum,
     marchenko_pastur_quantile,
-    partition_kwargs,
-    partition_spectrum,
     random_signs,
     svd_spectrum,
 )
@@ -43,22 +42,22 @@ SLOW_SECONDS = (
 
 
 def spectral_stage(
-    features: torch.Tensor, mode: str, spectral_config, generator: torch.Generator
+    features: torch.Tensor, mode: str, settings: SDESpectral, generator: torch.Generator
 ) -> torch.Tensor:
     """Decompose, partition, Δ at α = 0.5 and F·M on one process: what each training step does."""
     spectrum = svd_spectrum(features) if mode == "gather" else gram_spectrum(features)
     rows, cols = features.shape
-    partition = partition_spectrum(spectrum.sigma, rows, cols, **partition_kwargs(spectral_config))
+    partition = settings.spectrum.partition.split(spectrum.sigma, rows, cols)
     xi = random_signs(spectrum.rank, generator)
     enhancement = enhancement_deltas(
         spectrum.sigma,
         partition,
         0.5,
         xi,
-        eps_strong=spectral_config.eps_strong,
-        eps_weak=spectral_config.eps_weak,
-        eps_noise=spectral_config.eps_noise,
-        rho=spectral_config.rho,
+        eps_strong=settings.eps_strong,
+        eps_weak=settings.eps_weak,
+        eps_noise=settings.eps_noise,
+        rho=settings.rho,
     )
     return apply_enhancement(features, spectrum.basis, enhancement.scale, enhancement.base_scale)
 
@@ -80,7 +79,7 @@ def _gram_eigh(features: torch.Tensor) -> None:
     torch.linalg.eigh(gram_matrix(features))
 
 
-def measure_cell(rows: int, cols: int, spectral_config, repeats: int, world_size: int) -> dict:
+def measure_cell(rows: int, cols: int, settings: SDESpectral, repeats: int, world_size: int) -> dict:
     """All timings for one N × d matrix of a spiked (3 strong directions) Gaussian batch."""
     g = torch.Generator().manual_seed(rows * 7919 + cols)
     features = torch.randn(rows, cols, generator=g) + 4.0 * torch.randn(rows, 3, generator=g) @ torch.randn(
@@ -89,14 +88,14 @@ def measure_cell(rows: int, cols: int, spectral_config, repeats: int, world_size
     marchenko_pastur_quantile(min(rows, cols) / max(rows, cols), 0.5)  # the cached MP median, outside timing
     stage_generator = torch.Generator().manual_seed(0)
     if rows * cols <= 1024 * 1024:  # warm up allocator and kernels where that is cheap
-        spectral_stage(features, "gather", spectral_config, stage_generator)
+        spectral_stage(features, "gather", settings, stage_generator)
     timings, rounds = _interleaved_medians(
         {
             "svdvals_s": lambda: torch.linalg.svdvals(features),
             "svd_s": lambda: torch.linalg.svd(features, full_matrices=False),
             "gram_eigh_s": lambda: _gram_eigh(features),
-            "stage_gather_s": lambda: spectral_stage(features, "gather", spectral_config, stage_generator),
-            "stage_gram_s": lambda: spectral_stage(features, "gram", spectral_config, stage_generator),
+            "stage_gather_s": lambda: spectral_stage(features, "gather", settings, stage_generator),
+            "stage_gram_s": lambda: spectral_stage(features, "gram", settings, stage_generator),
         },
         repeats,
     )
@@ -170,6 +169,7 @@ def main(
     grid = sorted(
         ((r, c) for c in sizes for r in sizes if r * c <= max_elements), key=lambda rc: (rc[0] * rc[1], rc)
     )
+    settings = sde_spectral(config.spectral)
     results = {
         "benchmark": "spectral",
         "torch": torch.__version__,
@@ -180,7 +180,7 @@ def main(
         "crossover": {},
     }
     for rows, cols in grid:
-        results["cells"].append(measure_cell(rows, cols, config.spectral, repeats, world_size))
+        results["cells"].append(measure_cell(rows, cols, settings, repeats, world_size))
         results["cells"].sort(key=lambda c: (c["cols"], c["rows"]))
         results["crossover"] = crossover(results["cells"])
         if json_path:

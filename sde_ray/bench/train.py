@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from sde_ray.config import Config, load_config, to_dict, with_values
+from sde_ray.config import Config, load_config, with_values
 from sde_ray.ray_cluster import start_local
 
 TARGET_FRAMEWORK_OVERHEAD = 1.2
@@ -66,7 +66,7 @@ def fixed_batch(config: Config, size: int) -> dict[str, torch.Tensor]:
 
     prepared = prepare_data(config)
     raw = raw_batch_from_rows(_read_samples(prepared.shards, size))
-    arrays = BatchProcessor(to_dict(config.model))(raw)
+    arrays = BatchProcessor(config.model)(raw)
     return {k: torch.as_tensor(v) for k, v in arrays.items()}
 
 
@@ -229,7 +229,7 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def _gradcache_worker(config_dict: dict, batch: dict, chunks: list[int], steps: int, port: int, queue) -> None:
+def _gradcache_worker(config: Config, batch: dict, chunks: list[int], steps: int, port: int, queue) -> None:
     """A fresh one-worker DeepSpeed process (spawned), one engine per chunk size. With `steps > 0`:
     the pre-GradCache step and `train_step` per engine, timed interleaved step by step. With
     `steps == 0` (one chunk size): the process's peak RSS over two steps above its RSS once the
@@ -238,13 +238,11 @@ def _gradcache_worker(config_dict: dict, batch: dict, chunks: list[int], steps: 
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     torch.set_num_threads(1)
-    from sde_ray.config import from_dict
     from sde_ray.losses import StepContext
     from sde_ray.train.deepspeed_config import build_deepspeed_config
     from sde_ray.train.loop import build_engine, build_train_module, seed_everything
     from sde_ray.train.step import train_step
 
-    config = from_dict(config_dict)
     rows = len(batch["target_id"])
     engines = []
     for chunk in chunks:
@@ -292,7 +290,7 @@ def _gradcache_process(config: Config, batch: dict, chunks: list[int], steps: in
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     process = context.Process(target=_gradcache_worker,
-                              args=(to_dict(config), batch, chunks, steps, _free_port(), queue))
+                              args=(config, batch, chunks, steps, _free_port(), queue))
     process.start()
     try:
         result = queue.get(timeout=3600)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from sde_ray.eval import plots
-from sde_ray.spectral import modality_gap, spectral_snapshot
+from sde_ray.spectral import modality_gap, spectral_snapshot, spectrum_rule
 
 SUBSPACES = ("strong", "weak", "noise")
 SIDES = {"q": "query", "t": "target"}
@@ -49,7 +49,7 @@ def feature_diagnostics(
         raise ValueError(f"diagnostics need at least 2 scorable rows, got {len(query)}")
     q = torch.from_numpy(np.asarray(query, dtype=np.float32))
     t = torch.from_numpy(np.asarray(target, dtype=np.float32))
-    metrics, spectra = spectral_snapshot(q, t, config.spectral, rank=0, world_size=1)
+    metrics, spectra = spectral_snapshot(q, t, spectrum_rule(config.spectral), rank=0, world_size=1)
     gap = modality_gap(q, t, k=k or config.loss.gap.k)
     metrics["gap_min_principal_angle"] = gap["min_principal_angle"]
     metrics["gap_mean_principal_angle"] = gap["mean_principal_angle"]

@@ -98,11 +98,10 @@ def load_encoder(model_dir: str | os.PathLike, batch_size: int, device: str | No
                  precision: str = "fp32") -> ModelEncoder:
     """A `ModelEncoder` for an exported `save_pretrained` folder (weights kept in fp32; the forward
     runs under autocast in `precision`)."""
-    from sde_ray.config import to_dict
     from sde_ray.models import BatchProcessor, load_pretrained
 
     model, model_config = load_pretrained(str(model_dir))
-    return ModelEncoder(model, BatchProcessor(to_dict(model_config)), batch_size, device, precision)
+    return ModelEncoder(model, BatchProcessor(model_config), batch_size, device, precision)
 
 
 def model_identity(model_dir: str | os.PathLike) -> str:

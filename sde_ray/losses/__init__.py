@@ -1,7 +1,9 @@
 """Training objectives (pure torch; rank and world size are arguments, never globals).
 
 Every objective is an `nn.Module` built by a builder function `build(config, embed_dim)` from the
-registry below. Its forward is `objective(query, target, context) -> (loss, metrics)` where
+registry below: the builder is the one place that reads the config; the constructor takes plain
+values or the objective's own frozen dataclasses (`SDEObjective(SDESpectral, SDELoss)`), as open_clip's
+`ClipLoss(rank=, world_size=)` does, so nothing here imports `sde_ray.config`. Its forward is `objective(query, target, context) -> (loss, metrics)` where
 `query`/`target` are this rank's raw (B × d) encoder features (before L2 normalisation), `context` is
 a `StepContext`, `loss` is this rank's scalar loss (the mean over ranks is the global loss) and
 `metrics` is a dict of floats for logging. Objectives with parameters (heads, a learnable

@@ -118,15 +118,7 @@ class DSRSDObjective(torch.nn.Module):
         }
         if self.w_instance > 0:
             instance = info_nce(
-                F.normalize(query, dim=-1),
-                F.normalize(target, dim=-1),
-                scale,
-                rank,
-                world_size,
-                ids,
-                self.duplicates,
-                None if negatives is None else F.normalize(negatives, dim=-1),
-                negative_ids,
+                query, target, scale, rank, world_size, ids, self.duplicates, negatives, negative_ids, normalize=True
             )
             loss = loss + self.w_instance * instance
             metrics["loss_instance"] = float(instance.detach())

@@ -20,14 +20,13 @@ keeps its own rows, so the noise equals the single-process noise on the concaten
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from sde_ray.losses import StepContext
 from sde_ray.losses.gap import modality_gap_metrics
 from sde_ray.losses.infonce import info_nce, split_negatives
 from sde_ray.losses.objectives import Temperature
 from sde_ray.spectral.decompose import Spectrum, distributed_spectrum
-from sde_ray.spectral.schedules import schedule_value
+from sde_ray.spectral.schedules import Schedule, schedule_value
 
 INJECT_SIDES = ("both", "query", "target")
 
@@ -91,7 +90,7 @@ class FANoiseObjective(torch.nn.Module):
         self,
         power: float,
         strength: float,
-        schedule,
+        schedule: Schedule,
         inject: str,
         temperature: float,
         learnable_temperature: bool,
@@ -145,15 +144,8 @@ class FANoiseObjective(torch.nn.Module):
             target, level if self.inject in ("both", "target") else 0.0, context
         )
         loss = info_nce(
-            F.normalize(noisy_query, dim=-1),
-            F.normalize(noisy_target, dim=-1),
-            self.scale(),
-            context.rank,
-            context.world_size,
-            ids,
-            self.duplicates,
-            None if negatives is None else F.normalize(negatives, dim=-1),
-            negative_ids,
+            noisy_query, noisy_target, self.scale(), context.rank, context.world_size, ids, self.duplicates,
+            negatives, negative_ids, normalize=True,
         )
         metrics = {
             "loss_instance": float(loss.detach()),

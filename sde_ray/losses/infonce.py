@@ -99,10 +99,12 @@ def info_nce(
     duplicates: str = "ignore",
     negatives: torch.Tensor | None = None,
     negative_ids: torch.Tensor | None = None,
+    normalize: bool = False,
 ) -> torch.Tensor:
     """Symmetric InfoNCE of this rank's rows against the global batch.
 
-    `query`, `target`: local (B × d) features, already normalised if cosine logits are wanted.
+    `query`, `target`: local (B × d) features; `normalize=True` L2-normalises them (and the
+    negatives) first, for cosine logits of raw encoder features (what the objectives do).
     `logit_scale`: 1/τ. `target_ids`: optional (B,) int64 content hashes of the targets, used by
     the `mask` and `multi_positive` duplicate modes. `negatives`: optional (B·K × d) explicit
     negatives of this rank's queries (every rank the same K), appended to the q→t candidates of
@@ -110,6 +112,9 @@ def info_nce(
     query's positive is then masked or counted positive like any duplicate). Returns this rank's
     loss; its mean over ranks is the global loss.
     """
+    if normalize:
+        query, target = F.normalize(query, dim=-1), F.normalize(target, dim=-1)
+        negatives = None if negatives is None else F.normalize(negatives, dim=-1)
     all_query = gather_with_grad(query, world_size)
     all_target = gather_with_grad(target, world_size)
     local = query.shape[0]
@@ -130,3 +135,4 @@ def info_nce(
         _directional_loss(logits_q2t, labels, same_q2t, duplicates)
         + _directional_loss(logits_t2q, labels, same_t2q, duplicates)
     )
+

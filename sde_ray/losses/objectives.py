@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from sde_ray.losses import StepContext
 from sde_ray.losses.infonce import info_nce, split_negatives
@@ -49,10 +48,9 @@ class InfoNCEObjective(torch.nn.Module):
 
     def forward(self, query: torch.Tensor, target: torch.Tensor, context: StepContext):
         target, negatives, ids, negative_ids = split_negatives(query, target, context.target_ids)
-        q, t = F.normalize(query, dim=-1), F.normalize(target, dim=-1)
-        n = None if negatives is None else F.normalize(negatives, dim=-1)
         loss = info_nce(
-            q, t, self.scale(), context.rank, context.world_size, ids, self.duplicates, n, negative_ids
+            query, target, self.scale(), context.rank, context.world_size, ids, self.duplicates, negatives,
+            negative_ids, normalize=True,
         )
         return loss, {"loss_instance": float(loss.detach())}
 

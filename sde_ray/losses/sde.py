@@ -23,6 +23,8 @@ global loss and rank-averaged gradients equal the single-process ones.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -42,7 +44,9 @@ from sde_ray.losses.infonce import info_nce, split_negatives
 from sde_ray.losses.objectives import Temperature
 from sde_ray.spectral import (
     Partition,
+    Schedule,
     Spectrum,
+    SpectrumRule,
     adversarial_signs,
     apply_enhancement,
     centroid_gap,
@@ -51,12 +55,11 @@ from sde_ray.spectral import (
     effective_rank,
     energy_shares,
     enhancement_deltas,
-    partition_kwargs,
-    partition_spectrum,
     random_signs,
     schedule_value,
     smallest_principal_angle,
     snr_loss,
+    spectrum_rule,
 )
 
 
@@ -64,14 +67,47 @@ def _finite_on_every_rank(query: torch.Tensor, target: torch.Tensor, world_size:
     return all_ranks_true(bool(torch.isfinite(query).all() and torch.isfinite(target).all()), world_size)
 
 
-class SDEObjective(torch.nn.Module):
-    """λ(t)·InfoNCE(F_q·M_q, F_t·M_t) + (1 − λ(t))·spectral terms + w_snr·L_snr."""
+@dataclass(frozen=True)
+class SDESpectral:
+    """Stages 1–3: how σ, V are taken and split (`spectrum`), and the enhancement Δ(α(t))."""
 
-    def __init__(self, spectral_config, loss_config):
+    spectrum: SpectrumRule
+    alpha: Schedule
+    eps_strong: float
+    eps_weak: float
+    eps_noise: float
+    rho: float
+    strong_perturbation: str  # random | adversarial
+
+
+@dataclass(frozen=True)
+class SDELoss:
+    """Stages 4–6: the instance loss and the dual-domain total."""
+
+    temperature: float
+    learnable_temperature: bool
+    duplicate_targets: str  # ignore | mask | multi_positive
+    lambda_schedule: Schedule
+    w_hellinger: float
+    w_subspace: float
+    w_snr: float
+    hellinger_on: str  # singular | energy
+    hellinger_numerical_rank: bool
+    subspace_k: int
+    subspace_form: str  # projector | surrogate
+
+
+class SDEObjective(torch.nn.Module):
+    """λ(t)·InfoNCE(F_q·M_q, F_t·M_t) + (1 − λ(t))·spectral terms + w_snr·L_snr.
+
+    Takes its own two frozen dataclasses of plain values, not config sections (`build_sde` fills
+    them from the config's `spectral` and `loss` keys of the same names)."""
+
+    def __init__(self, spectral: SDESpectral, loss: SDELoss):
         super().__init__()
-        self.spectral = spectral_config
-        self.loss = loss_config
-        self.scale = Temperature(loss_config.temperature, loss_config.learnable_temperature)
+        self.spectral = spectral
+        self.loss = loss
+        self.scale = Temperature(loss.temperature, loss.learnable_temperature)
 
     def _instance(self, query, target, logit_scale, context: StepContext, negatives=None, ids=None,
                   negative_ids=None) -> torch.Tensor:
@@ -123,14 +159,14 @@ class SDEObjective(torch.nn.Module):
             extra = 0.0 if negatives is None else negatives.sum()
             return (query.sum() + target.sum() + extra) * nan, {"loss": nan, "nonfinite_features": 1.0}
         num_rows, dim = query.shape[0] * world_size, query.shape[1]
-        mode = choose_mode(num_rows, dim, sp.mode, sp.auto_gram_ratio)
+        mode = choose_mode(num_rows, dim, sp.spectrum.mode, sp.spectrum.auto_gram_ratio)
         features = (query, target)
         spectra: list[Spectrum] = [distributed_spectrum(x, rank, world_size, mode) for x in features]
         resolved = [_above_numerical_rank(s.sigma, max(num_rows, dim), query.dtype, mode) for s in spectra]
         # σ's below the numerical rank are zeros up to rounding: partitioned as exact zeros, so that the
         # thresholds (a median, quantiles) do not follow the rounding when they fall among them.
         partitions: list[Partition] = [
-            partition_spectrum(torch.where(keep, s.sigma, 0.0), num_rows, dim, **partition_kwargs(sp))
+            sp.spectrum.partition.split(torch.where(keep, s.sigma, 0.0), num_rows, dim)
             for s, keep in zip(spectra, resolved)
         ]
         alpha = schedule_value(sp.alpha, context.progress)
@@ -249,8 +285,39 @@ def _side_metrics(side: str, spectrum: Spectrum, partition: Partition, bound_fac
     return metrics
 
 
+def sde_spectral(spectral_config) -> SDESpectral:
+    """`SDESpectral` from the config's `spectral` section (also what `sde-ray bench spectral` times)."""
+    s = spectral_config
+    return SDESpectral(
+        spectrum=spectrum_rule(s),
+        alpha=s.alpha,
+        eps_strong=s.eps_strong,
+        eps_weak=s.eps_weak,
+        eps_noise=s.eps_noise,
+        rho=s.rho,
+        strong_perturbation=s.strong_perturbation,
+    )
+
+
 def build_sde(config, embed_dim: int) -> SDEObjective:
-    """The SDE objective from the whole `Config` (sections `spectral` and `loss`)."""
+    """The SDE objective from the whole `Config` (sections `spectral` and `loss`): the one place
+    that reads them."""
     if embed_dim < 1:
         raise ValueError(f"embed_dim must be >= 1, got {embed_dim}")
-    return SDEObjective(config.spectral, config.loss)
+    loss = config.loss
+    return SDEObjective(
+        sde_spectral(config.spectral),
+        SDELoss(
+            temperature=loss.temperature,
+            learnable_temperature=loss.learnable_temperature,
+            duplicate_targets=loss.duplicate_targets,
+            lambda_schedule=loss.lambda_schedule,
+            w_hellinger=loss.w_hellinger,
+            w_subspace=loss.w_subspace,
+            w_snr=loss.w_snr,
+            hellinger_on=loss.hellinger_on,
+            hellinger_numerical_rank=loss.hellinger_numerical_rank,
+            subspace_k=loss.subspace_k,
+            subspace_form=loss.subspace_form,
+        ),
+    )

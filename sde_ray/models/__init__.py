@@ -5,7 +5,7 @@
   `save_pretrained(dir)`.
 - `load_pretrained(dir) -> (model, model_config)` reloads an export; `warm_start` / `resolve_export`
   serve `model.init_from`.
-- `BatchProcessor(model_config_dict)`: raw MMEB batch -> fixed-shape numpy arrays (Ray Data actors).
+- `BatchProcessor(model_config)`: raw MMEB batch -> fixed-shape numpy arrays (Ray Data actors).
 - `count_parameters(model) -> {"total", "trainable"}`.
 
 The names `tiny-clip`, `tiny-siglip`, `tiny-qwen2-vl` build small random models in code; any other

@@ -181,7 +181,7 @@ def warm_start(backbone: nn.Module, init_from: str | Path) -> None:
 
 def load_pretrained(directory: str | Path) -> tuple[Embedder, ModelConfig]:
     """Reloads a folder written by `model.save_pretrained`, through `from_pretrained(directory)`.
-    The returned config names that folder, so `BatchProcessor(asdict(config))` reads the saved
+    The returned config names that folder, so `BatchProcessor(config)` reads the saved
     tokenizer and image processor. The model is in eval mode."""
     directory = Path(directory).resolve()
     meta_path = directory / EXPORT_FILE

@@ -1,6 +1,6 @@
 """Raw MMEB batches → fixed-shape numpy arrays for the encoders (runs inside Ray Data CPU actors).
 
-`BatchProcessor(model_config_dict)` is built from a plain dict so Ray can ship it anywhere; it loads
+`BatchProcessor(model_config)` takes the typed `ModelConfig` (it pickles, so Ray ships it anywhere); it loads
 the tokenizer and image processor of `model.name_or_path` (the tiny names build theirs in code) and
 maps a raw batch (`qry_text`, `pos_text`, `qry_image`, `pos_image`, `target_hash`, `subset`) to
 `{qry,pos}_input_ids` int64 [B, L], `{qry,pos}_attention_mask` int64 [B, L],
@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from sde_ray.config import ModelConfig, from_dict
+from sde_ray.config import ModelConfig
 from sde_ray.data.mmeb import stable_id
 
 SIDES = ("qry", "pos")
@@ -145,14 +145,11 @@ def _column(batch: Any, key: str, rows: int | None) -> list:
 class BatchProcessor:
     """Picklable callable: raw batch dict → dict of fixed-shape numpy arrays (see module docstring)."""
 
-    def __init__(self, model_config_dict: dict, negatives_per_query: int = 0):
-        if not isinstance(model_config_dict, dict):
-            raise TypeError(
-                f"BatchProcessor takes dataclasses.asdict(ModelConfig), got {type(model_config_dict).__name__}."
-            )
-        self.model_config_dict = copy.deepcopy(model_config_dict)
+    def __init__(self, model_config: ModelConfig, negatives_per_query: int = 0):
+        if not isinstance(model_config, ModelConfig):
+            raise TypeError(f"BatchProcessor takes a ModelConfig, got {type(model_config).__name__}.")
+        self.config: ModelConfig = copy.deepcopy(model_config)
         self.negatives_per_query = int(negatives_per_query)
-        self.config: ModelConfig = from_dict(self.model_config_dict, ModelConfig)
         self.tokenizer, self.image_processor = load_processors(self.config)
         if self.tokenizer.pad_token_id is None:
             raise ValueError(f"the tokenizer of {self.config.name_or_path} has no pad token.")
@@ -161,12 +158,12 @@ class BatchProcessor:
         else:
             self._setup_dual()
 
-    # Rebuilt from the plain dict on unpickling: small payload, nothing process-specific travels.
+    # Rebuilt from the config on unpickling: small payload, nothing process-specific travels.
     def __getstate__(self) -> dict:
-        return {"model_config_dict": self.model_config_dict, "negatives_per_query": self.negatives_per_query}
+        return {"model_config": self.config, "negatives_per_query": self.negatives_per_query}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["model_config_dict"], state.get("negatives_per_query", 0))
+        self.__init__(state["model_config"], state["negatives_per_query"])
 
     # ------------------------------------------------------------------------------------------
     @property

@@ -38,14 +38,14 @@ from sde_ray.spectral.partition import (
     FENCES,
     NOISE_ESTIMATORS,
     Partition,
+    PartitionRule,
     estimate_noise_std,
     marchenko_pastur_quantile,
     noise_edge,
-    partition_kwargs,
     partition_spectrum,
 )
-from sde_ray.spectral.schedules import SCHEDULE_KINDS, schedule_value
-from sde_ray.spectral.snapshot import spectral_snapshot
+from sde_ray.spectral.schedules import SCHEDULE_KINDS, Schedule, schedule_value
+from sde_ray.spectral.snapshot import SpectrumRule, spectral_snapshot, spectrum_rule
 
 __all__ = [
     "FENCES",
@@ -54,7 +54,10 @@ __all__ = [
     "SCHEDULE_KINDS",
     "Enhancement",
     "Partition",
+    "PartitionRule",
+    "Schedule",
     "Spectrum",
+    "SpectrumRule",
     "adversarial_signs",
     "apply_enhancement",
     "centroid_gap",
@@ -73,7 +76,6 @@ __all__ = [
     "marchenko_pastur_quantile",
     "modality_gap",
     "noise_edge",
-    "partition_kwargs",
     "partition_spectrum",
     "principal_angles",
     "random_signs",
@@ -81,6 +83,7 @@ __all__ = [
     "smallest_principal_angle",
     "snr_loss",
     "spectral_snapshot",
+    "spectrum_rule",
     "spectrum_from_gram",
     "svd_spectrum",
     "top_subspace",

@@ -236,14 +236,32 @@ def soft_memberships(sigma: torch.Tensor, tau_mp: float, tau_strong: float, widt
     return torch.stack([strong, above - strong, 1.0 - above])
 
 
-def partition_kwargs(spectral_config) -> dict:
-    """The keyword arguments of `partition_spectrum` from a `SpectralConfig`."""
-    return {
-        "noise_estimator": spectral_config.noise_estimator,
-        "tw_margin": spectral_config.tw_margin,
-        "fence": spectral_config.fence,
-        "iqr_k": spectral_config.iqr_k,
-        "energy_fraction": spectral_config.energy_fraction,
-        "partition": spectral_config.partition,
-        "soft_width": spectral_config.soft_width,
-    }
+@dataclass(frozen=True)
+class PartitionRule:
+    """The rule `partition_spectrum` applies after (σ, N, d): its keyword arguments as one value.
+
+    Plain values (no defaults: the caller states every choice); `SpectrumRule` carries one, and
+    `spectrum_rule` builds it from the config's `spectral` section, whose keys these names are."""
+
+    noise_estimator: str
+    tw_margin: float
+    fence: str
+    iqr_k: float
+    energy_fraction: float
+    partition: str
+    soft_width: float
+
+    def split(self, singular_values: torch.Tensor, num_rows: int, num_cols: int) -> Partition:
+        """`partition_spectrum(singular_values, num_rows, num_cols, **this rule)`."""
+        return partition_spectrum(
+            singular_values,
+            num_rows,
+            num_cols,
+            noise_estimator=self.noise_estimator,
+            tw_margin=self.tw_margin,
+            fence=self.fence,
+            iqr_k=self.iqr_k,
+            energy_fraction=self.energy_fraction,
+            partition=self.partition,
+            soft_width=self.soft_width,
+        )

@@ -10,6 +10,7 @@ after the warm-up. Values stay in [min(start, end), max(start, end)] ⊆ [0, 1].
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 SCHEDULE_KINDS = ("linear", "cosine", "sigmoid", "step", "constant")
 
@@ -35,7 +36,19 @@ def _shape(kind: str, u: float, steepness: float, num_steps: int) -> float:
     raise ValueError(f"unknown schedule kind {kind!r}; valid: {', '.join(SCHEDULE_KINDS)}")
 
 
-def schedule_value(schedule, progress: float) -> float:
+class Schedule(Protocol):
+    """What `schedule_value` reads: `sde_ray.config.ScheduleConfig` is one (the library does not
+    import the config)."""
+
+    kind: str
+    warmup: float
+    start: float
+    end: float
+    sigmoid_steepness: float
+    num_steps: int
+
+
+def schedule_value(schedule: Schedule, progress: float) -> float:
     """The value of `schedule` (a `ScheduleConfig`) at progress t (clamped to [0, 1])."""
     if not math.isfinite(progress):
         raise ValueError(f"progress must be finite, got {progress}")

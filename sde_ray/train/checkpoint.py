@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sde_ray.config import Config, to_dict
 from sde_ray.distributed import get_rank
 from sde_ray.runs import (
     CONSOLIDATED,
@@ -119,8 +120,9 @@ def consolidated_state_dict(engine) -> dict[str, torch.Tensor] | None:
     return {k: v.detach().cpu().clone() for k, v in state.items()}
 
 
-def save_checkpoint(directory: str | os.PathLike, engine, state: TrainState, config_dict: dict, rank: int) -> None:
-    """Writes this rank's part of a checkpoint into `directory` (every rank calls it)."""
+def save_checkpoint(directory: str | os.PathLike, engine, state: TrainState, config: Config, rank: int) -> None:
+    """Writes this rank's part of a checkpoint into `directory` (every rank calls it); `config` is
+    recorded in state.json as its JSON tree."""
     directory = Path(directory)
     engine.save_checkpoint(str(directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG)
     weights = consolidated_state_dict(engine)
@@ -128,7 +130,7 @@ def save_checkpoint(directory: str | os.PathLike, engine, state: TrainState, con
     torch.save(rng_state(), directory / RNG_DIR / f"rank_{rank}.pt")
     if rank == 0:
         torch.save(weights, directory / CONSOLIDATED)
-        (directory / STATE).write_text(json.dumps({**asdict(state), "config": config_dict}, indent=1))
+        (directory / STATE).write_text(json.dumps({**asdict(state), "config": to_dict(config)}, indent=1))
     write_manifest(directory, rank)
 
 

@@ -22,7 +22,7 @@ import ray.data
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from sde_ray.config import Config, ConfigError, ModelConfig, dump_yaml, is_elastic, to_dict, with_values, worker_counts
+from sde_ray.config import Config, ConfigError, ModelConfig, dump_yaml, is_elastic, with_values, worker_counts
 from sde_ray.data.cache import prepare_data
 from sde_ray.eval.report import results_markdown, write_results
 from sde_ray.eval.runner import final_evaluation, select_datasets
@@ -186,7 +186,7 @@ class _ProcessorFactory:
         self.negatives_per_query, self.sidecar, self.shards = negatives_per_query, sidecar, shards or []
 
     def __call__(self):
-        processor = BatchProcessor(to_dict(self.model_config), self.negatives_per_query)  # ships as plain data
+        processor = BatchProcessor(self.model_config, self.negatives_per_query)
         if self.sidecar and self.negatives_per_query:
             from sde_ray.data.negatives import MinedNegatives
 

@@ -41,7 +41,7 @@ import numpy as np
 import ray.train
 import torch
 
-from sde_ray.config import Config, TrainConfig, to_dict
+from sde_ray.config import Config, TrainConfig
 from sde_ray.eval.plots import plot_spectrum
 from sde_ray.eval.runner import validation_p_at_1 as evaluate_validation
 from sde_ray.losses import StepContext, build_objective
@@ -49,7 +49,7 @@ from sde_ray.losses.infonce import ids_with_negatives, split_negatives
 from sde_ray.models import BatchProcessor, build_model
 from sde_ray.distributed import all_reduce, broadcast_object, mean_over_ranks
 from sde_ray.runs import RunLogger, say
-from sde_ray.spectral import spectral_snapshot
+from sde_ray.spectral import spectral_snapshot, spectrum_rule
 from sde_ray.train.checkpoint import (
     ResumePlan,
     TrainState,
@@ -316,7 +316,7 @@ def _report(metrics: dict, checkpoint_dir: str | None = None, name: str | None =
 
 def _checkpoint_and_report(engine, state: TrainState, config: Config, rank: int, metrics: dict, launch: str) -> None:
     with tempfile.TemporaryDirectory(prefix="sde_ray_ckpt_") as directory:
-        save_checkpoint(directory, engine, state, to_dict(config), rank)
+        save_checkpoint(directory, engine, state, config, rank)
         _report(metrics, directory, name=f"checkpoint_{state.step:06d}_{launch}")
 
 
@@ -380,7 +380,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     trained = TrainedModel(config, engine, rank)
     processor = None
     if eval_root:
-        processor = BatchProcessor(to_dict(config.model))
+        processor = BatchProcessor(config.model)
 
     # 4-5. Train.
     window: dict[str, float] = {}
@@ -461,7 +461,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     summary.update(step=state.step, samples=state.samples, world_size=world_size,
                    data_rows_replaced=state.rows_replaced)
     if last_features is not None:
-        _, spectra = spectral_snapshot(last_features[0], last_features[1], config.spectral, rank, world_size)
+        rule = spectrum_rule(config.spectral)
+        _, spectra = spectral_snapshot(last_features[0], last_features[1], rule, rank, world_size)
         if rank == 0:
             path = plot_spectrum(spectra, Path(output_dir) / "plots" / "spectrum.png",
                                  title=f"{config.loss.name}: singular values at step {state.step}")
@@ -506,6 +507,7 @@ def _step_metrics(window: dict[str, float], count: int, config: Config, rank: in
     for objectives that do not compute them (the InfoNCE baseline logs the same numbers as SDE)."""
     local = {k: v / max(count, 1) for k, v in window.items()}
     if last_features is not None and "effective_rank_q" not in local:
-        diagnostics, _ = spectral_snapshot(last_features[0], last_features[1], config.spectral, rank, world_size)
+        rule = spectrum_rule(config.spectral)
+        diagnostics, _ = spectral_snapshot(last_features[0], last_features[1], rule, rank, world_size)
         local.update(diagnostics)
     return mean_over_ranks(local, world_size)

@@ -20,10 +20,10 @@ def synthetic_mmeb(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_export(tmp_path_factory):
     """(model folder, model, processor) of a randomly initialised tiny-clip written by save_pretrained."""
-    from sde_ray.config import ModelConfig, to_dict
+    from sde_ray.config import ModelConfig
     from sde_ray.models import BatchProcessor, build_model
 
     config = ModelConfig(name_or_path="tiny-clip")
     model = build_model(config, seed=0).eval()
     folder = model.save_pretrained(tmp_path_factory.mktemp("export") / "model")
-    return folder, model, BatchProcessor(to_dict(config))
+    return folder, model, BatchProcessor(config)

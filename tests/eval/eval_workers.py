@@ -13,7 +13,7 @@ import gloo_workers
 def validation_worker(rank: int, world_size: int, rendezvous: str, out_dir: str, eval_root: str,
                       datasets: list[str], max_queries: int) -> None:
     """Distributed validation P@1 of a seed-0 tiny-clip; saves the value and the items it encoded."""
-    from sde_ray.config import ModelConfig, to_dict
+    from sde_ray.config import ModelConfig
     from sde_ray.eval import encode
     from sde_ray.eval.runner import validation_p_at_1
     from sde_ray.models import BatchProcessor, build_model
@@ -29,7 +29,7 @@ def validation_worker(rank: int, world_size: int, rendezvous: str, out_dir: str,
         return original(self, side, texts, images)
 
     encode.ModelEncoder.encode_batch = counting
-    value = validation_p_at_1(model, BatchProcessor(to_dict(config)), eval_root, max_queries=max_queries,
+    value = validation_p_at_1(model, BatchProcessor(config), eval_root, max_queries=max_queries,
                               batch_size=4, datasets=datasets, rank=rank, world_size=world_size)
     torch.save({"p_at_1": value, "items": sum(encoded)}, Path(out_dir) / f"rank{rank}.pt")
     gloo_workers.finish()

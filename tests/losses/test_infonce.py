@@ -119,3 +119,18 @@ def test_duplicate_target_modes_on_a_hand_case():
 def test_unknown_duplicate_mode_is_rejected():
     with pytest.raises(ValueError, match="duplicates"):
         info_nce(torch.eye(2), torch.eye(2), 1.0, target_ids=torch.tensor([0, 0]), duplicates="bogus")
+
+
+def test_normalize_is_cosine_logits_of_the_raw_rows():
+    """`normalize=True` equals InfoNCE on rows L2-normalised by hand, explicit negatives included."""
+    g = torch.Generator().manual_seed(3)
+    query, target, negatives = (torch.randn(rows, 5, generator=g) * 4 for rows in (6, 6, 12))
+    ids, negative_ids = torch.arange(6) % 4, torch.arange(12) % 4
+    for duplicates in ("ignore", "mask", "multi_positive"):
+        by_hand = info_nce(F.normalize(query, dim=-1), F.normalize(target, dim=-1), 10.0, 0, 1, ids, duplicates,
+                           F.normalize(negatives, dim=-1), negative_ids)
+        assert torch.equal(info_nce(query, target, 10.0, 0, 1, ids, duplicates, negatives, negative_ids,
+                                    normalize=True), by_hand)
+        manual_norm = query / query.norm(dim=-1, keepdim=True)
+        torch.testing.assert_close(info_nce(manual_norm, target / target.norm(dim=-1, keepdim=True), 10.0),
+                                   info_nce(query, target, 10.0, normalize=True))

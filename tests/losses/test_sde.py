@@ -10,9 +10,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sde_ray.config import Config
+from sde_ray.config import Config, ScheduleConfig, load_config
 from sde_ray.losses import StepContext, build_objective
 from sde_ray.losses.objectives import build_infonce
+from sde_ray.losses.sde import SDELoss, SDEObjective, SDESpectral
+from sde_ray.spectral import PartitionRule, SpectrumRule
 
 
 def _features(rows=32, dim=16, seed=0):
@@ -49,6 +51,42 @@ def test_registry_builds_sde_and_metrics_are_complete():
     assert all(isinstance(v, float) and math.isfinite(v) for v in metrics.values())
     assert metrics["num_strong_q"] + metrics["num_weak_q"] == 3  # the three planted directions
     assert sum(metrics[f"energy_{n}_q"] for n in ("strong", "weak", "noise")) == pytest.approx(1.0)
+
+
+def test_the_objective_takes_plain_settings_and_the_builder_maps_every_key():
+    """SDEObjective is built from its own frozen dataclasses of plain values; `build_sde` fills each
+    field from the config key of the same name (every value below differs from its default and from
+    the other fields', so a swapped or dropped key fails)."""
+    config = load_config(None, [
+        "loss.name=sde", "spectral.mode=gram", "spectral.auto_gram_ratio=2.0", "spectral.noise_estimator=iqr",
+        "spectral.tw_margin=2.5", "spectral.fence=energy", "spectral.iqr_k=1.25", "spectral.energy_fraction=0.6",
+        "spectral.soft_width=0.75", "spectral.eps_strong=0.2", "spectral.eps_weak=0.15", "spectral.eps_noise=0.4",
+        "spectral.rho=0.05", "spectral.strong_perturbation=adversarial", "spectral.alpha.kind=linear",
+        "loss.temperature=0.07", "loss.learnable_temperature=true", "loss.duplicate_targets=mask",
+        "loss.lambda_schedule.start=0.3", "loss.w_hellinger=0.5", "loss.w_subspace=0.25", "loss.w_snr=0.35",
+        "loss.hellinger_on=energy", "loss.hellinger_numerical_rank=false", "loss.subspace_k=4",
+        "loss.subspace_form=projector",
+    ])
+    spectral = SDESpectral(
+        spectrum=SpectrumRule(mode="gram", auto_gram_ratio=2.0, partition=PartitionRule(
+            noise_estimator="iqr", tw_margin=2.5, fence="energy", iqr_k=1.25, energy_fraction=0.6,
+            partition="hard", soft_width=0.75)),
+        alpha=ScheduleConfig(kind="linear"), eps_strong=0.2, eps_weak=0.15, eps_noise=0.4, rho=0.05,
+        strong_perturbation="adversarial",
+    )
+    loss = SDELoss(
+        temperature=0.07, learnable_temperature=True, duplicate_targets="mask",
+        lambda_schedule=ScheduleConfig(kind="linear", start=0.3, end=1.0), w_hellinger=0.5, w_subspace=0.25,
+        w_snr=0.35, hellinger_on="energy", hellinger_numerical_rank=False, subspace_k=4, subspace_form="projector",
+    )
+    built = build_objective(config, 16)
+    assert (built.spectral, built.loss) == (spectral, loss)
+    query, target = _features()
+    context = StepContext(progress=0.3, generator=torch.Generator().manual_seed(0),
+                          target_ids=torch.arange(32) % 5)
+    expected, expected_metrics = built(query, target, context)
+    got, got_metrics = SDEObjective(spectral, loss)(query, target, context)
+    assert float(got.detach()) == float(expected.detach()) and got_metrics == expected_metrics
 
 
 def test_eval_mode_has_no_enhancement_and_training_mode_does():

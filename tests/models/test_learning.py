@@ -7,7 +7,6 @@ from scratch learns colour first and shape slowly: this checks the model can lea
 
 from __future__ import annotations
 
-import dataclasses
 import io
 
 import numpy as np
@@ -68,7 +67,7 @@ def multi_positive_infonce(query, target, labels, temperature=0.05):
 def test_tiny_clip_learns_coloured_shapes():
     config = ModelConfig()
     assert config.name_or_path == "tiny-clip"
-    processor = BatchProcessor(dataclasses.asdict(config))
+    processor = BatchProcessor(config)
     train_labels, train = dataset(processor, 512, seed=0)
     test_labels, test = dataset(processor, 160, seed=1)
     captions = {

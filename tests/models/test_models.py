@@ -15,7 +15,7 @@ from sde_ray.models import BatchProcessor, build_model, count_parameters, last_t
 
 
 def processed(config: ModelConfig, raw: dict) -> dict:
-    return {k: torch.as_tensor(v) for k, v in BatchProcessor(dataclasses.asdict(config))(raw).items()}
+    return {k: torch.as_tensor(v) for k, v in BatchProcessor(config)(raw).items()}
 
 
 def test_features_are_finite_and_gradients_reach_every_parameter(tiny_config, raw):
@@ -50,7 +50,7 @@ def test_batch_without_any_image_still_touches_the_vision_tower(tiny_config, raw
 def test_dual_encoder_fuses_text_and_image_by_sum(name, tiny_configs, make_png):
     config = tiny_configs[name]
     model = build_model(config).eval()
-    processor = BatchProcessor(dataclasses.asdict(config))
+    processor = BatchProcessor(config)
     prompt = "<|image_1|>\nRepresent the given image with the following question: what is it?\n"
     image = make_png("cyan", "square")
     both = {k: torch.as_tensor(v) for k, v in processor.encode_inputs([prompt], [image], "qry").items()}
@@ -92,7 +92,7 @@ def test_vlm_embedding_is_the_last_real_token_of_an_unpadded_run(padding_side, t
     the Qwen2-VL image processor's own patches)."""
     config = tiny_configs["tiny-qwen2-vl"]
     model = build_model(config).eval()
-    processor = BatchProcessor(dataclasses.asdict(config))
+    processor = BatchProcessor(config)
     processor.tokenizer.padding_side = padding_side
     side = processor.encode_inputs(raw["qry_text"], raw["qry_image"], "qry")
     batch = {k: torch.as_tensor(v) for k, v in side.items()}
@@ -242,7 +242,7 @@ def test_save_pretrained_round_trip_gives_identical_embeddings(
     assert reloaded_config.name_or_path == str((tmp_path / "export").resolve())
     assert reloaded_config.kind == config.kind and not reloaded_config.lora.enabled
     assert reloaded.embed_dim == model.embed_dim and not reloaded.training
-    processor = BatchProcessor(dataclasses.asdict(reloaded_config))  # reads the saved tokenizer/processor
+    processor = BatchProcessor(reloaded_config)  # reads the saved tokenizer/processor
     new_batch = processor(raw)
     assert new_batch["qry_pixel_values"].dtype == batch["qry_pixel_values"].numpy().dtype == "uint8"
     assert arrays_equal({k: v.numpy() for k, v in batch.items()}, new_batch)
@@ -291,7 +291,7 @@ def test_configuration_errors_are_clear(tiny_configs, tmp_path):
         build_model(ModelConfig(name_or_path=str(tmp_path / "clip"), max_text_length=64))
     batch = {
         k: torch.as_tensor(v)
-        for k, v in BatchProcessor(dataclasses.asdict(tiny_configs["tiny-clip"]))
+        for k, v in BatchProcessor(tiny_configs["tiny-clip"])
         .encode_inputs(["x"], None, "qry")
         .items()
     }

@@ -3,7 +3,6 @@ next rows' positives, and target features in the per-query layout (vs encoding e
 
 from __future__ import annotations
 
-import dataclasses
 import pickle
 
 import numpy as np
@@ -26,7 +25,7 @@ def _with_negatives(raw: dict, png) -> dict:
 def test_processor_emits_k_negatives_per_row_padded_with_next_positives(tiny_config, raw, make_png):
     from sde_ray.data.convert import target_hash
 
-    config = dataclasses.asdict(tiny_config)
+    config = tiny_config
     processor = BatchProcessor(config, negatives_per_query=K)
     batch = _with_negatives(raw, make_png)
     out = processor(batch)
@@ -47,7 +46,7 @@ def test_processor_emits_k_negatives_per_row_padded_with_next_positives(tiny_con
 
 
 def test_embedder_returns_targets_in_the_per_query_layout(tiny_config, raw, make_png):
-    config = dataclasses.asdict(tiny_config)
+    config = tiny_config
     out = BatchProcessor(config, negatives_per_query=K)(_with_negatives(raw, make_png))
     batch = {key: torch.from_numpy(value) for key, value in out.items()}
     model = build_model(tiny_config, seed=0).eval()
@@ -64,7 +63,7 @@ def test_embedder_returns_targets_in_the_per_query_layout(tiny_config, raw, make
 
 
 def test_one_row_batch_without_negatives_is_an_error(tiny_configs, raw):
-    config = dataclasses.asdict(next(iter(tiny_configs.values())))
+    config = next(iter(tiny_configs.values()))
     one = {key: value[:1] for key, value in raw.items()}
     with pytest.raises(ValueError, match="negatives_per_query=2"):
         BatchProcessor(config, negatives_per_query=K)({**one, "neg_text": [[]], "neg_image": [[]]})
@@ -74,7 +73,7 @@ def test_chunks_of_rows_concatenate_to_the_whole_batch_layout(tiny_configs, raw,
     """GradCache encodes a batch in chunks of rows and concatenates the features: with the per-query
     layout the concatenation is the whole batch's layout, negatives included."""
     config = next(iter(tiny_configs.values()))
-    out = BatchProcessor(dataclasses.asdict(config), negatives_per_query=K)(_with_negatives(raw, make_png))
+    out = BatchProcessor(config, negatives_per_query=K)(_with_negatives(raw, make_png))
     batch = {key: torch.from_numpy(value) for key, value in out.items()}
     model = build_model(config, seed=0).eval()
     with torch.no_grad():

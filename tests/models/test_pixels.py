@@ -3,7 +3,6 @@ full output, bf16, refusal of float pixels, and state that neither exports nor p
 
 from __future__ import annotations
 
-import dataclasses
 import io
 
 import numpy as np
@@ -50,7 +49,7 @@ def as_reference_layout(processor: BatchProcessor, pixels: torch.Tensor) -> np.n
 
 
 def test_model_side_normalisation_equals_the_image_processor(tiny_config):
-    processor = BatchProcessor(dataclasses.asdict(tiny_config))
+    processor = BatchProcessor(tiny_config)
     model = build_model(tiny_config)
     out = processor.encode_inputs(["a", "b", "c", "d"], IMAGES[:2] + [None] + IMAGES[2:], "qry")
     pixels = out["qry_pixel_values"]
@@ -73,7 +72,7 @@ def test_normalisation_follows_the_processors_switches():
     processor = model.image_processor
     processor.do_normalize, processor.rescale_factor = False, 1 / 127.5
     model = type(model)(model.backbone, model.tokenizer, processor, config, model.embed_dim)
-    pixels = BatchProcessor(dataclasses.asdict(config)).encode_inputs(["x"], IMAGES[:1], "qry")[
+    pixels = BatchProcessor(config).encode_inputs(["x"], IMAGES[:1], "qry")[
         "qry_pixel_values"
     ]
     reference = processor(images=[Image.open(io.BytesIO(IMAGES[0])).convert("RGB")], return_tensors="np")[
@@ -84,7 +83,7 @@ def test_normalisation_follows_the_processors_switches():
 
 
 def test_bf16_model_gets_bf16_pixels_rounded_once_from_float32(tiny_config):
-    processor = BatchProcessor(dataclasses.asdict(tiny_config))
+    processor = BatchProcessor(tiny_config)
     pixels = torch.as_tensor(processor.encode_inputs(["x", "y"], IMAGES[:2], "qry")["qry_pixel_values"])
     model = build_model(tiny_config)
     in_float32 = model.normalize_pixels(pixels)
@@ -107,7 +106,7 @@ def test_bf16_model_gets_bf16_pixels_rounded_once_from_float32(tiny_config):
 def test_float_pixels_are_refused_with_the_contract(tiny_configs, raw):
     config = tiny_configs["tiny-clip"]
     model = build_model(config)
-    batch = {k: torch.as_tensor(v) for k, v in BatchProcessor(dataclasses.asdict(config))(raw).items()}
+    batch = {k: torch.as_tensor(v) for k, v in BatchProcessor(config)(raw).items()}
     for dtype in (torch.float32, torch.bfloat16, torch.int64):
         bad = dict(batch, pos_pixel_values=batch["pos_pixel_values"].to(dtype))
         with pytest.raises(

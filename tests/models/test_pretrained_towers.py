@@ -9,7 +9,6 @@ attention-mask-weighted mean of `last_hidden_state`.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -67,7 +66,7 @@ def _text_batch(config: ModelConfig) -> dict:
         "target_hash": [f"h{i}" for i in range(len(TEXTS))],
         "subset": ["A"] * len(TEXTS),
     }
-    return {k: torch.as_tensor(v) for k, v in BatchProcessor(dataclasses.asdict(config))(raw).items()}
+    return {k: torch.as_tensor(v) for k, v in BatchProcessor(config)(raw).items()}
 
 
 def _reference(minilm: str, pooling: str) -> torch.Tensor:

@@ -22,7 +22,7 @@ from sde_ray.models.processing import IMAGE_PAD, VISION_END, VISION_START, exact
 
 
 def processor_for(config: ModelConfig, **changes) -> BatchProcessor:
-    return BatchProcessor(dataclasses.asdict(dataclasses.replace(config, **changes)))
+    return BatchProcessor(dataclasses.replace(config, **changes))
 
 
 def test_raw_batch_to_fixed_shapes(tiny_config, raw):
@@ -72,15 +72,15 @@ def test_pickle_round_trip_and_determinism(tiny_config, raw, arrays_equal):
     assert arrays_equal(first, clone(raw))
     assert arrays_equal(first, processor(raw))
     assert arrays_equal(first, processor_for(tiny_config)(raw))
-    assert len(pickle.dumps(processor)) < 2000  # only the config dict travels
+    assert len(pickle.dumps(processor)) < 2000  # only the config travels
 
 
 def test_tiny_tokenizer_is_identical_in_a_fresh_process(tiny_configs):
     """Ray Data actors and training workers tokenise in different processes: ids must agree."""
     text = "<|image_1|>\nRepresent the given image: a mauve dodecahedron ∑ 日本"
     script = (
-        "import dataclasses, sys; from sde_ray.config import ModelConfig; from sde_ray.models import BatchProcessor;"
-        f"p = BatchProcessor(dataclasses.asdict(ModelConfig(kind='vlm', name_or_path='tiny-qwen2-vl')));"
+        "import sys; from sde_ray.config import ModelConfig; from sde_ray.models import BatchProcessor;"
+        f"p = BatchProcessor(ModelConfig(kind='vlm', name_or_path='tiny-qwen2-vl'));"
         f"print(p.encode_inputs([{text!r}], None, 'qry')['qry_input_ids'].tolist())"
     )
     result = subprocess.run(
@@ -224,6 +224,6 @@ def test_bad_input_errors_name_the_problem(tiny_configs, raw, make_png):
     with pytest.raises(ValueError, match="neither text nor an image"):
         vlm.encode_inputs([""], [None], "pos")
     with pytest.raises(ValueError, match="vlm model but model.kind=dual_encoder"):
-        BatchProcessor(dataclasses.asdict(ModelConfig(kind="dual_encoder", name_or_path="tiny-qwen2-vl")))
-    with pytest.raises(TypeError, match="asdict"):
-        BatchProcessor(ModelConfig())
+        BatchProcessor(ModelConfig(kind="dual_encoder", name_or_path="tiny-qwen2-vl"))
+    with pytest.raises(TypeError, match="takes a ModelConfig, got dict"):
+        BatchProcessor(dataclasses.asdict(ModelConfig()))

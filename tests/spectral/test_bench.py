@@ -8,6 +8,7 @@ import torch
 
 from sde_ray.bench.spectral import main, spectral_stage
 from sde_ray.config import Config
+from sde_ray.losses.sde import sde_spectral
 from sde_ray.spectral import enhancement_matrix, svd_spectrum
 
 
@@ -28,7 +29,7 @@ def test_quick_bench_is_well_formed(tmp_path, capsys):
 
 def test_bench_stage_is_the_library_enhancement():
     features = torch.randn(40, 12, dtype=torch.float64)
-    config = Config().spectral
+    config = sde_spectral(Config().spectral)
     out_gather = spectral_stage(features, "gather", config, torch.Generator().manual_seed(0))
     out_gram = spectral_stage(features, "gram", config, torch.Generator().manual_seed(0))
     torch.testing.assert_close(out_gather, out_gram)

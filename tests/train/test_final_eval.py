@@ -17,7 +17,6 @@ def test_final_eval_on_eval_actors_after_fit(ray_cluster, small_config):
     from sde_ray.eval.encode import model_identity
     from sde_ray.eval.runner import evaluate_model, run_eval
     from sde_ray.models import BatchProcessor, load_pretrained
-    from sde_ray.config import to_dict
     from sde_ray.train.driver import run_train
 
     config = small_config("train.max_steps=4", "train.eval_every=2", "eval.num_workers=2",
@@ -35,7 +34,7 @@ def test_final_eval_on_eval_actors_after_fit(ray_cluster, small_config):
     # Reference: the exported model evaluated in this process.
     model, model_config = load_pretrained(result["model_dir"])
     eval_root = evaluation["data_dir"]
-    local = evaluate_model(model, BatchProcessor(to_dict(model_config)), eval_root,
+    local = evaluate_model(model, BatchProcessor(model_config), eval_root,
                            datasets=["SynColour", "SynCaption_t2i"])
     assert {n: r["p_at_1"] for n, r in evaluation["datasets"].items()} == {
         n: r["p_at_1"] for n, r in local["datasets"].items()

@@ -41,16 +41,14 @@ def test_two_ray_workers_match_one_process(mode, ray_cluster, tmp_path):
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from sde_ray.config import load_config, to_dict
+    from sde_ray.config import load_config
 
     config = load_config(None, ["loss.name=sde", f"spectral.mode={mode}", "loss.temperature=0.1"])
 
     def worker(loop_config):
         import torch.distributed as dist
 
-        from sde_ray.config import from_dict
-
-        worker_config = from_dict(loop_config["config"])
+        worker_config = loop_config["config"]  # the typed Config pickles, as in the driver's payload
         rank = ray.train.get_context().get_world_rank()
         query, target = _features(3)
         rows = slice(rank * ROWS // WORLD, (rank + 1) * ROWS // WORLD)
@@ -67,7 +65,7 @@ def test_two_ray_workers_match_one_process(mode, ray_cluster, tmp_path):
     out = tmp_path / "distributed.pt"
     TorchTrainer(
         worker,
-        train_loop_config={"config": to_dict(config), "out": str(out)},
+        train_loop_config={"config": config, "out": str(out)},
         scaling_config=ray.train.ScalingConfig(num_workers=WORLD),
         run_config=ray.train.RunConfig(storage_path=str(tmp_path), name=f"spectral_{mode}"),
     ).fit()

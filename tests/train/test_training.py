@@ -60,7 +60,6 @@ def test_bf16_zero3_validation_on_every_rank(ray_cluster, small_config, read_met
     (bf16 layer norms vs autocast's fp32 ones may flip a near-tie: one query of slack)."""
     from sde_ray.eval.runner import _validation_slice, validation_p_at_1
     from sde_ray.models import BatchProcessor, load_pretrained
-    from sde_ray.config import to_dict
     from sde_ray.train.driver import build_trainer
 
     config = small_config("deepspeed.zero_stage=3", "deepspeed.precision=bf16", "train.max_steps=4",
@@ -71,7 +70,7 @@ def test_bf16_zero3_validation_on_every_rank(ray_cluster, small_config, read_met
     model, model_config = load_pretrained(Path(config.train.output_dir) / "model")
     eval_root = Path(config.data.cache_dir).rglob("MMEB-eval")
     root = next(p for p in eval_root if p.is_dir())
-    single = validation_p_at_1(model, BatchProcessor(to_dict(model_config)), root,
+    single = validation_p_at_1(model, BatchProcessor(model_config), root,
                                max_queries=config.eval.val_queries, batch_size=config.eval.batch_size,
                                precision="bf16")
     prepared = _validation_slice(str(root.resolve()), None, config.eval.val_queries)
