@@ -83,7 +83,11 @@ def test_batch_processor_reads_the_converted_rows(digits: Path, tmp_path: Path) 
     manifest = convert_mmeb(digits / "MMEB-train", tmp_path / "shards", samples_per_shard=4096, progress=False)
     with tarfile.open(tmp_path / "shards" / manifest["shards"][0]["name"]) as archive:
         members = {m.name: archive.extractfile(m).read() for m in archive.getmembers()}
-    keys = sorted(n[: -len(".json")] for n in members if n.endswith(".json"))[:8]
+    names = sorted(n[: -len(".json")] for n in members if n.endswith(".json"))
+    # Two rows of each kind with the same label text, so that both query kinds are covered.
+    label = {n: json.loads(members[f"{n}.json"]) for n in names}
+    t2i_three = [n for n in names if label[n]["subset"] == T2I and label[n]["qry_text"].rstrip().endswith("three")]
+    keys = t2i_three[:2] + [n for n in names if n not in t2i_three][:6]
     metas = [json.loads(members[f"{k}.json"]) for k in keys]
     batch = {"qry_text": [m["qry_text"] for m in metas], "pos_text": [m["pos_text"] for m in metas],
              "qry_image": [members.get(f"{k}.qry.img") for k in keys],
@@ -93,6 +97,12 @@ def test_batch_processor_reads_the_converted_rows(digits: Path, tmp_path: Path) 
     assert out["qry_pixel_values"].shape == (8, 3, 32, 32) and out["qry_pixel_values"].dtype == np.uint8
     assert (out["qry_has_image"] == np.array([m["subset"] == I2T for m in metas])).all()
     assert (out["pos_has_image"] == np.array([m["subset"] == T2I for m in metas])).all()
+    # query_id: the content id of the query; a label-text query repeats, an image query does not.
+    for a in range(8):
+        for b in range(8):
+            same_query = (metas[a]["qry_text"], members.get(f"{keys[a]}.qry.img")) == \
+                (metas[b]["qry_text"], members.get(f"{keys[b]}.qry.img"))
+            assert (out["query_id"][a] == out["query_id"][b]) == same_query
 
 
 def test_eval_sets_have_ten_candidates_and_exactly_one_positive(digits: Path) -> None:
