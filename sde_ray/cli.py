@@ -90,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--train-per-subset", type=int, default=384)
     synth.add_argument("--eval-per-dataset", type=int, default=100)
     synth.add_argument("--noisy-correspondence", type=float, default=0.0)
+    digits = data_commands.add_parser(
+        "digits", help="Write the UCI digits (scikit-learn) as MMEB-train + MMEB-eval: a small real-image check.")
+    digits.add_argument("--out", required=True)
+    digits.add_argument("--seed", type=int, default=0, help="Seed of the train/test split and eval candidates.")
+    digits.add_argument("--image-size", type=int, default=32, help="Side of the stored RGB images, in pixels.")
+    digits.add_argument("--resample", default="nearest", choices=("nearest", "bilinear", "bicubic"))
 
     mine = commands.add_parser("mine", help="Mine hard negatives of the training corpus with a teacher (Ray job).")
     mine.add_argument("--checkpoint", required=True, help="Teacher: run dir, Ray checkpoint or save_pretrained dir.")
@@ -170,6 +176,12 @@ def _dispatch(args: argparse.Namespace) -> int:
             args.out, seed=args.seed, train_per_subset=args.train_per_subset,
             eval_per_dataset=args.eval_per_dataset, noisy_correspondence=args.noisy_correspondence,
         )
+        return 0
+    if args.command == "data" and args.data_command == "digits":
+        from sde_ray.data.digits import write_digits_mmeb
+
+        summary = write_digits_mmeb(args.out, seed=args.seed, image_size=args.image_size, resample=args.resample)
+        print(json.dumps({k: summary[k] for k in ("train_dir", "eval_dir", "train_rows", "eval_rows")}))
         return 0
     if args.command == "mine":
         from sde_ray.mine import run_mine

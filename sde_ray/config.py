@@ -245,6 +245,10 @@ class LossConfig:
     duplicate_targets: Literal["ignore", "mask", "multi_positive"] = doc(
         "ignore", "Identical targets in a batch: ignore (one-hot), mask them from negatives, or count them positive."
     )
+    duplicate_key: Literal["pair", "target"] = doc(
+        "pair", "What makes rows duplicates for mask/multi_positive: pair = they share their target or their "
+        "query (transitively: a label text -> image subset repeats its queries), target = identical targets only."
+    )
     negatives_per_query: int = doc(
         0, "Explicit negatives per query (the dataset's neg_* columns or a mined sidecar) added, shared across "
         "the global batch, to the InfoNCE candidates; 0 = in-batch negatives only."

@@ -37,7 +37,9 @@ class StepContext:
     rank: int = 0
     world_size: int = 1
     training: bool = True  # enhancement and noise injection apply only while training
-    target_ids: torch.Tensor | None = None  # (B,) int64 content hashes of this rank's targets
+    # (B,) int64 content hashes of this rank's targets, or the positive groups of
+    # `infonce.duplicate_groups` (rows sharing a query or a target) under loss.duplicate_key=pair
+    target_ids: torch.Tensor | None = None
     generator: torch.Generator | None = None  # randomness shared by all ranks (same seed)
 
 

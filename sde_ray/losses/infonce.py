@@ -11,6 +11,13 @@ large batch holds many "negatives" equal to the positive. `duplicates` chooses w
 `ignore` (plain one-hot InfoNCE), `mask` (drop them from the negatives), `multi_positive` (the loss is
 −log of the total probability of all identical targets).
 
+Identical queries are the same problem seen from the other side: a label text → image subset (the
+T→I direction of a classification set) repeats each label text as the query of many rows, whose
+target images are then all positives of it, while their target hashes all differ. `duplicate_groups`
+turns (query id, target id) pairs into positive groups — rows joined when they share their query or
+their target, transitively (the connected rows of the global batch) — and returns one group id per
+row, to be passed as `target_ids` (`loss.duplicate_key=pair`, the default; `target` keeps the ids).
+
 Explicit negatives (MMEB-train's `neg_*` columns or mined ones, `loss.negatives_per_query`) travel
 as more target rows: an objective's `target` is then `(B·(1+K)) × d`, laid out per query (row
 `i·(1+K)` is query i's positive, the next K rows its negatives), so cutting a batch into chunks of
@@ -71,6 +78,52 @@ def ids_with_negatives(target_ids: torch.Tensor | None, negative_ids: torch.Tens
     if target_ids is None or negative_ids is None:
         return target_ids
     return torch.cat([target_ids[:, None], negative_ids.view(target_ids.shape[0], -1)], dim=1).reshape(-1)
+
+
+_NO_LABEL = torch.iinfo(torch.int64).max
+
+
+def _components(query_ids: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
+    """For each row, the smallest target id of its connected component, where rows are joined when
+    they share a query id or a target id (label propagation, one pass per side until stable)."""
+    label = target_ids.clone()
+    inverses = [torch.unique(ids, return_inverse=True)[1] for ids in (query_ids, target_ids)]
+    while True:
+        previous = label
+        for inverse in inverses:
+            smallest = torch.full((int(inverse.max()) + 1,), _NO_LABEL, dtype=label.dtype, device=label.device)
+            label = smallest.scatter_reduce(0, inverse, label, reduce="amin")[inverse]
+        if torch.equal(label, previous):
+            return label
+
+
+def duplicate_groups(
+    query_ids: torch.Tensor, target_ids: torch.Tensor, rank: int = 0, world_size: int = 1,
+    negative_ids: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(group id of each local row (B,), the negatives' ids mapped into the same id space).
+
+    Two rows of the global batch are in one group when they share their query or their target, or
+    are joined through a chain of such rows; then each row's target is a positive of every query in
+    its group (query a = query b, whose positive is target b = target c, ...). A group's id is the
+    smallest target id in it. An explicit negative whose id is some global row's target id gets that
+    row's group id (so it still counts as a duplicate of a positive); any other negative keeps its id,
+    which then matches no group (group ids are target ids of the batch). Every rank computes the same
+    groups from the gathered ids.
+    """
+    all_queries = gather_no_grad(query_ids, world_size)
+    all_targets = gather_no_grad(target_ids, world_size)
+    groups = _components(all_queries, all_targets)
+    local = target_ids.shape[0]
+    mine = groups[rank * local:(rank + 1) * local]
+    if negative_ids is None:
+        return mine, None
+    keys, order = torch.sort(all_targets)
+    values = groups[order]
+    flat = negative_ids.reshape(-1)
+    where = torch.searchsorted(keys, flat).clamp(max=keys.numel() - 1)
+    mapped = torch.where(keys[where] == flat, values[where], flat)
+    return mine, mapped.reshape(negative_ids.shape)
 
 
 def _directional_loss(

@@ -5,7 +5,8 @@ the tokenizer and image processor of `model.name_or_path` (the tiny names build 
 maps a raw batch (`qry_text`, `pos_text`, `qry_image`, `pos_image`, `target_hash`, `subset`) to
 `{qry,pos}_input_ids` int64 [B, L], `{qry,pos}_attention_mask` int64 [B, L],
 `{qry,pos}_pixel_values` uint8 [B, 3, H, W] (zeros where a row has no image),
-`{qry,pos}_has_image` bool [B] and `target_id` int64 [B].
+`{qry,pos}_has_image` bool [B], `target_id` int64 [B] and `query_id` int64 [B] (the same content id of
+the query's text and image bytes).
 
 With `negatives_per_query=K > 0` the raw batch also carries per-row lists `neg_text`, `neg_image` and
 optionally `neg_target_hash` (the dataset's own negatives, see sde_ray/data/batches.py, or a mined
@@ -76,6 +77,15 @@ def decode_image(value: Any, where: str) -> Image.Image | None:
     raise TypeError(
         f"{where}: expected encoded image bytes, a PIL image or None, got {type(value).__name__}."
     )
+
+
+def _image_bytes(value: Any) -> bytes | None:
+    """The bytes a content id hashes: encoded bytes as they are, a PIL image's pixels, None/empty → None."""
+    if isinstance(value, Image.Image):
+        return value.tobytes()
+    if isinstance(value, (bytes, bytearray, memoryview, np.bytes_)) and len(value):
+        return bytes(value)
+    return None
 
 
 def load_processors(config: ModelConfig) -> tuple[Any, Any]:
@@ -183,6 +193,13 @@ class BatchProcessor:
             out.update(self.encode_inputs(texts, images, side))
         hashes = _column(batch, "target_hash", rows)
         out["target_id"] = np.array([stable_id(h) for h in hashes], dtype=np.int64)
+        # The query's content id, as the converter's target_hash of the target: rows sharing a query
+        # share their positives (loss.duplicate_key=pair, sde_ray.losses.infonce.duplicate_groups).
+        from sde_ray.data.convert import target_hash
+
+        queries, query_images = _column(batch, "qry_text", rows), _column(batch, "qry_image", rows)
+        out["query_id"] = np.array([stable_id(target_hash(t, _image_bytes(i))) for t, i in zip(queries, query_images)],
+                                   dtype=np.int64)
         if self.negatives_per_query:
             out.update(self._negatives(batch, rows, hashes))
         return out

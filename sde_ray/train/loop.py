@@ -45,7 +45,7 @@ from sde_ray.config import Config, TrainConfig
 from sde_ray.eval.plots import plot_spectrum
 from sde_ray.eval.runner import validation_p_at_1 as evaluate_validation
 from sde_ray.losses import StepContext, build_objective
-from sde_ray.losses.infonce import ids_with_negatives, split_negatives
+from sde_ray.losses.infonce import duplicate_groups, ids_with_negatives, split_negatives
 from sde_ray.models import BatchProcessor, build_model
 from sde_ray.distributed import all_reduce, broadcast_object, mean_over_ranks
 from sde_ray.runs import RunLogger, say
@@ -68,6 +68,7 @@ from sde_ray.train.preemption import stop_requested
 
 # Keys of a processed batch that are not model inputs.
 TARGET_ID_KEY = "target_id"
+QUERY_ID_KEY = "query_id"
 
 
 @dataclass(frozen=True)
@@ -490,13 +491,18 @@ def _count_replaced(state: TrainState, replaced_rows: int, world_size: int) -> i
 
 
 def _step_context(config: Config, state: TrainState, rank: int, world_size: int, batch: dict):
+    target_ids, negative_ids = batch.get(TARGET_ID_KEY), batch.get("neg_target_id")
+    if (config.loss.duplicate_targets != "ignore" and config.loss.duplicate_key == "pair"
+            and target_ids is not None and QUERY_ID_KEY in batch):
+        # Rows that share a query share their positives too (one all-gather of the ids, every rank).
+        target_ids, negative_ids = duplicate_groups(batch[QUERY_ID_KEY], target_ids, rank, world_size, negative_ids)
     return StepContext(
         progress=state.step / config.train.max_steps,
         rank=rank,
         world_size=world_size,
         training=True,
         # With explicit negatives: one id per target row, in the objectives' per-query layout.
-        target_ids=ids_with_negatives(batch.get(TARGET_ID_KEY), batch.get("neg_target_id")),
+        target_ids=ids_with_negatives(target_ids, negative_ids),
         generator=step_generator(config.train.seed, state.step, 0),
     )
 
