@@ -4,7 +4,6 @@ exactly one positive each."""
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import re
@@ -93,7 +92,7 @@ def test_batch_processor_reads_the_converted_rows(digits: Path, tmp_path: Path) 
              "qry_image": [members.get(f"{k}.qry.img") for k in keys],
              "pos_image": [members.get(f"{k}.pos.img") for k in keys],
              "target_hash": [m["target_hash"] for m in metas], "subset": [m["subset"] for m in metas]}
-    out = BatchProcessor(dataclasses.asdict(ModelConfig()))(batch)
+    out = BatchProcessor(ModelConfig())(batch)
     assert out["qry_pixel_values"].shape == (8, 3, 32, 32) and out["qry_pixel_values"].dtype == np.uint8
     assert (out["qry_has_image"] == np.array([m["subset"] == I2T for m in metas])).all()
     assert (out["pos_has_image"] == np.array([m["subset"] == T2I for m in metas])).all()
