@@ -25,11 +25,13 @@ def test_quick_train_bench_reports_all_variants_and_ratios(ray_cluster, small_co
     assert ratios["sde_over_infonce_step_time"] == pytest.approx(
         results["plain"]["step_ms"] / results["plain_infonce"]["step_ms"])
     assert set(results["targets"]) == {"framework_overhead", "sde_overhead", "gradcache_whole_over_today",
-                                       "gradcache_chunked_over_whole"}
+                                       "gradcache_chunked_over_whole", "gradcache_whole_over_today_cpu",
+                                       "gradcache_chunked_over_whole_cpu"}
     assert [row["global_batch_size"] for row in results["gradcache"]] == [32, 64]
     for row in results["gradcache"]:
         assert row["chunked_over_whole"] == pytest.approx(row["chunked_step_ms"] / row["whole_step_ms"])
         assert row["whole_over_today"] == pytest.approx(row["whole_step_ms"] / row["today_step_ms"])
+        assert row["chunked_over_whole_cpu"] == pytest.approx(row["chunked_cpu_ms"] / row["whole_cpu_ms"])
         assert row["whole_peak_mib"] >= 0 and row["chunked_peak_mib"] >= 0  # measured RSS high-water marks
     # Activation memory: at 64 rows the whole-batch step holds 4x the activations of a 16-row chunk.
     assert results["gradcache"][1]["chunked_peak_mib"] < results["gradcache"][1]["whole_peak_mib"]
