@@ -62,7 +62,7 @@ def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     try:
         from sklearn.datasets import load_digits
     except ImportError as exc:  # a test/bench dependency, not a run-time one
-        raise ImportError("the digits check needs scikit-learn (pip install scikit-learn)") from exc
+        raise ImportError("the digits check needs scikit-learn: pip install 'sde_ray[digits]' (or the test extra)") from exc
     digits = load_digits()
     images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)
     return images, digits.target.astype(np.int64)
