@@ -10,8 +10,9 @@ one fixed global batch of real processed samples from the synthetic MMEB shards:
   interleaved step by step in one process; the plain pair runs before and after the Ray runs;
 - gradcache: per global batch N, `train_step` (the loop's step) with the whole local batch and with
   64-row chunks against the pre-GradCache step (engine forward, backward, step), interleaved in one
-  fresh DeepSpeed process per N (variant order rotating each step): wall and CPU time per step; and,
-  in a fresh process per variant, the peak RSS of two steps above the RSS of the built engine.
+  fresh DeepSpeed process per N (variant order rotating each step): wall and CPU time per step, with
+  GradCache's graph-free forward of the batch timed alone (the floor of chunked / whole is 1 + its
+  share); and, in a fresh process per variant, the peak RSS of two steps above the RSS of the built engine.
 
 Every variant runs with the same number of torch threads per worker (1 by default), so the ratios
 measure framework overhead, not thread counts. Targets: ray_1 / plain ≤ 1.2 (framework overhead),
@@ -210,11 +211,14 @@ def _print(results: dict) -> None:
               f"{row['whole_peak_mib']:.0f} | {row['chunked_peak_mib']:.0f} |")
     print("(where N equals the chunk, chunked is the whole step again: its chunked / whole is the timing noise)")
     print("The same steps in CPU time (user + system of the one-thread process; not inflated by other jobs):")
-    print("| global batch | pre-GradCache CPU (ms) | whole CPU (ms) | chunked CPU (ms) | whole / pre | chunked / whole |"
-          "\n|---:|---:|---:|---:|---:|---:|")
+    print("| global batch | pre-GradCache CPU (ms) | whole CPU (ms) | chunked CPU (ms) | graph-free forward CPU (ms) | "
+          "whole / pre | chunked / whole | floor: 1 + forward / whole | chunked / (whole + forward) |"
+          "\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in results["gradcache"]:
         print(f"| {row['global_batch_size']} | {row['today_cpu_ms']:.0f} | {row['whole_cpu_ms']:.0f} | "
-              f"{row['chunked_cpu_ms']:.0f} | {row['whole_over_today_cpu']:.3f} | {row['chunked_over_whole_cpu']:.3f} |")
+              f"{row['chunked_cpu_ms']:.0f} | {row['forward_cpu_ms']:.0f} | {row['whole_over_today_cpu']:.3f} | "
+              f"{row['chunked_over_whole_cpu']:.3f} | {1 + row['forward_over_whole_cpu']:.3f} | "
+              f"{row['chunked_over_whole_plus_forward_cpu']:.3f} |")
     for name, target in results["targets"].items():
         print(f"{name}: target <= {target['target']} -> {'met' if target['met'] else 'NOT met'}")
 
@@ -251,7 +255,7 @@ def _gradcache_worker(config: Config, batch: dict, chunks: list[int], steps: int
     from sde_ray.losses import StepContext
     from sde_ray.train.deepspeed_config import build_deepspeed_config
     from sde_ray.train.loop import build_engine, build_train_module, seed_everything
-    from sde_ray.train.step import train_step
+    from sde_ray.train.step import split_rows, train_step
 
     rows = len(batch["target_id"])
     engines = []
@@ -279,8 +283,14 @@ def _gradcache_worker(config: Config, batch: dict, chunks: list[int], steps: int
         engine.backward(loss)
         engine.step()
 
+    def graphless_forward(engine, chunk: int) -> None:  # GradCache's extra pass alone: its step 1
+        with torch.no_grad():
+            for piece in split_rows(batch, chunk):
+                engine(piece)
+
     runs = [lambda e=engines[0]: plain_step(e)]  # "today": the pre-GradCache loop body
     runs += [lambda e=engine, c=chunk: train_step(e, batch, context(0), c, 1) for engine, chunk in zip(engines, chunks)]
+    runs.append(lambda: graphless_forward(engines[-1], chunks[-1]))
     # Wall time and the process's CPU time (user + system) of each step. With one thread and no
     # peers, CPU time is the step's own work: on a shared box it does not count the time other jobs
     # held the cores, which wall time does (a load of 10 on 2 cores moved wall ratios by ±50 %).
@@ -326,8 +336,8 @@ def gradcache_bench(config: Config, batch_sizes: list[int], chunk: int, steps: i
         repeat = -(-rows // len(largest["target_id"]))  # tile the real samples up to N rows
         batch = {k: v.repeat(repeat, *([1] * (v.dim() - 1)))[:rows] for k, v in largest.items()}
         timed = _gradcache_process(config, batch, [rows, min(chunk, rows)], steps)
-        today, whole, chunked = timed["step_s"]
-        today_cpu, whole_cpu, chunked_cpu = timed["cpu_s"]
+        today, whole, chunked, forward = timed["step_s"]
+        today_cpu, whole_cpu, chunked_cpu, forward_cpu = timed["cpu_s"]
         peaks = [_gradcache_process(config, batch, [size], 0)["peak_mib"] for size in (rows, min(chunk, rows))]
         rows_out.append({
             "global_batch_size": rows, "chunk": min(chunk, rows),
@@ -336,5 +346,11 @@ def gradcache_bench(config: Config, batch_sizes: list[int], chunk: int, steps: i
             "whole_peak_mib": peaks[0], "chunked_peak_mib": peaks[1],
             "whole_over_today": whole / today, "chunked_over_whole": chunked / whole,
             "whole_over_today_cpu": whole_cpu / today_cpu, "chunked_over_whole_cpu": chunked_cpu / whole_cpu,
+            # The price GradCache should pay is one graph-free forward of the batch: the floor of
+            # chunked / whole is 1 + forward / whole, and chunked / (whole + forward) is what it
+            # costs beyond that (chunking, RNG replay, per-chunk reductions).
+            "forward_ms": 1000 * forward, "forward_cpu_ms": 1000 * forward_cpu,
+            "forward_over_whole_cpu": forward_cpu / whole_cpu,
+            "chunked_over_whole_plus_forward_cpu": chunked_cpu / (whole_cpu + forward_cpu),
         })
     return rows_out

@@ -33,5 +33,9 @@ def test_quick_train_bench_reports_all_variants_and_ratios(ray_cluster, small_co
         assert row["whole_over_today"] == pytest.approx(row["whole_step_ms"] / row["today_step_ms"])
         assert row["chunked_over_whole_cpu"] == pytest.approx(row["chunked_cpu_ms"] / row["whole_cpu_ms"])
         assert row["whole_peak_mib"] >= 0 and row["chunked_peak_mib"] >= 0  # measured RSS high-water marks
+        assert row["chunked_over_whole_plus_forward_cpu"] == pytest.approx(
+            row["chunked_cpu_ms"] / (row["whole_cpu_ms"] + row["forward_cpu_ms"]))
+        # A forward without a graph is a fraction of a forward + backward + optimizer step.
+        assert 0 < row["forward_cpu_ms"] < row["whole_cpu_ms"]
     # Activation memory: at 64 rows the whole-batch step holds 4x the activations of a 16-row chunk.
     assert results["gradcache"][1]["chunked_peak_mib"] < results["gradcache"][1]["whole_peak_mib"]
