@@ -329,7 +329,11 @@ class EvalConfig:
     datasets: list[str] = doc([], "Datasets to evaluate; empty means all found.")
     batch_size: int = doc(64, "Encoding batch size.")
     num_workers: int = doc(1, "Ray workers encoding in parallel.")
-    val_queries: int = doc(200, "Queries in the held-out slice used for on-the-fly validation P@1.")
+    val_data_dir: str = doc(
+        "", "MMEB-eval layout root validated on during training (what sweeps tune on). Empty: the synthetic "
+        "set's validation split (its own draw: no query of the evaluation split), else `data_dir`'s first rows, "
+        "which the final evaluation scores too (the driver says so).")
+    val_queries: int = doc(200, "Validation queries: the first ceil(val_queries / #datasets) rows of each dataset.")
     gap_remedy: Literal["none", "procrustes", "shared_projection"] = doc("none", "Eval-time modality-gap remedy.")
 
 

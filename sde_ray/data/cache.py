@@ -27,13 +27,14 @@ MANIFEST = "manifest.json"
 
 @dataclass
 class PreparedData:
-    """Absolute shard paths, the eval root, the manifest, and shards skipped as corrupt."""
+    """Absolute shard paths, the eval and validation roots, the manifest, and shards skipped as corrupt."""
 
     shards: list[str]
     eval_dir: str
     manifest: dict
     skipped_shards: dict[str, str] = field(default_factory=dict)
     check: ShardCheck | None = None
+    val_dir: str = ""  # a validation split disjoint from eval_dir's queries ("": none, see eval.val_data_dir)
 
     @property
     def num_samples(self) -> int:
@@ -68,7 +69,8 @@ def _ensure_synthetic(cache: Path, synth) -> Path:
                              num_candidates=synth.num_candidates, image_size=synth.image_size)
         # synthetic.json records absolute paths: rewrite them for the final location.
         summary = json.loads((staging / "synthetic.json").read_text())
-        summary.update(train_dir=str(target / "MMEB-train"), eval_dir=str(target / "MMEB-eval"))
+        summary.update(train_dir=str(target / "MMEB-train"), eval_dir=str(target / "MMEB-eval"),
+                       val_dir=str(target / "MMEB-val"))
         (staging / "synthetic.json").write_text(json.dumps(summary, indent=1) + "\n")
         try:
             os.rename(staging, target)
@@ -127,9 +129,10 @@ def synthetic_eval_dir(config) -> str:
 
 def _prepare_locked(config, cache: Path) -> PreparedData:
     data = config.data
+    val_dir = None  # only the synthetic set ships a validation split of its own
     if data.source == "synthetic":
         root = _ensure_synthetic(cache, data.synth)
-        train_dir, eval_dir = root / "MMEB-train", root / "MMEB-eval"
+        train_dir, eval_dir, val_dir = root / "MMEB-train", root / "MMEB-eval", root / "MMEB-val"
         shard_dir = root / f"shards-{data.split}-{data.samples_per_shard}"
         manifest = _converted(train_dir, shard_dir, config)
         shards = [str(shard_dir / entry["name"]) for entry in manifest["shards"]]
@@ -151,4 +154,5 @@ def _prepare_locked(config, cache: Path) -> PreparedData:
         eval_dir = Path(data.mmeb_eval_dir).expanduser().resolve() if data.mmeb_eval_dir else None
     check = check_shards(shards, manifest)
     return PreparedData(shards=check.paths, eval_dir=str(eval_dir) if eval_dir else "",
-                        manifest=manifest, skipped_shards=check.skipped, check=check)
+                        manifest=manifest, skipped_shards=check.skipped, check=check,
+                        val_dir=str(val_dir) if val_dir else "")

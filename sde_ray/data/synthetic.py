@@ -13,12 +13,17 @@ Noisy correspondence: `noisy_correspondence` = r swaps the positive of round(r·
 per subset for the positive of another row with a different target. The affected rows are listed
 in `<train_root>/synthetic_noise.json` (the parquet files keep MMEB's schema exactly).
 
+Validation: `<out>/MMEB-val` holds the eval datasets again, drawn from their own random stream (new
+scenes, so new query images and candidate sets), for validation during training and for sweeps to
+tune on without touching a query the final evaluation scores.
+
 Layout written (as the Hugging Face release):
   <out>/MMEB-train/<Subset>/original-00000-of-00001.parquet   all-string columns
   <out>/MMEB-train/images/<Subset>/Train/<file>.jpg           (the unpacked images_zip/ form)
   <out>/MMEB-eval/<Dataset>/test-00000-of-00001.parquet       qry_text, qry_img_path, tgt_text, tgt_img_path
   <out>/MMEB-eval/images.zip                                  members <Dataset>/<file>.jpg
-  mmeb_datasets.json in both roots (the catalog), synthetic.json at <out> (the settings).
+  <out>/MMEB-val/...                                          as MMEB-eval (its own draw)
+  mmeb_datasets.json in every root (the catalog), synthetic.json at <out> (the settings).
 Everything is a pure function of the settings: the same seed writes byte-identical files.
 """
 
@@ -45,7 +50,7 @@ from sde_ray.data.mmeb import (
     write_catalog,
 )
 
-SYNTH_VERSION = 1
+SYNTH_VERSION = 2  # 2: MMEB-val
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -444,7 +449,7 @@ def _rng(seed: int, dataset_index: int, stream: int) -> np.random.Generator:
     return np.random.default_rng([seed, dataset_index, stream])
 
 
-_TRAIN, _EVAL, _NOISE = 1, 2, 3
+_TRAIN, _EVAL, _NOISE, _VAL = 1, 2, 3, 4
 
 
 def _write_train(root: Path, seed: int, per_subset: int, noisy: float, k: int, image_size: int) -> tuple[dict, dict]:
@@ -495,13 +500,13 @@ def _swap_positives(rows: dict[str, list], rate: float, rng: np.random.Generator
     return swapped
 
 
-def _write_eval(root: Path, seed: int, per_dataset: int, k: int, image_size: int) -> dict:
+def _write_eval(root: Path, seed: int, per_dataset: int, k: int, image_size: int, stream: int = _EVAL) -> dict:
     counts = {}
     zip_entries: dict[str, bytes] = {}
     for index, spec in enumerate(DATASETS):
         name = spec.info.name
         candidates = min(k, spec.max_candidates or k)
-        sampler = SceneSampler(_rng(seed, index, _EVAL), spec.pairs)
+        sampler = SceneSampler(_rng(seed, index, stream), spec.pairs)
         store = _ImageStore(name, image_size)
         rows = {"qry_text": [], "qry_img_path": [], "tgt_text": [], "tgt_img_path": []}
         for _ in range(per_dataset):
@@ -530,7 +535,8 @@ def synthetic_catalog(num_candidates: int = 8) -> dict[str, DatasetInfo]:
 def write_synthetic_mmeb(out: str | os.PathLike, seed: int = 0, train_per_subset: int = 384,
                          eval_per_dataset: int = 100, noisy_correspondence: float = 0.0,
                          num_candidates: int = 8, image_size: int = 32) -> dict:
-    """Writes `<out>/MMEB-train` and `<out>/MMEB-eval`; returns the settings and row counts."""
+    """Writes `<out>/MMEB-train`, `<out>/MMEB-eval` and `<out>/MMEB-val` (`eval_per_dataset` rows
+    per dataset each); returns the settings and row counts."""
     if not 0.0 <= noisy_correspondence <= 1.0:
         raise ValueError(f"noisy_correspondence must be in [0, 1], got {noisy_correspondence}")
     if num_candidates < 2:
@@ -540,22 +546,23 @@ def write_synthetic_mmeb(out: str | os.PathLike, seed: int = 0, train_per_subset
     if train_per_subset < 1 or eval_per_dataset < 1:
         raise ValueError("train_per_subset and eval_per_dataset must be >= 1")
     out = Path(out).expanduser().resolve()
-    train_root, eval_root = out / "MMEB-train", out / "MMEB-eval"
-    train_root.mkdir(parents=True, exist_ok=True)
-    eval_root.mkdir(parents=True, exist_ok=True)
+    train_root, eval_root, val_root = out / "MMEB-train", out / "MMEB-eval", out / "MMEB-val"
+    for root in (train_root, eval_root, val_root):
+        root.mkdir(parents=True, exist_ok=True)
     settings = {"version": SYNTH_VERSION, "seed": seed, "train_per_subset": train_per_subset,
                 "eval_per_dataset": eval_per_dataset, "noisy_correspondence": noisy_correspondence,
                 "num_candidates": num_candidates, "image_size": image_size}
     train_counts, noise_rows = _write_train(train_root, seed, train_per_subset, noisy_correspondence,
                                             num_candidates, image_size)
     eval_counts = _write_eval(eval_root, seed, eval_per_dataset, num_candidates, image_size)
+    val_counts = _write_eval(val_root, seed, eval_per_dataset, num_candidates, image_size, stream=_VAL)
     catalog = synthetic_catalog(num_candidates)
-    write_catalog(train_root, catalog, source="synthetic")
-    write_catalog(eval_root, catalog, source="synthetic")
+    for root in (train_root, eval_root, val_root):
+        write_catalog(root, catalog, source="synthetic")
     (train_root / "synthetic_noise.json").write_text(json.dumps(
         {"noisy_correspondence": noisy_correspondence, "rows": noise_rows}, indent=1) + "\n")
-    summary = {**settings, "train_dir": str(train_root), "eval_dir": str(eval_root),
-               "train_rows": train_counts, "eval_rows": eval_counts,
+    summary = {**settings, "train_dir": str(train_root), "eval_dir": str(eval_root), "val_dir": str(val_root),
+               "train_rows": train_counts, "eval_rows": eval_counts, "val_rows": val_counts,
                "noisy_rows": {k: len(v) for k, v in noise_rows.items()},
                "held_out_pairs": [list(p) for p in NOVEL_PAIRS]}
     (out / "synthetic.json").write_text(json.dumps(summary, indent=1) + "\n")

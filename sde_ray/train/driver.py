@@ -58,6 +58,7 @@ def resolve_paths(config: Config) -> Config:
         "data.negatives_sidecar": absolute_path(config.data.negatives_sidecar),
         "data.shards": [absolute_path(shard) for shard in config.data.shards],
         "eval.data_dir": absolute_path(config.eval.data_dir),
+        "eval.val_data_dir": absolute_path(config.eval.val_data_dir),
     })
 
 
@@ -95,12 +96,23 @@ def eval_root_of(config: Config, prepared) -> str | None:
     return config.eval.data_dir or getattr(prepared, "eval_dir", None) or None
 
 
+def val_root_of(config: Config, prepared) -> str | None:
+    """The MMEB-eval-layout root validated on during training: `eval.val_data_dir`, else the synthetic
+    set's own validation split, else the eval root (whose first rows the final evaluation scores too)."""
+    return config.eval.val_data_dir or getattr(prepared, "val_dir", None) or eval_root_of(config, prepared)
+
+
 def check_eval_root(config: Config, prepared) -> None:
-    """On the driver, before any worker starts: the eval root's datasets must be readable (ones
-    outside the catalog get a one-line notice)."""
-    root = eval_root_of(config, prepared)
+    """On the driver, before any worker starts: the eval and validation roots' datasets must be
+    readable (ones outside the catalog get a one-line notice)."""
+    root, val_root = eval_root_of(config, prepared), val_root_of(config, prepared)
     if root:
         select_datasets(Path(root), config.eval.datasets or None)
+    if val_root and val_root != root:
+        select_datasets(Path(val_root), None, notice=False)
+    if val_root and val_root == root and config.train.eval_every > 0:
+        print(f"[sde_ray] validation P@1 is measured on the first rows of the evaluation set {root}, which the "
+            "final evaluation scores too: tune on a disjoint split (eval.val_data_dir)")
 
 
 def build_trainer(
@@ -165,7 +177,7 @@ def worker_payload(config: Config, prepared=None, train_data=None, step_hook: Ca
     """What every training worker receives (Ray Train's `train_loop_config` must be a dict): the
     resolved typed config and the run arguments, pickled as they are."""
     args = RunArgs(
-        eval_root=eval_root_of(config, prepared),
+        val_root=val_root_of(config, prepared),
         run_id=run_id(config.train.storage_path, config.train.run_name),
         wandb_mode=wandb_mode(config.logging),
         step_hook=step_hook,

@@ -75,7 +75,6 @@ QUERY_ID_KEY = "query_id"
 class RunArgs:
     """What a worker needs besides the Config, computed once on the driver (`driver.build_trainer`)."""
 
-    eval_root: str | None  # the eval split validated on and scored at the end; None: no evaluation
     run_id: str  # wandb run id, stable across worker-group restarts
     wandb_mode: str  # resolved on the driver, where WANDB_API_KEY is known
     step_hook: Callable[..., None] | None = None  # step_hook(step=, rank=, world_size=, module=, ...)
@@ -83,6 +82,7 @@ class RunArgs:
     resume_dir: str | None = None  # newest complete checkpoint on storage (checkpoint_store.prepare_resume)
     preemption: Any = None  # the flag actor a SIGTERM on the driver raises (train.preemption)
     data_counts: dict = field(default_factory=dict)  # what the data stage left out
+    val_root: str | None = None  # the split validated on (driver.val_root_of); None: no validation
 
 
 # The schedule of one optimizer step's aftermath (torchtitan-style): what happens after step `step`.
@@ -90,8 +90,8 @@ def should_log(step: int, train: TrainConfig) -> bool:
     return step % train.log_every == 0 or step == train.max_steps
 
 
-def should_validate(step: int, train: TrainConfig, eval_root: str | None) -> bool:
-    return bool(eval_root) and train.eval_every > 0 and step % train.eval_every == 0
+def should_validate(step: int, train: TrainConfig, val_root: str | None) -> bool:
+    return bool(val_root) and train.eval_every > 0 and step % train.eval_every == 0
 
 
 def should_checkpoint(step: int, train: TrainConfig) -> bool:
@@ -292,14 +292,14 @@ class TrainedModel:
         return copy.model
 
 
-def validation_p_at_1(model: torch.nn.Module, processor, eval_root: str, config: Config, rank: int,
+def validation_p_at_1(model: torch.nn.Module, processor, val_root: str, config: Config, rank: int,
                       world_size: int) -> float:
     """Validation P@1, every rank encoding its share under the training precision (same value on all)."""
 
     was_training = model.training
     model.eval()
     try:
-        return float(evaluate_validation(model, processor, eval_root, max_queries=config.eval.val_queries,
+        return float(evaluate_validation(model, processor, val_root, max_queries=config.eval.val_queries,
                                          batch_size=config.eval.batch_size, rank=rank, world_size=world_size,
                                          precision=config.deepspeed.precision))
     finally:
@@ -332,7 +332,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     train = config.train
     output_dir = config.train.output_dir
-    eval_root, step_hook = args.eval_root, args.step_hook
+    val_root, step_hook = args.val_root, args.step_hook
     seed_everything(train.seed)
 
     # 1-2. Model + objective (the same initial weights on every rank), and where to resume from.
@@ -380,7 +380,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     logger = RunLogger(config, output_dir, args.run_id, args.wandb_mode, state.step) if rank == 0 else None
     trained = TrainedModel(config, engine, rank)
     processor = None
-    if eval_root:
+    if val_root:
         processor = BatchProcessor(config.model)
 
     # 4-5. Train.
@@ -425,7 +425,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
         is_last = state.step == train.max_steps
         do_log = should_log(state.step, train)
-        do_eval = should_validate(state.step, train, eval_root)
+        do_eval = should_validate(state.step, train, val_root)
         do_checkpoint = should_checkpoint(state.step, train)
         if do_log or do_eval or do_checkpoint:
             replaced_rows = _count_replaced(state, replaced_rows, world_size)
@@ -437,7 +437,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                           data_rows_replaced=state.rows_replaced,  # rejected while reading, this run
                           **args.data_counts)  # shards skipped, rows the converter rejected
             if do_eval:
-                report["val_p_at_1"] = validation_p_at_1(trained.for_validation(), processor, eval_root, config,
+                report["val_p_at_1"] = validation_p_at_1(trained.for_validation(), processor, val_root, config,
                                                          rank, world_size)
             if logger is not None:
                 logger.log(state.step, report)

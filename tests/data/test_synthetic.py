@@ -1,4 +1,5 @@
-"""The synthetic MMEB: MMEB's exact layout and schema, determinism, OOD split, noisy-correspondence rate."""
+"""The synthetic MMEB: MMEB's exact layout and schema, determinism, OOD split, noisy-correspondence rate,
+and a validation split that shares no query with the evaluation split."""
 
 from __future__ import annotations
 
@@ -91,6 +92,26 @@ def test_eval_layout_schema_and_catalog(synth: Path) -> None:
         assert {"IND", "OOD"} <= {i.split for i in infos}, task
     # The real catalog is what a root without mmeb_datasets.json gets.
     assert load_dataset_catalog(synth) == MMEB_DATASETS
+
+
+def _eval_rows(root: Path, name: str) -> list[tuple]:
+    """Each query of `root/name` as its content: query text and image bytes, candidate texts and image bytes."""
+    archive = zipfile.ZipFile(root / "images.zip")
+    image = lambda path: archive.read(path) if path else b""  # noqa: E731
+    return [(row["qry_text"], image(row["qry_img_path"]), tuple(row["tgt_text"]),
+             tuple(image(path) for path in row["tgt_img_path"]))
+            for row in pq.read_table(root / name / "test-00000-of-00001.parquet").to_pylist()]
+
+
+def test_validation_split_is_the_eval_datasets_with_no_shared_query(synth: Path) -> None:
+    eval_root, val_root = synth / "MMEB-eval", synth / "MMEB-val"
+    assert load_dataset_catalog(val_root) == load_dataset_catalog(eval_root)
+    for name in load_dataset_catalog(eval_root):
+        evaluated, validated = _eval_rows(eval_root, name), _eval_rows(val_root, name)
+        assert len(validated) == len(evaluated) == SMALL["eval_per_dataset"]
+        assert not set(validated) & set(evaluated), name  # no query (with its candidates) in both
+        query_images = {row[1] for row in evaluated if row[1]}
+        assert not query_images & {row[1] for row in validated if row[1]}, name  # not even a query image
 
 
 def test_ood_is_made_of_held_out_combinations(synth: Path) -> None:

@@ -20,7 +20,7 @@ from sde_ray.train.driver import resolve_paths, worker_payload
 # Each would be cut or reshaped by a YAML round trip: ' #' starts a comment, ': ' makes a mapping,
 # and quotes get stripped or fail to parse.
 NAMES = ["exp #1", "a: b", "it's \"quoted\"", "spaced  out", "données 日本", "mixed #2: 'é' \"q\""]
-KEYS = ("data.cache_dir", "data.mmeb_train_dir", "eval.data_dir")
+KEYS = ("data.cache_dir", "data.mmeb_train_dir", "eval.data_dir", "eval.val_data_dir")
 
 
 def _config_from_cli(argv: list[str]):
@@ -44,14 +44,14 @@ def test_cli_resolve_and_worker_keep_every_character(tmp_path, monkeypatch, name
     assert resolved.train.output_dir == str(tmp_path / name / "out")
     assert resolved.train.storage_path == str(tmp_path / name / "out" / "ray")
     got = {"data.cache_dir": resolved.data.cache_dir, "data.mmeb_train_dir": resolved.data.mmeb_train_dir,
-           "eval.data_dir": resolved.eval.data_dir}
+           "eval.data_dir": resolved.eval.data_dir, "eval.val_data_dir": resolved.eval.val_data_dir}
     assert got == expected
     assert resolve_paths(resolved) == resolved  # idempotent: a second resolution changes nothing
 
     # What Ray ships to each worker (cloudpickle), unpickled as the worker sees it.
     payload = cloudpickle.loads(cloudpickle.dumps(worker_payload(resolved)))
     assert payload["config"] == resolved
-    assert payload["args"].eval_root == expected["eval.data_dir"]
+    assert payload["args"].val_root == expected["eval.val_data_dir"]
     assert payload["config"].train.output_dir == str(tmp_path / name / "out")
 
 
@@ -78,3 +78,19 @@ def test_quoted_string_values_and_typed_values_still_parse():
     assert config.train.run_name == "a #b"
     assert config.train.lr == 3e-4 and config.data.subsets == ["A", "B"]
     assert resolve_paths(config).train.storage_path == "s3://bucket/x #1"
+
+
+def test_validation_root_is_disjoint_from_the_evaluation_root_when_the_data_has_one(tmp_path):
+    """Synthetic data validates on its own validation split; other data on `eval.val_data_dir`, else
+    on the evaluation root itself (which the driver announces)."""
+    from sde_ray.config import load_config
+    from sde_ray.data.cache import PreparedData
+    from sde_ray.train.driver import eval_root_of, val_root_of
+
+    synthetic = PreparedData(shards=[], eval_dir="/c/MMEB-eval", manifest={}, val_dir="/c/MMEB-val")
+    config = load_config(None, [])
+    assert (eval_root_of(config, synthetic), val_root_of(config, synthetic)) == ("/c/MMEB-eval", "/c/MMEB-val")
+    mmeb = PreparedData(shards=[], eval_dir="/m/MMEB-eval", manifest={})
+    assert val_root_of(config, mmeb) == "/m/MMEB-eval"
+    chosen = load_config(None, [f"eval.val_data_dir={tmp_path}"])
+    assert val_root_of(chosen, mmeb) == val_root_of(chosen, synthetic) == str(tmp_path)

@@ -68,8 +68,9 @@ def test_bf16_zero3_validation_on_every_rank(ray_cluster, small_config, read_met
     rows = {r["step"]: r for r in read_metrics(config.train.output_dir)}
     assert "val_p_at_1" in rows[2] and "val_p_at_1" in rows[4]
     model, model_config = load_pretrained(Path(config.train.output_dir) / "model")
-    eval_root = Path(config.data.cache_dir).rglob("MMEB-eval")
-    root = next(p for p in eval_root if p.is_dir())
+    # Validation runs on the synthetic set's validation split (no query of the evaluation split).
+    val_roots = Path(config.data.cache_dir).rglob("MMEB-val")
+    root = next(p for p in val_roots if p.is_dir())
     single = validation_p_at_1(model, BatchProcessor(model_config), root,
                                max_queries=config.eval.val_queries, batch_size=config.eval.batch_size,
                                precision="bf16")
