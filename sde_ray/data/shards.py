@@ -4,9 +4,11 @@
 - `check_shards`: drops corrupt or truncated shards (tar headers past the end of the file, sizes
   or sample counts that disagree with the manifest, optionally sha256), reporting each skipped
   shard with its reason. Nothing is fatal but an empty result.
-- `read_samples(path, rows)`: the raw members of the samples at the given row indices of one
-  shard. The other samples are skipped at the tar-header level: their bytes are neither read nor
-  decoded (what lets a resume start mid-epoch without replaying the consumed rows).
+- `read_samples(path, rows)` / `iter_samples(path, rows, chunk_rows)`: the raw members of the
+  samples at the given row indices of one shard (all at once / in chunks, one pass). The other
+  samples' bytes are neither read nor decoded (what lets a resume start mid-epoch without
+  replaying the consumed rows): a local shard is read at the member offsets of its `ShardIndex`
+  (its tar headers, parsed once per process and kept), a remote one streamed past their headers.
 
 No Ray here: the Ray Data tasks of `sde_ray.train.data` call these functions.
 """
@@ -17,8 +19,11 @@ import glob
 import logging
 import os
 import tarfile
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+
+import numpy as np
 
 logger = logging.getLogger(__name__)
 
@@ -136,47 +141,150 @@ def sample_key(member_name: str) -> str:
     return base.split(".", 1)[0] if "." in base else base
 
 
+@dataclass(frozen=True)
+class ShardIndex:
+    """Where the members of every sample of one local tar lie (from its headers; no data read).
+
+    Sample i is members `starts[i]:starts[i + 1]`; member j has data at `offsets[j]`, `sizes[j]`
+    bytes, and suffix `suffixes[suffix_ids[j]]` (`json`, `qry.img`, ...). Arrays, not per-member
+    objects: a process keeps the indexes of many shards (`shard_index`).
+    """
+
+    keys: list[str]
+    starts: np.ndarray
+    suffix_ids: np.ndarray
+    suffixes: tuple[str, ...]
+    offsets: np.ndarray
+    sizes: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def build_shard_index(path: str) -> ShardIndex:
+    """The `ShardIndex` of the local tar at `path`: one pass over its headers."""
+    keys, starts, suffix_ids, offsets, sizes = [], [], [], [], []
+    suffixes: dict[str, int] = {}
+    with tarfile.open(path, mode="r:") as archive:
+        for member in archive:
+            if not member.isreg():
+                continue
+            key = sample_key(member.name)
+            if not keys or key != keys[-1]:
+                keys.append(key)
+                starts.append(len(offsets))
+            suffix = member.name.split("/")[-1][len(key) + 1:]
+            suffix_ids.append(suffixes.setdefault(suffix, len(suffixes)))
+            offsets.append(member.offset_data)
+            sizes.append(member.size)
+    return ShardIndex(keys=keys, starts=np.array(starts + [len(offsets)], dtype=np.int64),
+                      suffix_ids=np.array(suffix_ids, dtype=np.int16), suffixes=tuple(suffixes),
+                      offsets=np.array(offsets, dtype=np.int64), sizes=np.array(sizes, dtype=np.int64))
+
+
+# Per process, the indexes of the shards read last, keyed by (path, size, mtime): a Ray worker
+# process that reads a shard again (every later epoch, the next window) seeks straight to the
+# wanted samples instead of parsing the tar headers again (tarfile parses them in Python: ~0.5
+# CPU-s per 8,448-sample epoch at 32 px, a quarter of the floor's whole epoch, docs/data.md §5).
+# ~135 KB per 1,024-sample shard, so 256 shards keep ~35 MB; a process that cycles through more
+# shards than that rebuilds an index once per read task (one header pass, as the floor reads).
+_INDEXES: OrderedDict[tuple, ShardIndex] = OrderedDict()
+INDEXES_KEPT = 256
+
+
+def shard_index(path: str) -> ShardIndex:
+    """This process's `ShardIndex` of the local tar `path`, rebuilt when the file changed."""
+    stat = os.stat(path)
+    key = (path, stat.st_size, stat.st_mtime_ns)
+    index = _INDEXES.get(key)
+    if index is None:
+        index = _INDEXES[key] = build_shard_index(path)
+        while len(_INDEXES) > INDEXES_KEPT:
+            _INDEXES.popitem(last=False)
+    _INDEXES.move_to_end(key)
+    return index
+
+
 def read_samples(path: str, rows: Sequence[int]) -> dict[str, list]:
     """Columns `__key__`, `__url__` and one per member suffix (`json`, `qry.img`, ...; None where a
     sample lacks it) of the samples at `rows` (ascending row indices) of the shard at `path`.
 
     Samples are consecutive members sharing a key (the WebDataset layout). Members of other samples
-    are passed over by their headers (a seek on a local file), and the read stops after the last
-    wanted row. Raises ValueError when the shard has fewer rows than asked for.
+    are never read: a local shard is read at the wanted members' offsets (`shard_index`); a remote
+    one is streamed, its other members passed over by their headers, and the read stops after the
+    last wanted row. Raises ValueError when the shard has fewer rows than asked for.
     """
-    wanted = list(rows)
+    return next(iter_samples(path, rows, max(1, len(rows))), None) or {"__key__": [], "__url__": []}
+
+
+def iter_samples(path: str, rows: Sequence[int], chunk_rows: int) -> Iterator[dict[str, list]]:
+    """`read_samples(path, rows)` in chunks of `chunk_rows` rows, in one pass over the shard (a
+    task's memory holds one chunk's raw bytes)."""
+    wanted = [int(r) for r in rows]
     if any(b <= a for a, b in zip(wanted, wanted[1:])):
         raise ValueError(f"rows of {path} must be strictly ascending")
-    samples: list[dict[str, bytes]] = []
-    keys: list[str] = []
     if not wanted:
-        return {"__key__": [], "__url__": []}
-    opener = _open_remote(path) if _is_remote(path) else open(path, "rb")
-    with opener as handle, tarfile.open(fileobj=handle, mode="r:" if not _is_remote(path) else "r|") as archive:
-        index, current, cursor, filling = -1, None, 0, False
+        return
+    chunks = _stream_samples(path, wanted) if _is_remote(path) else _seek_samples(path, wanted)
+    found, pending = 0, []
+    for key, sample in chunks:
+        pending.append((key, sample))
+        found += 1
+        if len(pending) == chunk_rows:
+            yield _columns(path, pending)
+            pending = []
+    if found != len(wanted):
+        raise ValueError(f"{path} has fewer than {wanted[-1] + 1} samples (found {found} of the wanted rows)")
+    if pending:
+        yield _columns(path, pending)
+
+
+def _columns(path: str, samples: list[tuple[str, dict[str, bytes]]]) -> dict[str, list]:
+    suffixes = sorted({s for _, sample in samples for s in sample})
+    columns: dict[str, list] = {"__key__": [key for key, _ in samples], "__url__": [path] * len(samples)}
+    for suffix in suffixes:
+        columns[suffix] = [sample.get(suffix) for _, sample in samples]
+    return columns
+
+
+def _seek_samples(path: str, wanted: list[int]) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {suffix: bytes}) of the wanted rows of a local shard: one read per sample, spanning its
+    members (consecutive in the tar, a 512-byte header between two)."""
+    index = shard_index(path)
+    with open(path, "rb") as handle:
+        for row in wanted:
+            if row >= len(index):
+                return
+            first, last = index.starts[row], index.starts[row + 1]
+            begin = int(index.offsets[first])
+            handle.seek(begin)
+            span = memoryview(handle.read(int(index.offsets[last - 1] + index.sizes[last - 1]) - begin))
+            yield index.keys[row], {
+                index.suffixes[index.suffix_ids[j]]: bytes(span[index.offsets[j] - begin:
+                                                                 index.offsets[j] - begin + index.sizes[j]])
+                for j in range(first, last)}
+
+
+def _stream_samples(path: str, wanted: list[int]) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """The same from a stream (remote shards): the other members are passed over by their headers."""
+    with _open_remote(path) as handle, tarfile.open(fileobj=handle, mode="r|") as archive:
+        index, current, cursor, sample = -1, None, 0, None
         for member in archive:
             if not member.isreg():
                 continue
             key = sample_key(member.name)
             if key != current:
-                current, index = key, index + 1
+                if sample is not None:
+                    yield current, sample
+                current, index, sample = key, index + 1, None
                 if index > wanted[-1]:
-                    break
-                filling = cursor < len(wanted) and index == wanted[cursor]
-                if filling:
-                    cursor += 1
-                    keys.append(key)
-                    samples.append({})
-            if filling:
-                suffix = member.name.split("/")[-1][len(key) + 1:]
-                samples[-1][suffix] = archive.extractfile(member).read()
-    if len(samples) != len(wanted):
-        raise ValueError(f"{path} has fewer than {wanted[-1] + 1} samples (found {len(samples)} of the wanted rows)")
-    suffixes = sorted({s for sample in samples for s in sample})
-    columns: dict[str, list] = {"__key__": keys, "__url__": [path] * len(keys)}
-    for suffix in suffixes:
-        columns[suffix] = [sample.get(suffix) for sample in samples]
-    return columns
+                    return
+                if cursor < len(wanted) and index == wanted[cursor]:
+                    cursor, sample = cursor + 1, {}
+            if sample is not None:
+                sample[member.name.split("/")[-1][len(key) + 1:]] = archive.extractfile(member).read()
+        if sample is not None:
+            yield current, sample
 
 
 def _open_remote(path: str):

@@ -20,7 +20,7 @@ from sde_ray.data.batches import gather_rows, process_rows
 from sde_ray.data.mmeb import stable_id
 from sde_ray.data.cache import prepare_data, synthetic_eval_dir
 from sde_ray.data.order import WorkerPlan
-from sde_ray.data.shards import check_shards, read_samples
+from sde_ray.data.shards import check_shards, iter_samples, read_samples
 from sde_ray.train.data import (
     TrainData,
     batches_per_epoch,
@@ -187,6 +187,22 @@ def test_gather_rows_matches_indexing_the_concatenation() -> None:
         assert torch.equal(batch["pixels"], whole["pixels"][expected])
 
 
+def test_merged_pieces_are_the_same_rows_in_runs_under_the_limit() -> None:
+    from sde_ray.train.data import merge_pieces
+
+    generator = torch.Generator().manual_seed(0)
+    sizes = [3, 5, 1, 40, 2, 2, 7]  # rows; 16 bytes per row (two int64 columns)
+    pieces = [{"a": torch.randint(0, 99, (n,), generator=generator),
+               "b": torch.randint(0, 99, (n, 1), generator=generator)} for n in sizes]
+    merged = merge_pieces(pieces, merge_chunk_bytes=16 * 10)
+    for name in ("a", "b"):
+        assert torch.equal(torch.cat([p[name] for p in merged]), torch.cat([p[name] for p in pieces]))
+    # runs of whole consecutive pieces, each within 10 rows unless one piece alone is larger
+    assert [len(p["a"]) for p in merged] == [9, 40, 4, 7]
+    assert merged[1] is pieces[3]  # a piece over the limit is passed on, not copied
+    assert len(merge_pieces(pieces, merge_chunk_bytes=0)) == len(pieces)
+
+
 @pytest.mark.ray
 def test_object_store_hand_over_puts_blocks_of_the_target_size(ray_cluster) -> None:
     from ray.data.block import BlockAccessor
@@ -289,6 +305,31 @@ def test_read_samples_matches_webdataset_and_never_decodes_the_other_rows(shards
     assert out["key_id"].tolist() == [stable_id(reference["__key__"][i]) for i in wanted]
     with pytest.raises(ValueError, match="fewer than"):
         read_samples(path, [SHARD + 3])
+
+
+def test_chunked_reads_equal_one_read_and_a_rewritten_shard_is_indexed_again(shards, tmp_path) -> None:
+    import shutil
+
+    shard_dir, manifest = shards
+    first, second = (str(shard_dir / manifest["shards"][i]["name"]) for i in (0, 1))
+    wanted = [0, 2, 3, 7, 11, 15]
+    whole = read_samples(first, wanted)
+    chunks = list(iter_samples(first, wanted, 4))
+    assert [len(c["__key__"]) for c in chunks] == [4, 2]
+    for name in whole:
+        # a chunk has the columns of the members its samples have (None where one sample lacks it)
+        assert sum((c.get(name, [None] * len(c["__key__"])) for c in chunks), []) == whole[name], name
+    # The per-process member index must not outlive the file it indexes: the same path rewritten
+    # with another shard's samples reads those samples, not the old offsets.
+    copy = str(tmp_path / "rewritten.tar")
+    shutil.copyfile(first, copy)
+    assert read_samples(copy, wanted)["__key__"] == whole["__key__"]
+    shutil.copyfile(second, copy)
+    os.utime(copy, ns=(1, 1))  # a different mtime even on a coarse-clock file system
+    assert read_samples(copy, wanted)["json"] == read_samples(second, wanted)["json"]
+    assert read_samples(copy, wanted)["__key__"] != whole["__key__"]
+    with pytest.raises(ValueError, match="fewer than"):
+        list(iter_samples(first, [1, SHARD], 1))
 
 
 @pytest.mark.ray
