@@ -415,12 +415,14 @@ def pretrain(config: Config, steps: int, output_dir: Path) -> dict[str, Any]:
     return _train_or_reuse(this_config, run_dir, "pretrain-infonce", 0, rate, f"pretrain infonce {steps} steps")
 
 
-def _init_record(init_from: str) -> dict[str, Any] | None:
-    """The starting point's own compare record when `init_from` is a compare/pretrain run directory."""
-    marker = Path(init_from) / RUN_RECORD
-    if not marker.is_file():
-        return None
-    return json.loads(marker.read_text())["record"]
+def _init_record(init_from: str | Path) -> dict[str, Any] | None:
+    """The starting point's own compare record when `init_from` is a compare/pretrain run directory
+    or its `model/` export (what `resolve_export` turns a run directory into)."""
+    export = Path(init_from)
+    for marker in (export / RUN_RECORD, export.parent / RUN_RECORD):
+        if marker.is_file():
+            return json.loads(marker.read_text())["record"]
+    return None
 
 
 def run_compare(
@@ -438,7 +440,6 @@ def run_compare(
     import ray
 
     from sde_ray.ray_cluster import connect
-    from sde_ray.train.driver import run_train
 
     check_request(objectives, seeds, noisy_correspondence, config)
     if isinstance(data_orders, bool) or not isinstance(data_orders, int) or data_orders < 1:

@@ -284,3 +284,17 @@ def test_soft_modifier_with_a_hard_only_fence_is_rejected_before_any_run():
     config.spectral.fence = "energy"
     with pytest.raises(ConfigError, match="spectral.partition=soft needs spectral.fence=iqr"):
         check_request(["sde-soft"], 1, [0.0], config)
+
+
+def test_the_starting_record_is_found_from_the_run_directory_or_its_export(tmp_path):
+    # run_compare resolves --init-from RUN to RUN/model before looking up the starting point's
+    # record, which compare writes in RUN itself.
+    from sde_ray.tune.compare import RUN_RECORD, _init_record
+
+    run = tmp_path / "pre" / "nc0" / "infonce" / "seed0"
+    (run / "model").mkdir(parents=True)
+    record = run_record(_result(0.48, 0.2), "infonce", 0, 0.0)
+    (run / RUN_RECORD).write_text(json.dumps({"config": {}, "record": record}))
+    assert _init_record(run) == record
+    assert _init_record(run / "model") == record
+    assert _init_record(tmp_path) is None
