@@ -72,3 +72,18 @@ def test_a_shards_glob_matching_nothing_is_a_config_error_before_ray(tmp_path):
     with pytest.raises(ConfigError, match=r"data.shards\[0\]: .*nowhere/\*.tar' matches no WebDataset shard"):
         run_train(config)
     assert ray.is_initialized() == ray_before and not (tmp_path / "run").exists()
+
+
+def test_a_record_from_before_a_config_key_existed_is_the_same_run(tmp_path, monkeypatch):
+    """A run launched by an older sde_ray has no entry for a key added since (here eval.val_data_dir):
+    relaunching it with that key at its default continues the run; at another value it is a change."""
+    monkeypatch.chdir(tmp_path)
+    config = _config("train.output_dir=runs/a", "data.cache_dir=cache")
+    claim_run_dir(config)
+    record = tmp_path / "runs/a/config.yaml"
+    older = yaml.safe_load(record.read_text())
+    del older["eval"]["val_data_dir"]
+    record.write_text(yaml.safe_dump(older))
+    assert claim_run_dir(config).train.output_dir == str(tmp_path / "runs/a")
+    with pytest.raises(ConfigError, match="eval.val_data_dir"):
+        claim_run_dir(_config("train.output_dir=runs/a", "data.cache_dir=cache", f"eval.val_data_dir={tmp_path}"))
