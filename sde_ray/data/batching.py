@@ -154,14 +154,40 @@ def dropped_rows(plan: np.ndarray, num_rows: int) -> int:
     return num_rows - len(np.unique(plan))
 
 
-def row_groups(mode: str, keys: Sequence[str], clusters: Mapping[str, int] | None = None) -> np.ndarray | None:
+def split_groups(labels: np.ndarray, size: int) -> np.ndarray:
+    """`labels` refined so that no group has more than `size` rows: each group's rows, in a fixed
+    pseudo-random order, cut into pieces of `size` (the last one shorter); groups of at most `size`
+    rows stay whole. Ids are int64, ordered by (group, piece).
+
+    Why: k-means of teacher *target* embeddings puts every row of a subset whose targets are a few
+    labels into one cluster (hundreds of rows with the same target). Laid end to end, such a
+    cluster filled whole batches in which every other candidate was a copy of the row's own target
+    (issue 18: 10 points below random batches, and masking the copies did not help). Pieces of the
+    mined cluster size keep the hard neighbours together and let a batch hold G / size of them.
+    """
+    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    n = len(labels)
+    if n == 0 or size <= 0:
+        return labels
+    order = np.lexsort((np.random.default_rng(0).permutation(n), labels))  # by group, then a fixed shuffle
+    sorted_labels = labels[order]
+    starts = np.flatnonzero(np.r_[True, sorted_labels[1:] != sorted_labels[:-1]])
+    rank = np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))  # position within its group
+    pieces = np.empty(n, dtype=np.int64)
+    pieces[order] = np.unique(np.stack([sorted_labels, rank // size]), axis=1, return_inverse=True)[1].reshape(-1)
+    return pieces
+
+
+def row_groups(mode: str, keys: Sequence[str], clusters: Mapping[str, int] | None = None,
+               cluster_size: int = 0) -> np.ndarray | None:
     """The per-row ids planner `mode` batches by, for the rows whose sample keys are `keys` (None
     for `random`), as int64 (a planner sees only which rows share an id, and the ids' order).
 
     `same_subset`: the subset named by the key (`sde_ray.data.convert.key_subset`: our converter
     writes `<subset>-<row>`); the ids are the subsets' ranks by name, so the plan is the one the
     names would give. `teacher_cluster`: `clusters[key]` (a `sde-ray mine` sidecar's `cluster`
-    column). Raises ValueError naming what is missing.
+    column), clusters larger than `cluster_size` (> 0) split into pieces of that size
+    (`split_groups`). Raises ValueError naming what is missing.
     """
     if mode == "random":
         return None
@@ -181,7 +207,7 @@ def row_groups(mode: str, keys: Sequence[str], clusters: Mapping[str, int] | Non
         if len(labels) and (labels < 0).all():
             raise ValueError("the sidecar has no teacher clusters (mined with mine.cluster_size=0): "
                              "mine again with mine.cluster_size > 0")
-        return labels
+        return split_groups(labels, cluster_size) if cluster_size > 0 else labels
     raise ValueError(f"unknown data.batching {mode!r}; valid: {', '.join(PLANNERS)}")
 
 

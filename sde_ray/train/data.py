@@ -175,7 +175,7 @@ def batch_groups(config, paths: list[str], counts: list[int]) -> np.ndarray | No
     if len(keys) != sum(counts):
         raise ConfigError(f"data.batching={mode}: the shards hold {len(keys)} distinct sample keys but "
                           f"{sum(counts)} samples (a key repeated within or across shards?)")
-    clusters = None
+    clusters, size = None, 0
     if mode == "teacher_cluster":
         if not config.data.negatives_sidecar:
             raise ConfigError("data.batching=teacher_cluster needs data.negatives_sidecar (a `sde-ray mine` output "
@@ -191,7 +191,7 @@ def batch_groups(config, paths: list[str], counts: list[int]) -> np.ndarray | No
                               "cluster; mine with a cluster_size that divides the global batch")
         clusters = sidecar.clusters
     try:
-        return row_groups(mode, keys, clusters)
+        return row_groups(mode, keys, clusters, cluster_size=size if mode == "teacher_cluster" else 0)
     except ValueError as exc:
         raise ConfigError(f"data.batching={mode}: {exc}") from None
 

@@ -10,6 +10,8 @@ from sde_ray.data.batching import (
     cluster_rows,
     dropped_rows,
     plan_epoch,
+    row_groups,
+    split_groups,
     worker_batch,
 )
 
@@ -80,6 +82,28 @@ def test_teacher_clusters_share_batches():
         batch_of[batch] = b
     for label in range(16):  # cluster size divides the batch: each cluster sits in one batch
         assert len(set(batch_of[clusters == label])) == 1
+
+
+def test_clusters_larger_than_the_mined_size_are_split_into_pieces_of_it():
+    rng = np.random.default_rng(3)
+    sizes = {0: 37, 1: 4, 2: 1, 3: 16, 4: 9}  # one cluster of a few-label subset, and ordinary ones
+    clusters = rng.permutation(np.concatenate([[c] * n for c, n in sizes.items()]))
+    pieces = split_groups(clusters, 4)
+    for cluster, n in sizes.items():
+        rows = np.flatnonzero(clusters == cluster)
+        counts = np.unique(pieces[rows], return_counts=True)[1]
+        assert sorted(counts) == sorted([4] * (n // 4) + ([n % 4] if n % 4 else []))  # ceil(n / 4) pieces
+        assert not set(pieces[rows]) & set(pieces[clusters != cluster])  # each piece inside its cluster
+    keys = [f"k{i}" for i in range(len(clusters))]
+    groups = row_groups("teacher_cluster", keys, dict(zip(keys, clusters.tolist())), cluster_size=4)
+    assert np.array_equal(groups, pieces)
+    # Through the planner: whole clusters fill batches with the big cluster's rows alone; its pieces
+    # share batches with other clusters' pieces.
+    def pure_batches(labels) -> int:
+        return sum(int(np.all(clusters[batch] == 0)) for seed in range(10)
+                   for batch in plan_epoch({"cluster": labels}, seed, 0, GLOBAL, WORLD, "teacher_cluster"))
+    assert pure_batches(clusters) >= 10 * 3  # 37 rows: at least 3 of the 8 batches per epoch
+    assert pure_batches(groups) < pure_batches(clusters) / 2
 
 
 def test_cluster_rows_recovers_planted_clusters():
