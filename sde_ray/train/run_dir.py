@@ -52,13 +52,17 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): node}
 
 
+def recorded_values(recorded: dict) -> dict[str, Any]:
+    """A recorded config as dotted key -> value, where a key the record lacks (added to the config
+    tree after the run was launched) counts as recorded at its default: upgrading sde_ray must not
+    make every run it started a different run."""
+    return {**_flatten(to_dict(Config())), **_flatten(recorded)}
+
+
 def config_changes(recorded: dict, new: dict) -> dict[str, tuple[Any, Any]]:
-    """Dotted key -> (recorded value, new value) for every key that differs and matters. A key the
-    record lacks (added to the config tree after the run was launched) counts as recorded at its
-    default: upgrading sde_ray must not make every run it started refuse to resume."""
-    old, cur = _flatten(recorded), _flatten(new)
-    defaults = _flatten(to_dict(Config()))
-    old.update({key: defaults[key] for key in set(cur) - set(old) if key in defaults})
+    """Dotted key -> (recorded value, new value) for every key that differs and matters (a key
+    missing from the record: see `recorded_values`)."""
+    old, cur = recorded_values(recorded), _flatten(new)
     return {
         key: (old.get(key), cur.get(key))
         for key in sorted(set(old) | set(cur))

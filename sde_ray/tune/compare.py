@@ -384,8 +384,13 @@ def _reusable(run_dir: Path, config: Config) -> dict | None:
     marker = run_dir / RUN_RECORD
     if not marker.is_file():
         return None
+    from sde_ray.train.run_dir import recorded_values
+
     saved = json.loads(marker.read_text())
-    return saved["record"] if saved.get("config") == to_dict(config) else None
+    # Every key must match; one added to the config tree since the run counts at its default.
+    if not isinstance(saved.get("config"), dict):
+        return None
+    return saved["record"] if recorded_values(saved["config"]) == recorded_values(to_dict(config)) else None
 
 
 def _train_or_reuse(run_config_: Config, run_dir: Path, objective: str, seed: int, rate: float, label: str) -> dict:

@@ -298,3 +298,19 @@ def test_the_starting_record_is_found_from_the_run_directory_or_its_export(tmp_p
     assert _init_record(run) == record
     assert _init_record(run / "model") == record
     assert _init_record(tmp_path) is None
+
+
+def test_a_finished_run_recorded_before_a_config_key_existed_is_reused(tmp_path):
+    """A compare run finished by an older sde_ray lacks keys added since (eval.val_data_dir): at
+    their defaults it is the same run and is reused; any real difference reruns it."""
+    from sde_ray.config import Config, to_dict, with_values
+    from sde_ray.tune.compare import RUN_RECORD, _reusable
+
+    config = Config()
+    older = to_dict(config)
+    del older["eval"]["val_data_dir"]
+    record = {"objective": "infonce", "seed": 0, "p_at_1_overall": 0.5}
+    (tmp_path / RUN_RECORD).write_text(json.dumps({"config": older, "record": record}))
+    assert _reusable(tmp_path, config) == record
+    assert _reusable(tmp_path, with_values(config, {"eval.val_data_dir": str(tmp_path)})) is None
+    assert _reusable(tmp_path, with_values(config, {"train.lr": 0.5})) is None
