@@ -24,13 +24,11 @@ Resume picks one of two paths (`resume_plan`):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
