@@ -91,9 +91,10 @@ def test_run_grows_from_one_to_two_workers(small_config, tmp_path):
         output_dir = Path(config.train.output_dir)
 
         deadline = time.time() + 400
-        # 1 worker running past the warm-up (lr 0 at step 1, half at step 2), 3 checkpoints: the weights
-        # the resize resumes from are then clearly away from the initial ones.
-        while not any(r["step"] >= 6 for r in _metrics(output_dir)):
+        # 1 worker running past the warm-up (lr 0 at step 1, half at step 2) until step 8 is logged, so
+        # the checkpoint of step 6 is complete: the weights the resize resumes from (step >= 6) are then
+        # clearly away from the initial ones.
+        while not any(r["step"] >= 8 for r in _metrics(output_dir)):
             assert driver.poll() is None, driver_log.read_text()[-4000:]
             assert time.time() < deadline, driver_log.read_text()[-4000:]
             time.sleep(1)
