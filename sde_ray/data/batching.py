@@ -207,7 +207,7 @@ def row_groups(mode: str, keys: Sequence[str], clusters: Mapping[str, int] | Non
         if len(labels) and (labels < 0).all():
             raise ValueError("the sidecar has no teacher clusters (mined with mine.cluster_size=0): "
                              "mine again with mine.cluster_size > 0")
-        return split_groups(labels, cluster_size) if cluster_size > 0 else labels
+        return split_groups(labels, cluster_size)  # cluster_size 0: the clusters as they are
     raise ValueError(f"unknown data.batching {mode!r}; valid: {', '.join(PLANNERS)}")
 
 

@@ -191,7 +191,7 @@ def batch_groups(config, paths: list[str], counts: list[int]) -> np.ndarray | No
                               "cluster; mine with a cluster_size that divides the global batch")
         clusters = sidecar.clusters
     try:
-        return row_groups(mode, keys, clusters, cluster_size=size if mode == "teacher_cluster" else 0)
+        return row_groups(mode, keys, clusters, cluster_size=size)
     except ValueError as exc:
         raise ConfigError(f"data.batching={mode}: {exc}") from None
 

@@ -112,7 +112,7 @@ def check_eval_root(config: Config, prepared) -> None:
         select_datasets(Path(val_root), None, notice=False)
     if val_root and val_root == root and config.train.eval_every > 0:
         print(f"[sde_ray] validation P@1 is measured on the first rows of the evaluation set {root}, which the "
-            "final evaluation scores too: tune on a disjoint split (eval.val_data_dir)")
+              "final evaluation scores too: tune on a disjoint split (eval.val_data_dir)")
 
 
 def build_trainer(
