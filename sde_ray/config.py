@@ -130,6 +130,11 @@ class DataConfig:
         8192, "Rows of the sample-shuffle window (rounded down to whole global batches): consecutive rows of "
         "the epoch's shard-ordered stream permuted together; each worker holds its share of one window decoded."
     )
+    epoch_lookahead: bool = doc(
+        True, "Open the next epoch's Ray dataset on a background thread once the current epoch is in its last "
+        "shuffle window, so the next epoch's first window is read while this one trains (no stall at each "
+        "epoch start; one more window decoded per worker meanwhile). Batches and resume positions are unchanged."
+    )
     preprocess_concurrency: int = doc(1, "Concurrent Ray Data CPU tasks that read a shard, decode, resize and tokenize.")
     preprocess_batch_size: int = doc(64, "Rows the batch processor handles per call (bounds a task's decoded pixels).")
     data_cpus: float = doc(1.0, "CPUs reserved for Ray Data, never handed to training workers.")

@@ -12,6 +12,11 @@ One run, side by side, on the same synthetic MMEB shards and the same batch proc
   epoch order, window shuffle and all) feeding one consumer, one dataset per epoch;
 - ray-2: the same for two consumers at once (ranks 0 and 1 of a world of 2, each driving its
   own dataset of its rows, as training workers do), epoch after epoch.
+- lookahead (the synthetic scenario): two consumers that each spend `step_seconds` per batch (a
+  sleep: an accelerator's step, which uses no host CPU) pull their batches through the training
+  loop's `batch_stream`, without and with `data.epoch_lookahead`, one after the other: the wall time
+  and the time each step waited for data, per epoch. Without look-ahead every epoch starts with a
+  stall (a new Ray dataset per epoch and worker, then the whole first window's reads).
 
 Each run is timed on the wall clock and its CPU time is summed over this process and every process
 under it (the local Ray cluster's raylet, workers and actors), so "per CPU" means samples per
@@ -238,6 +243,34 @@ def ray_run(data: TrainData, consumers: int, epochs: int = 1, end_epoch=lambda n
     return sum(counts)
 
 
+def lookahead_run(data: TrainData, consumers: int, epochs: int, step_seconds: float, lookahead: bool) -> dict:
+    """Consumers pulling `epochs` epochs through `batch_stream` at `step_seconds` per step: the wall
+    time and the largest consumer's wait for data (the steps are in lock-step in training)."""
+    from sde_ray.train.data import batch_stream
+
+    steps = sum(data.order(epoch).steps for epoch in range(epochs))
+    waits = [0.0] * consumers
+
+    def consume(index: int) -> None:
+        stream = batch_stream(data, index, consumers, 0, 0, lookahead=lookahead, batches_left=steps)
+        for _ in range(steps):
+            began = time.perf_counter()
+            stream.next()
+            waits[index] += time.perf_counter() - began
+            time.sleep(step_seconds)
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=consume, args=(i,)) for i in range(consumers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    seconds = time.perf_counter() - start
+    return {"lookahead": lookahead, "steps": steps, "step_seconds": step_seconds, "seconds": seconds,
+            "wait_seconds": max(waits), "wait_seconds_per_epoch": max(waits) / epochs,
+            "compute_seconds": steps * step_seconds}
+
+
 def main(json_path: str | None = None, config: Config | None = None, quick: bool = False,
          epochs: int = 3) -> dict:
     """Two scenarios: the synthetic default (`data.synth.image_size`, tiny images: Ray's fixed costs
@@ -265,7 +298,8 @@ def main(json_path: str | None = None, config: Config | None = None, quick: bool
         idle = _measure(lambda end: (time.sleep(3.0), 0)[1])
         report["idle_cluster_cpu_per_s"] = idle["cpu_seconds"] / idle["seconds"]
         for name, (image_size, per_subset) in scenarios.items():
-            scenario = _scenario(config.data, image_size, per_subset, epochs, report["idle_cluster_cpu_per_s"])
+            scenario = _scenario(config.data, image_size, per_subset, epochs, report["idle_cluster_cpu_per_s"],
+                                 lookahead=name.startswith("synthetic"))
             report["scenarios"][name] = scenario
             print(_table(name, scenario, epochs, report["idle_cluster_cpu_per_s"]), flush=True)
     finally:
@@ -277,8 +311,10 @@ def main(json_path: str | None = None, config: Config | None = None, quick: bool
     return report
 
 
-def _scenario(data, image_size: int, per_subset: int, epochs: int, idle_cpu_per_s: float) -> dict:
-    """Floor, ray-1 and ray-2 on freshly generated shards of `image_size` px images."""
+def _scenario(data, image_size: int, per_subset: int, epochs: int, idle_cpu_per_s: float,
+              lookahead: bool = False, step_seconds: float = 0.02) -> dict:
+    """Floor, ray-1 and ray-2 on freshly generated shards of `image_size` px images; with
+    `lookahead`, also 2 consumers at `step_seconds` per step without and with epoch look-ahead."""
     processor = functools.partial(SimpleProcessor, image_size=image_size)
     batch_size = 32
     results: dict = {}
@@ -303,6 +339,8 @@ def _scenario(data, image_size: int, per_subset: int, epochs: int, idle_cpu_per_
         for name, consumers in (("ray_1_consumer", 1), ("ray_2_consumers", 2)):
             results[name] = _measure(
                 lambda end, n=consumers: ray_run(train_data(n), n, epochs, end))
+        if lookahead:
+            results["lookahead"] = [lookahead_run(train_data(2), 2, epochs, step_seconds, on) for on in (False, True)]
     floor, transfer = results["floor"], results["floor_to_object_store"]
     for name in ("floor_to_object_store", "ray_1_consumer", "ray_2_consumers"):
         run = results[name]
@@ -326,6 +364,9 @@ def _scenario(data, image_size: int, per_subset: int, epochs: int, idle_cpu_per_
             # cost on top of what any out-of-process preprocessing pays.
             run["later_epochs"]["ratio_per_cpu_vs_floor_to_object_store"] = (
                 run["later_epochs"]["samples_per_cpu_s"] / transfer["later_epochs"]["samples_per_cpu_s"])
+    if lookahead:
+        off, on = results["lookahead"]
+        results["lookahead_ratio_wall"] = on["seconds"] / off["seconds"]
     return {"image_size": image_size, "num_samples": manifest["num_samples"], "num_shards": manifest["num_shards"],
             "batch_size": batch_size, "shuffle_window": data.shuffle_window,
             "preprocess_batch_size": data.preprocess_batch_size, "data_cpus": data.data_cpus,
@@ -341,6 +382,8 @@ def _table(name: str, scenario: dict, epochs: int, idle_cpu_per_s: float) -> str
               f"{'epoch 1 s':>10}{'later: x floor':>15}{'x floor/cpu':>12}{'x floor/busy cpu':>17}")]
     floor = scenario["results"]["floor"]
     for run_name, run in scenario["results"].items():
+        if run_name.startswith("lookahead"):
+            continue
         later, floor_later = run.get("later_epochs", {}), floor.get("later_epochs", {})
         busy = run.get("ratio_per_busy_cpu")  # Ray runs only: the floors start no Ray process
         lines.append(f"{run_name:<22}{run['samples_per_s']:>10.1f}{run['cpu_seconds']:>7.1f}"
@@ -353,4 +396,10 @@ def _table(name: str, scenario: dict, epochs: int, idle_cpu_per_s: float) -> str
                      + (f"{busy:>17.2f}" if busy is not None else f"{'-':>17}"))
     lines.append(f"idle Ray node: {idle_cpu_per_s:.2f} CPU-s/s (subtracted in the last column); "
                  f"'later' = epochs 2..{epochs}, what each epoch after the start-up costs")
+    if "lookahead" in scenario["results"]:
+        off, on = scenario["results"]["lookahead"]
+        lines.append(f"epoch look-ahead, 2 consumers, {off['steps']} steps of {1000 * off['step_seconds']:.0f} ms: "
+                     f"wall {off['seconds']:.1f} s -> {on['seconds']:.1f} s "
+                     f"(x{scenario['results']['lookahead_ratio_wall']:.2f}); waiting for data "
+                     f"{off['wait_seconds_per_epoch']:.2f} -> {on['wait_seconds_per_epoch']:.2f} s per epoch")
     return "\n".join(lines)

@@ -27,7 +27,9 @@ missing before any worker starts.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -36,7 +38,7 @@ import numpy as np
 
 from sde_ray.data.batches import gather_rows, process_rows
 from sde_ray.data.mmeb import stable_id
-from sde_ray.data.order import EpochOrder, Window, WorkerPlan, order_spec
+from sde_ray.data.order import EpochOrder, Window, WorkerPlan, order_spec, window_size
 from sde_ray.data.shards import iter_samples
 
 logger = logging.getLogger(__name__)
@@ -146,6 +148,10 @@ class TrainData:
     def order(self, epoch: int) -> EpochOrder:
         return EpochOrder(self.counts, self.seed, epoch, self.global_batch, self.window_rows,
                           self.batching, self.groups)
+
+    def window_steps(self) -> int:
+        """Global steps per shuffle window (the window is rounded down to whole global batches)."""
+        return window_size(self.window_rows, self.global_batch) // self.global_batch
 
     def spec(self) -> dict:
         return order_spec(self.paths, self.counts, self.seed, self.global_batch, self.window_rows,
@@ -383,14 +389,28 @@ class BatchStream:
     the same for every world size; `open_epoch(epoch, start_step)` yields the rest of that epoch.
     Every worker gets exactly `steps` batches per epoch (the order is a pure function), so the
     workers change epochs at the same step without having to agree on it.
+
+    Look-ahead (`epoch_steps` given, `lead_steps` > 0): once `lead_steps` or fewer batches of the
+    epoch are left, the next epoch is opened on a background thread and its first batch pulled, so
+    its Ray dataset starts and its first window is read while this epoch's last batches train.
+    Without it every epoch began with a stall of the whole first window's read plus a dataset's
+    start-up (~6 s per epoch of the synthetic default on 2 cores, docs/training.md). Only the
+    reading moves earlier: the batches and the saved position are the same, and no epoch is opened
+    ahead beyond the `batches_left` the caller will still ask for. Cost: one more window decoded
+    per worker while the two epochs overlap.
     """
 
-    def __init__(self, open_epoch: Callable[[int, int], Iterator], global_rows: int, epoch: int, epoch_rows: int):
+    def __init__(self, open_epoch: Callable[[int, int], Iterator], global_rows: int, epoch: int, epoch_rows: int,
+                 epoch_steps: Callable[[int], int] | None = None, lead_steps: int = 0,
+                 batches_left: int | None = None):
         if epoch_rows % global_rows:
             raise ValueError(f"epoch position {epoch_rows} is not a whole number of global batches of {global_rows} "
                              "(checkpointed under another train.global_batch_size?)")
         self.open_epoch, self.global_rows = open_epoch, global_rows
         self.epoch, self.epoch_rows = epoch, epoch_rows
+        self.epoch_steps, self.lead_steps, self.batches_left = epoch_steps, lead_steps, batches_left
+        self.ahead: _OpenedAhead | None = None
+        self.steps_of: tuple[int, int] | None = None  # (epoch, its steps): an order is costly to build
         self.iterator = iter(self.open_epoch(self.epoch, self.epoch_rows // self.global_rows))
 
     def next(self) -> dict:
@@ -398,11 +418,53 @@ class BatchStream:
             batch = next(self.iterator, None)
             if batch is not None:
                 self.epoch_rows += self.global_rows
+                if self.batches_left is not None:
+                    self.batches_left -= 1
+                self._maybe_open_ahead()
                 return batch
             self.epoch, self.epoch_rows = self.epoch + 1, 0
-            self.iterator = iter(self.open_epoch(self.epoch, 0))
+            ahead, self.ahead = self.ahead, None
+            self.iterator = ahead.take() if ahead is not None else iter(self.open_epoch(self.epoch, 0))
         raise RuntimeError(f"the training data yields no full global batch of {self.global_rows} rows; "
                            "add data or lower train.global_batch_size")
+
+    def _maybe_open_ahead(self) -> None:
+        if self.ahead is not None or self.epoch_steps is None or self.lead_steps <= 0:
+            return
+        if self.steps_of is None or self.steps_of[0] != self.epoch:
+            self.steps_of = (self.epoch, self.epoch_steps(self.epoch))
+        left_in_epoch = self.steps_of[1] - self.epoch_rows // self.global_rows
+        if left_in_epoch > self.lead_steps:
+            return
+        if self.batches_left is not None and self.batches_left <= left_in_epoch:
+            return  # the caller stops within this epoch: the next one would be read for nothing
+        self.ahead = _OpenedAhead(self.open_epoch, self.epoch + 1)
+
+
+class _OpenedAhead:
+    """An epoch opened on a daemon thread that pulls its first batch; `take()` waits for it and
+    hands over the whole epoch's iterator (an error on the thread is raised here)."""
+
+    def __init__(self, open_epoch: Callable[[int, int], Iterator], epoch: int):
+        self.first: dict | None = None
+        self.rest: Iterator | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(open_epoch, epoch), daemon=True,
+                                       name=f"sde_ray-epoch-{epoch}-ahead")
+        self.thread.start()
+
+    def _run(self, open_epoch: Callable[[int, int], Iterator], epoch: int) -> None:
+        try:
+            self.rest = iter(open_epoch(epoch, 0))
+            self.first = next(self.rest, None)
+        except BaseException as error:  # noqa: BLE001 - re-raised on the consuming thread
+            self.error = error
+
+    def take(self) -> Iterator:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return itertools.chain([] if self.first is None else [self.first], self.rest)
 
 
 def open_epoch_fn(data: TrainData, rank: int, world_size: int) -> Callable[[int, int], Iterator]:
@@ -410,6 +472,15 @@ def open_epoch_fn(data: TrainData, rank: int, world_size: int) -> Callable[[int,
         return iter_epoch_batches(data, epoch, rank, world_size, start_step)
 
     return open_epoch
+
+
+def batch_stream(data: TrainData, rank: int, world_size: int, epoch: int, epoch_rows: int, lookahead: bool = True,
+                 batches_left: int | None = None) -> BatchStream:
+    """This worker's `BatchStream` from (epoch, epoch_rows) on; with `lookahead` the next epoch is
+    opened once the current one is in its last shuffle window (a window's steps ahead)."""
+    return BatchStream(open_epoch_fn(data, rank, world_size), data.global_batch, epoch, epoch_rows,
+                       epoch_steps=lambda e: data.order(e).steps,
+                       lead_steps=data.window_steps() if lookahead else 0, batches_left=batches_left)
 
 
 def batches_per_epoch(num_samples: int, num_workers: int, batch_size: int) -> int:

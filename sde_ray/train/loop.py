@@ -61,7 +61,7 @@ from sde_ray.train.checkpoint import (
     save_checkpoint,
 )
 from sde_ray.train.checkpoint_store import newer_checkpoint
-from sde_ray.train.data import REPLACED, SAMPLE_ID, BatchStream, open_epoch_fn
+from sde_ray.train.data import REPLACED, SAMPLE_ID, batch_stream
 from sde_ray.train.deepspeed_config import build_deepspeed_config, chunk_size
 from sde_ray.train.step import train_step
 from sde_ray.train.preemption import stop_requested
@@ -373,8 +373,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     train_data = args.train_data
     check_order(state, train_data.spec(), rank)
     state.data_order = train_data.spec()
-    stream = BatchStream(open_epoch_fn(train_data, rank, world_size), train.global_batch_size, state.epoch,
-                         state.epoch_rows)
+    stream = batch_stream(train_data, rank, world_size, state.epoch, state.epoch_rows,
+                          lookahead=config.data.epoch_lookahead, batches_left=train.max_steps - state.step)
 
     launch = broadcast_object(uuid.uuid4().hex[:8], world_size)  # unique checkpoint names per attempt
     logger = RunLogger(config, output_dir, args.run_id, args.wandb_mode, state.step) if rank == 0 else None

@@ -150,8 +150,13 @@ def test_data_bench_quick(ray_cluster, tmp_path) -> None:
     assert (tmp_path / "bench.json").is_file()
     assert set(report["scenarios"]) == {"synthetic_32px", "photo_224px"}
     for scenario in report["scenarios"].values():
-        runs = scenario["results"]
+        runs = dict(scenario["results"])
+        lookahead = [runs.pop(k, None) for k in ("lookahead", "lookahead_ratio_wall")]
         assert set(runs) == {"floor", "floor_to_object_store", "ray_1_consumer", "ray_2_consumers"}
+        if scenario["image_size"] == 32:  # off, then on: the same steps; no more data wait than the steps take
+            (off, on), ratio = lookahead
+            assert off["steps"] == on["steps"] > 0 and ratio == on["seconds"] / off["seconds"]
+            assert on["seconds"] >= on["compute_seconds"] and 0 <= on["wait_seconds"] <= on["seconds"]
         n = scenario["num_samples"]
         assert runs["floor"]["samples"] == runs["floor_to_object_store"]["samples"] == 2 * n
         # Per epoch, ray-1 drops at most the rows that fill no batch of 32; ray-2 at most one
@@ -365,6 +370,27 @@ def test_batches_follow_the_order_and_a_late_resume_starts_as_fast_as_an_early_o
     early, late = min(times[1]), min(times[20])
     print(f"resume-to-first-batch (best of 3): step 1 of 22: {early:.2f} s; step 20 of 22: {late:.2f} s")
     assert late < 2 * early + 0.5
+
+
+@pytest.mark.ray
+def test_the_stream_reads_the_next_epoch_ahead_on_ray_and_gives_the_same_batches(ray_cluster, shards) -> None:
+    """`batch_stream` with look-ahead: the next epoch's Ray dataset is opened on a background
+    thread during the last window; the batches are the ones each epoch gives read on its own."""
+    from sde_ray.train.data import batch_stream
+
+    shard_dir, manifest = shards
+    data = train_data(check_shards(str(shard_dir), manifest), SimpleProcessor, global_batch=8, window_rows=48, seed=3)
+    steps = data.order(0).steps
+    expected = [sorted(b["key_id"].tolist()) for epoch in (0, 1) for b in iter_epoch_batches(data, epoch, 1, 2)]
+    stream = batch_stream(data, 1, 2, epoch=0, epoch_rows=0, lookahead=True, batches_left=2 * steps)
+    got, opened_ahead_at = [], None
+    for _ in range(2 * steps):
+        got.append(sorted(stream.next()["key_id"].tolist()))
+        if opened_ahead_at is None and stream.ahead is not None:
+            opened_ahead_at = len(got)
+    assert got == expected and (stream.epoch, stream.epoch_rows) == (1, steps * 8)
+    assert opened_ahead_at == steps - data.window_steps()  # during epoch 0's last window
+    assert stream.ahead is None  # nothing opened past the batches asked for
 
 
 @pytest.mark.ray

@@ -86,6 +86,45 @@ def test_batch_stream_rolls_epochs_and_resumes_at_the_saved_step():
         BatchStream(_epochs(40, 8, []), global_rows=8, epoch=1, epoch_rows=12)
 
 
+def test_batch_stream_opens_the_next_epoch_ahead_with_the_same_batches():
+    """Look-ahead moves only the opening: the rows are the plain stream's, epoch 1 is opened while
+    epoch 0 still has its last `lead_steps` batches to give, and no epoch past `batches_left`."""
+    plain = BatchStream(_epochs(40, 8, []), global_rows=8, epoch=0, epoch_rows=0)
+    expected = [plain.next()["row"].tolist() for _ in range(12)]
+    opened, when = [], []
+    stream = BatchStream(_epochs(40, 8, opened), global_rows=8, epoch=0, epoch_rows=0,
+                         epoch_steps=lambda epoch: 5, lead_steps=2, batches_left=12)
+    rows = []
+    for _ in range(12):
+        rows.append(stream.next()["row"].tolist())
+        if stream.ahead is not None:
+            stream.ahead.thread.join()  # the thread has opened its epoch: record when, in batches
+        when.append(list(opened))
+    assert rows == expected
+    assert (stream.epoch, stream.epoch_rows) == (plain.epoch, plain.epoch_rows) == (2, 16)
+    # Epoch 1 is open once 2 batches of epoch 0 are left (after its 3rd), epoch 2 after epoch 1's 3rd
+    # (the 8th batch); the 12 batches end inside epoch 2, so epoch 3 is never opened.
+    assert when[1] == [(0, 0)] and when[2] == [(0, 0), (1, 0)]
+    assert when[7] == [(0, 0), (1, 0), (2, 0)] and opened == [(0, 0), (1, 0), (2, 0)]
+    # A resume mid-epoch opens the saved epoch at the saved step, then looks ahead the same way.
+    opened = []
+    resumed = BatchStream(_epochs(40, 8, opened), global_rows=8, epoch=1, epoch_rows=16,
+                          epoch_steps=lambda epoch: 5, lead_steps=2)
+    assert [resumed.next()["row"].tolist() for _ in range(4)] == expected[7:11] and opened[:2] == [(1, 2), (2, 0)]
+
+
+def test_batch_stream_raises_the_look_ahead_threads_error_when_the_epoch_is_due():
+    def open_epoch(epoch: int, start_step: int):
+        if epoch == 1:
+            raise OSError("shard gone")
+        return iter([{"row": torch.tensor([epoch])}] * 2)
+
+    stream = BatchStream(open_epoch, global_rows=1, epoch=0, epoch_rows=0, epoch_steps=lambda epoch: 2, lead_steps=2)
+    assert stream.next()["row"].tolist() == [0] and stream.next()["row"].tolist() == [0]
+    with pytest.raises(OSError, match="shard gone"):
+        stream.next()
+
+
 def test_batch_stream_names_a_dataset_smaller_than_one_batch():
     stream = BatchStream(_epochs(4, 8, []), global_rows=8, epoch=0, epoch_rows=0)
     with pytest.raises(RuntimeError, match="no full global batch of 8 rows"):
