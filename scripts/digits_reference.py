@@ -198,6 +198,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=0)
     ap.add_argument("--schedule", default="constant", choices=("constant", "cosine"))
     ap.add_argument("--weight-decay", type=float, default=0.01)
+    ap.add_argument("--beta2", type=float, default=0.999, help="AdamW's beta2 (torch's default; the framework: 0.98)")
+    ap.add_argument("--adam-eps", type=float, default=1e-8, help="AdamW's eps (torch's default; the framework: 1e-6)")
     ap.add_argument("--temperature", type=float, default=0.05)
     ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--max-length", type=int, default=48)
@@ -215,7 +217,8 @@ def main() -> None:
     rows = load_train(data / "MMEB-train", args.pairs, args.image_size)
     sets = load_eval(data / "MMEB-eval", args.image_size, args.pairs)
     fuse = args.pairs == "mmeb"
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                                  betas=(0.9, args.beta2), eps=args.adam_eps)
 
     def lr_at(step: int) -> float:
         if step < args.warmup:

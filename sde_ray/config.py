@@ -276,6 +276,12 @@ class TrainConfig:
     )
     lr: float = doc(1e-3, "Peak learning rate.")
     weight_decay: float = doc(0.01, "AdamW weight decay.")
+    adam_beta1: float = doc(0.9, "AdamW β1.")
+    adam_beta2: float = doc(
+        0.98, "AdamW β2. 0.98 is CLIP's / open_clip's choice for contrastive training; transformers' Trainer "
+        "(VLM2Vec's recipes) uses 0.999."
+    )
+    adam_eps: float = doc(1e-6, "AdamW ε (CLIP's 1e-6; transformers' Trainer uses 1e-8).")
     warmup_steps: int = doc(10, "Linear learning-rate warm-up steps.")
     lr_schedule: Literal["cosine", "linear", "constant"] = doc("cosine", "Decay after warm-up.")
     grad_clip: float = doc(1.0, "Gradient norm clip (0 disables).")
@@ -697,6 +703,7 @@ _MINIMUM: dict[str, tuple[float, bool]] = {
     "train.warmup_steps": (0, True),
     "train.weight_decay": (0, True),
     "train.grad_clip": (0, True),
+    "train.adam_eps": (0, False),
     "train.keep_checkpoints": (1, True),
     "train.eval_every": (0, True),
     "train.max_nan_skips": (0, True),
@@ -779,6 +786,9 @@ def validate(config: Config) -> None:
         raise ConfigError("train.log_every must be >= 1.")
     if t.lr <= 0:
         raise ConfigError("train.lr must be > 0.")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0.0 <= getattr(t, name) < 1.0:
+            raise ConfigError(f"train.{name} must be in [0, 1), got {getattr(t, name)}.")
     if d.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {d.zero_stage}.")
     check_precision(config)

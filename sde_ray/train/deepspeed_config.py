@@ -65,8 +65,8 @@ def build_deepspeed_config(config: Config, world_size: int) -> dict[str, Any]:
     optimizer_params: dict[str, Any] = {
         "lr": train.lr,
         "weight_decay": train.weight_decay,
-        "betas": [0.9, 0.98],
-        "eps": 1e-6,
+        "betas": [train.adam_beta1, train.adam_beta2],
+        "eps": train.adam_eps,
     }
     if not ds.offload_optimizer:
         # torch.optim.AdamW: no FusedAdam/CPUAdam build step, identical maths.

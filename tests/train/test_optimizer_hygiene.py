@@ -32,13 +32,14 @@ def process_group():
     dist.destroy_process_group()
 
 
-def _engine(stage: int):
+def _engine(stage: int, *overrides: str):
     from sde_ray.train.deepspeed_config import build_deepspeed_config
     from sde_ray.train.loop import build_engine, build_train_module, seed_everything
 
     config = load_config(None, ["loss.name=infonce", "loss.learnable_temperature=true", f"train.lr={LR}",
                                 f"train.weight_decay={WD}", "train.warmup_steps=0", "train.lr_schedule=constant",
-                                "train.grad_clip=0", "train.global_batch_size=4", f"deepspeed.zero_stage={stage}"])
+                                "train.grad_clip=0", "train.global_batch_size=4", f"deepspeed.zero_stage={stage}",
+                                *overrides])
     seed_everything(0)
     return build_engine(build_train_module(config), build_deepspeed_config(config, 1))
 
@@ -79,6 +80,47 @@ def test_only_matrices_decay_and_the_temperature_is_clamped_in_place(stage, proc
     assert float(log_scale.detach()) == pytest.approx(bound)
     _zero_gradient_step(engine)  # the next step starts from the clamped master copy
     assert float(log_scale.detach()) == pytest.approx(bound)
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_the_engine_steps_like_torch_adamw_with_the_configured_betas_and_eps(stage, process_group):
+    """train.adam_beta1/beta2/eps reach the engine: its weights after 4 steps of fixed gradients are
+    torch.optim.AdamW's with the same lr, betas and eps (on copies of the weights; no decay), and not
+    those of AdamW with the default betas and eps."""
+    engine = _engine(stage, "train.weight_decay=0", "train.adam_beta1=0.8", "train.adam_beta2=0.9",
+                     "train.adam_eps=0.05")
+    start = {n: p.detach().clone() for n, p in engine.module.named_parameters() if p.requires_grad}
+    names = list(start)
+    copies = {hp: {n: w.clone().requires_grad_(True) for n, w in start.items()}
+              for hp in ((0.8, 0.9, 0.05), (0.9, 0.98, 1e-6))}
+    optimizers = {hp: torch.optim.AdamW(list(w.values()), lr=LR, betas=hp[:2], eps=hp[2], weight_decay=0.0)
+                  for hp, w in copies.items()}
+    generator = torch.Generator().manual_seed(0)
+    for step in range(4):
+        scales = {n: torch.randn(start[n].shape, generator=generator) * 0.1 * (step + 1) for n in names}
+        lr = engine.optimizer.param_groups[0]["lr"]  # the engine's lr at this step (its warm-up starts at 0)
+        params = dict(engine.module.named_parameters())
+        engine.backward(sum((params[n] * scales[n]).sum() for n in names))
+        engine.step()
+        for hp, optimizer in optimizers.items():
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.zero_grad()
+            sum((copies[hp][n] * scales[n]).sum() for n in names).backward()
+            optimizer.step()
+    params = dict(engine.module.named_parameters())
+    configured, default = copies[(0.8, 0.9, 0.05)], copies[(0.9, 0.98, 1e-6)]
+    for name in names:
+        torch.testing.assert_close(params[name].detach(), configured[name].detach(), rtol=1e-5, atol=1e-6, msg=name)
+    gap = max(float((configured[n] - default[n]).detach().abs().max()) for n in names)
+    assert gap > 1e-3  # the default hyper-parameters give other weights: the check above can fail
+
+
+def test_adam_betas_out_of_range_are_a_config_error():
+    with pytest.raises(ConfigError, match=r"train.adam_beta2 must be in \[0, 1\)"):
+        load_config(None, ["train.adam_beta2=1.0"])
+    with pytest.raises(ConfigError, match="train.adam_eps must be > 0"):
+        load_config(None, ["train.adam_eps=0"])
 
 
 def test_the_temperature_keeps_its_gradient_at_the_bound():
