@@ -182,6 +182,15 @@ class RunLogger:
         kept = [line for line in self.jsonl.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
         self.jsonl.write_text("".join(line + "\n" for line in kept))
 
+    def last_logged(self) -> dict[str, Any]:
+        """The metrics of the last training row already in metrics.jsonl (without step and time),
+        {} if none: the summary of a relaunch that had no step left to train."""
+        if not self.jsonl.exists():
+            return {}
+        rows = [json.loads(line) for line in self.jsonl.read_text().splitlines() if line]
+        rows = [row for row in rows if "loss" in row]
+        return {k: v for k, v in rows[-1].items() if k not in ("step", "time")} if rows else {}
+
     def log(self, step: int, metrics: dict[str, float]) -> None:
         row = {"step": step, "time": time.time(), **metrics}
         with self.jsonl.open("a") as handle:

@@ -457,7 +457,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
             return  # SIGTERM on the driver: stopped at this step boundary with a checkpoint
 
     # 6. Spectrum, export, final checkpoint (the driver evaluates the export after fit()).
-    summary: dict[str, Any] = dict(final_metrics)  # empty when relaunching a finished run
+    if not final_metrics and logger is not None:
+        # A relaunch of a finished run trains no step: its summary is the last logged one (what
+        # `sde-ray compare` records), not an empty one.
+        final_metrics = logger.last_logged()
+    summary: dict[str, Any] = dict(final_metrics)
     replaced_rows = _count_replaced(state, replaced_rows, world_size)
     summary.update(step=state.step, samples=state.samples, world_size=world_size,
                    data_rows_replaced=state.rows_replaced)

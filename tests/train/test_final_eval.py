@@ -1,6 +1,8 @@
 """The final MMEB evaluation of `run_train` runs after `fit()` on the eval runner's Ray actors (not
 in a training worker), scores the export exactly like an in-process evaluation of it, writes the
-VLM2Vec-layout score files, and a second `sde-ray eval` of the same run encodes nothing."""
+VLM2Vec-layout score files, and a second `sde-ray eval` of the same run encodes nothing. The same
+command relaunched on the finished run trains no step and reports the run's last training metrics
+(what `sde-ray compare` records), not an empty summary."""
 
 from __future__ import annotations
 
@@ -48,6 +50,14 @@ def test_final_eval_on_eval_actors_after_fit(ray_cluster, small_config):
         assert score["acc"] == row["p_at_1"] and score["num_pred"] == row["num_queries"] == 16
         assert score["model"]["sha256"] == model_identity(result["model_dir"])
         assert "synthetic" in score["benchmark"]
+
+    # Relaunched on the finished run: resumed at max_steps, no step trained, the same training summary.
+    relaunch = run_train(config)
+    assert relaunch["train"]["step"] == 4
+    logged = [json.loads(line) for line in (Path(result["output_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in logged if "loss" in row][-1] == 4  # nothing appended by the relaunch
+    for key in ("loss", "energy_strong_q", "effective_rank_q", "gap_centroid"):
+        assert relaunch["train"][key] == train[key], key
 
     # `sde-ray eval` of the run: same output folder, same model, same data -> every request cached.
     again = run_eval(result["output_dir"], eval_root, datasets=["SynColour", "SynCaption_t2i"],
