@@ -59,10 +59,7 @@ def digits_catalog() -> dict[str, DatasetInfo]:
 
 def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 [1797, 8, 8] in 0..255, labels int64 [1797]) from scikit-learn's bundled copy."""
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as exc:  # a test/bench dependency, not a run-time one
-        raise ImportError("the digits check needs scikit-learn: pip install 'sde_ray[digits]' (or the test extra)") from exc
+    from sklearn.datasets import load_digits  # imported here: only this command needs scikit-learn
     digits = load_digits()
     images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)
     return images, digits.target.astype(np.int64)
