@@ -408,10 +408,11 @@ class BatchStream:
                              "(checkpointed under another train.global_batch_size?)")
         self.open_epoch, self.global_rows = open_epoch, global_rows
         self.epoch, self.epoch_rows = epoch, epoch_rows
-        self.epoch_steps, self.lead_steps, self.batches_left = epoch_steps, lead_steps, batches_left
+        self.epoch_steps = epoch_steps if lead_steps > 0 else None  # no look-ahead: no order built for it
+        self.lead_steps, self.batches_left = lead_steps, batches_left
         self.ahead: _OpenedAhead | None = None
-        self.steps_of: tuple[int, int] | None = None  # (epoch, its steps): an order is costly to build
         self.iterator = iter(self.open_epoch(self.epoch, self.epoch_rows // self.global_rows))
+        self.steps_in_epoch = self.epoch_steps(self.epoch) if self.epoch_steps else None
 
     def next(self) -> dict:
         for _ in range(2):
@@ -425,15 +426,14 @@ class BatchStream:
             self.epoch, self.epoch_rows = self.epoch + 1, 0
             ahead, self.ahead = self.ahead, None
             self.iterator = ahead.take() if ahead is not None else iter(self.open_epoch(self.epoch, 0))
+            self.steps_in_epoch = self.epoch_steps(self.epoch) if self.epoch_steps else None
         raise RuntimeError(f"the training data yields no full global batch of {self.global_rows} rows; "
                            "add data or lower train.global_batch_size")
 
     def _maybe_open_ahead(self) -> None:
-        if self.ahead is not None or self.epoch_steps is None or self.lead_steps <= 0:
+        if self.ahead is not None or self.steps_in_epoch is None:
             return
-        if self.steps_of is None or self.steps_of[0] != self.epoch:
-            self.steps_of = (self.epoch, self.epoch_steps(self.epoch))
-        left_in_epoch = self.steps_of[1] - self.epoch_rows // self.global_rows
+        left_in_epoch = self.steps_in_epoch - self.epoch_rows // self.global_rows
         if left_in_epoch > self.lead_steps:
             return
         if self.batches_left is not None and self.batches_left <= left_in_epoch:
