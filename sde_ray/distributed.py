@@ -10,10 +10,13 @@ Every helper takes `world_size` and is the identity when it is 1, so single-proc
 benchmarks, evaluation) needs no process group. tests/test_distributed.py fails if any other file under sde_ray/ mentions
 the torch module.
 
-Gradient semantics of the `*_with_grad` variants (`torch.distributed.nn.functional`): the backward of
-the all-gather hands each rank the sum of every rank's gradient for its rows, the backward of the
-all-reduce sums the gradients. A loss computed identically on every rank from their results therefore
-has, after the usual averaging of gradients over ranks, exactly the single-process gradient.
+Gradient semantics of the `*_with_grad` variants (torch's functional collectives,
+`torch.distributed._functional_collectives`, which replace the deprecated `torch.distributed.nn.functional`):
+the backward of the all-gather is a sum reduce-scatter, handing each rank the sum of every rank's
+gradient for its rows; the backward of the all-reduce sums the gradients. A loss computed identically
+on every rank from their results therefore has, after the usual averaging of gradients over ranks,
+exactly the single-process gradient. Both run on gloo (CPU) and NCCL. Their results are waited on
+(`wait_tensor`, differentiable) so callers get a plain tensor, never torch's lazily-waited wrapper.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
+import torch.distributed._functional_collectives as functional_collectives
 
 ReduceName = Literal["sum", "max", "min"]
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
@@ -66,14 +69,16 @@ def all_reduce_with_grad(x: torch.Tensor, world_size: int) -> torch.Tensor:
     """The sum of `x` over ranks, differentiable (the backward sums the gradients)."""
     if world_size == 1:
         return x
-    return dist_fn.all_reduce(_on_group(x)).to(x.device)
+    summed = functional_collectives.all_reduce(_on_group(x), "sum", dist.group.WORLD)
+    return functional_collectives.wait_tensor(summed).to(x.device)
 
 
 def gather_with_grad(x: torch.Tensor, world_size: int) -> torch.Tensor:
     """Every rank's `x` concatenated along dim 0 in rank order (equal shapes), differentiable."""
     if world_size == 1:
         return x
-    return torch.cat(dist_fn.all_gather(_on_group(x)), dim=0).to(x.device)
+    gathered = functional_collectives.all_gather_single(_on_group(x), 0, dist.group.WORLD)
+    return functional_collectives.wait_tensor(gathered).to(x.device)
 
 
 def gather_no_grad(x: torch.Tensor, world_size: int) -> torch.Tensor:
