@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(train)
     train.add_argument("--output-dir", help="Run outputs (overrides train.output_dir).")
     train.add_argument("--dry-run", action="store_true", help="Validate, build model and DeepSpeed config, exit.")
+    train.add_argument("--verbose", action="store_true", help="Forward every worker's output (DeepSpeed, Ray Data, "
+                       "Ray Train) to the console instead of the progress bar; the log files hold it either way.")
 
     tune = commands.add_parser("tune", help="Ray Tune sweep over curricula and loss weights.")
     _add_config_args(tune, default=None)
@@ -115,11 +117,18 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(dump_yaml(_load(args)), end="")
         return 0
     if args.command == "train":
-        from sde_ray.train.driver import run_train
-
+        from sde_ray.train.console import report_failure
+        from sde_ray.train.driver import absolute_path, run_train
         from sde_ray.train.preemption import EXIT_PREEMPTED
 
-        summary = run_train(_load(args), dry_run=args.dry_run)
+        config = _load(args)
+        try:
+            summary = run_train(config, dry_run=args.dry_run, verbose=args.verbose)
+        except ConfigError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure: the reason last, the traceback in a file
+            report_failure(exc, Path(absolute_path(config.train.output_dir)), verbose=args.verbose)
+            return 1
         return EXIT_PREEMPTED if summary.get("preempted") else 0
     if args.command == "tune":
         from sde_ray.tune.driver import run_tune

@@ -5,19 +5,26 @@
 number of logical CPUs. `run_resources` is the single sizing rule (workers × cpus_per_worker plus
 Ray Data's `data.data_cpus`, plus a sliver for a Tune trial's driver, one GPU per worker), used by the
 local start, the capacity checks and Tune's concurrency. `worker_env` is the environment a training
-worker needs; `start_local` the fixed-size local Ray of the benchmarks. Application side: the library (spectral, losses, models, data) never imports this.
+worker needs; `start_local` the fixed-size local Ray of the benchmarks; `logs_dir` where the Ray
+session this process joined keeps every process's log files (what `log_to_driver=False` keeps off
+the console). Application side: the library (spectral, losses, models, data) never imports this.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+from pathlib import Path
 
 from sde_ray.config import Config, ConfigError, is_elastic, worker_counts
 
 # A Tune trial's function only waits on its trainer; a sliver of CPU keeps it schedulable (Tune
 # refuses an empty resource request) without taking a core from the training workers.
 TRIAL_DRIVER_CPU = 0.01
+
+# The session directory of the Ray this process started or joined (`ray.init`'s answer).
+_session: dict[str, str] = {}
 
 
 def run_resources(config: Config, workers: int | None = None, trial: bool = False) -> dict[str, float]:
@@ -44,7 +51,12 @@ def worker_env(config: Config) -> dict[str, str]:
 
 def connect(config: Config, local_cpus: float | None = None, log_to_driver: bool = True) -> bool:
     """Joins scaling.address / RAY_ADDRESS, or starts a local Ray with `local_cpus` logical CPUs
-    (default: what this run needs); True when this call initialised Ray (the caller shuts it down)."""
+    (default: what this run needs); True when this call initialised Ray (the caller shuts it down).
+
+    Without an address the local Ray is always a new instance of this process's own: Ray would
+    otherwise join the last `ray start` cluster on this machine and refuse our CPU count in a long
+    traceback (to join one, set scaling.address=auto or RAY_ADDRESS). `log_to_driver=False` keeps
+    the workers' output in Ray's log files (`logs_dir()`) and Ray's own INFO lines off this console."""
     import ray
 
     if ray.is_initialized():
@@ -55,25 +67,45 @@ def connect(config: Config, local_cpus: float | None = None, log_to_driver: bool
         # Inside `ray job submit` the job's runtime_env already set these; repeating a key here is a
         # merge conflict that kills the job, so pass only what the environment lacks.
         env = {key: value for key, value in env.items() if key not in os.environ}
-        ray.init(address=address, runtime_env={"env_vars": env} if env else None, log_to_driver=log_to_driver)
+        _remember(ray.init(address=address, runtime_env={"env_vars": env} if env else None,
+                           log_to_driver=log_to_driver, logging_level=_driver_log_level(log_to_driver)))
         return True
     os.environ.update(env)  # a local Ray's workers inherit the driver's environment
     cpus = run_resources(config)["CPU"] if local_cpus is None else local_cpus
-    return start_local(max(1, math.ceil(cpus - 1e-9)), log_to_driver=log_to_driver)
+    return start_local(max(1, math.ceil(cpus - 1e-9)), log_to_driver=log_to_driver, fresh=True)
 
 
 def start_local(num_cpus: int, log_to_driver: bool = True, fresh: bool = False) -> bool:
     """A local Ray with `num_cpus` logical CPUs, unless Ray is already initialised; True when started.
 
-    `fresh`: a new local instance even when RAY_ADDRESS names a running one (the benchmarks size
-    their own cluster, so their numbers do not depend on what else runs there)."""
+    `fresh`: a new local instance even when RAY_ADDRESS names a running one or a `ray start`
+    cluster runs on this machine (the benchmarks size their own cluster, so their numbers do not
+    depend on what else runs there; `connect` starts its own for the same reason)."""
     import ray
 
     if ray.is_initialized():
         return False
-    ray.init(address="local" if fresh else None, num_cpus=num_cpus, include_dashboard=False,
-             log_to_driver=log_to_driver)
+    _remember(ray.init(address="local" if fresh else None, num_cpus=num_cpus, include_dashboard=False,
+                       log_to_driver=log_to_driver, logging_level=_driver_log_level(log_to_driver)))
     return True
+
+
+def _driver_log_level(log_to_driver: bool) -> int:
+    """Ray's logger on the driver: its INFO lines (instance started, cluster joined) only when the
+    workers' output is forwarded too (a verbose console); warnings and errors always."""
+    return logging.INFO if log_to_driver else logging.WARNING
+
+
+def _remember(context) -> None:
+    session_dir = (getattr(context, "address_info", None) or {}).get("session_dir")
+    if session_dir:
+        _session["dir"] = session_dir
+
+
+def logs_dir() -> str | None:
+    """The log folder of the Ray session this process started or joined (on its head node): one
+    `worker-*.out|err` pair per process, Ray Data's `ray-data/`, the raylet's and GCS's logs."""
+    return str(Path(_session["dir"]) / "logs") if "dir" in _session else None
 
 
 def check_capacity(config: Config, trial: bool = False) -> None:

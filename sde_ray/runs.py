@@ -2,9 +2,11 @@
 
 - The checkpoint format: the file names inside one checkpoint directory (written by
   `train.checkpoint`, read back by it on resume and by `eval.runner` when it scores a checkpoint).
-- Run logging: `say` (one console line from a worker), `wandb_mode`, the wandb run id that survives
-  restarts, and `RunLogger`, the rank-0 sinks (console progress, `<output_dir>/metrics.jsonl`, wandb)
-  that the training loop writes and `eval.diagnostics.training_history` reads.
+- Run logging: `say` (one line on a worker's stdout: its Ray log file, and the driver's console
+  when Ray forwards worker output), `wandb_mode`, the wandb run id that survives restarts, and
+  `RunLogger`, the rank-0 sinks (progress lines, `<output_dir>/metrics.jsonl`, wandb, and the
+  driver's progress bar through a `console` relay) that the training loop writes and
+  `eval.diagnostics.training_history` reads.
 
 Depends on the standard library only (wandb is imported when a logger opens a run).
 """
@@ -149,10 +151,13 @@ def _format(value: float) -> str:
 
 
 class RunLogger:
-    """Rank-0 sinks: console progress, metrics.jsonl (truncated to the resumed step) and wandb."""
+    """Rank-0 sinks: progress lines, metrics.jsonl (truncated to the resumed step), wandb, and the
+    driver's progress bar: `console` (a `train.console.ConsoleRelay`, or None) receives every logged
+    step's loss, throughput and time left."""
 
-    def __init__(self, config, output_dir: str, run_id: str, mode: str, resumed_step: int):
+    def __init__(self, config, output_dir: str, run_id: str, mode: str, resumed_step: int, console=None):
         self.config = config
+        self.console_relay = console
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl = self.output_dir / METRICS_FILE
@@ -197,14 +202,19 @@ class RunLogger:
             handle.write(json.dumps(row) + "\n")
         if self.run is not None:
             self.run.log(metrics, step=step)
+        if self.console_relay is not None:
+            self.console_relay.progress(step, self.config.train.max_steps, metrics, self.eta(step))
         if step % max(1, self.config.logging.console_every) == 0 or step == self.config.train.max_steps:
             self.console(step, metrics)
 
+    def eta(self, step: int) -> float:
+        """Seconds left at this step's pace since the logger opened (this launch's steps only)."""
+        elapsed = time.time() - self.start_time
+        return elapsed / max(step - self.start_step, 1) * (self.config.train.max_steps - step)
+
     def console(self, step: int, metrics: dict[str, float]) -> None:
         total = self.config.train.max_steps
-        elapsed = time.time() - self.start_time
-        done = max(step - self.start_step, 1)
-        eta = elapsed / done * (total - step)
+        eta = self.eta(step)
         parts = [f"step {step:>5d}/{total} ({100.0 * step / total:3.0f}%)"]
         parts += [f"{k} {_format(metrics[k])}" for k in CONSOLE_KEYS if k in metrics and not math.isnan(metrics[k])]
         if "lr" in metrics:

@@ -62,6 +62,8 @@ def test_readme_quick_start_has_the_two_commands():
     assert "print(blocks[int(sys.argv[1])])" in ci
     assert "run_block main 0" in ci and "run_block test 1" in ci
     assert "python3 -m venv" in ci and ".ci/check_install.py" in ci
+    # ...and checks what the main job printed (tests/train/test_console.py runs the same check).
+    assert 'tee -a "$SDE_RAY_CONSOLE"' in ci and '.ci/check_console.py "$venvs/main.console"' in ci
 
 
 def test_every_subcommand_answers_help():

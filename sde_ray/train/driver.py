@@ -7,6 +7,10 @@ wait forever for a CPU), prepares the data (synthetic MMEB generated and convert
 fits the trainer from `build_trainer`, evaluates the exported model on the eval runner's Ray
 actors once `fit()` has returned (`sde_ray.eval.runner.final_evaluation`), and writes
 `results.json` / `.md` / `.csv` plus the P@1 table and energy shares on the console. `build_trainer` is also what each Ray Tune trial fits.
+
+The console (`train.console`): Ray keeps the workers' output in its log files (`--verbose`
+forwards it, as Ray does by default); rank 0 relays the progress, validations and notices to a
+progress bar drawn here, and the last lines name the log folder.
 """
 
 from __future__ import annotations
@@ -27,10 +31,11 @@ from sde_ray.data.cache import prepare_data
 from sde_ray.eval.report import results_markdown, write_results
 from sde_ray.eval.runner import final_evaluation, select_datasets
 from sde_ray.models import BatchProcessor, count_parameters
-from sde_ray.ray_cluster import check_capacity, connect, worker_env
+from sde_ray.ray_cluster import check_capacity, connect, logs_dir, worker_env
 from sde_ray.runs import METRICS_FILE, run_id, wandb_mode
 from sde_ray.train.deepspeed_config import build_deepspeed_config
 from sde_ray.train.checkpoint_store import prepare_resume, prune_unregistered
+from sde_ray.train.console import ConsoleRelay, ProgressConsole
 from sde_ray.train.data import train_data_from_config
 from sde_ray.train.loop import RunArgs, build_train_module, train_loop_per_worker
 from sde_ray.train.preemption import Preemption
@@ -122,6 +127,7 @@ def build_trainer(
     prepared=None,
     step_hook: Callable[..., None] | None = None,
     preemption=None,
+    console: ConsoleRelay | None = None,
 ):
     """The TorchTrainer of one training run (what `run_train` and each Tune trial fit).
 
@@ -130,7 +136,8 @@ def build_trainer(
     rank=, world_size=, module=)`: called on every worker after each optimizer step with the engine's
     module (instrumentation, fault injection in tests); cloudpickle-able. The workers receive the
     typed config itself and a `RunArgs`, both pickled by Ray. `preemption`: the flag of a
-    `preemption.Preemption`; when raised, the workers checkpoint and stop.
+    `preemption.Preemption`; when raised, the workers checkpoint and stop. `console`: the relay rank 0
+    sends its progress and notices through (`train.console`); None: its stdout only.
     """
     config = resolve_paths(config)
     if prepared is None:
@@ -153,8 +160,9 @@ def build_trainer(
     return TorchTrainer(
         train_loop_per_worker,
         # Interrupted checkpoint folders are removed here, once per fit; the newest complete one is offered.
-        train_loop_config=worker_payload(config, prepared, train_data, step_hook, preemption,
-                                         resume_dir=prepare_resume(f"{config.train.storage_path}/{config.train.run_name}")),
+        train_loop_config=worker_payload(
+            config, prepared, train_data, step_hook, preemption, console=console,
+            resume_dir=prepare_resume(f"{config.train.storage_path}/{config.train.run_name}")),
         scaling_config=ray.train.ScalingConfig(
             num_workers=num_workers,
             use_gpu=scaling.use_gpu,
@@ -173,7 +181,8 @@ def build_trainer(
 
 
 def worker_payload(config: Config, prepared=None, train_data=None, step_hook: Callable[..., None] | None = None,
-                   preemption=None, resume_dir: str | None = None) -> dict:
+                   preemption=None, resume_dir: str | None = None,
+                   console: ConsoleRelay | None = None) -> dict:
     """What every training worker receives (Ray Train's `train_loop_config` must be a dict): the
     resolved typed config and the run arguments, pickled as they are."""
     args = RunArgs(
@@ -185,6 +194,7 @@ def worker_payload(config: Config, prepared=None, train_data=None, step_hook: Ca
         resume_dir=resume_dir,
         preemption=preemption,
         data_counts=data_counts(prepared, train_data) if prepared is not None else {},
+        console=console,
     )
     return {"config": config, "args": args}
 
@@ -256,21 +266,26 @@ def _evaluate_after_fit(config: Config, prepared, metrics: dict) -> dict | None:
     return final_evaluation(metrics["model_dir"], root, config, config.train.output_dir)
 
 
-def run_train(config: Config, dry_run: bool = False) -> dict:
-    """The main job. Returns the summary also written to `<output_dir>/results.json`."""
+def run_train(config: Config, dry_run: bool = False, verbose: bool = False) -> dict:
+    """The main job. Returns the summary also written to `<output_dir>/results.json`.
+
+    `verbose`: Ray forwards every worker's output to this console (DeepSpeed, Ray Data, Ray Train
+    and the workers' own progress lines) instead of the progress bar; the log files hold it either way."""
     if dry_run:
         return dry_run_report(config)
     config = resolve_paths(config)
     check_data_paths(config)
     config = claim_run_dir(config)  # refuses a relaunch under another config
     output_dir = Path(config.train.output_dir)
-    started = connect(config)
+    started = connect(config, log_to_driver=verbose)
     try:
         check_capacity(config)
         prepared = prepare_data(config)
         check_negatives(config, prepared.shards)
-        with Preemption() as preemption:  # SIGTERM: checkpoint at the next step and return
-            result = build_trainer(config, prepared=prepared, preemption=preemption.flag).fit()
+        relay = None if verbose else ConsoleRelay.start()
+        with Preemption() as preemption, ProgressConsole.around(relay, config.logging.console_every):
+            # SIGTERM: checkpoint at the next step and return
+            result = build_trainer(config, prepared=prepared, preemption=preemption.flag, console=relay).fit()
         metrics = dict(result.metrics or {})
         evaluation = None if metrics.get("preempted") else _evaluate_after_fit(config, prepared, metrics)
     finally:
@@ -285,6 +300,7 @@ def run_train(config: Config, dry_run: bool = False) -> dict:
         "output_dir": str(output_dir),
         "metrics_jsonl": str(output_dir / METRICS_FILE),
         "spectrum_plot": str(output_dir / "plots" / "spectrum.png"),
+        "logs": logs_dir(),  # every process's full output (Ray's session logs)
         "preempted": bool(metrics.get("preempted")),
         "data": {**data_counts(prepared), "data_rows_replaced": int(metrics.get("data_rows_replaced", 0)),
                  "skipped_shards": dict(prepared.skipped_shards),
@@ -299,6 +315,6 @@ def run_train(config: Config, dry_run: bool = False) -> dict:
     else:
         (output_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(_energy_table(metrics))
-    for key in ("output_dir", "model_dir", "checkpoint", "metrics_jsonl", "spectrum_plot"):
+    for key in ("output_dir", "model_dir", "checkpoint", "metrics_jsonl", "spectrum_plot", "logs"):
         print(f"{key}: {summary[key]}")
     return {**summary, "eval": evaluation}

@@ -83,6 +83,7 @@ class RunArgs:
     preemption: Any = None  # the flag actor a SIGTERM on the driver raises (train.preemption)
     data_counts: dict = field(default_factory=dict)  # what the data stage left out
     val_root: str | None = None  # the split validated on (driver.val_root_of); None: no validation
+    console: Any = None  # train.console.ConsoleRelay to the driver's progress bar; None: stdout only
 
 
 # The schedule of one optimizer step's aftermath (torchtitan-style): what happens after step `step`.
@@ -218,12 +219,19 @@ def call_hook(hook: Callable[..., None], **values) -> None:
     hook(**values)
 
 
-def check_order(state: TrainState, spec: dict, rank: int) -> None:
+def notice(args: RunArgs, message: str) -> None:
+    """A line the user must see: the worker's log, and the driver's console through the relay."""
+    say(message)
+    if args.console is not None:
+        args.console.notice(message)
+
+
+def check_order(state: TrainState, spec: dict, rank: int, args: RunArgs) -> None:
     """Warns when a checkpoint was written under another epoch order (other shards, seed, window or
     global batch): the resume continues, but not on the uninterrupted run's rows."""
     if state.data_order and state.data_order != spec and rank == 0:
-        say(f"[sde_ray] warning: the checkpoint's data order {state.data_order} differs from this run's {spec}; "
-            "the resumed epoch is not the one the checkpointed run would have seen")
+        notice(args, f"[sde_ray] warning: the checkpoint's data order {state.data_order} differs from this "
+                     f"run's {spec}; the resumed epoch is not the one the checkpointed run would have seen")
 
 
 def seed_everything(seed: int) -> None:
@@ -363,7 +371,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if rank == 0:
             how = "exact DeepSpeed state" if plan.exact else (
                 f"consolidated weights, fresh optimizer state (world size {plan.state.world_size} -> {world_size})")
-            say(f"[sde_ray] resumed at step {state.step} from {plan.directory.name}: {how}")
+            notice(args, f"[sde_ray] resumed at step {state.step} from {plan.directory.name}: {how}")
     resume_stack.close()
     float_dtype = next(engine.module.parameters()).dtype
 
@@ -371,13 +379,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # (nothing before that position is read or decoded).
     chunk = chunk_size(config, world_size)  # GradCache: rows per encoder forward
     train_data = args.train_data
-    check_order(state, train_data.spec(), rank)
+    check_order(state, train_data.spec(), rank, args)
     state.data_order = train_data.spec()
     stream = batch_stream(train_data, rank, world_size, state.epoch, state.epoch_rows,
                           lookahead=config.data.epoch_lookahead, batches_left=train.max_steps - state.step)
 
     launch = broadcast_object(uuid.uuid4().hex[:8], world_size)  # unique checkpoint names per attempt
-    logger = RunLogger(config, output_dir, args.run_id, args.wandb_mode, state.step) if rank == 0 else None
+    logger = RunLogger(config, output_dir, args.run_id, args.wandb_mode, state.step,
+                       console=args.console) if rank == 0 else None
     trained = TrainedModel(config, engine, rank)
     processor = None
     if val_root:
@@ -410,7 +419,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     f"(train.max_nan_skips={train.max_nan_skips})"
                 )
             if rank == 0:
-                say(f"[sde_ray] {message}: skipped ({consecutive_nan}/{train.max_nan_skips})")
+                notice(args, f"[sde_ray] {message}: skipped ({consecutive_nan}/{train.max_nan_skips})")
             continue
         consecutive_nan = 0
         clamp_temperatures(engine)  # the optimizer stepped

@@ -460,7 +460,9 @@ def run_compare(
     out = Path(output_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     records: list[dict] = []
-    started = connect(config)  # one Ray session for all runs (run_train leaves an initialised one alone)
+    # One Ray session for all runs (run_train leaves an initialised one alone); the workers' output
+    # stays in Ray's log files, each run shows its progress bar (train.console).
+    started = connect(config, log_to_driver=False)
     init_record = None
     try:
         if pretrain_steps:

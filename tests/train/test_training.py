@@ -1,5 +1,6 @@
 """2 Ray Train workers × DeepSpeed ZeRO-2 / ZeRO-3 on the synthetic MMEB: the loss falls, every
-step is reported by both ranks, checkpoints hold every rank's shards, and the export reloads."""
+step is reported by both ranks, checkpoints hold every rank's shards, and the export reloads; a
+warning raised from our own modules (on the driver or in a worker) fails the run."""
 
 from __future__ import annotations
 
@@ -12,8 +13,25 @@ import torch
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
+OUR_WARNINGS_AS_ERRORS = r"sde_ray(\.|$)"  # warnings attributed to a module of the package
+
+
+def loop_with_our_warnings_as_errors(loop_config: dict) -> None:
+    """The training loop with every warning attributed to an sde_ray module raised as an error (a
+    deprecated torch API called from our collectives, say), so the run fails on the first one."""
+    import warnings
+
+    from sde_ray.train.loop import train_loop_per_worker
+
+    warnings.filterwarnings("error", module=OUR_WARNINGS_AS_ERRORS)
+    train_loop_per_worker(loop_config)
+
+
+@pytest.mark.filterwarnings(f"error::Warning:{OUR_WARNINGS_AS_ERRORS}")
 @pytest.mark.parametrize("stage", [2, 3])
 def test_two_workers_learn_under_zero(stage, ray_cluster, small_config, read_metrics):
+    from ray.train.torch import TorchTrainer
+
     from sde_ray.models import load_pretrained
     from sde_ray.train.driver import build_trainer
 
@@ -21,7 +39,9 @@ def test_two_workers_learn_under_zero(stage, ray_cluster, small_config, read_met
     if stage == 3:  # partition every parameter, not only the large ones
         overrides.append("deepspeed.overrides={zero_optimization: {stage3_param_persistence_threshold: 0}}")
     config = small_config(*overrides)
-    result = build_trainer(config).fit()
+    trainer = build_trainer(config)
+    result = TorchTrainer(loop_with_our_warnings_as_errors, train_loop_config=trainer.train_loop_config,
+                          scaling_config=trainer.scaling_config, run_config=trainer.run_config).fit()
 
     rows = read_metrics(config.train.output_dir)
     by_step = {r["step"]: r for r in rows}
