@@ -228,7 +228,9 @@ class RayEncoderPool:
                 actor = self.actors[len(jobs) % len(self.actors)]
                 jobs.append((index, actor.encode_batch.remote(side, texts[part], images[part])))
         pending = [ref for _, ref in jobs]
-        with tqdm(total=len(pending), desc="encoding", unit="batch", disable=not self.progress) as bar:
+        # On a terminal only, and cleared when done (one bar per request would stack up otherwise).
+        with tqdm(total=len(pending), desc="encoding", unit="batch", leave=False,
+                  disable=None if self.progress else True) as bar:
             while pending:
                 done, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
                 bar.update(len(done))

@@ -280,7 +280,8 @@ def evaluate_prepared(
     source = eval_image_source(eval_root) if eval_root is not None else None
     items = list(prepared) if prepared is not None else list(infos)
     try:
-        for item in tqdm(items, desc="datasets", unit="dataset", disable=not progress):
+        # A bar on a terminal only (disable=None): in a log file or CI every redraw would be a line.
+        for item in tqdm(items, desc="datasets", unit="dataset", disable=None if progress else True):
             p = (
                 item
                 if isinstance(item, PreparedDataset)
@@ -541,6 +542,9 @@ def log_to_wandb(results: dict, plot_paths: dict[str, Path], config: Config, out
             mode=mode,
             reinit="finish_previous",
             config={"checkpoint": results.get("checkpoint"), "data_dir": results.get("data_dir")},
+            # Offline, wandb's own lines (banner, run summary) repeat the table the console prints;
+            # online they carry the run's URL.
+            settings=wandb.Settings(silent=mode != "online"),
         )
         started = True
     payload: dict = {f"eval/p_at_1/{name}": row["p_at_1"] for name, row in results["datasets"].items()}

@@ -105,6 +105,7 @@ class ProgressConsole:
         self.stream = stream or sys.stdout
         self.live = self.stream.isatty()
         self._bar = ""  # the bar on screen (terminal only)
+        self._pending = None  # the drain request not answered yet
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sde_ray-progress", daemon=True)
 
@@ -132,10 +133,16 @@ class ProgressConsole:
                 return
 
     def _drain(self) -> bool:
+        """Shows what arrived; False once the mailbox is gone (nothing more will come)."""
+        if self._pending is None:
+            self._pending = self.relay.mailbox.drain.remote()
         try:
-            events = ray.get(self.relay.mailbox.drain.remote(), timeout=30)
-        except Exception:  # noqa: BLE001 - the mailbox or Ray is gone: nothing more will come
+            events = ray.get(self._pending, timeout=60)
+        except ray.exceptions.GetTimeoutError:
+            return True  # a busy cluster: wait for the same answer next time (it holds the events)
+        except Exception:  # noqa: BLE001 - the mailbox or Ray is gone
             return False
+        self._pending = None
         for event in events:
             self.show(event)
         return True
