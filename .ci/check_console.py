@@ -14,8 +14,10 @@ from pathlib import Path
 MAX_LINES = 80
 PATHS = ("output_dir", "model_dir", "checkpoint", "metrics_jsonl", "spectrum_plot", "logs")
 PROGRESS = re.compile(r"^step +\d+/\d+ \[[#.]+\] +\d+% \| loss ")
+# Ray-forwarded worker lines, Ray Train's reports, Ray Data's plans, DeepSpeed, deprecation warnings,
+# wandb's banner and summary, tqdm redraws (`45%|####`) in a non-terminal.
 CHATTER = re.compile(r"\((RayTrainWorker|TrainController|PlacementGroupCleaner)|TrainingReport\(|Execution plan|"
-                     r"DeepSpeed|FutureWarning")
+                     r"DeepSpeed|FutureWarning|^wandb:|\d%\|")
 
 
 def problems(lines: list[str]) -> list[str]:
