@@ -15,7 +15,7 @@ Gradient semantics of the `*_with_grad` variants (torch's functional collectives
 the backward of the all-gather is a sum reduce-scatter, handing each rank the sum of every rank's
 gradient for its rows; the backward of the all-reduce sums the gradients. A loss computed identically
 on every rank from their results therefore has, after the usual averaging of gradients over ranks,
-exactly the single-process gradient. Both run on gloo (CPU) and NCCL. Their results are waited on
+exactly the single-process gradient (tested on gloo; NCCL is these ops' main target). Results are waited on
 (`wait_tensor`, differentiable) so callers get a plain tensor, never torch's lazily-waited wrapper.
 """
 
