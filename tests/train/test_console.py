@@ -66,6 +66,7 @@ def test_the_default_jobs_console_is_progress_validation_table_and_paths(data_ca
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_a_failed_worker_ends_the_run_with_its_reason(ray_cluster, data_cache, tmp_path, capsys):
     """A model path that does not exist fails on the worker that builds the model; the CLI's last
     two lines: the reason (the worker's own message), then where the traceback is."""
