@@ -1,4 +1,4 @@
-"""The `sde-ray` console script: train | tune | eval | compare | config | data | mine | bench.
+"""The `sde-ray` console script: train | tune | eval | compare | config | data | mine | embed | search | serve | bench.
 
 Every command that reads a config takes `--config PATH` followed by dotted overrides
 (`train.lr=3e-4 loss.name=infonce`); precedence is CLI > file > defaults. Config errors are printed
@@ -104,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     mine.add_argument("--out", required=True, help="Sidecar folder (resumable: finished parts are kept).")
     _add_config_args(mine)
 
+    embed = commands.add_parser("embed", help="Embed a corpus with Ray Data into parquet (id, embedding, modality).")
+    embed.add_argument("--checkpoint", required=True, help="Run dir, Ray checkpoint or save_pretrained dir.")
+    embed.add_argument("--corpus", required=True, help="Parquet table (file or folder), image folder or .tar shards.")
+    embed.add_argument("--out", required=True, help="Output folder (resumable: finished files are kept).")
+    _add_config_args(embed, default=None)
+
     bench = commands.add_parser("bench", help="Benchmarks (ratios measured side by side in one run).")
     bench.add_argument("name", choices=BENCHMARKS)
     bench.add_argument("--json", default=None, help="Also write the results as JSON here.")
@@ -197,6 +203,12 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         summary = run_mine(_load(args), args.checkpoint, args.out)
         print(json.dumps({k: summary[k] for k in ("rows", "counts", "encode_rows_per_s")}))
+        return 0
+    if args.command == "embed":
+        from sde_ray.embed.batch import run_embed
+
+        summary = run_embed(_load(args), args.checkpoint, args.corpus, args.out)
+        print(json.dumps({k: summary[k] for k in ("rows", "embedded", "skipped", "files_computed", "rows_per_s")}))
         return 0
     if args.command == "bench":
         import importlib

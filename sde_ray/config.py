@@ -377,6 +377,46 @@ class MineConfig:
 
 
 @dataclass
+class EmbedConfig:
+    """`sde-ray embed` (Ray Data batch inference over a corpus) and `sde-ray search` (sde_ray/embed/)."""
+
+    instruction: str = doc(
+        "", "Instruction of every item, in MMEB's prompt format (`<|image_1|>\\n<instruction>: <text>\\n`, as "
+        "`sde_ray.data.mmeb.format_prompt`); empty: each item's text as it is.")
+    side: Literal["query", "target"] = doc(
+        "target", "Model side the items are encoded as (query: the eval's queries; target: its candidates).")
+    text_column: str = doc("text", "Parquet column (WebDataset member suffix) of an item's text; absent: no text.")
+    image_column: str = doc(
+        "image", "Parquet column of an item's image (encoded bytes, or a path relative to the table's folder); "
+        "in WebDataset shards the first of jpg, jpeg, png, webp, img when this member is absent.")
+    id_column: str = doc("id", "Parquet column of an item's id; absent: `<file stem>:<row>`.")
+    rows_per_file: int = doc(4096, "Rows per output parquet file (the unit a rerun skips when finished).")
+    batch_size: int = doc(64, "Rows per encoding batch.")
+    num_workers: int = doc(1, "Encoding actors (one GPU each when the cluster has GPUs).")
+    decode_concurrency: int = doc(1, "CPU tasks decoding images and tokenizing (one CPU each).")
+    search_chunk_rows: int = doc(65536, "Corpus rows per chunk of the exact top-k (bounds its memory).")
+    hnsw_m: int = doc(32, "faiss HNSW graph degree of the approximate index.")
+    hnsw_ef_search: int = doc(64, "faiss HNSW search breadth (recall vs speed).")
+    hnsw_ef_construction: int = doc(80, "faiss HNSW build breadth.")
+
+
+@dataclass
+class ServeConfig:
+    """`sde-ray serve`: the Ray Serve `/v1/embeddings` endpoint (sde_ray/embed/serve.py)."""
+
+    host: str = doc("127.0.0.1", "HTTP host of Serve's proxy.")
+    port: int = doc(8000, "HTTP port of Serve's proxy (0: a free port).")
+    num_replicas: int = doc(1, "Model replicas (one GPU each when the cluster has GPUs).")
+    max_batch_size: int = doc(32, "serve.batch: most items encoded together.")
+    batch_wait_timeout_s: float = doc(0.01, "serve.batch: longest wait for a batch to fill.")
+    max_items: int = doc(64, "Most items in one request (more: HTTP 413).")
+    max_image_bytes: int = doc(8 << 20, "Largest encoded image accepted (more: HTTP 413).")
+    max_image_pixels: int = doc(4096 * 4096, "Largest decoded image (width x height) accepted (more: HTTP 413).")
+    max_text_chars: int = doc(16384, "Longest text accepted (more: HTTP 413).")
+    image_root: str = doc("", "Folder local image paths/URLs must lie under; empty: local files are refused.")
+
+
+@dataclass
 class Config:
     model: ModelConfig = doc(ModelConfig(), "The encoder.")
     data: DataConfig = doc(DataConfig(), "Data source, shards and the Ray Data pipeline.")
@@ -389,6 +429,8 @@ class Config:
     eval: EvalConfig = doc(EvalConfig(), "MMEB evaluation.")
     logging: LoggingConfig = doc(LoggingConfig(), "Console and W&B.")
     mine: MineConfig = doc(MineConfig(), "Offline hard-negative mining.")
+    embed: EmbedConfig = doc(EmbedConfig(), "Batch embedding of a corpus and search over it.")
+    serve: ServeConfig = doc(ServeConfig(), "The HTTP embedding endpoint.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -717,6 +759,22 @@ _MINIMUM: dict[str, tuple[float, bool]] = {
     "eval.batch_size": (1, True),
     "eval.num_workers": (1, True),
     "eval.val_queries": (1, True),
+    "embed.rows_per_file": (1, True),
+    "embed.batch_size": (1, True),
+    "embed.num_workers": (1, True),
+    "embed.decode_concurrency": (1, True),
+    "embed.search_chunk_rows": (1, True),
+    "embed.hnsw_m": (2, True),
+    "embed.hnsw_ef_search": (1, True),
+    "embed.hnsw_ef_construction": (1, True),
+    "serve.port": (0, True),
+    "serve.num_replicas": (1, True),
+    "serve.max_batch_size": (1, True),
+    "serve.batch_wait_timeout_s": (0, True),
+    "serve.max_items": (1, True),
+    "serve.max_image_bytes": (1, True),
+    "serve.max_image_pixels": (1, True),
+    "serve.max_text_chars": (1, True),
     "data.shuffle_seed": (0, True),
     "data.synth.train_per_subset": (1, True),
     "data.synth.eval_per_dataset": (1, True),

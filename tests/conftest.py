@@ -1,5 +1,6 @@
-"""Shared test fixtures: CPU-only DeepSpeed, offline wandb, one local Ray cluster per session; tests
-marked `gpu` are skipped unless CUDA is present."""
+"""Shared test fixtures: CPU-only DeepSpeed, offline wandb, one local Ray cluster per session, a small
+synthetic MMEB and an exported tiny-clip model (once per session); tests marked `gpu` are skipped
+unless CUDA is present."""
 
 from __future__ import annotations
 
@@ -49,3 +50,24 @@ def ray_cluster():
                     raise
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def synthetic_mmeb(tmp_path_factory):
+    from sde_ray.data.synthetic import write_synthetic_mmeb
+
+    return write_synthetic_mmeb(
+        tmp_path_factory.mktemp("synth"), seed=0, train_per_subset=2, eval_per_dataset=8, num_candidates=4
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory):
+    """(model folder, model, processor) of a randomly initialised tiny-clip written by save_pretrained."""
+    from sde_ray.config import ModelConfig
+    from sde_ray.models import BatchProcessor, build_model
+
+    config = ModelConfig(name_or_path="tiny-clip")
+    model = build_model(config, seed=0).eval()
+    folder = model.save_pretrained(tmp_path_factory.mktemp("export") / "model")
+    return folder, model, BatchProcessor(config)

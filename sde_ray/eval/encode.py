@@ -65,11 +65,15 @@ class ModelEncoder:
         self.precision, self.dtype = precision, autocast_dtype(precision)
         self.calls = 0
 
-    @torch.no_grad()
     def encode_batch(self, side: str, texts: list[str], images: list) -> np.ndarray:
+        return self.encode_arrays(side, self.processor.encode_inputs(texts, images, _prefix(side)))
+
+    @torch.no_grad()
+    def encode_arrays(self, side: str, arrays: dict[str, np.ndarray]) -> np.ndarray:
+        """The forward alone, on arrays `BatchProcessor.encode_inputs` made (elsewhere, e.g. in the
+        CPU tasks of `sde-ray embed`): float32 [n, D] raw features."""
         prefix = _prefix(side)
-        arrays = self.processor.encode_inputs(texts, images, prefix)
-        batch = {key: torch.from_numpy(value).to(self.device) for key, value in arrays.items()}
+        batch = {key: torch.from_numpy(np.asarray(value)).to(self.device) for key, value in arrays.items()}
         was_training = self.model.training
         self.model.eval()
         self.calls += 1

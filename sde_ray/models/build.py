@@ -179,10 +179,9 @@ def warm_start(backbone: nn.Module, init_from: str | Path) -> None:
     backbone.load_state_dict(theirs, strict=True)
 
 
-def load_pretrained(directory: str | Path) -> tuple[Embedder, ModelConfig]:
-    """Reloads a folder written by `model.save_pretrained`, through `from_pretrained(directory)`.
-    The returned config names that folder, so `BatchProcessor(config)` reads the saved
-    tokenizer and image processor. The model is in eval mode."""
+def export_config(directory: str | Path) -> ModelConfig:
+    """The `ModelConfig` of a folder written by `model.save_pretrained`, naming that folder (so
+    `BatchProcessor(config)` reads the saved tokenizer and image processor)."""
     directory = Path(directory).resolve()
     meta_path = directory / EXPORT_FILE
     if not meta_path.exists():
@@ -190,9 +189,16 @@ def load_pretrained(directory: str | Path) -> tuple[Embedder, ModelConfig]:
     meta = json.loads(meta_path.read_text())
     config = from_dict(meta["model_config"], ModelConfig)
     # The export is self-contained: no tower assembly, no warm start on reload.
-    config = dataclasses.replace(
+    return dataclasses.replace(
         config, name_or_path=str(directory), vision_name_or_path="", text_name_or_path="", init_from=""
     )
+
+
+def load_pretrained(directory: str | Path) -> tuple[Embedder, ModelConfig]:
+    """Reloads a folder written by `model.save_pretrained`, through `from_pretrained(directory)`.
+    The returned config names that folder, so `BatchProcessor(config)` reads the saved
+    tokenizer and image processor. The model is in eval mode."""
+    config = export_config(directory)
     model = build_model(config)
     model.eval()
     return model, config
