@@ -15,7 +15,7 @@ from pathlib import Path
 
 from sde_ray.config import ConfigError, DataConfig, dump_yaml, load_config, with_values
 
-BENCHMARKS = ("spectral", "data", "train", "eval", "models")
+BENCHMARKS = ("spectral", "data", "train", "eval", "models", "search", "serve")
 
 
 def _add_config_args(parser: argparse.ArgumentParser, default: str | None = "configs/default.yaml") -> None:
@@ -109,6 +109,17 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--corpus", required=True, help="Parquet table (file or folder), image folder or .tar shards.")
     embed.add_argument("--out", required=True, help="Output folder (resumable: finished files are kept).")
     _add_config_args(embed, default=None)
+
+    search = commands.add_parser("search", help="Top-k search of text/image queries over an `embed` output.")
+    search.add_argument("--embeddings", required=True, help="An `sde-ray embed` output folder.")
+    search.add_argument("--text", nargs="*", default=[], help="Text queries.")
+    search.add_argument("--image", nargs="*", default=[], help="Image queries (local files).")
+    search.add_argument("--k", type=int, default=10)
+    search.add_argument("--method", default="exact", choices=("exact", "hnsw"),
+                        help="exact: chunked exact top-k; hnsw: the faiss HNSW index (built once, kept beside).")
+    search.add_argument("--instruction", default="", help="The queries' instruction (MMEB prompt format).")
+    search.add_argument("--checkpoint", default="", help="Query encoder (default: the model that embedded the corpus).")
+    _add_config_args(search, default=None)
 
     bench = commands.add_parser("bench", help="Benchmarks (ratios measured side by side in one run).")
     bench.add_argument("name", choices=BENCHMARKS)
@@ -209,6 +220,15 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         summary = run_embed(_load(args), args.checkpoint, args.corpus, args.out)
         print(json.dumps({k: summary[k] for k in ("rows", "embedded", "skipped", "files_computed", "rows_per_s")}))
+        return 0
+    if args.command == "search":
+        from sde_ray.embed.search import run_search
+
+        if not args.text and not args.image:
+            raise ConfigError("sde-ray search needs at least one --text or --image query")
+        for result in run_search(_load(args), args.embeddings, args.text, args.image, args.k, args.method,
+                                 instruction=args.instruction, checkpoint=args.checkpoint):
+            print(json.dumps(result))
         return 0
     if args.command == "bench":
         import importlib

@@ -60,6 +60,7 @@ def test_text_items_equal_the_evaluator_in_process(tmp_path, tiny_export, synthe
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # ~65 s under load: a local Ray cluster runs the pipeline twice
 def test_embed_equals_evaluator_skips_bad_rows_and_resumes(tmp_path, tiny_export, synthetic_mmeb, ray_cluster):
     folder, model, processor = tiny_export
     items, reference = evaluator_candidates(Path(synthetic_mmeb["eval_dir"]), "SynCaption_t2i", model, processor)
