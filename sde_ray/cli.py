@@ -121,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--checkpoint", default="", help="Query encoder (default: the model that embedded the corpus).")
     _add_config_args(search, default=None)
 
+    serve_cmd = commands.add_parser("serve", help="Serve OpenAI-style /v1/embeddings with Ray Serve.")
+    serve_cmd.add_argument("checkpoint", help="Run dir, Ray checkpoint or save_pretrained dir.")
+    _add_config_args(serve_cmd, default=None)
+
     bench = commands.add_parser("bench", help="Benchmarks (ratios measured side by side in one run).")
     bench.add_argument("name", choices=BENCHMARKS)
     bench.add_argument("--json", default=None, help="Also write the results as JSON here.")
@@ -229,6 +233,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         for result in run_search(_load(args), args.embeddings, args.text, args.image, args.k, args.method,
                                  instruction=args.instruction, checkpoint=args.checkpoint):
             print(json.dumps(result))
+        return 0
+    if args.command == "serve":
+        from sde_ray.embed.serve import run_serve
+
+        run_serve(_load(args), args.checkpoint)
         return 0
     if args.command == "bench":
         import importlib

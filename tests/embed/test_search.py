@@ -73,3 +73,12 @@ def test_search_cli_finds_the_item_of_its_own_text(tmp_path, tiny_export, capsys
         hits = json.loads(line)["hits"]
         assert [h["id"] for h in hits] == [f"t{i}" for i in np.argsort(-expected)[:3]]
         np.testing.assert_allclose([h["score"] for h in hits], np.sort(expected)[::-1][:3], rtol=1e-5)
+
+
+def test_bench_search_quick_reports_recall_and_throughput(tmp_path):
+    from sde_ray.bench.search import main
+
+    results = main(json_path=str(tmp_path / "bench.json"), quick=True)
+    assert results["faiss_flat"]["recall"] == 1.0  # exact search agrees with exact_topk
+    assert max(r["recall"] for r in results["hnsw"]) >= 0.95
+    assert all(r["qps"] > 0 for r in results["hnsw"]) and json.loads((tmp_path / "bench.json").read_text())["rows"] == 5000
