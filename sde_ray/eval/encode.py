@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 PREFIXES = {"query": "qry", "target": "pos"}
+MODEL_CARD = "README.md"  # in an export: the model card (sde_ray.embed.card)
 AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -109,10 +110,12 @@ def load_encoder(model_dir: str | os.PathLike, batch_size: int, device: str | No
 
 
 def model_identity(model_dir: str | os.PathLike) -> str:
-    """A digest of an exported model folder's files (names and bytes): equal folders, equal ids."""
+    """A digest of an exported model folder's files (names and bytes; not its model card): equal
+    folders, equal ids."""
     digest = hashlib.sha256()
     root = Path(model_dir)
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+    # The model card documents the model; writing it after the evaluation changes no embedding.
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.relative_to(root) != Path(MODEL_CARD)):
         digest.update(str(path.relative_to(root)).encode() + b"\0")
         with path.open("rb") as handle:
             for block in iter(lambda: handle.read(1 << 22), b""):

@@ -200,6 +200,11 @@ def load_pretrained(directory: str | Path) -> tuple[Embedder, ModelConfig]:
     tokenizer and image processor. The model is in eval mode."""
     config = export_config(directory)
     model = build_model(config)
+    adapter = json.loads((Path(directory) / EXPORT_FILE).read_text()).get("lora_adapter", "")
+    if adapter:  # LoRA kept as an adapter: applied to the base weights and merged for inference
+        from peft import PeftModel
+
+        model.backbone = PeftModel.from_pretrained(model.backbone, str(Path(directory) / adapter)).merge_and_unload()
     model.eval()
     return model, config
 

@@ -25,6 +25,25 @@ from sde_ray.config import ModelConfig
 
 EXPORT_FILE = "sde_ray_model.json"
 EXPORT_FORMAT = 1
+ADAPTER_DIR = "adapter"
+
+# sentence-transformers (>= 5) reads a CLIP folder as one multimodal Transformer module: text through
+# `get_text_features`, images through `get_image_features`, the pooled projections (what our dual
+# encoder emits for a text-only or image-only item). These are the files its `save` writes for one.
+_ST_CLIP_MODALITIES = {"text": {"method": "get_text_features", "method_output_name": "pooler_output"},
+                       "image": {"method": "get_image_features", "method_output_name": "pooler_output"}}
+SENTENCE_TRANSFORMERS_FILES: dict[str, dict[str, object]] = {
+    "clip": {
+        "modules.json": [{"idx": 0, "name": "0", "path": "",
+                          "type": "sentence_transformers.base.modules.transformer.Transformer"}],
+        "sentence_bert_config.json": {"transformer_task": "feature-extraction",
+                                      "modality_config": _ST_CLIP_MODALITIES,
+                                      "module_output_name": "sentence_embedding"},
+        "config_sentence_transformers.json": {"model_type": "SentenceTransformer",
+                                              "prompts": {"query": "", "document": ""},
+                                              "default_prompt_name": None, "similarity_fn_name": "cosine"},
+    },
+}
 
 PIXEL_CONTRACT = (
     "pixel values must be uint8 [B, 3, H, W], the image after the image processor's resize/crop and "
@@ -147,20 +166,29 @@ class Embedder(nn.Module):
         return ids.long(), mask.long(), pixels, has_image.bool()
 
     # ------------------------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | Path) -> Path:
+    def save_pretrained(self, directory: str | Path, merge_lora: bool = True) -> Path:
         """Writes a folder that `sde_ray.models.load_pretrained` (and plain `from_pretrained`) reads:
-        the backbone (LoRA merged into the weights), tokenizer, image processor and our ModelConfig.
+        the backbone, tokenizer, image processor and our ModelConfig. LoRA adapters are merged into
+        the weights (`merge_lora`), or kept: the base weights at the top (what plain `from_pretrained`
+        loads) and the adapter in `adapter/` (peft's `PeftModel.from_pretrained(base, dir/adapter)`).
+        CLIP exports also get sentence-transformers' module files (`SENTENCE_TRANSFORMERS_FILES`).
         Call it on an unpartitioned model (with ZeRO-3, load consolidated weights into a fresh
         `build_model` first)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         backbone = self.backbone
-        merged = hasattr(backbone, "merge_and_unload")
-        if merged:  # merge a copy: the training model keeps its adapters
+        has_lora = hasattr(backbone, "merge_and_unload")
+        if has_lora and merge_lora:  # merge a copy: the training model keeps its adapters
             backbone = copy.deepcopy(backbone).merge_and_unload()
+        elif has_lora:
+            backbone.save_pretrained(directory / ADAPTER_DIR)
+            backbone = copy.deepcopy(backbone).unload()  # the base weights, adapters removed unmerged
         backbone.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
         self.image_processor.save_pretrained(directory)
+        if backbone.config.model_type in SENTENCE_TRANSFORMERS_FILES:
+            for name, payload in SENTENCE_TRANSFORMERS_FILES[backbone.config.model_type].items():
+                (directory / name).write_text(json.dumps(payload, indent=2) + "\n")
         # The folder is a whole checkpoint: it is loaded by name, never re-assembled or re-warm-started.
         config = dataclasses.replace(
             self.model_config,
@@ -174,7 +202,8 @@ class Embedder(nn.Module):
             "model_config": dataclasses.asdict(config),
             "source_name_or_path": self.model_config.name_or_path
             or f"{self.model_config.vision_name_or_path} + {self.model_config.text_name_or_path}",
-            "lora_merged": merged,
+            "lora_merged": has_lora and merge_lora,
+            "lora_adapter": ADAPTER_DIR if has_lora and not merge_lora else "",
             "embed_dim": self.embed_dim,
         }
         (directory / EXPORT_FILE).write_text(json.dumps(meta, indent=2))

@@ -309,6 +309,10 @@ def run_train(config: Config, dry_run: bool = False, verbose: bool = False) -> d
     if summary["preempted"]:
         print(f"[sde_ray] preempted (SIGTERM) at step {metrics.get('step')}: checkpoint {summary['checkpoint']}; "
               "rerun the same command to resume")
+    if summary["model_dir"] and not summary["preempted"]:
+        from sde_ray.embed.card import write_model_card
+
+        write_model_card(summary["model_dir"], config, evaluation, summary["train"])
     if evaluation:
         write_results({**evaluation, **summary}, output_dir)
         print(results_markdown(evaluation))
