@@ -104,3 +104,40 @@ def test_serve_answers_equal_embed_and_rejects_bad_input(tmp_path, tiny_export, 
             assert max(json.loads(response.read())["batch_sizes"]) > 1
     finally:
         serve.shutdown()
+
+
+def test_request_parsing_refuses_bad_input_with_its_status(tmp_path):
+    """The handler's checks in this process (no Ray): each bad request maps to its 4xx status."""
+    from sde_ray.config import ServeConfig
+    from sde_ray.embed.serve import RequestError, parse_request
+
+    (tmp_path / "ok.png").write_bytes(png("red"))
+    limits = ServeConfig(max_items=3, max_image_bytes=4096, max_image_pixels=32 * 32, max_text_chars=20,
+                         image_root=str(tmp_path))
+    items, side, normalize = parse_request(json.dumps({"input": ["hi", {"image": "ok.png"},
+                                                                 {"image": f"file://{tmp_path}/ok.png", "text": "x"}],
+                                                       "input_type": "target", "normalize": True}).encode(), limits)
+    assert [i.modality for i in items] == ["text", "image", "image+text"] and side == "target" and normalize
+    big = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(big, "PNG")
+    cases = {
+        b"[1, 2": 400,
+        json.dumps({"inputs": ["x"]}).encode(): 400,
+        json.dumps({"input": ["x"], "encoding_format": "base64"}).encode(): 400,
+        json.dumps({"input": ["x"], "input_type": "document"}).encode(): 400,
+        json.dumps({"input": ["x"] * 4}).encode(): 413,
+        json.dumps({"input": ["x" * 21]}).encode(): 413,
+        json.dumps({"input": [{"image": "missing.png"}]}).encode(): 400,
+        json.dumps({"input": [{"image": "../outside.png"}]}).encode(): 403,
+        json.dumps({"input": [{"image": "data:image/png;base64,@@@"}]}).encode(): 400,
+        json.dumps({"input": [{"image": "data:image/png;base64," + base64.b64encode(big.getvalue()).decode()}]}).encode(): 413,
+        json.dumps({"input": [{"text": "", "image": "data:image/png;base64," + base64.b64encode(b"GIF89a?").decode()}]}).encode(): 400,
+        json.dumps({"input": [{"text": 3}]}).encode(): 400,
+    }
+    for body, status in cases.items():
+        with pytest.raises(RequestError) as caught:
+            parse_request(body, limits)
+        assert caught.value.status == status, (body[:80], str(caught.value))
+    with pytest.raises(RequestError) as caught:  # no image_root: local files are refused
+        parse_request(json.dumps({"input": [{"image": str(tmp_path / "ok.png")}]}).encode(), ServeConfig())
+    assert caught.value.status == 403
