@@ -22,8 +22,8 @@ of up to `serve.max_batch_size` items gathered across requests (`ModelEncoder.en
 evaluator's encoder), on one GPU per replica when the cluster has GPUs.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: FastAPI reads the handlers' annotations (`request: Request`)
+# as objects; as strings they would not resolve inside Serve's ingress class and become query fields.
 import base64
 import binascii
 import dataclasses
