@@ -95,7 +95,7 @@ def all_ranks_true(flag: bool, world_size: int) -> bool:
     """True when `flag` is true on every rank (one int all-reduce; every rank must call it)."""
     if world_size == 1:
         return bool(flag)
-    return bool(all_reduce(torch.tensor([int(bool(flag))], dtype=torch.int64), world_size, op="min").item())
+    return bool(all_reduce(torch.tensor([int(bool(flag))], dtype=torch.int64, device=group_device()), world_size, op="min").item())
 
 
 def max_over_ranks(x: torch.Tensor, world_size: int) -> torch.Tensor:
@@ -108,7 +108,7 @@ def mean_over_ranks(metrics: dict[str, float], world_size: int) -> dict[str, flo
     if world_size == 1 or not metrics:
         return dict(metrics)
     keys = sorted(metrics)
-    sums = all_reduce(torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64), world_size)
+    sums = all_reduce(torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=group_device()), world_size)
     return {k: float(v) / world_size for k, v in zip(keys, sums.tolist())}
 
 

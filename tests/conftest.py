@@ -1,6 +1,6 @@
 """Shared test fixtures: CPU-only DeepSpeed, offline wandb, one local Ray cluster per session, a small
-synthetic MMEB and an exported tiny-clip model (once per session); tests marked `gpu` are skipped
-unless CUDA is present."""
+synthetic MMEB and an exported tiny-clip model (once per session), the meta-default-device mode;
+tests marked `gpu` are skipped unless CUDA is present."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "1")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+import contextlib  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -71,3 +73,23 @@ def tiny_export(tmp_path_factory):
     model = build_model(config, seed=0).eval()
     folder = model.save_pretrained(tmp_path_factory.mktemp("export") / "model")
     return folder, model, BatchProcessor(config)
+
+
+@contextlib.contextmanager
+def _default_device_meta():
+    previous = torch.get_default_device()
+    torch.set_default_device("meta")
+    try:
+        yield
+    finally:
+        torch.set_default_device(previous)
+
+
+@pytest.fixture
+def meta_default_device():
+    """`with meta_default_device():` runs code on real CPU inputs while torch's default device is
+    `meta`, so every tensor made without an explicit device lands on `meta`, where it has no data:
+    mixed with the inputs it raises ("... must be on the same device", "Cannot copy out of meta
+    tensor") exactly where, on a GPU, a CPU-made tensor would meet CUDA ones. The CPU suite thereby
+    sees the device bugs of the CUDA path. Build modules and inputs outside the block."""
+    return _default_device_meta

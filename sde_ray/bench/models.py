@@ -63,7 +63,7 @@ def bench_model(name: str, batch_size: int, repeats: int) -> dict:
     processor = BatchProcessor(config)
     raw = _raw_batch(batch_size, config.image_size)
     process_s, process_cpu_s = _median_seconds(lambda: processor(raw), repeats)
-    batch = {key: torch.as_tensor(value) for key, value in processor(raw).items()}
+    batch = {key: torch.as_tensor(value, device="cpu") for key, value in processor(raw).items()}
     model = build_model(config).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     labels = torch.arange(batch_size)

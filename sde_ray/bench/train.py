@@ -68,7 +68,7 @@ def fixed_batch(config: Config, size: int) -> dict[str, torch.Tensor]:
     prepared = prepare_data(config)
     raw = raw_batch_from_rows(_read_samples(prepared.shards, size))
     arrays = BatchProcessor(config.model)(raw)
-    return {k: torch.as_tensor(v) for k, v in arrays.items()}
+    return {k: torch.as_tensor(v, device="cpu") for k, v in arrays.items()}
 
 
 def plain_step_durations(configs: list[Config], batch: dict[str, torch.Tensor], *, steps: int,
@@ -109,7 +109,7 @@ def plain_step_durations(configs: list[Config], batch: dict[str, torch.Tensor], 
 
 
 def _median(values: list[float]) -> float:
-    return float(torch.tensor(values, dtype=torch.float64).median())
+    return float(torch.tensor(values, dtype=torch.float64, device="cpu").median())
 
 
 def _rates(step_s: float, batch: int) -> dict[str, float]:

@@ -62,7 +62,7 @@ def _assemble_dual_encoder(config: ModelConfig) -> nn.Module:
         with torch.no_grad():  # start from the towers' own pooled embeddings where the shapes allow
             for projection in (model.text_projection, model.visual_projection):
                 if projection.weight.shape[0] == projection.weight.shape[1]:
-                    projection.weight.copy_(torch.eye(width))
+                    projection.weight.copy_(torch.eye(width, device=projection.weight.device))
     return model
 
 

@@ -118,7 +118,8 @@ class Embedder(nn.Module):
             return query, target
         from sde_ray.losses.infonce import with_negatives
 
-        negatives = {key: torch.as_tensor(value).flatten(0, 1) for key, value in batch.items()
+        device = next(self.parameters()).device
+        negatives = {key: torch.as_tensor(value, device=device).flatten(0, 1) for key, value in batch.items()
                      if key.startswith("neg_") and key != "neg_target_id"}
         return query, with_negatives(target, self.encode_side(negatives, "neg"))
 
@@ -134,12 +135,13 @@ class Embedder(nn.Module):
     def normalize_pixels(self, pixels: Any, key: str = "pixel_values") -> torch.Tensor:
         """uint8 [B, 3, H, W] (numpy or torch, any device) → the image processor's normalised pixels,
         computed in float32 on the model's device, returned in the parameters' dtype."""
-        pixels = torch.as_tensor(pixels)
+        device = next(self.parameters()).device
+        # To the device at once: the copy moves the uint8 bytes; the float32 image exists only there.
+        pixels = torch.as_tensor(pixels, device=device)
         if pixels.dtype != torch.uint8:
             raise TypeError(f"model batch key '{key}' has dtype {pixels.dtype}; {PIXEL_CONTRACT}.")
         if pixels.dim() != 4 or pixels.shape[1] != 3:
             raise ValueError(f"model batch key '{key}' has shape {tuple(pixels.shape)}; {PIXEL_CONTRACT}.")
-        device = next(self.parameters()).device
         if device not in self._pixel_constants:
             norm = self.pixel_normalization
             self._pixel_constants[device] = tuple(
@@ -147,8 +149,7 @@ class Embedder(nn.Module):
                 for values in (norm.mean, norm.std)
             )
         mean, std = self._pixel_constants[device]
-        # The copy to the device moves the uint8 bytes; the float32 image exists only there.
-        x = pixels.to(device).to(torch.float32).mul_(self.pixel_normalization.scale)
+        x = pixels.to(torch.float32).mul_(self.pixel_normalization.scale)
         return x.sub_(mean).div_(std).to(self.parameter_dtype())
 
     def side_inputs(
@@ -162,7 +163,7 @@ class Embedder(nn.Module):
         if missing:
             raise KeyError(f"model batch lacks {missing}; build it with sde_ray.models.BatchProcessor.")
         pixels = self.normalize_pixels(batch[names[2]], names[2])
-        ids, mask, has_image = (torch.as_tensor(batch[names[i]]).to(device) for i in (0, 1, 3))
+        ids, mask, has_image = (torch.as_tensor(batch[names[i]], device=device) for i in (0, 1, 3))
         return ids.long(), mask.long(), pixels, has_image.bool()
 
     # ------------------------------------------------------------------------------------------

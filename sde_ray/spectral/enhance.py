@@ -120,7 +120,7 @@ def random_signs(
     num: int, generator: torch.Generator | None, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
     """ξ uniform in [−1, 1] from `generator` (drawn on the CPU so every rank's stream agrees)."""
-    return (torch.rand(num, generator=generator, dtype=torch.float64) * 2.0 - 1.0).to(device)
+    return (torch.rand(num, generator=generator, dtype=torch.float64, device="cpu") * 2.0 - 1.0).to(device)
 
 
 def adversarial_signs(

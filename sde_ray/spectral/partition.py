@@ -106,6 +106,12 @@ def _aspect(num_rows: int, num_cols: int) -> float:
     return min(num_rows, num_cols) / max(num_rows, num_cols)
 
 
+def _quartiles(sigma: torch.Tensor) -> torch.Tensor:
+    """The probabilities (0.25, 0.75) for `torch.quantile(sigma, ·)`, which wants them on σ's device
+    and in its dtype (a CPU q beside CUDA σ raises)."""
+    return torch.tensor([0.25, 0.75], dtype=sigma.dtype, device=sigma.device)
+
+
 def estimate_noise_std(singular_values: torch.Tensor, num_rows: int, num_cols: int, estimator: str) -> float:
     """Entry std s of the noise, from the bulk of the spectrum (robust to a few signal directions)."""
     sigma = singular_values.detach().to(torch.float64)
@@ -115,7 +121,7 @@ def estimate_noise_std(singular_values: torch.Tensor, num_rows: int, num_cols: i
         median = float(torch.quantile(sigma, 0.5))
         return median / (scale * math.sqrt(marchenko_pastur_quantile(beta, 0.5)))
     if estimator == "iqr":
-        q1, q3 = (float(v) for v in torch.quantile(sigma, torch.tensor([0.25, 0.75], dtype=torch.float64)))
+        q1, q3 = (float(v) for v in torch.quantile(sigma, _quartiles(sigma)))
         law_iqr = math.sqrt(marchenko_pastur_quantile(beta, 0.75)) - math.sqrt(
             marchenko_pastur_quantile(beta, 0.25)
         )
@@ -134,7 +140,7 @@ def _strong_count(
 ) -> tuple[int, float]:
     """How many of the top `num_signal` directions are strong, and the fence value the rule used."""
     if fence == "iqr":
-        q1, q3 = (float(v) for v in torch.quantile(sigma, torch.tensor([0.25, 0.75], dtype=sigma.dtype)))
+        q1, q3 = (float(v) for v in torch.quantile(sigma, _quartiles(sigma)))
         tau_fence = q3 + iqr_k * (q3 - q1)
         return int((sigma[:num_signal] > max(tau_mp, tau_fence)).sum()), tau_fence
     if num_signal == 0:

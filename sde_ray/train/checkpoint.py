@@ -78,9 +78,9 @@ def rng_state() -> dict[str, torch.Tensor]:
         "torch": torch.get_rng_state(),
         "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
         # position, has_gauss, cached gaussian (a float64 carries the int fields exactly)
-        "numpy_rest": torch.tensor([position, has_gauss, cached], dtype=torch.float64),
-        "python": torch.tensor(python_state, dtype=torch.int64),
-        "python_gauss": torch.tensor([] if gauss is None else [gauss], dtype=torch.float64),
+        "numpy_rest": torch.tensor([position, has_gauss, cached], dtype=torch.float64, device="cpu"),
+        "python": torch.tensor(python_state, dtype=torch.int64, device="cpu"),
+        "python_gauss": torch.tensor([] if gauss is None else [gauss], dtype=torch.float64, device="cpu"),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.stack(torch.cuda.get_rng_state_all())

@@ -328,8 +328,8 @@ def window_batches(window: Window, pieces: list[dict], merge_chunk_bytes: int = 
             slot = np.where(found, slot, present[np.arange(len(slot)) % len(present)])
         # gather_rows returns the batch sorted by slot; the flags follow the same sort.
         by_slot = np.argsort(by_position[slot], kind="stable")
-        batch = gather_rows(pieces, torch.as_tensor(by_position[slot]))
-        batch[REPLACED] = torch.as_tensor(~found[by_slot])
+        batch = gather_rows(pieces, torch.as_tensor(by_position[slot], device="cpu"))
+        batch[REPLACED] = torch.as_tensor(~found[by_slot], device="cpu")
         yield batch
 
 
@@ -373,7 +373,7 @@ def torch_pieces(table) -> list[dict]:
         arrays = BlockAccessor.for_block(pa.Table.from_batches([record_batch])).to_batch_format("numpy")
         with warnings.catch_warnings():  # torch warns that the object store's arrays are read-only
             warnings.simplefilter("ignore")
-            pieces.append({name: torch.as_tensor(value) for name, value in arrays.items()})
+            pieces.append({name: torch.as_tensor(value, device="cpu") for name, value in arrays.items()})
     return pieces
 
 

@@ -250,10 +250,8 @@ def to_model_inputs(batch: dict, device: torch.device, float_dtype: torch.dtype)
     and stay so: the model normalises them on its device)."""
     out = {}
     for key, value in batch.items():
-        tensor = value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
-        if tensor.is_floating_point():
-            tensor = tensor.to(float_dtype)
-        out[key] = tensor.to(device)
+        tensor = torch.as_tensor(value if isinstance(value, torch.Tensor) else np.asarray(value), device=device)
+        out[key] = tensor.to(float_dtype) if tensor.is_floating_point() else tensor
     return out
 
 
@@ -499,7 +497,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 def _count_replaced(state: TrainState, replaced_rows: int, world_size: int) -> int:
     """Adds every rank's count of replaced rows since the last sync to `state.rows_replaced` (one
     all-reduce; all ranks call it at the same steps) and returns the new local count, 0."""
-    state.rows_replaced += int(all_reduce(torch.tensor([replaced_rows], dtype=torch.int64), world_size).item())
+    state.rows_replaced += int(all_reduce(torch.tensor([replaced_rows], dtype=torch.int64, device="cpu"), world_size).item())
     return 0
 
 

@@ -44,7 +44,7 @@ def timing_loop_per_worker(loop_config: dict) -> None:
                                    generator=step_generator(config.train.seed, step, 0))
         result = train_step(engine, batch, step_context, chunk, world_size)
         durations.append(time.perf_counter() - start)
-    timed = torch.tensor(durations[loop_config["warmup"]:], dtype=torch.float64)
+    timed = torch.tensor(durations[loop_config["warmup"]:], dtype=torch.float64, device="cpu")
     timed = max_over_ranks(timed, world_size)  # a step takes as long as its slowest rank
     metrics = {"step_s": float(timed.median()), "world_size": world_size, "final_loss": result.loss,
                "global_steps": engine.global_steps}

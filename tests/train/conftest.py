@@ -1,9 +1,11 @@
-"""Fixtures of the training tests: a small synthetic MMEB prepared once per session, and configs
-sized for 2 busy CPU cores (tiny-clip, batch 32, a handful of steps, one eval dataset)."""
+"""Fixtures of the training tests: a small synthetic MMEB prepared once per session, configs sized
+for 2 busy CPU cores (tiny-clip, batch 32, a handful of steps, one eval dataset), and a one-process
+gloo group for DeepSpeed engines built in the test process itself."""
 
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -56,3 +58,21 @@ def read_metrics():
         return [json.loads(line) for line in path.read_text().splitlines() if line]
 
     return read
+
+
+@pytest.fixture(scope="session")
+def process_group():
+    """A gloo process group of world size 1 in this process, so `deepspeed.initialize` runs here
+    (no Ray): the cheapest real engine. One per session: DeepSpeed keeps the first group it saw."""
+    import os
+
+    import torch.distributed as dist
+
+    with socket.socket() as probe:  # a free port, not a fixed one
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()

@@ -6,7 +6,6 @@ gradient leaves only the decay, p ← p·(1 − lr·wd)) and the clamp's bound l
 from __future__ import annotations
 
 import math
-import socket
 
 import pytest
 import torch
@@ -14,22 +13,6 @@ import torch
 from sde_ray.config import ConfigError, load_config
 
 LR, WD = 0.1, 0.5
-
-
-@pytest.fixture(scope="module")
-def process_group():
-    import os
-
-    import torch.distributed as dist
-
-    with socket.socket() as probe:  # a free port, not a fixed one
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def _engine(stage: int, *overrides: str):
