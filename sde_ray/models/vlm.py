@@ -79,8 +79,21 @@ class VLMEmbedder(Embedder):
         position_ids, _ = model.get_rope_index(
             input_ids, token_types, image_grid_thw=grid, attention_mask=attention_mask
         )
+        # One module order whatever the chunk holds: token embedding, vision tower, language model.
+        # ZeRO-3 records the order modules run in, fetches their parameters with collectives in that
+        # order and asserts it is the same on every rank; a side with images runs the vision tower
+        # between the embedding and the language model (inside the backbone's forward), so a side
+        # without any runs its keepalive there too, not after the language model.
+        inputs_embeds = model.get_input_embeddings()(input_ids)
+        keepalive = None
+        if patches is None:
+            keepalive = vision_keepalive(
+                lambda px: model.get_image_features(*patchify_qwen2_vl(px, *self._patch)).pooler_output,
+                pixel_values,
+            )
         hidden = model(
             input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
             pixel_values=patches,
@@ -89,9 +102,4 @@ class VLMEmbedder(Embedder):
             use_cache=False,
         ).last_hidden_state
         features = last_token_pool(hidden, attention_mask)
-        if patches is None:
-            features = features + vision_keepalive(
-                lambda px: model.get_image_features(*patchify_qwen2_vl(px, *self._patch)).pooler_output,
-                pixel_values,
-            )
-        return features
+        return features if keepalive is None else features + keepalive

@@ -8,8 +8,10 @@ computed to `out_dir/rank{r}.pt`; the test compares with one process on the conc
 
 from __future__ import annotations
 
+import datetime
 import importlib.util
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -21,21 +23,30 @@ WORLD_SIZE = 2
 DEFICIENT_ROWS, DEFICIENT_DIM = 24, 32  # N < d (see deficient_inputs)
 
 
-def launch(worker, out_dir: Path, *args) -> list[dict]:
+def launch(worker, out_dir: Path, *args, timeout_s: float | None = None) -> list[dict]:
     """Runs `worker(rank, world_size, rendezvous, out_dir, *args)` on 2 gloo ranks; returns their saved dicts.
 
     The rendezvous is a fresh file, not a "free" TCP port: with Ray's processes binding ports all
-    around, a port probed free could be taken before rank 0 bound it.
+    around, a port probed free could be taken before rank 0 bound it. With `timeout_s`, ranks still
+    running after that long are killed and TimeoutError raised: a hang in a collective fails.
     """
     rendezvous = f"file://{Path(out_dir) / f'rendezvous-{uuid.uuid4().hex}'}"
-    mp.spawn(worker, args=(WORLD_SIZE, rendezvous, str(out_dir), *args), nprocs=WORLD_SIZE, join=True)
+    context = mp.spawn(worker, args=(WORLD_SIZE, rendezvous, str(out_dir), *args), nprocs=WORLD_SIZE, join=False)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while not context.join(timeout=5):
+        if deadline is not None and time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            raise TimeoutError(f"the {WORLD_SIZE} ranks did not finish within {timeout_s} s (a hung collective?)")
     return [torch.load(Path(out_dir) / f"rank{r}.pt") for r in range(WORLD_SIZE)]
 
 
-def start(rank: int, world_size: int, rendezvous: str) -> None:
+def start(rank: int, world_size: int, rendezvous: str, timeout_s: float | None = None) -> None:
+    """Joins the gloo group; with `timeout_s`, a collective waiting longer raises instead of hanging."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world_size)
+    timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world_size, timeout=timeout)
 
 
 def finish() -> None:

@@ -1,0 +1,57 @@
+"""ZeRO-3 with a VLM on 2 gloo ranks whose chunks differ in what they hold: rank 0's targets are
+text only, rank 1's carry images (MMEB-train is mostly text targets, so nearly every real step
+mixes them). ZeRO-3 records the order in which modules run and fetches their parameters with
+collectives in that order, asserting it is the same on every rank; a side without images once ran
+the language model before the vision tower (its keepalive came after), a side with images the
+other way round, and the step hung or failed. It must complete, under a deadline, and equal one
+plain process on the concatenated rows (tests/train/test_gradcache.py's reference, exact Adam)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROWS = 8  # per rank (test_gradcache's local batch), in 2 chunks of 4
+DEADLINE_S = 1200  # a backstop: each rank's gloo collectives time out after 300 s (zero3_workers)
+
+
+@pytest.fixture(scope="module")
+def gradcache_helpers():
+    for folder in (HERE, HERE.parent / "spectral"):
+        if str(folder) not in sys.path:
+            sys.path.insert(0, str(folder))
+    import test_gradcache
+
+    return test_gradcache
+
+
+def _mixed_batch(helpers, data_cache) -> dict:
+    """16 rows: rank 0's 8 with text-only targets, rank 1's 8 with image targets."""
+    batch = helpers.local_batches(data_cache, "vlm", 1, 64)[0]
+    text = torch.nonzero(~batch["pos_has_image"]).flatten()[:ROWS]
+    image = torch.nonzero(batch["pos_has_image"]).flatten()[:ROWS]
+    assert len(text) == len(image) == ROWS
+    order = torch.cat([text, image])
+    return {key: value[order] for key, value in batch.items()}
+
+
+@pytest.mark.slow
+def test_zero3_vlm_step_with_image_and_text_target_chunks_on_two_ranks(gradcache_helpers, data_cache, tmp_path):
+    import gloo_workers
+    import zero3_workers
+
+    from sde_ray.config import to_dict
+
+    helpers = gradcache_helpers
+    batch = _mixed_batch(helpers, data_cache)
+    config = helpers.case_config(data_cache, "vlm", "sde", ROWS // 2, "deepspeed.zero_stage=3", workers=2)
+    ranks = gloo_workers.launch(zero3_workers.gradcache_step, tmp_path, to_dict(config), batch,
+                                timeout_s=DEADLINE_S)
+    assert all(r["finite"] and r["global_steps"] == 1 for r in ranks)
+    _, want = helpers.reference(helpers.case_config(data_cache, "vlm", "sde", 0, workers=2), batch, 2 * ROWS,
+                                0.0, rng_seed=5)
+    helpers.assert_deltas(ranks[0]["before"], ranks[0]["weights"], want)
