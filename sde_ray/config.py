@@ -290,7 +290,7 @@ class TrainConfig:
     keep_checkpoints: int = doc(2, "Checkpoints kept on storage.")
     eval_every: int = doc(0, "Steps between on-the-fly P@1 validations (0: only at the end).")
     log_every: int = doc(5, "Steps between metric reports.")
-    nan_policy: Literal["raise", "skip"] = doc("raise", "A non-finite loss aborts the run, or skips that step.")
+    nan_policy: Literal["raise", "skip"] = doc("raise", "A non-finite loss or gradient (on any rank) aborts the run, or skips that step whole.")
     max_nan_skips: int = doc(3, "With nan_policy=skip, consecutive non-finite steps tolerated before aborting.")
     output_dir: str = doc("runs/default", "Run outputs: resolved config, metrics, checkpoints, plots, results.")
     storage_path: str = doc("", "Ray Train storage (shared FS or s3:// for multi-node); empty: <output_dir>/ray.")

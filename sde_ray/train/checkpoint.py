@@ -60,7 +60,8 @@ class TrainState:
     epoch_rows: int = 0  # global rows of the current epoch already consumed
     world_size: int = 1
     zero_stage: int = 0
-    nan_skips: int = 0
+    nan_skips: int = 0  # steps skipped for a non-finite loss or gradient (both count)
+    grad_skips: int = 0  # of which for a non-finite gradient under a finite loss
     rows_replaced: int = 0  # rows the processor rejected at read time, replaced in their batch
     data_order: dict = field(default_factory=dict)  # what the epoch order depends on (sde_ray.data.order)
 

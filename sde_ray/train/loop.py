@@ -10,8 +10,8 @@ as they left the driver (pickled), never as strings or plain dicts:
    the epoch order (`sde_ray.train.data`), reading nothing before it;
 3. `deepspeed.initialize` with the JSON derived from the config;
 4. per optimizer step: this worker's local batch (global / world rows) of the epoch order →
-   `step.train_step` (chunked encode, the objective once on the global batch, non-finite check
-   agreed by all ranks, one optimizer step; a non-finite step is skipped whole); the temperature
+   `step.train_step` (chunked encode, the objective once on the global batch, non-finite loss and
+   gradient checks agreed by all ranks, one optimizer step; a non-finite step is skipped whole); the temperature
    clamped in place after the step;
 5. per optimizer step: metrics (averaged over ranks) every `log_every`, validation P@1 every
    `eval_every` (every rank encodes its share on its device, see `sde_ray.eval.sharded`), a
@@ -410,7 +410,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             # continues as one without this batch.
             consecutive_nan += 1
             state.nan_skips += 1
-            message = f"non-finite loss at step {state.step + 1} on at least one rank"
+            state.grad_skips += result.skipped == "gradient"
+            message = f"non-finite {result.skipped} at step {state.step + 1} on at least one rank"
             if train.nan_policy == "raise" or consecutive_nan > train.max_nan_skips:
                 raise FloatingPointError(
                     f"{message}; train.nan_policy={train.nan_policy}, {consecutive_nan} consecutive "
@@ -441,6 +442,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             report.update(step=state.step, epoch=state.epoch, samples=state.samples, world_size=world_size,
                           lr=float(engine.get_lr()[0]), samples_per_s=window_samples / elapsed,
                           steps_per_s=(window_samples / train.global_batch_size) / elapsed, nan_skips=state.nan_skips,
+                          grad_skips=state.grad_skips,
                           data_rows_replaced=state.rows_replaced,  # rejected while reading, this run
                           **args.data_counts)  # shards skipped, rows the converter rejected
             if do_eval:

@@ -32,6 +32,11 @@ after every chunk's backward, because they partition gradients as they are produ
 Non-finite losses: before any backward, all ranks agree (one all-reduce) that the loss is finite.
 If not, nothing is back-propagated, no micro-step is counted, the RNG goes back to where the step
 started, and the step is skipped whole on every rank; the caller applies `train.nan_policy`.
+Non-finite gradients under a finite loss (born in a backward, e.g. a replayed chunk's): the engine's
+`grad_guard.GradientGuard` sees every gradient the backwards produce; before the optimizer step all
+ranks agree (one more all-reduce) that they were finite, and if not the boundary step runs without
+any update (weights, optimizer moments, schedule and counters unchanged), the RNG goes back to where
+the step started, and the step is reported skipped like a non-finite loss (`StepResult.skipped`).
 """
 
 from __future__ import annotations
@@ -41,11 +46,13 @@ from dataclasses import dataclass, field
 import torch
 
 from sde_ray.distributed import all_ranks_true
+from sde_ray.train.grad_guard import GradientGuard
 
 
 @dataclass
 class StepResult:
-    """What one `train_step` did. `finite=False`: skipped whole, the engine did not step."""
+    """What one `train_step` did. `finite=False`: skipped whole, the weights did not move; `skipped`
+    says why ("loss" or "gradient": non-finite on at least one rank)."""
 
     finite: bool
     loss: float
@@ -53,6 +60,7 @@ class StepResult:
     query: torch.Tensor | None = None  # this worker's features, detached (diagnostics)
     target: torch.Tensor | None = None
     chunks: int = 1
+    skipped: str | None = None
 
 
 def rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -102,6 +110,8 @@ def train_step(engine, batch: dict[str, torch.Tensor], context, chunk: int, worl
     device = engine.device
     pieces = split_rows(batch, chunk)
     step_start = rng_state(device)
+    guard = GradientGuard.of(engine)
+    guard.begin()
 
     # 1. Every chunk without a graph, each one's RNG state kept for its replay (one chunk: nothing to cache).
     replay_states, cached_query, cached_target = [], [], []
@@ -124,19 +134,26 @@ def train_step(engine, batch: dict[str, torch.Tensor], context, chunk: int, worl
     loss, metrics, query, target = engine(pieces[0], context, leaves)
     if not all_ranks_finite(loss, world_size):
         set_rng_state(step_start, device)  # a skipped step leaves no trace, randomness included
-        return StepResult(finite=False, loss=float(loss.detach()), chunks=len(pieces))
+        return StepResult(finite=False, loss=float(loss.detach()), chunks=len(pieces), skipped="loss")
     backward(engine, loss)
-    engine.step()
 
     # 3. Replay each cached chunk with a graph and push its cached feature gradients through it.
     if leaves is not None:
         query_grads, target_grads = leaves[0].grad.split(chunk), leaves[1].grad.split(chunk)
         for piece, state, query_grad, target_grad in zip(pieces[1:], replay_states[1:], query_grads, target_grads):
+            engine.step()  # closes the previous chunk's micro-step (the boundary is the last chunk's, below)
             set_rng_state(state, device)
             chunk_query, chunk_target = engine(piece)
             surrogate = (chunk_query * query_grad).sum() + (chunk_target * target_grad).sum()
             backward(engine, surrogate)
-            engine.step()
+
+    # 4. The optimizer step, unless some rank's gradient is not finite.
+    if not guard.all_ranks_finite(world_size):
+        with guard.skipped_update():
+            engine.step()  # the boundary: DeepSpeed clears its gradients, nothing is updated
+        set_rng_state(step_start, device)
+        return StepResult(finite=False, loss=float(loss.detach()), chunks=len(pieces), skipped="gradient")
+    engine.step()
     set_rng_state(after_encode, device)  # the step drew one pass of dropout masks, as a plain step does
 
     # The objectives all-gather equal shapes, so the objective and its spectral stage saw local × world rows.
