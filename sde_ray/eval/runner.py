@@ -26,6 +26,7 @@ import functools
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -526,14 +527,18 @@ def run_eval(
 
 def log_to_wandb(results: dict, plot_paths: dict[str, Path], config: Config, output_dir: Path) -> None:
     """Logs P@1 (per dataset and aggregated), the diagnostics and the plots to the active wandb run,
-    or to a new `job_type=eval` run when logging.wandb is on and none is active."""
+    or to a new `job_type=eval` run when logging.wandb is on and none is active. wandb is imported
+    only then: an active run means the caller imported it already, and with logging.wandb off a
+    machine without wandb (or without its network) must still evaluate."""
+    active = sys.modules.get("wandb")
+    run = active.run if active is not None else None
+    mode = wandb_mode(config.logging)
+    if run is None and (not config.logging.wandb or mode == "disabled"):
+        return
     import wandb
 
-    run, started = wandb.run, False
-    if run is None:
-        mode = wandb_mode(config.logging)
-        if not config.logging.wandb or mode == "disabled":
-            return
+    started = run is None
+    if started:
         run = wandb.init(
             project=config.logging.wandb_project,
             group=config.logging.wandb_group or None,
@@ -546,7 +551,6 @@ def log_to_wandb(results: dict, plot_paths: dict[str, Path], config: Config, out
             # online they carry the run's URL.
             settings=wandb.Settings(silent=mode != "online"),
         )
-        started = True
     payload: dict = {f"eval/p_at_1/{name}": row["p_at_1"] for name, row in results["datasets"].items()}
     payload.update({f"eval/meta_task/{task}": value for task, value in results["meta_tasks"].items()})
     payload.update(

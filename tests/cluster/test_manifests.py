@@ -439,6 +439,17 @@ def test_gpu_runtime_env_installs_pyproject_deps_and_leaves_the_accelerator_alon
     assert "DS_ACCELERATOR" not in cpu["env_vars"] and "pip" not in cpu
 
 
+def test_the_deepspeed_pin_admits_no_release_that_crashes_zero3_lora_checkpointing():
+    """DeepSpeed 0.19.0-0.19.3 crash in backward under ZeRO-3 + LoRA + non-reentrant checkpointing
+    (fixed in 0.19.4); the pin is pyproject's, which the runtime env and the RayJobs copy (above)."""
+    from packaging.requirements import Requirement
+
+    pins = [Requirement(d) for d in _pyproject()["project"]["dependencies"] if d.startswith("deepspeed")]
+    assert len(pins) == 1
+    assert [v for v in ("0.19.0", "0.19.3", "0.19.4", "0.19.8", "0.20.0") if pins[0].specifier.contains(v)] == [
+        "0.19.4", "0.19.8"]
+
+
 def test_rayignore_keeps_outputs_and_history_out_of_the_upload(tmp_path):
     """Ray's own packager zips a tree laid out like the repo, honouring only .rayignore."""
     import zipfile

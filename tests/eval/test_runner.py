@@ -145,3 +145,22 @@ def test_bad_inputs_are_named(synthetic_mmeb, tmp_path):
         from sde_ray.eval.runner import select_datasets
 
         select_datasets(__import__("pathlib").Path(synthetic_mmeb["eval_dir"]), ["NoSuchSet"])
+
+
+def test_wandb_is_not_imported_when_logging_wandb_is_off(tmp_path):
+    """A machine without wandb (the GPU check's) must evaluate with logging.wandb=false: the
+    evaluator's logging step returns before importing it (a fresh interpreter, so no other test
+    has imported wandb already)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from pathlib import Path; from sde_ray.config import load_config;"
+        "from sde_ray.eval.runner import log_to_wandb;"
+        "log_to_wandb({'datasets': {}, 'meta_tasks': {}, 'ind': None, 'ood': None, 'overall': None}, {},"
+        f" load_config(None, ['logging.wandb=false']), Path({str(tmp_path)!r}));"
+        "print('wandb imported' if 'wandb' in sys.modules else 'wandb not imported')"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "wandb not imported"
