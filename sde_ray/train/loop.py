@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import tempfile
 import time
 import uuid
@@ -44,9 +43,9 @@ import torch
 from sde_ray.config import Config, TrainConfig
 from sde_ray.eval.plots import plot_spectrum
 from sde_ray.eval.runner import validation_p_at_1 as evaluate_validation
-from sde_ray.losses import StepContext, build_objective
-from sde_ray.losses.infonce import duplicate_groups, ids_with_negatives, split_negatives
-from sde_ray.models import BatchProcessor, build_model
+from sde_ray.losses import StepContext
+from sde_ray.losses.infonce import duplicate_groups, ids_with_negatives
+from sde_ray.models import BatchProcessor
 from sde_ray.distributed import all_reduce, broadcast_object, mean_over_ranks
 from sde_ray.runs import RunLogger, say
 from sde_ray.spectral import spectral_snapshot, spectrum_rule
@@ -63,6 +62,8 @@ from sde_ray.train.checkpoint import (
 from sde_ray.train.checkpoint_store import newer_checkpoint
 from sde_ray.train.data import REPLACED, SAMPLE_ID, batch_stream
 from sde_ray.train.deepspeed_config import build_deepspeed_config, chunk_size
+# Built without Ray in `engine` (the device check builds them too); imported here for the loop and its callers.
+from sde_ray.train.engine import TrainModule, build_engine, build_train_module, seed_everything  # noqa: F401
 from sde_ray.train.step import train_step
 from sde_ray.train.preemption import stop_requested
 
@@ -97,91 +98,6 @@ def should_validate(step: int, train: TrainConfig, val_root: str | None) -> bool
 
 def should_checkpoint(step: int, train: TrainConfig) -> bool:
     return step % train.checkpoint_every == 0 or step == train.max_steps
-
-
-class TrainModule(torch.nn.Module):
-    """The encoder and the objective under one module, so DeepSpeed optimises both."""
-
-    def __init__(self, model: torch.nn.Module, objective: torch.nn.Module):
-        super().__init__()
-        self.model = model
-        self.objective = objective
-
-    def forward(self, batch: dict[str, torch.Tensor], context=None, cached=None):
-        """Encode `batch`; with a `context`, also the objective, on `batch`'s features followed by the
-        `cached` (query, target) features of the step's other chunks (see `sde_ray.train.step`).
-        Both run inside the engine's forward, so ZeRO-3 gathers the encoder's and the objective's
-        parameters alike."""
-        query, target = self.model(batch)
-        # The spectral stage (SVD / eigh, partition thresholds) wants at least fp32 under bf16 too.
-        query, target = query.float(), target.float()
-        if context is None:
-            return query, target
-        if cached is not None:
-            query, target = torch.cat([query, cached[0]]), torch.cat([target, cached[1]])
-        loss, metrics = self.objective(query, target, context)
-        # Diagnostics (spectra, gap) describe the paired rows: explicit negatives are left out.
-        return loss, metrics, query.detach(), split_negatives(query, target)[0].detach()
-
-
-def build_train_module(config: Config) -> TrainModule:
-    model = build_model(config.model, seed=config.train.seed)
-    return TrainModule(model, build_objective(config, model.embed_dim))
-
-
-@contextlib.contextmanager
-def scalar_parameters_as_vectors(module: torch.nn.Module):
-    """Holds 0-dim parameters as shape (1,) while DeepSpeed builds its engine.
-
-    DeepSpeed 0.19 broadcasts every parameter as a uint8 view at `initialize`, which fails for a
-    0-dim tensor (CLIP's `logit_scale`, a learnable temperature). Afterwards each frozen one gets
-    its shape back as a view of the same storage. A trainable one stays (1,) for the engine's life:
-    ZeRO-1/2 flatten it and re-point it at a (1,) view of their buffer, so restoring () would make
-    its shape flip between forward and backward (autograd then rejects the gradient). A ZeRO-3
-    partition (empty on this rank) keeps (1,) too, and the consolidated copies are reshaped on load
-    (`checkpoint.match_shapes`); `losses.objectives.Temperature` returns a 0-dim scale either way.
-    """
-    scalars = [p for p in module.parameters() if p.dim() == 0]
-    for parameter in scalars:
-        parameter.data = parameter.data.reshape(1)
-    try:
-        yield
-    finally:
-        for parameter in scalars:
-            if parameter.data.numel() == 1 and not parameter.requires_grad:
-                parameter.data = parameter.data.view(())
-
-
-def parameter_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Trainable parameters in two AdamW groups, as open_clip does: weight decay on matrices only.
-
-    Biases, norm gains and other vectors (ndim < 2) and the learnable temperature (a scalar) get
-    no decay: decaying a norm's gain or a temperature pulls it toward 0 for no regularising gain.
-    """
-    decay, no_decay = [], []
-    for name, parameter in module.named_parameters():
-        if not parameter.requires_grad:
-            continue
-        exempt = parameter.ndim < 2 or "bias" in name or "norm" in name or "log_scale" in name or "logit_scale" in name
-        (no_decay if exempt else decay).append(parameter)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [group for group in groups if group["params"]]
-
-
-def build_engine(module: torch.nn.Module, ds_config: dict):
-    """`deepspeed.initialize` on the trainable parameters (Ray already set up the process group).
-
-    DeepSpeed builds the configured optimizer from these groups; a group's own `weight_decay`
-    overrides the config's (torch.optim semantics, kept by DeepSpeed 0.19's ZeRO optimizers).
-    """
-    import deepspeed  # here, not at the top: DeepSpeed picks its accelerator from DS_ACCELERATOR on import
-
-    weight_decay = ds_config.get("optimizer", {}).get("params", {}).get("weight_decay", 0.0)
-    with scalar_parameters_as_vectors(module):
-        engine, _, _, _ = deepspeed.initialize(
-            model=module, model_parameters=parameter_groups(module, weight_decay), config=ds_config
-        )
-    return engine
 
 
 def clamp_temperatures(engine) -> None:
@@ -232,12 +148,6 @@ def check_order(state: TrainState, spec: dict, rank: int, args: RunArgs) -> None
     if state.data_order and state.data_order != spec and rank == 0:
         notice(args, f"[sde_ray] warning: the checkpoint's data order {state.data_order} differs from this "
                      f"run's {spec}; the resumed epoch is not the one the checkpointed run would have seen")
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
