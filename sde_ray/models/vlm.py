@@ -79,25 +79,28 @@ class VLMEmbedder(Embedder):
         position_ids, _ = model.get_rope_index(
             input_ids, token_types, image_grid_thw=grid, attention_mask=attention_mask
         )
-        # One module order whatever the chunk holds: token embedding, vision tower, language model.
-        # ZeRO-3 records the order modules run in, fetches their parameters with collectives in that
-        # order and asserts it is the same on every rank; a side with images runs the vision tower
-        # between the embedding and the language model (inside the backbone's forward), so a side
-        # without any runs its keepalive there too, not after the language model.
+        # One module order whatever the chunk holds: token embedding, vision tower (the chunk's images,
+        # or the keepalive's blank one), then the backbone with the language model. ZeRO-3 records the
+        # order modules run in, fetches their parameters with collectives in that order and asserts it
+        # is the same on every rank, so the image features are computed here and scattered into the
+        # embeddings (as the backbone's own forward does), not inside the backbone's call.
         inputs_embeds = model.get_input_embeddings()(input_ids)
         keepalive = None
-        if patches is None:
+        if patches is not None:
+            image_embeds = torch.cat(list(model.get_image_features(patches, grid).pooler_output))
+            image_embeds = image_embeds.to(inputs_embeds.device, inputs_embeds.dtype)
+            image_mask, _ = model.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds,
+                                                       image_features=image_embeds)
+            inputs_embeds = inputs_embeds.masked_scatter(image_mask, image_embeds)
+        else:
             keepalive = vision_keepalive(
                 lambda px: model.get_image_features(*patchify_qwen2_vl(px, *self._patch)).pooler_output,
                 pixel_values,
             )
         hidden = model(
-            input_ids=input_ids,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            pixel_values=patches,
-            image_grid_thw=grid,
             mm_token_type_ids=token_types,
             use_cache=False,
         ).last_hidden_state
