@@ -159,16 +159,17 @@ def stage_gradcache(device, sizes, stage: int) -> dict:
         loss.backward()
         optimizer.step()
         want_losses.append(float(loss.detach()))
-    errors = {}
-    for name, parameter in reference.named_parameters():
-        if parameter.requires_grad:
-            moved = weights[name].float().cpu().reshape(start[name].shape) - start[name]
-            errors[name] = relative_error(moved, parameter.detach() - start[name])
-    worst = max(errors.values())
+    # One relative error over every trainable tensor's update together: some adapters barely move in
+    # two steps (LoRA's zero-initialised B leaves A's first gradient at 0), where a per-tensor ratio
+    # would compare rounding noise.
+    names = [name for name, p in reference.named_parameters() if p.requires_grad]
+    moved = torch.cat([(weights[n].float().cpu().reshape(start[n].shape) - start[n]).flatten() for n in names])
+    want = torch.cat([(p.detach() - start[n]).flatten() for n, p in reference.named_parameters() if n in names])
+    worst = relative_error(moved, want)
     loss_error = max(abs(a - b) / abs(b) for a, b in zip(losses, want_losses))
     return {"pass": engine.global_steps == 2 and worst < 0.1 and loss_error < 0.02, "losses": losses,
             "reference_losses": want_losses, "max_loss_rel_error": loss_error,
-            "max_update_rel_error": worst, "trainable_tensors": len(errors), "optimizer_steps": engine.global_steps}
+            "update_rel_error": worst, "trainable_tensors": len(names), "optimizer_steps": engine.global_steps}
 
 
 def stage_eval_encoding(device, sizes) -> dict:
