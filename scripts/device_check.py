@@ -126,7 +126,7 @@ def stage_gradcache(device, sizes, stage: int) -> dict:
     from sde_ray.train.step import train_step
 
     rows = sizes["vlm_rows"]
-    overrides = ["model.kind=vlm", "model.name_or_path=tiny-qwen2-vl", "model.lora.enabled=true",
+    overrides = ["model.kind=vlm", "model.name_or_path=tiny-qwen2-vl", "model.lora.enabled=true", "model.lora.dropout=0.0",
                  "model.gradient_checkpointing=true", "loss.name=sde", "loss.learnable_temperature=true",
                  f"train.global_batch_size={rows}", f"train.micro_batch_size={rows // 2}", *ADAM]
     config = load_config(None, [*overrides, "deepspeed.precision=bf16", f"deepspeed.zero_stage={stage}"])
@@ -163,7 +163,9 @@ def stage_gradcache(device, sizes, stage: int) -> dict:
     # two steps (LoRA's zero-initialised B leaves A's first gradient at 0), where a per-tensor ratio
     # would compare rounding noise.
     names = [name for name, p in reference.named_parameters() if p.requires_grad]
-    moved = torch.cat([(weights[n].float().cpu().reshape(start[n].shape) - start[n]).flatten() for n in names])
+    # The engine's fp32 master copy starts from the bf16-rounded weights: its move is measured from there.
+    begin = {n: start[n].to(torch.bfloat16).float() for n in names}
+    moved = torch.cat([(weights[n].float().cpu().reshape(start[n].shape) - begin[n]).flatten() for n in names])
     want = torch.cat([(p.detach() - start[n]).flatten() for n, p in reference.named_parameters() if n in names])
     worst = relative_error(moved, want)
     loss_error = max(abs(a - b) / abs(b) for a, b in zip(losses, want_losses))
