@@ -26,7 +26,7 @@ from sde_ray.models.dual_encoder import DualEncoder
 from sde_ray.models.embedder import Embedder
 from sde_ray.models.processing import BatchProcessor, decode_image
 from sde_ray.models.tiny import TINY_MODELS
-from sde_ray.models.vlm import VLMEmbedder, last_token_pool, patchify_qwen2_vl
+from sde_ray.models.vlm import VLMEmbedder, last_token_pool, pack_patches
 
 __all__ = [
     "KINDS",
@@ -42,7 +42,7 @@ __all__ = [
     "export_config",
     "last_token_pool",
     "load_pretrained",
-    "patchify_qwen2_vl",
+    "pack_patches",
     "resolve_export",
     "warm_start",
 ]
