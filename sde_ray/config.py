@@ -110,6 +110,16 @@ class ModelConfig:
         "tokens: set it).",
     )
     max_text_length: int = doc(48, "Token limit for queries and targets.")
+    prompt_format: Literal["vlm2vec", "chat"] = doc(
+        "vlm2vec",
+        "VLMs: vlm2vec: MMEB's text as it is, the image block where its placeholder was (VLM2Vec); chat: the "
+        "reference embedders' (Qwen3-VL-Embedding's) chat turns: the query's task instruction in the system turn, "
+        "none on candidates (model.default_instruction there), the image then the content in the user turn, "
+        "pooled at the end of the assistant prompt.",
+    )
+    default_instruction: str = doc(
+        "Represent the user's input.", "prompt_format=chat: the system turn of a side without a task instruction."
+    )
     image_token: str = doc("<|image_1|>", "MMEB's image placeholder, swapped for the backbone's own token.")
     normalize: bool = doc(True, "L2-normalise embeddings before the contrastive logits.")
     gradient_checkpointing: bool = doc(False, "Enable activation checkpointing in the backbone.")
@@ -124,6 +134,10 @@ class SynthConfig:
     num_candidates: int = doc(8, "Candidates per eval query (the positive is candidate 0).")
     noisy_correspondence: float = doc(0.0, "Fraction of training pairs whose positive is swapped for a mismatch.")
     image_size: int = doc(32, "Side of the generated square images, in pixels.")
+    mixed_sizes: bool = doc(
+        False, "Resize each generated image to one of five shapes around image_size (square, 2:1 wide, 1:3 tall, "
+        "larger, 3:2): data for a VLM's dynamic resolution."
+    )
 
 
 @dataclass
@@ -903,6 +917,9 @@ def validate(config: Config) -> None:
         raise ConfigError(f"model.projection_dim must be >= 0, got {m.projection_dim}.")
     if m.min_pixels and m.max_pixels and m.min_pixels > m.max_pixels:
         raise ConfigError(f"model.min_pixels ({m.min_pixels}) must be <= model.max_pixels ({m.max_pixels}).")
+    if m.prompt_format != "vlm2vec" and m.kind != "vlm":
+        raise ConfigError(f"model.prompt_format={m.prompt_format} formats a VLM's chat turns; model.kind=dual_encoder "
+                          "uses vlm2vec.")
     if (m.min_pixels or m.max_pixels) and m.kind != "vlm":
         raise ConfigError("model.min_pixels/max_pixels size a VLM's dynamic resolution; with model.kind=dual_encoder "
                           "the image processor's fixed size applies (leave them 0).")

@@ -39,6 +39,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import io
+import unicodedata
 from collections.abc import Sequence
 from typing import Any
 
@@ -342,35 +343,48 @@ class BatchProcessor:
     def _tokenize_vlm(
         self, texts: list[str], image_tokens: np.ndarray, prefix: str
     ) -> tuple[np.ndarray, np.ndarray]:
+        """Rows of [before] + [image block] + [content] + [after]: `content` alone is truncated (from the
+        right) to fit max_text_length, so neither the image block nor a format's fixed turns are cut."""
         placeholder = self.config.image_token
-        befores, afters = [], []
+        befores, contents, afters = [], [], []
         for row, text in enumerate(texts):
             count = text.count(placeholder)
             if count > 1:
                 raise ValueError(
                     f"{prefix}_text[{row}] has {count} '{placeholder}' placeholders; one image per side."
                 )
-            if image_tokens[row]:
+            if self.config.prompt_format == "chat":
+                system, content = chat_turns(text, placeholder, bool(image_tokens[row]), prefix == "qry",
+                                             self.config.default_instruction)
+                befores.append(CHAT_BEFORE.format(system=system))
+                contents.append(content)
+                afters.append(CHAT_AFTER)
+            elif image_tokens[row]:
                 # An image without a placeholder goes first, where MMEB puts it.
                 before, _, after = text.partition(placeholder) if count else ("", "", text)
+                befores.append(before)
+                contents.append(after)
+                afters.append("")
             else:
-                before, after = "", text.replace(placeholder, "")
-            befores.append(before)
-            afters.append(after)
-        pieces = self.tokenizer(befores + afters, add_special_tokens=False)["input_ids"]
+                befores.append("")
+                contents.append(text.replace(placeholder, ""))
+                afters.append("")
         rows = len(texts)
+        pieces = self.tokenizer(befores + contents + afters, add_special_tokens=False)["input_ids"]
         input_ids = np.full((rows, self._seq_len), self.tokenizer.pad_token_id, dtype=np.int64)
         attention_mask = np.zeros((rows, self._seq_len), dtype=np.int64)
         budget = self.config.max_text_length
         left = self.tokenizer.padding_side == "left"
         start, pad, end = self.vision_ids
         for row in range(rows):
-            before, after = pieces[row], pieces[rows + row]
-            # Right truncation of the text; the image block is never cut.
-            after = after[: max(0, budget - len(before))]
-            before = before[:budget]
+            before, content, after = pieces[row], pieces[rows + row], pieces[2 * rows + row]
+            if self.config.prompt_format == "chat" and len(before) + len(after) > budget:
+                raise ValueError(f"{prefix}[{row}]: the chat turns alone take {len(before) + len(after)} tokens, "
+                                 f"over model.max_text_length={budget}.")
+            before = before[:budget]  # vlm2vec: the text before the placeholder, cut like any text
+            content = content[: max(0, budget - len(before) - len(after))]
             block = [start] + [pad] * int(image_tokens[row]) + [end] if image_tokens[row] else []
-            ids = before + block + after
+            ids = before + block + content + after
             if not ids:
                 raise ValueError(f"{prefix}[{row}] has neither text nor an image: nothing to embed.")
             span = slice(self._seq_len - len(ids), self._seq_len) if left else slice(0, len(ids))
@@ -393,6 +407,40 @@ class BatchProcessor:
             pixels[row, : len(patches)] = patches
             grids[row] = (1, height // geometry.patch_size, width // geometry.patch_size)
         return pixels, grids
+
+
+# The Qwen chat turns around a side (ChatML, as the Qwen2-VL/2.5-VL/3-VL chat templates render a system
+# and a user message with add_generation_prompt): the image block, then the content, go between them.
+CHAT_BEFORE = "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n"
+CHAT_AFTER = "<|im_end|>\n<|im_start|>assistant\n"
+
+
+def chat_turns(text: str, placeholder: str, has_image: bool, is_query: bool, default_instruction: str) -> tuple[str, str]:
+    """An MMEB side's text → (system turn, user content) in the reference embedders' format.
+
+    MMEB writes `[<|image_1|>\n]{instruction}[: {content}]\n`. The instruction is the text before the
+    first ':' of its first line, with the ':' (or the whole first line of an image side without
+    one: "Represent the given image."); a text-only side without one is all content. Queries put
+    their instruction in the system turn; candidates drop theirs (their system turn is
+    `default_instruction`). As Qwen3-VL-Embedding does, the instruction is stripped and ends in
+    punctuation ('.' added otherwise); the content is stripped of the newlines MMEB wraps it in.
+    """
+    body = text.replace(placeholder, "").strip()
+    first_line = body.split("\n", 1)[0]
+    head, colon, _ = first_line.partition(":")
+    if colon:
+        instruction, content = head + ":", body[len(head) + 1:]
+    elif has_image:
+        instruction, content = first_line, body[len(first_line):]
+    else:
+        instruction, content = "", body
+    if not is_query and not has_image:  # a text candidate is content only (a ':' in it is no instruction)
+        instruction, content = "", body
+    instruction = instruction.strip()
+    if instruction and not unicodedata.category(instruction[-1]).startswith("P"):
+        instruction += "."
+    system = instruction if is_query and instruction else default_instruction
+    return system, content.strip()
 
 
 @dataclasses.dataclass(frozen=True)
