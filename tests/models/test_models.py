@@ -319,55 +319,33 @@ def test_vlm_rejects_grids_that_do_not_match_the_image_tokens(tiny_configs, raw)
         model.encode_side({k: v for k, v in batch.items() if k != "qry_image_grid_thw"}, "qry")
 
 
-def test_a_checkpoint_folder_loads_through_from_pretrained(tiny_configs, raw, tmp_path):
-    """A non-tiny name: a Qwen2.5-VL folder as a Hub download would hold it (config, weights,
-    tokenizer, image processor) goes through AutoConfig/AutoModelForImageTextToText/AutoTokenizer."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
+@pytest.mark.parametrize("name,model_type", [("tiny-qwen2-vl", "qwen2_vl"), ("tiny-qwen2.5-vl", "qwen2_5_vl"),
+                                             ("tiny-qwen3-vl", "qwen3_vl")])
+def test_a_checkpoint_folder_loads_through_from_pretrained(name, model_type, raw, tmp_path):
+    """A non-tiny name: a folder as a Hub download holds it (the backbone's own save_pretrained, the
+    tokenizer, the image processor; no sde_ray files) goes through AutoConfig /
+    AutoModelForImageTextToText / AutoTokenizer / AutoImageProcessor and embeds as the model it holds."""
     from sde_ray.models.processing import load_processors
+    from sde_ray.models.tiny import tiny_backbone
 
-    tokenizer, image_processor = load_processors(tiny_configs["tiny-qwen2-vl"])
-    ids = tokenizer.convert_tokens_to_ids
-    hf_config = Qwen2_5_VLConfig(
-        text_config={
-            "vocab_size": len(tokenizer),
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "pad_token_id": tokenizer.pad_token_id,
-            "bos_token_id": None,
-            "eos_token_id": ids("<|im_end|>"),
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]},
-        },
-        vision_config={
-            "depth": 2,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 2,
-            "out_hidden_size": 64,
-            "patch_size": 8,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "window_size": 32,
-            "fullatt_block_indexes": [1],
-        },
-        image_token_id=ids("<|image_pad|>"),
-        video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"),
-        vision_end_token_id=ids("<|vision_end|>"),
-        tie_word_embeddings=True,
-    )
-    folder = tmp_path / "qwen2_5_vl"
-    Qwen2_5_VLForConditionalGeneration(hf_config).save_pretrained(folder)
+    tiny = ModelConfig(kind="vlm", name_or_path=name)
+    tokenizer, image_processor = load_processors(tiny)
+    folder = tmp_path / model_type
+    torch.manual_seed(0)
+    tiny_backbone(name, tiny, tokenizer).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     image_processor.save_pretrained(folder)
+    assert not (folder / "sde_ray_model.json").exists()
 
     config = ModelConfig(kind="vlm", name_or_path=str(folder))
     model = build_model(config)
-    assert model.hf_model().config.model_type == "qwen2_5_vl" and model.embed_dim == 64
-    query, target = model(processed(config, raw))
+    assert model.hf_model().config.model_type == model_type and model.embed_dim == 64
+    batch = processed(config, raw)
+    assert torch.equal(batch["qry_input_ids"], processed(tiny, raw)["qry_input_ids"])
+    query, target = model(batch)
+    reference = build_model(tiny, seed=0)  # the same weights as the backbone that was saved
+    for (key, loaded), (_, saved) in zip(model.state_dict().items(), reference.state_dict().items()):
+        assert torch.equal(loaded, saved), key
     assert torch.isfinite(query).all() and torch.isfinite(target).all()
     (query.square().sum() + target.square().sum()).backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
