@@ -43,6 +43,20 @@ def pack_patches(pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Te
     return pixel_values[used]
 
 
+def trim_patches(batch: dict) -> dict:
+    """The batch with each side's padded patch column cut to its largest image (`{side}_pixel_values`
+    [..., max_patches, D] → [..., most patches of a row, D]; numpy or torch), so a host→device copy
+    moves the batch's patches rather than max_pixels' worth per row. Other keys are untouched."""
+    out = dict(batch)
+    for key, grid in batch.items():
+        if not key.endswith("_image_grid_thw"):
+            continue
+        pixels = f"{key.removesuffix('_image_grid_thw')}_pixel_values"
+        most = int(grid.prod(-1).max()) if grid.shape[0] else 0
+        out[pixels] = batch[pixels][..., :most, :]
+    return out
+
+
 def vision_tensors(output) -> list[torch.Tensor]:
     """Every tensor a vision tower's output carries (pooled tokens, Qwen3-VL's deepstack features)."""
     found = []

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import io
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -349,3 +350,23 @@ def test_a_checkpoint_folder_loads_through_from_pretrained(name, model_type, raw
     assert torch.isfinite(query).all() and torch.isfinite(target).all()
     (query.square().sum() + target.square().sum()).backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_trimmed_patches_give_the_same_features(raw, make_png):
+    """`trim_patches` cuts the padded patch columns to the batch's largest image (what crosses to the
+    device) and changes no feature; the negatives' [B, K, ...] columns are cut alike."""
+    from sde_ray.models.vlm import trim_patches
+
+    config = ModelConfig(kind="vlm", name_or_path="tiny-qwen2-vl", image_size=64)
+    raw = dict(raw, qry_image=[make_png("red", size=32)] + raw["qry_image"][1:])
+    batch = processed(config, raw)
+    trimmed = trim_patches(batch)
+    assert batch["qry_pixel_values"].shape[1] == 64 and trimmed["qry_pixel_values"].shape[1] == 16
+    assert trimmed["pos_pixel_values"].shape[1] == 16
+    negatives = {"neg_pixel_values": np.zeros((2, 3, 64, 192), np.uint8),
+                 "neg_image_grid_thw": np.array([[[1, 2, 4]] * 3, [[0, 0, 0]] * 3])}
+    assert trim_patches(negatives)["neg_pixel_values"].shape == (2, 3, 8, 192)
+    model = build_model(config).eval()
+    with torch.no_grad():
+        for side in ("qry", "pos"):
+            assert torch.equal(model.encode_side(batch, side), model.encode_side(trimmed, side))
