@@ -4,9 +4,10 @@
 the tokenizer and image processor of `model.name_or_path` (the tiny names build theirs in code) and
 maps a raw batch (`qry_text`, `pos_text`, `qry_image`, `pos_image`, `target_hash`, `subset`) to
 `{qry,pos}_input_ids` int64 [B, L], `{qry,pos}_attention_mask` int64 [B, L],
-`{qry,pos}_pixel_values` uint8 [B, 3, H, W] (zeros where a row has no image),
-`{qry,pos}_has_image` bool [B], `target_id` int64 [B] and `query_id` int64 [B] (the same content id of
-the query's text and image bytes).
+`{qry,pos}_pixel_values` uint8 [B, 3, H, W] (VLMs: [B, max_patches, 3·P·P] with
+`{qry,pos}_image_grid_thw` int64 [B, 3]; zeros where a row has no image), `{qry,pos}_has_image` bool
+[B], `target_id` int64 [B] and `query_id` int64 [B] (the same content id of the query's text and
+image bytes).
 
 With `negatives_per_query=K > 0` the raw batch also carries per-row lists `neg_text`, `neg_image` and
 optionally `neg_target_hash` (the dataset's own negatives, see sde_ray/data/batches.py, or a mined
@@ -18,20 +19,21 @@ in-batch candidates already, so a pad adds no false negative, only a repeated ca
 Pixels are the image after the family image processor's geometric steps (resize, centre crop) and
 before its rescale and normalisation. Dual encoders run the processor with `do_rescale=False,
 do_normalize=False`, which leaves exact integers in 0..255 (checked on every batch), so the uint8
-cast is lossless. The VLM resizes to S×S itself; there the processor's geometric output is the
-resized image (its resize is the identity and its patches are the same pixels re-laid out, checked
-against the processor once at construction), so the resized image is stored directly. The model
-applies the processor's own rescale and normalisation on its device (`Embedder.side_inputs`); a
-uint8 image is a quarter of the float32 bytes through Arrow, the object store and the host→device
-copy.
+cast is lossless. VLMs resize each image by the processor's own rule (`VisualGeometry`: its
+`smart_resize` within `model.min_pixels` / `model.max_pixels`, aspect ratio kept) and cut it into
+the processor's patch layout here, in uint8 (tested equal to the processor's output); each row's
+patches are padded with zeros to the most that max_pixels allows, so every column keeps one shape
+through Ray Data and the GradCache chunks. The model applies the processor's own rescale and
+normalisation on its device (`Embedder.side_inputs`, `VLMEmbedder.normalize_patches`); a uint8
+image is a quarter of the float32 bytes through Arrow, the object store and the host→device copy.
 
 How a side's text and image become tokens depends on `model.kind`:
 - dual_encoder (CLIP/SigLIP): MMEB's `<|image_1|>` placeholder is removed from the text (the image
   goes to the vision tower instead); the family tokenizer pads to `max_text_length`.
-- vlm (Qwen2-VL): the placeholder becomes `<|vision_start|>` + N×`<|image_pad|>` + `<|vision_end|>`,
-  N fixed because every image is resized to one square resolution (`model.image_size` rounded up to
-  a multiple of patch × merge); L = max_text_length + N + 2, and truncation never cuts the image
-  block. Pixel values are stored as images [3, H, W]; the model normalises and re-patchifies them.
+- vlm (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): the placeholder becomes `<|vision_start|>` + N×`<|image_pad|>`
+  + `<|vision_end|>`, N the image's own visual tokens; `model.prompt_format=chat` wraps the side in
+  the reference embedders' chat turns (`chat_turns`). L = max_text_length + the most tokens an image
+  may have + 2; only the text content is truncated, never the image block or the turns.
 """
 
 from __future__ import annotations
