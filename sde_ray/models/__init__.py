@@ -1,8 +1,7 @@
 """Single-device encoders (pure torch + transformers/peft; no Ray, no DeepSpeed).
 
-- `build_model(model_config, seed=0)`: a CLIP/SigLIP dual encoder or a Qwen2-VL / Qwen2.5-VL / Qwen3-VL
-  last-token embedder
-  with `encode_side(batch, prefix) -> [B, D]`, `forward(batch) -> (query, target)`, `embed_dim` and
+- `build_model(model_config, seed=0)`: a CLIP/SigLIP dual encoder or a Qwen2-VL / Qwen2.5-VL /
+  Qwen3-VL last-token embedder with `encode_side(batch, prefix) -> [B, D]`, `forward(batch) -> (query, target)`, `embed_dim` and
   `save_pretrained(dir)`.
 - `load_pretrained(dir) -> (model, model_config)` reloads an export; `warm_start` / `resolve_export`
   serve `model.init_from`.
@@ -10,8 +9,8 @@
   `pack_patches` packs a VLM side's padded patches as the Hugging Face processors do.
 - `count_parameters(model) -> {"total", "trainable"}`.
 
-The names `tiny-clip`, `tiny-siglip`, `tiny-qwen2-vl`, `tiny-qwen2.5-vl`, `tiny-qwen3-vl` build small random models in code; any other
-`model.name_or_path` goes through `from_pretrained`. See docs/models.md.
+The names `tiny-clip`, `tiny-siglip`, `tiny-qwen2-vl`, `tiny-qwen2.5-vl`, `tiny-qwen3-vl` build small
+random models in code; any other `model.name_or_path` goes through `from_pretrained`. See docs/models.md.
 """
 
 from sde_ray.models.build import (
