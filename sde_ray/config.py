@@ -67,8 +67,9 @@ class ModelConfig:
     )
     name_or_path: str = doc(
         "tiny-clip",
-        "Hugging Face id or local path passed to from_pretrained. The names tiny-clip, tiny-siglip and "
-        "tiny-qwen2-vl build a randomly initialised tiny model (and tokenizer/processor) in code.",
+        "Hugging Face id or local path passed to from_pretrained. The names tiny-clip, tiny-siglip, "
+        "tiny-qwen2-vl, tiny-qwen2.5-vl and tiny-qwen3-vl build a randomly initialised tiny model (and "
+        "tokenizer/processor) in code.",
     )
     vision_name_or_path: str = doc(
         "",
@@ -93,10 +94,32 @@ class ModelConfig:
     )
     image_size: int = doc(
         32,
-        "Input resolution of the tiny models, and the fixed resolution of VLM backbones (Qwen2-VL: rounded up "
-        "to a multiple of patch×merge, e.g. 448 -> 256 image tokens); CLIP/SigLIP checkpoints use their processor's.",
+        "Input resolution of the tiny models (for tiny VLMs: their processor's default max_pixels, image_size² "
+        "rounded up to a multiple of patch×merge); CLIP/SigLIP checkpoints use their processor's.",
+    )
+    min_pixels: int = doc(
+        0,
+        "VLMs (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): images keep their aspect ratio and are resized to multiples of "
+        "patch×merge with at least this many pixels (the processor's smart_resize); visual tokens = pixels / "
+        "(patch×merge)², e.g. 256·28² -> 256 tokens on Qwen2-VL. 0: the image processor's own.",
+    )
+    max_pixels: int = doc(
+        0,
+        "VLMs: at most this many pixels per image (bounds an image's visual tokens, the padded width of the "
+        "batches' patch arrays and the sequence length). 0: the image processor's own (Qwen2-VL's is 16,384 "
+        "tokens: set it).",
     )
     max_text_length: int = doc(48, "Token limit for queries and targets.")
+    prompt_format: Literal["vlm2vec", "chat"] = doc(
+        "vlm2vec",
+        "VLMs: vlm2vec: MMEB's text as it is, the image block where its placeholder was (VLM2Vec); chat: the "
+        "reference embedders' (Qwen3-VL-Embedding's) chat turns: the query's task instruction in the system turn, "
+        "none on candidates (model.default_instruction there), the image then the content in the user turn, "
+        "pooled at the end of the assistant prompt.",
+    )
+    default_instruction: str = doc(
+        "Represent the user's input.", "prompt_format=chat: the system turn of a side without a task instruction."
+    )
     image_token: str = doc("<|image_1|>", "MMEB's image placeholder, swapped for the backbone's own token.")
     normalize: bool = doc(True, "L2-normalise embeddings before the contrastive logits.")
     gradient_checkpointing: bool = doc(False, "Enable activation checkpointing in the backbone.")
@@ -111,6 +134,10 @@ class SynthConfig:
     num_candidates: int = doc(8, "Candidates per eval query (the positive is candidate 0).")
     noisy_correspondence: float = doc(0.0, "Fraction of training pairs whose positive is swapped for a mismatch.")
     image_size: int = doc(32, "Side of the generated square images, in pixels.")
+    mixed_sizes: bool = doc(
+        False, "Resize each generated image to one of five shapes around image_size (square, 2:1 wide, 1:3 tall, "
+        "larger, 3:2): data for a VLM's dynamic resolution."
+    )
 
 
 @dataclass
@@ -753,6 +780,8 @@ _MINIMUM: dict[str, tuple[float, bool]] = {
     "scaling.max_failures": (0, True),
     "scaling.elastic_resize_monitor_interval_s": (0, False),
     "model.image_size": (1, True),
+    "model.min_pixels": (0, True),
+    "model.max_pixels": (0, True),
     "model.max_text_length": (1, True),
     "model.lora.r": (1, True),
     "model.lora.alpha": (0, False),
@@ -886,6 +915,14 @@ def validate(config: Config) -> None:
         raise ConfigError("model.name_or_path is empty: name a checkpoint, or set model.vision_name_or_path and text_name_or_path.")
     if m.projection_dim < 0:
         raise ConfigError(f"model.projection_dim must be >= 0, got {m.projection_dim}.")
+    if m.min_pixels and m.max_pixels and m.min_pixels > m.max_pixels:
+        raise ConfigError(f"model.min_pixels ({m.min_pixels}) must be <= model.max_pixels ({m.max_pixels}).")
+    if m.prompt_format != "vlm2vec" and m.kind != "vlm":
+        raise ConfigError(f"model.prompt_format={m.prompt_format} formats a VLM's chat turns; model.kind=dual_encoder "
+                          "uses vlm2vec.")
+    if (m.min_pixels or m.max_pixels) and m.kind != "vlm":
+        raise ConfigError("model.min_pixels/max_pixels size a VLM's dynamic resolution; with model.kind=dual_encoder "
+                          "the image processor's fixed size applies (leave them 0).")
     if config.data.source == "mmeb" and not (config.data.mmeb_train_dir or config.data.shards):
         raise ConfigError("data.source=mmeb needs data.mmeb_train_dir or data.shards.")
     if not 0 < config.loss.disncl.invariant_fraction <= 1:

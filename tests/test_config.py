@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -38,6 +39,28 @@ def test_every_shipped_training_config_loads_and_validates(path):
     assert isinstance(config, Config)
     # Round trip: the resolved YAML reloads to the same tree.
     assert from_dict(yaml.safe_load(dump_yaml(config))) == config
+
+
+# The patch size of each VLM family's released image processor (preprocessor_config.json of the
+# checkpoints; the merge is 2×2 in all): Qwen2-VL and Qwen2.5-VL 14, Qwen3-VL 16.
+RECIPE_PATCH = {"qwen3-vl": 16, "qwen2.5-vl": 14, "qwen2-vl": 14}
+
+
+@pytest.mark.parametrize("path", [p for p in _training_configs() if load_config(p).model.kind == "vlm"],
+                         ids=lambda p: p.name)
+def test_every_vlm_recipe_sets_its_resolution_and_gives_a_448_image_256_tokens(path):
+    """A VLM recipe names its pixel range (no silent processor default) and trains at a resolution a
+    document survives: a 448×448 image gets at least 256 visual tokens, counted with the processor's
+    own rule (transformers' Qwen2VLImageProcessor with the family's patch size, built here)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    model = load_config(path).model
+    assert model.min_pixels > 0 and model.max_pixels > 0, f"{path.name}: set model.min_pixels and max_pixels"
+    family = next(key for key in RECIPE_PATCH if key in model.name_or_path.lower())
+    processor = Qwen2VLImageProcessorPil(patch_size=RECIPE_PATCH[family], merge_size=2,
+                                         min_pixels=model.min_pixels, max_pixels=model.max_pixels)
+    grid = processor(images=[np.zeros((448, 448, 3), np.uint8)], return_tensors="np")["image_grid_thw"][0]
+    assert grid.prod() // 4 >= 256, f"{path.name}: a 448×448 image gets {grid.prod() // 4} visual tokens"
 
 
 def test_defaults_validate_and_round_trip():

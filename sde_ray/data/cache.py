@@ -50,6 +50,8 @@ def synthetic_cache_key(synth) -> str:
     settings = {"v": SYNTH_VERSION, "seed": synth.seed, "train": synth.train_per_subset,
                 "eval": synth.eval_per_dataset, "k": synth.num_candidates,
                 "noise": synth.noisy_correspondence, "size": synth.image_size}
+    if synth.mixed_sizes:  # only when set: the square datasets keep their cache keys
+        settings["mixed"] = True
     return "synth-" + hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -66,7 +68,8 @@ def _ensure_synthetic(cache: Path, synth) -> Path:
         write_synthetic_mmeb(staging, seed=synth.seed, train_per_subset=synth.train_per_subset,
                              eval_per_dataset=synth.eval_per_dataset,
                              noisy_correspondence=synth.noisy_correspondence,
-                             num_candidates=synth.num_candidates, image_size=synth.image_size)
+                             num_candidates=synth.num_candidates, image_size=synth.image_size,
+                             mixed_sizes=synth.mixed_sizes)
         # synthetic.json records absolute paths: rewrite them for the final location.
         summary = json.loads((staging / "synthetic.json").read_text())
         summary.update(train_dir=str(target / "MMEB-train"), eval_dir=str(target / "MMEB-eval"),

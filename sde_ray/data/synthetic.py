@@ -404,12 +404,18 @@ DATASETS: tuple[SynthDataset, ...] = (
 # Writing
 
 
+# (width, height) of the mixed-size images, as multiples of image_size / 2, cycled through by image
+# index: square, wide, tall, larger square, odd (what a VLM's dynamic resolution must keep apart).
+MIXED_SHAPES = ((2, 2), (4, 1), (1, 3), (3, 3), (3, 2))
+
+
 class _ImageStore:
     """Assigns a relative path to each distinct rendered image and remembers its bytes."""
 
-    def __init__(self, prefix: str, image_size: int) -> None:
+    def __init__(self, prefix: str, image_size: int, mixed_sizes: bool = False) -> None:
         self.prefix = prefix
         self.image_size = image_size
+        self.mixed_sizes = mixed_sizes
         self.files: dict[str, bytes] = {}
         self._paths: dict[tuple, str] = {}
 
@@ -423,6 +429,9 @@ class _ImageStore:
             path = f"{self.prefix}/image_{index:06d}{suffix}.jpg"
             image = render(side.scene, self.image_size) if side.crop_index is None else \
                 crop(side.scene, side.crop_index, self.image_size)
+            if self.mixed_sizes:
+                width, height = MIXED_SHAPES[index % len(MIXED_SHAPES)]
+                image = image.resize((width * self.image_size // 2, height * self.image_size // 2), Image.BICUBIC)
             self.files[path] = encode_jpeg(image)
             self._paths[key] = path
         return self._paths[key]
@@ -452,14 +461,15 @@ def _rng(seed: int, dataset_index: int, stream: int) -> np.random.Generator:
 _TRAIN, _EVAL, _NOISE, _VAL = 1, 2, 3, 4
 
 
-def _write_train(root: Path, seed: int, per_subset: int, noisy: float, k: int, image_size: int) -> tuple[dict, dict]:
+def _write_train(root: Path, seed: int, per_subset: int, noisy: float, k: int, image_size: int,
+                 mixed_sizes: bool = False) -> tuple[dict, dict]:
     counts, noise_rows = {}, {}
     for index, spec in enumerate(DATASETS):
         if spec.info.split != "IND":
             continue
         subset = spec.info.train_subset
         sampler = SceneSampler(_rng(seed, index, _TRAIN), spec.pairs)
-        store = _ImageStore(f"images/{subset}/Train", image_size)
+        store = _ImageStore(f"images/{subset}/Train", image_size, mixed_sizes)
         items = [spec.build(sampler, k) for _ in range(per_subset)]
         rows = {"qry": [], "qry_image_path": [], "pos_text": [], "pos_image_path": []}
         with_negatives = any(item.negative is not None for item in items)
@@ -500,14 +510,15 @@ def _swap_positives(rows: dict[str, list], rate: float, rng: np.random.Generator
     return swapped
 
 
-def _write_eval(root: Path, seed: int, per_dataset: int, k: int, image_size: int, stream: int = _EVAL) -> dict:
+def _write_eval(root: Path, seed: int, per_dataset: int, k: int, image_size: int, stream: int = _EVAL,
+                mixed_sizes: bool = False) -> dict:
     counts = {}
     zip_entries: dict[str, bytes] = {}
     for index, spec in enumerate(DATASETS):
         name = spec.info.name
         candidates = min(k, spec.max_candidates or k)
         sampler = SceneSampler(_rng(seed, index, stream), spec.pairs)
-        store = _ImageStore(name, image_size)
+        store = _ImageStore(name, image_size, mixed_sizes)
         rows = {"qry_text": [], "qry_img_path": [], "tgt_text": [], "tgt_img_path": []}
         for _ in range(per_dataset):
             item = spec.build(sampler, candidates)
@@ -534,9 +545,10 @@ def synthetic_catalog(num_candidates: int = 8) -> dict[str, DatasetInfo]:
 
 def write_synthetic_mmeb(out: str | os.PathLike, seed: int = 0, train_per_subset: int = 384,
                          eval_per_dataset: int = 100, noisy_correspondence: float = 0.0,
-                         num_candidates: int = 8, image_size: int = 32) -> dict:
+                         num_candidates: int = 8, image_size: int = 32, mixed_sizes: bool = False) -> dict:
     """Writes `<out>/MMEB-train`, `<out>/MMEB-eval` and `<out>/MMEB-val` (`eval_per_dataset` rows
-    per dataset each); returns the settings and row counts."""
+    per dataset each); returns the settings and row counts. `mixed_sizes`: each image resized to one
+    of `MIXED_SHAPES` (sizes and aspect ratios around `image_size`) instead of a square."""
     if not 0.0 <= noisy_correspondence <= 1.0:
         raise ValueError(f"noisy_correspondence must be in [0, 1], got {noisy_correspondence}")
     if num_candidates < 2:
@@ -551,11 +563,12 @@ def write_synthetic_mmeb(out: str | os.PathLike, seed: int = 0, train_per_subset
         root.mkdir(parents=True, exist_ok=True)
     settings = {"version": SYNTH_VERSION, "seed": seed, "train_per_subset": train_per_subset,
                 "eval_per_dataset": eval_per_dataset, "noisy_correspondence": noisy_correspondence,
-                "num_candidates": num_candidates, "image_size": image_size}
+                "num_candidates": num_candidates, "image_size": image_size, "mixed_sizes": mixed_sizes}
     train_counts, noise_rows = _write_train(train_root, seed, train_per_subset, noisy_correspondence,
-                                            num_candidates, image_size)
-    eval_counts = _write_eval(eval_root, seed, eval_per_dataset, num_candidates, image_size)
-    val_counts = _write_eval(val_root, seed, eval_per_dataset, num_candidates, image_size, stream=_VAL)
+                                            num_candidates, image_size, mixed_sizes)
+    eval_counts = _write_eval(eval_root, seed, eval_per_dataset, num_candidates, image_size, mixed_sizes=mixed_sizes)
+    val_counts = _write_eval(val_root, seed, eval_per_dataset, num_candidates, image_size, stream=_VAL,
+                             mixed_sizes=mixed_sizes)
     catalog = synthetic_catalog(num_candidates)
     for root in (train_root, eval_root, val_root):
         write_catalog(root, catalog, source="synthetic")

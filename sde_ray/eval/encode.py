@@ -27,6 +27,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from sde_ray.models.vlm import trim_patches
+
 PREFIXES = {"query": "qry", "target": "pos"}
 MODEL_CARD = "README.md"  # in an export: the model card (sde_ray.embed.card)
 AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -74,7 +76,9 @@ class ModelEncoder:
         """The forward alone, on arrays `BatchProcessor.encode_inputs` made (elsewhere, e.g. in the
         CPU tasks of `sde-ray embed`): float32 [n, D] raw features."""
         prefix = _prefix(side)
-        batch = {key: torch.from_numpy(np.asarray(value)).to(self.device) for key, value in arrays.items()}
+        # A VLM's padded patch columns cut to the batch's largest image: only those bytes reach the device.
+        arrays = trim_patches(arrays)
+        batch = {key: torch.from_numpy(np.ascontiguousarray(value)).to(self.device) for key, value in arrays.items()}
         was_training = self.model.training
         self.model.eval()
         self.calls += 1

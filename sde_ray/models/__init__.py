@@ -1,15 +1,16 @@
 """Single-device encoders (pure torch + transformers/peft; no Ray, no DeepSpeed).
 
-- `build_model(model_config, seed=0)`: a CLIP/SigLIP dual encoder or a Qwen2-VL last-token embedder
-  with `encode_side(batch, prefix) -> [B, D]`, `forward(batch) -> (query, target)`, `embed_dim` and
+- `build_model(model_config, seed=0)`: a CLIP/SigLIP dual encoder or a Qwen2-VL / Qwen2.5-VL /
+  Qwen3-VL last-token embedder with `encode_side(batch, prefix) -> [B, D]`, `forward(batch) -> (query, target)`, `embed_dim` and
   `save_pretrained(dir)`.
 - `load_pretrained(dir) -> (model, model_config)` reloads an export; `warm_start` / `resolve_export`
   serve `model.init_from`.
-- `BatchProcessor(model_config)`: raw MMEB batch -> fixed-shape numpy arrays (Ray Data actors).
+- `BatchProcessor(model_config)`: raw MMEB batch -> fixed-shape numpy arrays (Ray Data actors);
+  `pack_patches` packs a VLM side's padded patches as the Hugging Face processors do.
 - `count_parameters(model) -> {"total", "trainable"}`.
 
-The names `tiny-clip`, `tiny-siglip`, `tiny-qwen2-vl` build small random models in code; any other
-`model.name_or_path` goes through `from_pretrained`. See docs/models.md.
+The names `tiny-clip`, `tiny-siglip`, `tiny-qwen2-vl`, `tiny-qwen2.5-vl`, `tiny-qwen3-vl` build small
+random models in code; any other `model.name_or_path` goes through `from_pretrained`. See docs/models.md.
 """
 
 from sde_ray.models.build import (
@@ -26,7 +27,7 @@ from sde_ray.models.dual_encoder import DualEncoder
 from sde_ray.models.embedder import Embedder
 from sde_ray.models.processing import BatchProcessor, decode_image
 from sde_ray.models.tiny import TINY_MODELS
-from sde_ray.models.vlm import VLMEmbedder, last_token_pool, patchify_qwen2_vl
+from sde_ray.models.vlm import VLMEmbedder, last_token_pool, pack_patches
 
 __all__ = [
     "KINDS",
@@ -42,7 +43,7 @@ __all__ = [
     "export_config",
     "last_token_pool",
     "load_pretrained",
-    "patchify_qwen2_vl",
+    "pack_patches",
     "resolve_export",
     "warm_start",
 ]

@@ -152,19 +152,24 @@ class Embedder(nn.Module):
         x = pixels.to(torch.float32).mul_(self.pixel_normalization.scale)
         return x.sub_(mean).div_(std).to(self.parameter_dtype())
 
-    def side_inputs(
-        self, batch: dict, prefix: str
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(input_ids, attention_mask, pixel_values, has_image) of one side, as tensors on the model's
-        device; uint8 pixels come back normalised, in the model's dtype (bf16 under DeepSpeed bf16)."""
+    def text_inputs(self, batch: dict, prefix: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask, has_image) of one side, as tensors on the model's device."""
         device = next(self.parameters()).device
         names = [f"{prefix}_{key}" for key in ("input_ids", "attention_mask", "pixel_values", "has_image")]
         missing = [name for name in names if name not in batch]
         if missing:
             raise KeyError(f"model batch lacks {missing}; build it with sde_ray.models.BatchProcessor.")
-        pixels = self.normalize_pixels(batch[names[2]], names[2])
         ids, mask, has_image = (torch.as_tensor(batch[names[i]], device=device) for i in (0, 1, 3))
-        return ids.long(), mask.long(), pixels, has_image.bool()
+        return ids.long(), mask.long(), has_image.bool()
+
+    def side_inputs(
+        self, batch: dict, prefix: str
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask, pixel_values, has_image) of one side, as tensors on the model's
+        device; uint8 pixels come back normalised, in the model's dtype (bf16 under DeepSpeed bf16)."""
+        ids, mask, has_image = self.text_inputs(batch, prefix)
+        key = f"{prefix}_pixel_values"
+        return ids, mask, self.normalize_pixels(batch[key], key), has_image
 
     # ------------------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path, merge_lora: bool = True) -> Path:

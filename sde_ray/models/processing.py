@@ -4,9 +4,10 @@
 the tokenizer and image processor of `model.name_or_path` (the tiny names build theirs in code) and
 maps a raw batch (`qry_text`, `pos_text`, `qry_image`, `pos_image`, `target_hash`, `subset`) to
 `{qry,pos}_input_ids` int64 [B, L], `{qry,pos}_attention_mask` int64 [B, L],
-`{qry,pos}_pixel_values` uint8 [B, 3, H, W] (zeros where a row has no image),
-`{qry,pos}_has_image` bool [B], `target_id` int64 [B] and `query_id` int64 [B] (the same content id of
-the query's text and image bytes).
+`{qry,pos}_pixel_values` uint8 [B, 3, H, W] (VLMs: [B, max_patches, 3·P·P] with
+`{qry,pos}_image_grid_thw` int64 [B, 3]; zeros where a row has no image), `{qry,pos}_has_image` bool
+[B], `target_id` int64 [B] and `query_id` int64 [B] (the same content id of the query's text and
+image bytes).
 
 With `negatives_per_query=K > 0` the raw batch also carries per-row lists `neg_text`, `neg_image` and
 optionally `neg_target_hash` (the dataset's own negatives, see sde_ray/data/batches.py, or a mined
@@ -18,27 +19,29 @@ in-batch candidates already, so a pad adds no false negative, only a repeated ca
 Pixels are the image after the family image processor's geometric steps (resize, centre crop) and
 before its rescale and normalisation. Dual encoders run the processor with `do_rescale=False,
 do_normalize=False`, which leaves exact integers in 0..255 (checked on every batch), so the uint8
-cast is lossless. The VLM resizes to S×S itself; there the processor's geometric output is the
-resized image (its resize is the identity and its patches are the same pixels re-laid out, checked
-against the processor once at construction), so the resized image is stored directly. The model
-applies the processor's own rescale and normalisation on its device (`Embedder.side_inputs`); a
-uint8 image is a quarter of the float32 bytes through Arrow, the object store and the host→device
-copy.
+cast is lossless. VLMs resize each image by the processor's own rule (`VisualGeometry`: its
+`smart_resize` within `model.min_pixels` / `model.max_pixels`, aspect ratio kept) and cut it into
+the processor's patch layout here, in uint8 (tested equal to the processor's output); each row's
+patches are padded with zeros to the most that max_pixels allows, so every column keeps one shape
+through Ray Data and the GradCache chunks. The model applies the processor's own rescale and
+normalisation on its device (`Embedder.side_inputs`, `VLMEmbedder.normalize_patches`); a uint8
+image is a quarter of the float32 bytes through Arrow, the object store and the host→device copy.
 
 How a side's text and image become tokens depends on `model.kind`:
 - dual_encoder (CLIP/SigLIP): MMEB's `<|image_1|>` placeholder is removed from the text (the image
   goes to the vision tower instead); the family tokenizer pads to `max_text_length`.
-- vlm (Qwen2-VL): the placeholder becomes `<|vision_start|>` + N×`<|image_pad|>` + `<|vision_end|>`,
-  N fixed because every image is resized to one square resolution (`model.image_size` rounded up to
-  a multiple of patch × merge); L = max_text_length + N + 2, and truncation never cuts the image
-  block. Pixel values are stored as images [3, H, W]; the model normalises and re-patchifies them.
+- vlm (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): the placeholder becomes `<|vision_start|>` + N×`<|image_pad|>`
+  + `<|vision_end|>`, N the image's own visual tokens; `model.prompt_format=chat` wraps the side in
+  the reference embedders' chat turns (`chat_turns`). L = max_text_length + the most tokens an image
+  may have + 2; only the text content is truncated, never the image block or the turns.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
-import math
+import unicodedata
 from collections.abc import Sequence
 from typing import Any
 
@@ -254,10 +257,10 @@ class BatchProcessor:
                 raise TypeError(f"{prefix}_text[{row}]: expected str, got {type(text).__name__}.")
         decoded = [decode_image(image, f"{prefix}_image[{row}]") for row, image in enumerate(images)]
         has_image = np.array([image is not None for image in decoded], dtype=bool)
+        if self.config.kind == "vlm":
+            return self._encode_vlm(texts, decoded, has_image, prefix)
         if not texts:
             input_ids = attention_mask = np.zeros((0, self._seq_len), dtype=np.int64)
-        elif self.config.kind == "vlm":
-            input_ids, attention_mask = self._tokenize_vlm(texts, has_image, prefix)
         else:
             input_ids, attention_mask = self._tokenize_dual(texts)
         pixel_values = np.zeros((len(texts), *self._image_shape), dtype=np.uint8)
@@ -269,6 +272,23 @@ class BatchProcessor:
             f"{prefix}_attention_mask": attention_mask,
             f"{prefix}_pixel_values": pixel_values,
             f"{prefix}_has_image": has_image,
+        }
+
+    def _encode_vlm(self, texts: list[str], decoded: list, has_image: np.ndarray, prefix: str) -> dict[str, np.ndarray]:
+        """The VLM side: the dual encoder's four arrays, pixels as padded patches, plus
+        `{prefix}_image_grid_thw` int64 [B, 3] (each image's (1, gh, gw) patch grid; zeros without one)."""
+        pixel_values, grids = self._patches_vlm(decoded)
+        if not texts:
+            input_ids = attention_mask = np.zeros((0, self._seq_len), dtype=np.int64)
+        else:
+            image_tokens = grids.prod(axis=1) // self.geometry.merge_size**2
+            input_ids, attention_mask = self._tokenize_vlm(texts, image_tokens, prefix)
+        return {
+            f"{prefix}_input_ids": input_ids,
+            f"{prefix}_attention_mask": attention_mask,
+            f"{prefix}_pixel_values": pixel_values,
+            f"{prefix}_has_image": has_image,
+            f"{prefix}_image_grid_thw": grids,
         }
 
     # ------------------------------------------------------------------------------------------
@@ -301,70 +321,72 @@ class BatchProcessor:
         return encoded["input_ids"].astype(np.int64), encoded["attention_mask"].astype(np.int64)
 
     def _pixels(self, images: list[Image.Image]) -> np.ndarray:
-        if self.config.kind == "vlm":
-            return self._pixels_vlm(images)
         out = self.image_processor(images=images, return_tensors="np", **GEOMETRY_ONLY)["pixel_values"]
         return exact_uint8(out, f"{self.config.name_or_path} ({type(self.image_processor).__name__})")
 
     # ------------------------------------------------------------------------------------------
-    # VLM (Qwen2-VL): fixed resolution, placeholder → vision block of a fixed token count
+    # VLM (Qwen2-VL family): dynamic resolution, placeholder → vision block of the image's own size
 
     def _setup_vlm(self) -> None:
-        processor = self.image_processor
-        for attribute in ("patch_size", "merge_size", "temporal_patch_size"):
-            if not hasattr(processor, attribute):
-                raise ValueError(
-                    f"{self.config.name_or_path}: model.kind=vlm needs a Qwen2-VL-style image processor "
-                    f"(with patch_size, merge_size, temporal_patch_size); got {type(processor).__name__}."
-                )
-        self.patch_size, self.merge_size = int(processor.patch_size), int(processor.merge_size)
-        factor = self.patch_size * self.merge_size
-        self.side = math.ceil(self.config.image_size / factor) * factor
-        grid = self.side // self.patch_size
-        self.image_tokens = grid * grid // self.merge_size**2
+        self.geometry = VisualGeometry.of(self.image_processor, self.config)
+        # The processor that travels with the model (export, eval) resizes as training did.
+        self.image_processor.size = self.geometry.size_dict()
         vocab = self.tokenizer.get_vocab()
         missing = [t for t in (VISION_START, IMAGE_PAD, VISION_END) if t not in vocab]
         if missing:
             raise ValueError(
                 f"{self.config.name_or_path}: tokenizer lacks the vision tokens {missing} (model.kind=vlm)."
             )
-        self.image_block = (
-            [vocab[VISION_START]] + [vocab[IMAGE_PAD]] * self.image_tokens + [vocab[VISION_END]]
-        )
-        self._seq_len = self.config.max_text_length + len(self.image_block)
-        self._image_shape = (3, self.side, self.side)
-        self._check_vlm_pixels()
+        self.vision_ids = (vocab[VISION_START], vocab[IMAGE_PAD], vocab[VISION_END])
+        # Rows are padded to the largest image max_pixels allows; the model trims a batch to its own.
+        self._seq_len = self.config.max_text_length + self.geometry.max_tokens + 2
+        self._image_shape = (self.geometry.max_patches, self.geometry.patch_dim)
 
     def _tokenize_vlm(
-        self, texts: list[str], has_image: np.ndarray, prefix: str
+        self, texts: list[str], image_tokens: np.ndarray, prefix: str
     ) -> tuple[np.ndarray, np.ndarray]:
+        """Rows of [before] + [image block] + [content] + [after]: `content` alone is truncated (from the
+        right) to fit max_text_length, so neither the image block nor a format's fixed turns are cut."""
         placeholder = self.config.image_token
-        befores, afters = [], []
+        befores, contents, afters = [], [], []
         for row, text in enumerate(texts):
             count = text.count(placeholder)
             if count > 1:
                 raise ValueError(
                     f"{prefix}_text[{row}] has {count} '{placeholder}' placeholders; one image per side."
                 )
-            if has_image[row]:
+            if self.config.prompt_format == "chat":
+                system, content = chat_turns(text, placeholder, bool(image_tokens[row]), prefix == "qry",
+                                             self.config.default_instruction)
+                befores.append(CHAT_BEFORE.format(system=system))
+                contents.append(content)
+                afters.append(CHAT_AFTER)
+            elif image_tokens[row]:
                 # An image without a placeholder goes first, where MMEB puts it.
                 before, _, after = text.partition(placeholder) if count else ("", "", text)
+                befores.append(before)
+                contents.append(after)
+                afters.append("")
             else:
-                before, after = "", text.replace(placeholder, "")
-            befores.append(before)
-            afters.append(after)
-        pieces = self.tokenizer(befores + afters, add_special_tokens=False)["input_ids"]
+                befores.append("")
+                contents.append(text.replace(placeholder, ""))
+                afters.append("")
         rows = len(texts)
+        pieces = self.tokenizer(befores + contents + afters, add_special_tokens=False)["input_ids"]
         input_ids = np.full((rows, self._seq_len), self.tokenizer.pad_token_id, dtype=np.int64)
         attention_mask = np.zeros((rows, self._seq_len), dtype=np.int64)
         budget = self.config.max_text_length
         left = self.tokenizer.padding_side == "left"
+        start, pad, end = self.vision_ids
         for row in range(rows):
-            before, after = pieces[row], pieces[rows + row]
-            # Right truncation of the text; the image block is never cut.
-            after = after[: max(0, budget - len(before))]
-            before = before[:budget]
-            ids = before + (self.image_block if has_image[row] else []) + after
+            before, content, after = pieces[row], pieces[rows + row], pieces[2 * rows + row]
+            if self.config.prompt_format == "chat" and len(before) + len(after) > budget:
+                raise ValueError(f"{prefix}[{row}]: the chat turns alone take {len(before) + len(after)} tokens, "
+                                 f"over model.max_text_length={budget}.")
+            before = before[:budget]  # vlm2vec: the text before the placeholder, cut like any text
+            content = content[: max(0, budget - len(before) - len(after))]
+            block = [start] + [pad] * int(image_tokens[row]) + [end] if image_tokens[row] else []
+            ids = before + block + content + after
             if not ids:
                 raise ValueError(f"{prefix}[{row}] has neither text nor an image: nothing to embed.")
             span = slice(self._seq_len - len(ids), self._seq_len) if left else slice(0, len(ids))
@@ -372,55 +394,136 @@ class BatchProcessor:
             attention_mask[row, span] = 1
         return input_ids, attention_mask
 
-    def _pixels_vlm(self, images: list[Image.Image]) -> np.ndarray:
-        # At S×S the processor's own resize is the identity and its patches are these pixels laid out
-        # again (checked at construction), so this is its geometric output without the float32
-        # patch copy, time-doubled, that it would build and we would undo.
-        resized = [image.resize((self.side, self.side), Image.BICUBIC) for image in images]
-        return np.stack([np.asarray(image, dtype=np.uint8).transpose(2, 0, 1) for image in resized])
+    def _patches_vlm(self, images: list[Image.Image | None]) -> tuple[np.ndarray, np.ndarray]:
+        """Each image resized by the processor's rule and cut into its patch layout, padded with zero
+        patches to `max_patches`: (uint8 [N, max_patches, C·P·P], grid_thw int64 [N, 3]; 0 rows for None)."""
+        geometry = self.geometry
+        pixels = np.zeros((len(images), *self._image_shape), dtype=np.uint8)
+        grids = np.zeros((len(images), 3), dtype=np.int64)
+        for row, image in enumerate(images):
+            if image is None:
+                continue
+            height, width = geometry.resized(image.height, image.width)
+            resized = np.asarray(image.resize((width, height), Image.BICUBIC), dtype=np.uint8).transpose(2, 0, 1)
+            patches = patchify_image(resized, geometry.patch_size, geometry.merge_size)
+            pixels[row, : len(patches)] = patches
+            grids[row] = (1, height // geometry.patch_size, width // geometry.patch_size)
+        return pixels, grids
 
-    def _vlm_processor_pixels(self, images: list[Image.Image]) -> np.ndarray:
-        """The image processor's own output for S×S images (rescale and normalisation off), [N, 3, S, S]."""
-        area = self.side * self.side
-        out = self.image_processor(
-            images=images,
-            size={"shortest_edge": area, "longest_edge": area},
-            return_tensors="np",
-            **GEOMETRY_ONLY,
-        )
-        grid = np.asarray(out["image_grid_thw"])
-        expected = [1, self.side // self.patch_size, self.side // self.patch_size]
-        if not (grid == np.array(expected)).all():
+
+# The Qwen chat turns around a side (ChatML, as the Qwen2-VL/2.5-VL/3-VL chat templates render a system
+# and a user message with add_generation_prompt): the image block, then the content, go between them.
+CHAT_BEFORE = "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n"
+CHAT_AFTER = "<|im_end|>\n<|im_start|>assistant\n"
+
+
+def chat_turns(text: str, placeholder: str, has_image: bool, is_query: bool, default_instruction: str) -> tuple[str, str]:
+    """An MMEB side's text → (system turn, user content) in the reference embedders' format.
+
+    MMEB writes `[<|image_1|>\n]{instruction}[: {content}]\n`. The instruction is the text before the
+    first ':' of its first line, with the ':' (or the whole first line of an image side without
+    one: "Represent the given image."); a text-only side without one is all content. Queries put
+    their instruction in the system turn; candidates drop theirs (their system turn is
+    `default_instruction`). As Qwen3-VL-Embedding does, the instruction is stripped and ends in
+    punctuation ('.' added otherwise); the content is stripped of the newlines MMEB wraps it in.
+    """
+    body = text.replace(placeholder, "").strip()
+    first_line = body.split("\n", 1)[0]
+    head, colon, _ = first_line.partition(":")
+    if colon:
+        instruction, content = head + ":", body[len(head) + 1:]
+    elif has_image:
+        instruction, content = first_line, body[len(first_line):]
+    else:
+        instruction, content = "", body
+    if not is_query and not has_image:  # a text candidate is content only (a ':' in it is no instruction)
+        instruction, content = "", body
+    instruction = instruction.strip()
+    if instruction and not unicodedata.category(instruction[-1]).startswith("P"):
+        instruction += "."
+    system = instruction if is_query and instruction else default_instruction
+    return system, content.strip()
+
+
+@dataclasses.dataclass(frozen=True)
+class VisualGeometry:
+    """How a Qwen2-VL-family image processor sizes an image: patch × merge cells, pixels bounded.
+
+    `resized(h, w)` is the processor's own `smart_resize` (aspect ratio kept, both sides multiples of
+    patch × merge, area within [min_pixels, max_pixels]); `tokens(h, w)` the visual tokens the LM
+    sees for an image of that size (one per merge × merge block of patches)."""
+
+    patch_size: int
+    merge_size: int
+    temporal_patch_size: int
+    min_pixels: int
+    max_pixels: int
+
+    @classmethod
+    def of(cls, image_processor: Any, config: ModelConfig) -> VisualGeometry:
+        missing = [a for a in ("patch_size", "merge_size", "temporal_patch_size", "size")
+                   if getattr(image_processor, a, None) is None]
+        if missing:
             raise ValueError(
-                f"image processor produced grids {grid.tolist()}, expected {expected} for every image."
+                f"{config.name_or_path}: model.kind=vlm needs a Qwen2-VL-style image processor (with patch_size, "
+                f"merge_size, temporal_patch_size and a pixel range); {type(image_processor).__name__} lacks {missing}."
             )
-        patches = exact_uint8(
-            out["pixel_values"], f"{self.config.name_or_path} ({type(self.image_processor).__name__})"
-        )
-        return np.stack(
-            [
-                unpatchify_qwen2_vl(p, self.side, self.patch_size, self.merge_size)
-                for p in np.split(patches, len(images))
-            ]
-        )
-
-    def _check_vlm_pixels(self) -> None:
-        probe = np.random.default_rng(0).integers(0, 256, (self.side, self.side, 3), dtype=np.uint8)
-        probe = [Image.fromarray(probe)]
-        if not np.array_equal(self._pixels_vlm(probe), self._vlm_processor_pixels(probe)):
+        size = image_processor.size
+        own = (getattr(size, "shortest_edge", None) or 0, getattr(size, "longest_edge", None) or 0)
+        geometry = cls(int(image_processor.patch_size), int(image_processor.merge_size),
+                       int(image_processor.temporal_patch_size),
+                       int(config.min_pixels or own[0]), int(config.max_pixels or own[1]))
+        if geometry.max_tokens < 1 or geometry.min_pixels > geometry.max_pixels:
             raise ValueError(
-                f"{self.config.name_or_path}: its image processor ({type(self.image_processor).__name__}) "
-                f"changes an already {self.side}×{self.side} image beyond rescale/normalisation; the "
-                "fixed-resolution VLM path assumes it does not."
+                f"{config.name_or_path}: pixel range [{geometry.min_pixels}, {geometry.max_pixels}] (model.min_pixels/"
+                f"max_pixels, 0: the processor's {own}) holds no {geometry.factor}×{geometry.factor} cell; "
+                f"max_pixels must be >= {geometry.factor ** 2} and >= min_pixels."
             )
+        return geometry
+
+    @property
+    def factor(self) -> int:
+        return self.patch_size * self.merge_size
+
+    @property
+    def max_tokens(self) -> int:
+        return self.max_pixels // self.factor**2
+
+    @property
+    def max_patches(self) -> int:
+        return self.max_tokens * self.merge_size**2
+
+    @property
+    def patch_dim(self) -> int:
+        """A patch as stored: C·P·P uint8 (the processor's C·T·P·P repeats a still image T times)."""
+        return 3 * self.patch_size**2
+
+    def size_dict(self):
+        from transformers.image_utils import SizeDict
+
+        return SizeDict(shortest_edge=self.min_pixels, longest_edge=self.max_pixels)
+
+    def resized(self, height: int, width: int) -> tuple[int, int]:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+        new_height, new_width = smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
+        if new_height * new_width > self.max_tokens * self.factor**2:
+            raise ValueError(
+                f"a {width}×{height} image resizes to {new_width}×{new_height}, over max_pixels={self.max_pixels} "
+                "(min_pixels too close to max_pixels for its aspect ratio)."
+            )
+        return new_height, new_width
+
+    def tokens(self, height: int, width: int) -> int:
+        new_height, new_width = self.resized(height, width)
+        return new_height * new_width // self.factor**2
 
 
-def unpatchify_qwen2_vl(patches: np.ndarray, side: int, patch_size: int, merge_size: int) -> np.ndarray:
-    """Inverse of the Qwen2-VL image processor's patch layout for one image: [gh·gw, C·T·P·P] → [C, H, W]
-    (the T copies of a still image are identical; the first is kept)."""
-    grid, m, p = side // patch_size, merge_size, patch_size
-    channels = patches.shape[1] // (p * p)
-    temporal = channels // 3
-    x = patches.reshape(grid // m, grid // m, m, m, 3, temporal, p, p)[:, :, :, :, :, 0]
-    # axes (block_h, block_w, merge_h, merge_w, C, P_h, P_w) → (C, block_h, merge_h, P_h, block_w, merge_w, P_w)
-    return np.ascontiguousarray(x.transpose(4, 0, 2, 5, 1, 3, 6)).reshape(3, side, side)
+def patchify_image(image: np.ndarray, patch_size: int, merge_size: int) -> np.ndarray:
+    """[C, H, W] → [gh·gw, C·P·P] in the Qwen2-VL image processor's order (merge blocks row-major,
+    then the merge × merge patches inside each block), without its T-fold copy along time."""
+    channels, height, width = image.shape
+    p, m = patch_size, merge_size
+    gh, gw = height // p, width // p
+    x = image.reshape(channels, gh // m, m, p, gw // m, m, p).transpose(1, 4, 2, 5, 0, 3, 6)
+    return x.reshape(gh * gw, channels * p * p)

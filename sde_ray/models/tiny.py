@@ -1,7 +1,8 @@
 """Tiny, randomly initialised backbones built entirely in code (no downloads).
 
-`tiny-clip`, `tiny-siglip` and `tiny-qwen2-vl` are real `transformers` models (CLIPModel,
-SiglipModel, Qwen2VLForConditionalGeneration) with small configs, each paired with a real tokenizer
+`tiny-clip`, `tiny-siglip`, `tiny-qwen2-vl`, `tiny-qwen2.5-vl` and `tiny-qwen3-vl` are real
+`transformers` models (CLIPModel, SiglipModel, Qwen2VL/Qwen2_5_VL/Qwen3VLForConditionalGeneration)
+with small configs, each paired with a real tokenizer
 (a byte-level BPE trained deterministically on the built-in corpus below, so it encodes any text and
 gives the same ids in every process) and the family's real image processor. They go through the
 same processor → model → embedding path as a downloaded checkpoint, and once saved with
@@ -186,43 +187,84 @@ def _qwen2_vl_image_processor(config: ModelConfig):
     )
 
 
-def _qwen2_vl_backbone(config: ModelConfig, tokenizer: PreTrainedTokenizerFast):
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-
-    ids = tokenizer.convert_tokens_to_ids
+def _qwen_text_config(tokenizer: PreTrainedTokenizerFast, **extra) -> dict:
     head_dim = TINY_HIDDEN // TINY_HEADS
-    hf_config = Qwen2VLConfig(
-        text_config=_tower(
-            vocab_size=len(tokenizer),
-            num_key_value_heads=TINY_HEADS // 2,
-            max_position_embeddings=1024,
-            # M-RoPE splits the head_dim/2 rotary frequencies over (temporal, height, width).
-            rope_parameters={
-                "rope_type": "default",
-                "rope_theta": 10000.0,
-                "mrope_section": [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16],
-            },
-            bos_token_id=None,
-            eos_token_id=ids("<|im_end|>"),
-            pad_token_id=tokenizer.pad_token_id,
-        ),
-        vision_config={
-            "depth": TINY_LAYERS,
-            "embed_dim": TINY_HIDDEN // 2,
-            "hidden_size": TINY_HIDDEN,
-            "num_heads": 2,
-            "mlp_ratio": 2,
-            "patch_size": TINY_PATCH,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
+    return _tower(
+        vocab_size=len(tokenizer),
+        num_key_value_heads=TINY_HEADS // 2,
+        max_position_embeddings=1024,
+        # M-RoPE splits the head_dim/2 rotary frequencies over (temporal, height, width).
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16],
+            **extra.pop("rope_extra", {}),
         },
+        bos_token_id=None,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.pad_token_id,
+        **extra,
+    )
+
+
+def _vision_token_ids(tokenizer: PreTrainedTokenizerFast) -> dict:
+    ids = tokenizer.convert_tokens_to_ids
+    return dict(
         image_token_id=ids("<|image_pad|>"),
         video_token_id=ids("<|video_pad|>"),
         vision_start_token_id=ids("<|vision_start|>"),
         vision_end_token_id=ids("<|vision_end|>"),
+    )
+
+
+# The vision towers' shared shape: patch 8, merge 2 (a 16-pixel cell per visual token), two blocks.
+_VISION = {"depth": TINY_LAYERS, "patch_size": TINY_PATCH, "spatial_merge_size": 2, "temporal_patch_size": 2}
+
+
+def _qwen2_vl_backbone(config: ModelConfig, tokenizer: PreTrainedTokenizerFast):
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    hf_config = Qwen2VLConfig(
+        text_config=_qwen_text_config(tokenizer),
+        vision_config={**_VISION, "embed_dim": TINY_HIDDEN // 2, "hidden_size": TINY_HIDDEN, "num_heads": 2,
+                       "mlp_ratio": 2},
         tie_word_embeddings=True,
+        **_vision_token_ids(tokenizer),
     )
     return Qwen2VLForConditionalGeneration(hf_config)
+
+
+def _qwen2_5_vl_backbone(config: ModelConfig, tokenizer: PreTrainedTokenizerFast):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    hf_config = Qwen2_5_VLConfig(
+        text_config=_qwen_text_config(tokenizer),
+        # Window attention over 2×2-cell windows in block 0, full attention in block 1 (as 2.5's
+        # fullatt_block_indexes interleave them), so both attention paths run.
+        vision_config={**_VISION, "hidden_size": TINY_HIDDEN // 2, "intermediate_size": TINY_HIDDEN,
+                       "num_heads": 2, "out_hidden_size": TINY_HIDDEN, "window_size": 4 * TINY_PATCH,
+                       "fullatt_block_indexes": [1]},
+        tie_word_embeddings=True,
+        **_vision_token_ids(tokenizer),
+    )
+    return Qwen2_5_VLForConditionalGeneration(hf_config)
+
+
+def _qwen3_vl_backbone(config: ModelConfig, tokenizer: PreTrainedTokenizerFast):
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    hf_config = Qwen3VLConfig(
+        # Qwen3-VL interleaves the M-RoPE sections over the frequencies.
+        text_config=_qwen_text_config(tokenizer, head_dim=TINY_HIDDEN // TINY_HEADS,
+                                      rope_extra={"mrope_interleaved": True}),
+        # Deepstack: block 0's merged features are added to the LM's first hidden states.
+        vision_config={**_VISION, "hidden_size": TINY_HIDDEN // 2, "intermediate_size": TINY_HIDDEN,
+                       "num_heads": 2, "out_hidden_size": TINY_HIDDEN, "num_position_embeddings": 64,
+                       "deepstack_visual_indexes": [0]},
+        tie_word_embeddings=True,
+        **_vision_token_ids(tokenizer),
+    )
+    return Qwen3VLForConditionalGeneration(hf_config)
 
 
 @dataclass(frozen=True)
@@ -237,6 +279,8 @@ TINY_MODELS: dict[str, TinyRecipe] = {
     "tiny-clip": TinyRecipe("dual_encoder", CLIP_TOKENS, _clip_image_processor, _clip_backbone),
     "tiny-siglip": TinyRecipe("dual_encoder", SIGLIP_TOKENS, _siglip_image_processor, _siglip_backbone),
     "tiny-qwen2-vl": TinyRecipe("vlm", QWEN2_VL_TOKENS, _qwen2_vl_image_processor, _qwen2_vl_backbone),
+    "tiny-qwen2.5-vl": TinyRecipe("vlm", QWEN2_VL_TOKENS, _qwen2_vl_image_processor, _qwen2_5_vl_backbone),
+    "tiny-qwen3-vl": TinyRecipe("vlm", QWEN2_VL_TOKENS, _qwen2_vl_image_processor, _qwen3_vl_backbone),
 }
 
 

@@ -157,6 +157,8 @@ def build_trainer(
     epoch = train_data.order(0)
     print(f"[sde_ray] data.batching={config.data.batching}: {epoch.steps} global batches of {epoch.global_batch} "
           f"per epoch; {epoch.dropped_rows} of {epoch.num_rows} rows left out of each epoch (the remainder)")
+    if config.model.kind == "vlm":
+        print(visual_token_report(config, scaling.min_workers if is_elastic(scaling) else scaling.num_workers))
     return TorchTrainer(
         train_loop_per_worker,
         # Interrupted checkpoint folders are removed here, once per fit; the newest complete one is offered.
@@ -178,6 +180,23 @@ def build_trainer(
             worker_runtime_env={"env_vars": worker_env(config)},
         ),
     )
+
+
+def visual_token_report(config: Config, world_size: int) -> str:
+    """What a VLM run feeds its vision tower and language model: visual tokens per image (the range, and
+    a 448×448 image's) and per micro-batch (a GradCache chunk's rows × their image sides)."""
+    from sde_ray.config import chunk_size
+    from sde_ray.models.processing import VisualGeometry, load_processors
+
+    geometry = VisualGeometry.of(load_processors(config.model)[1], config.model)
+    cell = geometry.factor**2
+    fewest, most, at_448 = max(1, -(-geometry.min_pixels // cell)), geometry.max_tokens, geometry.tokens(448, 448)
+    chunk = chunk_size(config, world_size)
+    images = chunk * (2 + config.loss.negatives_per_query)  # query, positive and negatives of each row
+    return (f"[sde_ray] visual tokens per image: {fewest}..{most} (model.min_pixels={geometry.min_pixels}, "
+            f"max_pixels={geometry.max_pixels}, one token per {geometry.factor}×{geometry.factor} pixels); a 448×448 "
+            f"image: {at_448}. Per micro-batch of {chunk} rows ({images} image sides): up to {images * most} visual "
+            f"tokens, {images * at_448} if every side were a 448×448 image")
 
 
 def worker_payload(config: Config, prepared=None, train_data=None, step_hook: Callable[..., None] | None = None,

@@ -157,9 +157,12 @@ def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
 
 def to_model_inputs(batch: dict, device: torch.device, float_dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Tensors on the engine's device; float inputs in the engine's precision (pixels arrive as uint8
-    and stay so: the model normalises them on its device)."""
+    and stay so: the model normalises them on its device). A VLM's padded patches are cut to the
+    batch's largest image first (`trim_patches`): only those bytes cross to the device."""
+    from sde_ray.models.vlm import trim_patches
+
     out = {}
-    for key, value in batch.items():
+    for key, value in trim_patches(batch).items():
         tensor = torch.as_tensor(value if isinstance(value, torch.Tensor) else np.asarray(value), device=device)
         out[key] = tensor.to(float_dtype) if tensor.is_floating_point() else tensor
     return out

@@ -6,12 +6,20 @@ from __future__ import annotations
 import dataclasses
 import io
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from sde_ray.config import LoraConfig, ModelConfig
-from sde_ray.models import BatchProcessor, build_model, count_parameters, last_token_pool, load_pretrained
+from sde_ray.models import (
+    BatchProcessor,
+    build_model,
+    count_parameters,
+    last_token_pool,
+    load_pretrained,
+    pack_patches,
+)
 
 
 def processed(config: ModelConfig, raw: dict) -> dict:
@@ -85,19 +93,23 @@ def test_last_token_pool_matches_a_loop_for_left_and_right_padding():
         torch.testing.assert_close(last_token_pool(hidden, mask), expected)
 
 
-@pytest.mark.parametrize("padding_side", ["left", "right"])
-def test_vlm_embedding_is_the_last_real_token_of_an_unpadded_run(padding_side, tiny_configs, raw):
-    """Each row embedded in a padded batch equals the backbone's last hidden state at the final
-    token of that row run alone without padding (a manual computation through plain HF calls, with
-    the Qwen2-VL image processor's own patches)."""
-    config = tiny_configs["tiny-qwen2-vl"]
+@pytest.mark.parametrize("name,padding_side", [("tiny-qwen2-vl", "left"), ("tiny-qwen2-vl", "right"),
+                                               ("tiny-qwen2.5-vl", "left"), ("tiny-qwen3-vl", "left")])
+def test_vlm_embedding_is_the_last_real_token_of_an_unpadded_run(name, padding_side, raw, make_png):
+    """Each row embedded in a padded batch of mixed image sizes equals the backbone's last hidden
+    state (after the final norm) at the final token of that row run alone without padding: a manual
+    computation through plain HF calls, with the transformers image processor's own patches."""
+    config = ModelConfig(kind="vlm", name_or_path=name, image_size=48)
     model = build_model(config).eval()
     processor = BatchProcessor(config)
     processor.tokenizer.padding_side = padding_side
-    side = processor.encode_inputs(raw["qry_text"], raw["qry_image"], "qry")
+    images = list(raw["qry_image"])
+    images[0], images[4] = make_png("red", size=48), Image.new("RGB", (60, 20), "navy")  # 9 and 4×1 cells
+    side = processor.encode_inputs(raw["qry_text"], images, "qry")
     batch = {k: torch.as_tensor(v) for k, v in side.items()}
     mask = batch["qry_attention_mask"]
     assert (mask[:, -1 if padding_side == "left" else 0] == 1).all() and (mask == 0).any()
+    assert len({tuple(g) for g in side["qry_image_grid_thw"][side["qry_has_image"]].tolist()}) == 3
     with torch.no_grad():
         features = model.encode_side(batch, "qry")
     hf = model.hf_model()
@@ -105,12 +117,8 @@ def test_vlm_embedding_is_the_last_real_token_of_an_unpadded_run(padding_side, t
         ids = batch["qry_input_ids"][row][mask[row] == 1][None]
         kwargs = {}
         if batch["qry_has_image"][row]:
-            image = Image.open(io.BytesIO(raw["qry_image"][row])).convert("RGB")
-            reference = processor.image_processor(
-                images=[image.resize((processor.side, processor.side), Image.BICUBIC)],
-                size={"shortest_edge": processor.side**2, "longest_edge": processor.side**2},
-                return_tensors="pt",
-            )
+            image = images[row] if isinstance(images[row], Image.Image) else Image.open(io.BytesIO(images[row]))
+            reference = processor.image_processor(images=[image.convert("RGB")], return_tensors="pt")
             kwargs = {key: reference[key] for key in ("pixel_values", "image_grid_thw")}
         token_types = (ids == hf.config.image_token_id).int()
         with torch.no_grad():
@@ -249,7 +257,9 @@ def test_save_pretrained_round_trip_gives_identical_embeddings(
     # The reloaded image processor gives the model the same constants: bit-identical model pixels.
     assert reloaded.pixel_normalization == model.pixel_normalization
     for side in ("qry", "pos"):
-        pixels = new_batch[f"{side}_pixel_values"]
+        pixels = torch.as_tensor(new_batch[f"{side}_pixel_values"])
+        if config.kind == "vlm":  # packed patches, normalised as [N, 3, P, P]
+            pixels = pack_patches(pixels, torch.as_tensor(new_batch[f"{side}_image_grid_thw"])).view(-1, 3, 8, 8)
         assert torch.equal(reloaded.normalize_pixels(pixels), model.normalize_pixels(pixels))
     with torch.no_grad():
         got = reloaded({k: torch.as_tensor(v) for k, v in new_batch.items()})
@@ -299,64 +309,64 @@ def test_configuration_errors_are_clear(tiny_configs, tmp_path):
         build_model(tiny_configs["tiny-clip"])(batch)
 
 
-def test_vlm_rejects_a_batch_from_another_resolution(tiny_configs, raw):
+def test_vlm_rejects_grids_that_do_not_match_the_image_tokens(tiny_configs, raw):
     config = tiny_configs["tiny-qwen2-vl"]
-    batch = processed(dataclasses.replace(config, image_size=48), raw)
+    batch = processed(config, raw)
+    other = processed(dataclasses.replace(config, min_pixels=48 * 48, max_pixels=48 * 48), raw)  # 9 tokens, not 4
+    model = build_model(config)
     with pytest.raises(ValueError, match="image-pad token counts"):
-        build_model(config).encode_side(
-            dict(batch, qry_pixel_values=batch["qry_pixel_values"][:, :, :32, :32]), "qry"
-        )
+        model.encode_side(dict(batch, qry_image_grid_thw=other["qry_image_grid_thw"]), "qry")
+    with pytest.raises(KeyError, match="qry_image_grid_thw"):
+        model.encode_side({k: v for k, v in batch.items() if k != "qry_image_grid_thw"}, "qry")
 
 
-def test_a_checkpoint_folder_loads_through_from_pretrained(tiny_configs, raw, tmp_path):
-    """A non-tiny name: a Qwen2.5-VL folder as a Hub download would hold it (config, weights,
-    tokenizer, image processor) goes through AutoConfig/AutoModelForImageTextToText/AutoTokenizer."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
+@pytest.mark.parametrize("name,model_type", [("tiny-qwen2-vl", "qwen2_vl"), ("tiny-qwen2.5-vl", "qwen2_5_vl"),
+                                             ("tiny-qwen3-vl", "qwen3_vl")])
+def test_a_checkpoint_folder_loads_through_from_pretrained(name, model_type, raw, tmp_path):
+    """A non-tiny name: a folder as a Hub download holds it (the backbone's own save_pretrained, the
+    tokenizer, the image processor; no sde_ray files) goes through AutoConfig /
+    AutoModelForImageTextToText / AutoTokenizer / AutoImageProcessor and embeds as the model it holds."""
     from sde_ray.models.processing import load_processors
+    from sde_ray.models.tiny import tiny_backbone
 
-    tokenizer, image_processor = load_processors(tiny_configs["tiny-qwen2-vl"])
-    ids = tokenizer.convert_tokens_to_ids
-    hf_config = Qwen2_5_VLConfig(
-        text_config={
-            "vocab_size": len(tokenizer),
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "pad_token_id": tokenizer.pad_token_id,
-            "bos_token_id": None,
-            "eos_token_id": ids("<|im_end|>"),
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]},
-        },
-        vision_config={
-            "depth": 2,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 2,
-            "out_hidden_size": 64,
-            "patch_size": 8,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "window_size": 32,
-            "fullatt_block_indexes": [1],
-        },
-        image_token_id=ids("<|image_pad|>"),
-        video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"),
-        vision_end_token_id=ids("<|vision_end|>"),
-        tie_word_embeddings=True,
-    )
-    folder = tmp_path / "qwen2_5_vl"
-    Qwen2_5_VLForConditionalGeneration(hf_config).save_pretrained(folder)
+    tiny = ModelConfig(kind="vlm", name_or_path=name)
+    tokenizer, image_processor = load_processors(tiny)
+    folder = tmp_path / model_type
+    torch.manual_seed(0)
+    tiny_backbone(name, tiny, tokenizer).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     image_processor.save_pretrained(folder)
+    assert not (folder / "sde_ray_model.json").exists()
 
     config = ModelConfig(kind="vlm", name_or_path=str(folder))
     model = build_model(config)
-    assert model.hf_model().config.model_type == "qwen2_5_vl" and model.embed_dim == 64
-    query, target = model(processed(config, raw))
+    assert model.hf_model().config.model_type == model_type and model.embed_dim == 64
+    batch = processed(config, raw)
+    assert torch.equal(batch["qry_input_ids"], processed(tiny, raw)["qry_input_ids"])
+    query, target = model(batch)
+    reference = build_model(tiny, seed=0)  # the same weights as the backbone that was saved
+    for (key, loaded), (_, saved) in zip(model.state_dict().items(), reference.state_dict().items()):
+        assert torch.equal(loaded, saved), key
     assert torch.isfinite(query).all() and torch.isfinite(target).all()
     (query.square().sum() + target.square().sum()).backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_trimmed_patches_give_the_same_features(raw, make_png):
+    """`trim_patches` cuts the padded patch columns to the batch's largest image (what crosses to the
+    device) and changes no feature; the negatives' [B, K, ...] columns are cut alike."""
+    from sde_ray.models.vlm import trim_patches
+
+    config = ModelConfig(kind="vlm", name_or_path="tiny-qwen2-vl", image_size=64)
+    raw = dict(raw, qry_image=[make_png("red", size=32)] + raw["qry_image"][1:])
+    batch = processed(config, raw)
+    trimmed = trim_patches(batch)
+    assert batch["qry_pixel_values"].shape[1] == 64 and trimmed["qry_pixel_values"].shape[1] == 16
+    assert trimmed["pos_pixel_values"].shape[1] == 16
+    negatives = {"neg_pixel_values": np.zeros((2, 3, 64, 192), np.uint8),
+                 "neg_image_grid_thw": np.array([[[1, 2, 4]] * 3, [[0, 0, 0]] * 3])}
+    assert trim_patches(negatives)["neg_pixel_values"].shape == (2, 3, 8, 192)
+    model = build_model(config).eval()
+    with torch.no_grad():
+        for side in ("qry", "pos"):
+            assert torch.equal(model.encode_side(batch, side), model.encode_side(trimmed, side))

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from sde_ray.config import ModelConfig
-from sde_ray.models import BatchProcessor, build_model, patchify_qwen2_vl
+from sde_ray.models import BatchProcessor, build_model, pack_patches
 
 
 def encoded(height: int, width: int, fmt: str, seed: int) -> bytes:
@@ -31,21 +31,29 @@ IMAGES = [encoded(37, 53, "PNG", 0), encoded(61, 29, "JPEG", 1), encoded(33, 33,
 
 def reference_pixels(processor: BatchProcessor, images: list[bytes]) -> np.ndarray:
     """The family image processor's full output (rescale and normalisation on) for the same images;
-    Qwen2-VL's in its own patch layout after our fixed-side resize."""
+    for Qwen2-VL its packed patches at each image's own size."""
     decoded = [Image.open(io.BytesIO(data)).convert("RGB") for data in images]
-    if processor.config.kind != "vlm":
-        return processor.image_processor(images=decoded, return_tensors="np")["pixel_values"]
-    area = processor.side**2
-    resized = [image.resize((processor.side, processor.side), Image.BICUBIC) for image in decoded]
-    return processor.image_processor(
-        images=resized, size={"shortest_edge": area, "longest_edge": area}, return_tensors="np"
-    )["pixel_values"]
+    return processor.image_processor(images=decoded, return_tensors="np")["pixel_values"]
 
 
-def as_reference_layout(processor: BatchProcessor, pixels: torch.Tensor) -> np.ndarray:
+def image_pixels(processor: BatchProcessor, out: dict) -> torch.Tensor:
+    """uint8 pixels of a side in the [N, 3, h, w] form `normalize_pixels` takes: images for the dual
+    encoders, every real patch (packed) for a VLM."""
+    pixels = torch.as_tensor(out["qry_pixel_values"])
     if processor.config.kind != "vlm":
-        return pixels.numpy()
-    return patchify_qwen2_vl(pixels, processor.patch_size, processor.merge_size, 2)[0].numpy()
+        return pixels
+    patch = processor.geometry.patch_size
+    return pack_patches(pixels, torch.as_tensor(out["qry_image_grid_thw"])).view(-1, 3, patch, patch)
+
+
+def model_pixels(model, processor: BatchProcessor, out: dict) -> np.ndarray:
+    """The model's normalised pixels of the rows with an image, in the processor's layout."""
+    batch = {k: torch.as_tensor(v) for k, v in out.items()}
+    if processor.config.kind != "vlm":
+        _, _, normalised, has_image = model.side_inputs(batch, "qry")
+        return normalised[has_image].numpy()
+    packed = pack_patches(batch["qry_pixel_values"], batch["qry_image_grid_thw"])
+    return model.normalize_patches(packed, "qry_pixel_values").numpy()
 
 
 def test_model_side_normalisation_equals_the_image_processor(tiny_config):
@@ -55,11 +63,10 @@ def test_model_side_normalisation_equals_the_image_processor(tiny_config):
     pixels = out["qry_pixel_values"]
     assert pixels.dtype == np.uint8 and pixels.shape == (4, *processor.image_shape)
     assert not pixels[2].any() and pixels[[0, 1, 3]].std() > 40  # a blank row; real images
-    batch = {k: torch.as_tensor(v) for k, v in out.items()}
-    _, _, normalised, has_image = model.side_inputs(batch, "qry")
-    assert normalised.dtype == torch.float32 and has_image.tolist() == [True, True, False, True]
+    assert out["qry_has_image"].tolist() == [True, True, False, True]
     expected = reference_pixels(processor, IMAGES)
-    got = as_reference_layout(processor, normalised[has_image])
+    got = model_pixels(model, processor, out)
+    assert got.dtype == np.float32
     # float32 rescale vs the processor's float64 rescale rounded to float32: within an ulp or two.
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
     assert expected.min() < -0.9  # mean-subtracted values, not 0..1 or 0..255
@@ -84,7 +91,7 @@ def test_normalisation_follows_the_processors_switches():
 
 def test_bf16_model_gets_bf16_pixels_rounded_once_from_float32(tiny_config):
     processor = BatchProcessor(tiny_config)
-    pixels = torch.as_tensor(processor.encode_inputs(["x", "y"], IMAGES[:2], "qry")["qry_pixel_values"])
+    pixels = image_pixels(processor, processor.encode_inputs(["x", "y"], IMAGES[:2], "qry"))
     model = build_model(tiny_config)
     in_float32 = model.normalize_pixels(pixels)
     model = model.to(torch.bfloat16)  # what DeepSpeed's bf16 does to the module

@@ -17,7 +17,7 @@ from PIL import Image
 
 from sde_ray.config import ModelConfig
 from sde_ray.data.mmeb import stable_id
-from sde_ray.models import BatchProcessor, patchify_qwen2_vl
+from sde_ray.models import BatchProcessor
 from sde_ray.models.processing import IMAGE_PAD, VISION_END, VISION_START, exact_uint8
 
 
@@ -29,13 +29,15 @@ def test_raw_batch_to_fixed_shapes(tiny_config, raw):
     processor = processor_for(tiny_config)
     out = processor(raw)
     rows, length = len(raw["qry_text"]), processor.seq_len
-    channels, height, width = processor.image_shape
-    assert channels == 3 and height == width == tiny_config.image_size
+    if tiny_config.kind == "vlm":  # padded patches [max_patches, 3·P·P]: 32² pixels of 8² patches
+        assert processor.image_shape == (16, 3 * 8 * 8)
+    else:
+        assert processor.image_shape == (3, tiny_config.image_size, tiny_config.image_size)
     for side in ("qry", "pos"):
         assert out[f"{side}_input_ids"].shape == (rows, length) and out[f"{side}_input_ids"].dtype == np.int64
         assert out[f"{side}_attention_mask"].shape == (rows, length)
         assert out[f"{side}_attention_mask"].dtype == np.int64
-        assert out[f"{side}_pixel_values"].shape == (rows, 3, height, width)
+        assert out[f"{side}_pixel_values"].shape == (rows, *processor.image_shape)
         assert out[f"{side}_pixel_values"].dtype == np.uint8
         expected = np.array([image is not None for image in raw[f"{side}_image"]])
         np.testing.assert_array_equal(out[f"{side}_has_image"], expected)
@@ -44,6 +46,10 @@ def test_raw_batch_to_fixed_shapes(tiny_config, raw):
         assert not pixels[~expected].any(), "rows without an image must hold zeros"
         assert all(np.abs(p).sum() > 0 for p in pixels[expected])
         assert (out[f"{side}_attention_mask"].sum(1) > 0).all()
+        if tiny_config.kind == "vlm":
+            grids = out[f"{side}_image_grid_thw"]
+            assert grids.dtype == np.int64 and grids.shape == (rows, 3)
+            assert (grids[expected] == [1, 4, 4]).all() and not grids[~expected].any()
     assert out["target_id"].dtype == np.int64 and out["target_id"].shape == (rows,)
     assert out["target_id"][0] == out["target_id"][5]  # same target_hash, same id
     assert len(set(out["target_id"][:5].tolist())) == 5
@@ -131,26 +137,32 @@ def test_dual_encoder_pixels_are_the_image_processors_resize_and_crop(name, tiny
     np.testing.assert_array_equal(out["qry_pixel_values"], reference)
 
 
-def test_vlm_places_a_fixed_image_block(tiny_configs, raw):
-    processor = processor_for(tiny_configs["tiny-qwen2-vl"])
+def test_vlm_places_an_image_block_of_each_images_own_size(tiny_configs, raw, make_png):
+    config = dataclasses.replace(tiny_configs["tiny-qwen2-vl"], min_pixels=16 * 16, max_pixels=64 * 64)
+    processor = BatchProcessor(config)
     vocab = processor.tokenizer.get_vocab()
+    raw = dict(raw, qry_image=[make_png("red", size=64), Image.new("RGB", (90, 20)), None, None,
+                               Image.new("RGB", (30, 100)), None])
     out = processor(raw)
-    tokens_per_image = (32 // 8) ** 2 // 4
-    assert processor.seq_len == tiny_configs["tiny-qwen2-vl"].max_text_length + tokens_per_image + 2
+    # 64² at most -> 16 tokens of 16×16-pixel cells; every row padded to that many.
+    assert processor.seq_len == config.max_text_length + 16 + 2
+    # smart_resize by hand: 64×64 stays (16 tokens); 90×20 -> 96×16 (6); 30×100 -> 32×96 (12).
+    expected_tokens = {"qry": [16, 6, 0, 0, 12, 0], "pos": [0, 0, 4, 0, 0, 0]}
     for side in ("qry", "pos"):
+        grids = out[f"{side}_image_grid_thw"]
+        np.testing.assert_array_equal(grids.prod(1) // 4, expected_tokens[side])
         for row, ids in enumerate(out[f"{side}_input_ids"]):
             real = ids[out[f"{side}_attention_mask"][row] == 1].tolist()
-            pads = real.count(vocab[IMAGE_PAD])
-            if out[f"{side}_has_image"][row]:
-                assert pads == tokens_per_image
+            tokens = expected_tokens[side][row]
+            assert real.count(vocab[IMAGE_PAD]) == tokens
+            if tokens:
                 start = real.index(vocab[VISION_START])
-                assert real[start + 1 + tokens_per_image] == vocab[VISION_END]
+                assert real[start + 1 + tokens] == vocab[VISION_END]
                 # MMEB's placeholder leads the text, so the block opens the sequence.
                 assert start == 0
             else:
-                assert pads == 0 and vocab[VISION_START] not in real
-            text = processor.tokenizer.decode(real)
-            assert "<|image_1|>" not in text
+                assert vocab[VISION_START] not in real
+            assert "<|image_1|>" not in processor.tokenizer.decode(real)
     # Qwen2-VL pads on the left: every row's last column is a real token.
     assert (out["qry_attention_mask"][:, -1] == 1).all()
 
@@ -169,21 +181,49 @@ def test_vlm_truncation_never_cuts_the_image(tiny_configs, make_png):
         assert len(ids) == 8 + 4 + 2
 
 
-def test_vlm_pixels_match_the_qwen2_vl_image_processor(tiny_configs, make_png):
-    """Our uint8 [3, H, W] storage re-patchified by the model equals the processor's own patch layout
-    (rescale and normalisation off; the model does those, see test_pixels.py)."""
-    processor = processor_for(tiny_configs["tiny-qwen2-vl"], image_size=40)  # rounds up to 48
-    image = Image.open(io.BytesIO(make_png("orange", "square", size=57))).convert("RGB")
-    gradient = Image.fromarray(np.arange(48 * 48 * 3, dtype=np.uint32).reshape(48, 48, 3).astype(np.uint8))
-    out = processor.encode_inputs(["a", "b"], [image, gradient], "qry")
-    assert out["qry_pixel_values"].shape == (2, 3, 48, 48)
-    assert out["qry_pixel_values"].dtype == np.uint8
-    patches, grid = patchify_qwen2_vl(torch.from_numpy(out["qry_pixel_values"]), 8, 2, 2)
-    resized = [image.resize((48, 48), Image.BICUBIC), gradient]
-    reference = geometry_only(processor, resized, size={"shortest_edge": 48 * 48, "longest_edge": 48 * 48})
-    assert np.array_equal(reference["pixel_values"], np.rint(reference["pixel_values"]))
-    np.testing.assert_array_equal(patches.numpy(), reference["pixel_values"])
-    np.testing.assert_array_equal(grid.numpy(), reference["image_grid_thw"])
+def _photo(height: int, width: int, seed: int) -> Image.Image:
+    """Noise over a gradient: resampling errors cannot hide in flat regions."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([255 * x / width, 255 * y / height, 255 * (x + y) / (width + height)], axis=-1)
+    return Image.fromarray(np.clip(base + rng.normal(0, 40, base.shape), 0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl"])
+def test_vlm_patches_and_grids_equal_the_transformers_image_processor(name):
+    """At several sizes and aspects (square, wide, tall, smaller than min_pixels, larger than
+    max_pixels, odd sizes): our per-row uint8 patches, packed, are the transformers
+    Qwen2VLImageProcessor's own pixel_values (rescale/normalise off, its T copies of a still image
+    collapsed) and our grids its image_grid_thw; the processor is built here from its class."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    config = ModelConfig(kind="vlm", name_or_path=name, min_pixels=20 * 20, max_pixels=80 * 80)
+    processor = BatchProcessor(config)
+    sizes = [(32, 32), (20, 90), (100, 30), (7, 9), (80, 80), (300, 200), (41, 67), (16, 250)]
+    images = [_photo(h, w, seed) for seed, (h, w) in enumerate(sizes)]
+    out = processor.encode_inputs(["<|image_1|> x"] * len(images), images, "qry")
+    reference = Qwen2VLImageProcessorPil(patch_size=8, merge_size=2, temporal_patch_size=2,
+                                         min_pixels=20 * 20, max_pixels=80 * 80)
+    expected = reference(images=images, return_tensors="np", do_rescale=False, do_normalize=False)
+    np.testing.assert_array_equal(out["qry_image_grid_thw"], expected["image_grid_thw"])
+    assert len({tuple(g) for g in expected["image_grid_thw"].tolist()}) >= 7  # sizes of their own
+    theirs = expected["pixel_values"].reshape(-1, 3, 2, 8 * 8)  # [Σ patches, C, T, P·P]
+    assert np.array_equal(theirs[:, :, 0], theirs[:, :, 1])
+    ours = np.concatenate([row[: grid.prod()] for row, grid in zip(out["qry_pixel_values"], out["qry_image_grid_thw"])])
+    np.testing.assert_array_equal(ours.reshape(-1, 3, 8 * 8), theirs[:, :, 0])
+    for row, grid in zip(out["qry_pixel_values"], out["qry_image_grid_thw"]):
+        assert not row[grid.prod():].any()  # the padding is zeros
+    pads = (out["qry_input_ids"] == processor.tokenizer.convert_tokens_to_ids(IMAGE_PAD)).sum(1)
+    np.testing.assert_array_equal(pads, expected["image_grid_thw"].prod(1) // 4)
+
+
+def test_vlm_pixel_range_errors_name_the_keys():
+    with pytest.raises(ValueError, match="max_pixels must be >= 256"):
+        BatchProcessor(ModelConfig(kind="vlm", name_or_path="tiny-qwen2-vl", max_pixels=100))
+    processor = BatchProcessor(ModelConfig(kind="vlm", name_or_path="tiny-qwen2-vl", min_pixels=1000,
+                                           max_pixels=1024))
+    with pytest.raises(ValueError, match="over max_pixels=1024"):  # a row the data stage would skip
+        processor.encode_inputs(["x"], [Image.new("RGB", (30, 10))], "qry")
 
 
 def test_exact_uint8_refuses_values_a_cast_would_change():
