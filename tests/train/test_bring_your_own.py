@@ -5,7 +5,8 @@ text tower, `sde-ray train` with the recipe the docs give (the pretrained text t
 
 What must hold (issue 32: the same kind of run trained to zero loss and evaluated at chance, its
 dropout masks replayed every step so that each batch position carried a fixed signature):
-- held-out P@1 clearly above chance (0.10) in both directions;
+- held-out P@1 clearly above chance in both directions: ≥ 0.20 against chance 0.10, over 450 queries
+  each (chance's standard error is 0.014);
 - the training loss never collapses toward 0. A model that sees only content cannot go below the
   batch's duplicate floor: with 10 labels, rows of one direction and one digit have identical
   label texts (I→T targets, T→I queries), so InfoNCE over 32 rows is at least the mean log of
@@ -18,6 +19,7 @@ import json
 import os
 import re
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -41,7 +43,7 @@ def test_the_bring_your_own_checkpoints_example_learns(tmp_path, minilm):
     assert "train.text_lr_scale=0" in block and "model.vision_name_or_path=byo/vit" in block
     (tmp_path / "configs").symlink_to(REPO / "configs")  # the example runs from the repository root
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "RAY_TMPDIR": str(tmp_path / "ray"), "WANDB_MODE": "offline"}
+           "RAY_TMPDIR": tempfile.mkdtemp(prefix="ray", dir="/tmp"), "WANDB_MODE": "offline"}  # short: socket paths
     env.pop("RAY_ADDRESS", None)  # its own local cluster, as a user's shell would start one
     done = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=900)
@@ -51,7 +53,7 @@ def test_the_bring_your_own_checkpoints_example_learns(tmp_path, minilm):
     p_at_1 = {name: row["p_at_1"] for name, row in results["datasets"].items()}
     assert set(p_at_1) == {"Digits_i2t", "Digits_t2i"}
     for name, score in p_at_1.items():
-        assert score >= 3 * CHANCE, f"{name}: held-out P@1 {score:.3f} (chance {CHANCE})"
+        assert score >= 2 * CHANCE, f"{name}: held-out P@1 {score:.3f} (chance {CHANCE})"
     rows = [json.loads(line) for line in (tmp_path / "byo" / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [row["loss"] for row in rows if "loss" in row]
     assert losses and min(losses) > 0.3, f"the training loss collapsed: {losses}"
