@@ -5,8 +5,8 @@ text tower, `sde-ray train` with the recipe the docs give (the pretrained text t
 
 What must hold (issue 32: the same kind of run trained to zero loss and evaluated at chance, its
 dropout masks replayed every step so that each batch position carried a fixed signature):
-- held-out P@1 clearly above chance in both directions: ≥ 0.20 against chance 0.10, over 450 queries
-  each (chance's standard error is 0.014);
+- held-out P@1 clearly above chance in both directions: ≥ 0.17 against chance 0.10, five standard
+  errors (0.014 over 450 queries) above it; measured 0.249 / 0.222 (docs/models.md);
 - the training loss never collapses toward 0. A model that sees only content cannot go below the
   batch's duplicate floor: with 10 labels, rows of one direction and one digit have identical
   label texts (I→T targets, T→I queries), so InfoNCE over 32 rows is at least the mean log of
@@ -53,7 +53,7 @@ def test_the_bring_your_own_checkpoints_example_learns(tmp_path, minilm):
     p_at_1 = {name: row["p_at_1"] for name, row in results["datasets"].items()}
     assert set(p_at_1) == {"Digits_i2t", "Digits_t2i"}
     for name, score in p_at_1.items():
-        assert score >= 2 * CHANCE, f"{name}: held-out P@1 {score:.3f} (chance {CHANCE})"
+        assert score >= 0.17, f"{name}: held-out P@1 {score:.3f} (chance {CHANCE})"
     rows = [json.loads(line) for line in (tmp_path / "byo" / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [row["loss"] for row in rows if "loss" in row]
     assert losses and min(losses) > 0.3, f"the training loss collapsed: {losses}"
