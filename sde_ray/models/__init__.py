@@ -24,7 +24,7 @@ from sde_ray.models.build import (
     warm_start,
 )
 from sde_ray.models.dual_encoder import DualEncoder
-from sde_ray.models.embedder import Embedder
+from sde_ray.models.embedder import Embedder, tower_of
 from sde_ray.models.processing import BatchProcessor, decode_image
 from sde_ray.models.tiny import TINY_MODELS
 from sde_ray.models.vlm import VLMEmbedder, last_token_pool, pack_patches
@@ -45,5 +45,6 @@ __all__ = [
     "load_pretrained",
     "pack_patches",
     "resolve_export",
+    "tower_of",
     "warm_start",
 ]

@@ -216,6 +216,17 @@ class Embedder(nn.Module):
         return directory
 
 
+# Parameter-name pieces of a vision tower: CLIP/SigLIP/assembled `vision_model.` and `visual_projection.`,
+# Qwen2-VL's `model.visual.` (its patch embedding, blocks and merger). Everything else in a backbone is
+# the text side (a VLM's language model).
+VISION_TOWER_MARKERS = ("vision_model.", "visual_projection.", "visual.")
+
+
+def tower_of(parameter_name: str) -> str:
+    """"vision" or "text": the tower a backbone parameter belongs to (any prefix, a LoRA wrapper's too)."""
+    return "vision" if any(marker in parameter_name for marker in VISION_TOWER_MARKERS) else "text"
+
+
 def trim_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Drops the columns that are padding in every row (trailing for right padding, leading for left).
 

@@ -88,3 +88,21 @@ def build_deepspeed_config(config: Config, world_size: int) -> dict[str, Any]:
         "wall_clock_breakdown": False,
     }
     return deep_merge(result, ds.overrides)
+
+
+def per_group_schedule(ds_config: dict[str, Any], lr_scales: list[float]) -> dict[str, Any]:
+    """The DeepSpeed config for optimizer parameter groups whose learning rates are `lr_scales` times
+    the configured one (per-tower learning rates, `train.vision_lr_scale` / `train.text_lr_scale`).
+
+    WarmupCosineLR multiplies each group's own initial lr by its ratio, so it needs nothing. WarmupLR
+    and WarmupDecayLR set every group to `warmup_min_lr` .. `warmup_max_lr`, which would erase the
+    groups' differences: those become per-group lists (DeepSpeed accepts one value per group)."""
+    scheduler = ds_config.get("scheduler", {})
+    if all(scale == 1.0 for scale in lr_scales) or scheduler.get("type") not in ("WarmupLR", "WarmupDecayLR"):
+        return ds_config
+    out = copy.deepcopy(ds_config)
+    params = out["scheduler"].setdefault("params", {})
+    for key, default in (("warmup_min_lr", 0.0), ("warmup_max_lr", 0.001)):  # DeepSpeed's defaults
+        value = params.get(key, default)
+        params[key] = [value * scale for scale in lr_scales]
+    return out

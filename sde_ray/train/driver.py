@@ -49,9 +49,17 @@ def absolute_path(path: str) -> str:
     return str(Path(path).expanduser().resolve())
 
 
+def local_model_path(name_or_path: str) -> str:
+    """A model name made absolute when it is a folder on the driver (a hub id such as
+    `google/vit-base-patch16-224` passes through): `from_pretrained` on the workers then finds it."""
+    if name_or_path and Path(name_or_path).expanduser().is_dir():
+        return absolute_path(name_or_path)
+    return name_or_path
+
+
 def resolve_paths(config: Config) -> Config:
-    """The config with output, storage, cache and data paths made absolute on the driver (Ray Train
-    workers chdir into a run folder). Paths are carried as values: `#`, `: `, quotes or spaces in a
+    """The config with output, storage, cache, data and local model paths made absolute on the driver
+    (Ray Train workers chdir into a run folder). Paths are carried as values: `#`, `: `, quotes or spaces in a
     path survive unchanged. Idempotent."""
     output_dir = absolute_path(config.train.output_dir)
     return with_values(config, {
@@ -64,6 +72,11 @@ def resolve_paths(config: Config) -> Config:
         "data.shards": [absolute_path(shard) for shard in config.data.shards],
         "eval.data_dir": absolute_path(config.eval.data_dir),
         "eval.val_data_dir": absolute_path(config.eval.val_data_dir),
+        # A relative checkpoint folder (`model.vision_name_or_path=byo/vit`) failed on every worker.
+        "model.name_or_path": local_model_path(config.model.name_or_path),
+        "model.vision_name_or_path": local_model_path(config.model.vision_name_or_path),
+        "model.text_name_or_path": local_model_path(config.model.text_name_or_path),
+        "model.init_from": absolute_path(config.model.init_from),
     })
 
 

@@ -13,16 +13,20 @@ import torch
 from sde_ray.config import Config
 from sde_ray.losses import build_objective
 from sde_ray.losses.infonce import split_negatives
-from sde_ray.models import build_model
+from sde_ray.models import build_model, tower_of
+from sde_ray.train.deepspeed_config import per_group_schedule
 
 
 class TrainModule(torch.nn.Module):
     """The encoder and the objective under one module, so DeepSpeed optimises both."""
 
-    def __init__(self, model: torch.nn.Module, objective: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, objective: torch.nn.Module,
+                 tower_lr_scales: dict[str, float] | None = None):
         super().__init__()
         self.model = model
         self.objective = objective
+        # Each encoder tower's learning rate as a multiple of train.lr (`build_engine` makes the groups).
+        self.tower_lr_scales = dict(tower_lr_scales or {})
 
     def forward(self, batch: dict[str, torch.Tensor], context=None, cached=None):
         """Encode `batch`; with a `context`, also the objective, on `batch`'s features followed by the
@@ -42,8 +46,14 @@ class TrainModule(torch.nn.Module):
 
 
 def build_train_module(config: Config) -> TrainModule:
+    """The encoder and the objective, with the towers' learning-rate scales (`sde_ray.models.tower_of`);
+    a tower whose scale is 0 is frozen."""
     model = build_model(config.model, seed=config.train.seed)
-    return TrainModule(model, build_objective(config, model.embed_dim))
+    scales = {"vision": config.train.vision_lr_scale, "text": config.train.text_lr_scale}
+    for name, parameter in model.named_parameters():
+        if scales[tower_of(name)] == 0:
+            parameter.requires_grad_(False)
+    return TrainModule(model, build_objective(config, model.embed_dim), scales)
 
 
 @contextlib.contextmanager
@@ -69,35 +79,45 @@ def scalar_parameters_as_vectors(module: torch.nn.Module):
                 parameter.data = parameter.data.view(())
 
 
-def parameter_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Trainable parameters in two AdamW groups, as open_clip does: weight decay on matrices only.
+def parameter_groups(module: torch.nn.Module, weight_decay: float, lr: float,
+                     lr_scales: dict[str, float] | None = None) -> tuple[list[dict], list[float]]:
+    """(AdamW groups of the trainable parameters, each group's learning-rate scale): weight decay on
+    matrices only, as open_clip does, and per encoder tower (`model.*` parameters,
+    `sde_ray.models.tower_of`) the learning rate `lr × lr_scales[tower]`; the objective's parameters
+    keep `lr`. Groups at `lr` itself come first (the logged `lr` is the first group's).
 
     Biases, norm gains and other vectors (ndim < 2) and the learnable temperature (a scalar) get
     no decay: decaying a norm's gain or a temperature pulls it toward 0 for no regularising gain.
     """
-    decay, no_decay = [], []
+    lr_scales = lr_scales or {}
+    groups: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
     for name, parameter in module.named_parameters():
         if not parameter.requires_grad:
             continue
         exempt = parameter.ndim < 2 or "bias" in name or "norm" in name or "log_scale" in name or "logit_scale" in name
-        (no_decay if exempt else decay).append(parameter)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [group for group in groups if group["params"]]
+        scale = lr_scales.get(tower_of(name), 1.0) if name.startswith("model.") else 1.0
+        groups.setdefault((scale, exempt), []).append(parameter)
+    order = sorted(groups, key=lambda key: (key[0] != 1.0, key[0], key[1]))
+    return ([{"params": groups[key], "weight_decay": 0.0 if key[1] else weight_decay, "lr": lr * key[0]}
+             for key in order], [key[0] for key in order])
 
 
 def build_engine(module: torch.nn.Module, ds_config: dict):
     """`deepspeed.initialize` on the trainable parameters (Ray already set up the process group).
 
-    DeepSpeed builds the configured optimizer from these groups; a group's own `weight_decay`
-    overrides the config's (torch.optim semantics, kept by DeepSpeed 0.19's ZeRO optimizers).
+    DeepSpeed builds the configured optimizer from these groups; a group's own `weight_decay` and
+    `lr` override the config's (torch.optim semantics, kept by DeepSpeed 0.19's ZeRO optimizers), and
+    the schedule scales every group's own learning rate (`deepspeed_config.per_group_schedule`).
     """
     import deepspeed  # here, not at the top: DeepSpeed picks its accelerator from DS_ACCELERATOR on import
 
-    weight_decay = ds_config.get("optimizer", {}).get("params", {}).get("weight_decay", 0.0)
+    params = ds_config.get("optimizer", {}).get("params", {})
+    lr = params.get("lr", 1e-3)
+    lr_scales = getattr(module, "tower_lr_scales", None)
+    groups, scales = parameter_groups(module, params.get("weight_decay", 0.0), lr, lr_scales)
+    ds_config = per_group_schedule(ds_config, scales)
     with scalar_parameters_as_vectors(module):
-        engine, _, _, _ = deepspeed.initialize(
-            model=module, model_parameters=parameter_groups(module, weight_decay), config=ds_config
-        )
+        engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=groups, config=ds_config)
     return engine
 
 

@@ -154,7 +154,10 @@ def train_step(engine, batch: dict[str, torch.Tensor], context, chunk: int, worl
         set_rng_state(step_start, device)
         return StepResult(finite=False, loss=float(loss.detach()), chunks=len(pieces), skipped="gradient")
     engine.step()
-    set_rng_state(after_encode, device)  # the step drew one pass of dropout masks, as a plain step does
+    if leaves is not None:
+        # The replays redrew chunks 1..k-1's masks: return to where the one pass over the chunks ended.
+        # (One chunk: nothing was replayed, and `after_encode` is the step's start, not its end.)
+        set_rng_state(after_encode, device)
 
     # The objectives all-gather equal shapes, so the objective and its spectral stage saw local × world rows.
     rows = query.shape[0] * world_size

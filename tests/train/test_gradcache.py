@@ -145,7 +145,8 @@ def run_cases(loop_config: dict) -> None:
             if handle is not None:
                 handle.remove()
             outcomes.append({"finite": result.finite, "loss": result.loss,
-                             "rows_objective": result.metrics.get("rows_objective")})
+                             "rows_objective": result.metrics.get("rows_objective"),
+                             "rng_after": torch.get_rng_state()})
         weights = consolidated_state_dict(engine)
         results.append({"name": case["name"], "outcomes": outcomes, "lrs": lrs, "before": before,
                         "global_steps": engine.global_steps, "weights": weights})
@@ -345,3 +346,103 @@ def test_chunked_run_and_its_resume_end_at_the_unchunked_weights(ray_cluster, sm
         # Chunking changes only the order in which the float32 gradient contributions are summed.
         torch.testing.assert_close(chunked[name], value, rtol=1e-4, atol=1e-5, msg=name)
         torch.testing.assert_close(resumed[name], chunked[name], rtol=0, atol=0, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# (e) Several steps with dropout: each step draws fresh masks and leaves the RNG where its one
+# forward pass over the chunks left it, one chunk or four (issue 32: a one-chunk step rewound the
+# RNG to its own start, so every step replayed the first step's dropout masks).
+
+STEPS = 3
+# A plain AdamW at a constant, ordinary learning rate: several steps stay comparable to float rounding.
+# ε = 1e-3, not 1e-6: a parameter whose true gradient is 0 (an attention key bias) gets rounding noise
+# of ~1e-9, which Adam would blow up to a full-lr step whose sign depends on the summation order.
+PLAIN_ADAM = ["train.lr=0.001", "train.adam_eps=0.001", "train.weight_decay=0.0", "train.grad_clip=0.0",
+              "train.lr_schedule=constant",
+              'deepspeed.overrides={"scheduler": {"params": {"warmup_min_lr": 0.001}}}']
+# A learning rate of 0: the weights never move, so the same batch twice differs only by its randomness.
+FROZEN = ["train.lr_schedule=constant", 'deepspeed.overrides={"optimizer": {"params": {"lr": 0.0}}, '
+          '"scheduler": {"params": {"warmup_min_lr": 0.0, "warmup_max_lr": 0.0}}}']
+
+
+def several_step_config(data_cache, chunk: int, *extra: str) -> Config:
+    return load_config(None, [
+        "data.synth.train_per_subset=32", "data.synth.eval_per_dataset=16", "data.samples_per_shard=64",
+        f"data.cache_dir={data_cache}", "logging.wandb=false", "scaling.num_workers=1", f"train.global_batch_size={ROWS}",
+        f"train.micro_batch_size={chunk}", "loss.name=infonce", *MODELS["dual_encoder"], *extra])
+
+
+def reference_run(config: Config, batches: list[dict], chunk: int, rng_seed: int) -> tuple[list, list, dict]:
+    """Plain torch over several steps: each step one graph built chunk by chunk from where the previous
+    step's forward left the RNG, `loss.backward()`, `torch.optim.AdamW.step()`. Returns the losses,
+    the RNG state after each step and the final weights."""
+    module = build_module(config, DROPOUT)
+    train = config.train
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=train.lr,
+                                  betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_eps, weight_decay=0.0)
+    torch.manual_seed(rng_seed)
+    losses, states = [], []
+    for batch in batches:
+        parts = [module({k: v[i:i + chunk] for k, v in batch.items()}) for i in range(0, ROWS, chunk)]
+        query, target = torch.cat([q for q, _ in parts]), torch.cat([t for _, t in parts])
+        loss, _ = module.objective(query, target, step_context(batch, 0, 1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        states.append(torch.get_rng_state())
+    return losses, states, {name: p.detach().clone() for name, p in module.named_parameters()}
+
+
+@pytest.fixture(scope="module")
+def several_steps(ray_cluster, data_cache, tmp_path_factory):
+    from sde_ray.config import to_dict
+
+    batches = local_batches(data_cache, "dual_encoder", STEPS, ROWS)
+    cases = [{"name": f"chunks-{chunks}-dropout-{p}", "dropout": p, "rng_seed": 5, "batches": batches,
+              "config": to_dict(several_step_config(data_cache, ROWS // chunks, *PLAIN_ADAM))}
+             for chunks in (1, 4) for p in (DROPOUT, 0.0)]
+    # The same batch twice at frozen weights, with dropout and without.
+    cases += [{"name": f"frozen-dropout-{p}", "dropout": p, "rng_seed": 5, "batches": [batches[0]] * 2,
+               "config": to_dict(several_step_config(data_cache, ROWS, *FROZEN))} for p in (DROPOUT, 0.0)]
+    return batches, fit_cases(cases, 1, tmp_path_factory.mktemp("gradcache_steps"), "gradcache_steps")
+
+
+def test_consecutive_steps_draw_fresh_dropout_masks(several_steps):
+    _, results = several_steps
+    with_dropout, without = results[f"frozen-dropout-{DROPOUT}"], results["frozen-dropout-0.0"]
+    assert with_dropout["weights"]["model.backbone.text_projection.weight"].equal(
+        with_dropout["before"]["model.backbone.text_projection.weight"])  # lr 0: the weights did not move
+    # Same weights, same rows: without dropout the two steps' losses are equal, so a difference with
+    # dropout is the masks' (a rewound RNG gave the same loss twice).
+    assert without["outcomes"][0]["loss"] == without["outcomes"][1]["loss"]
+    assert with_dropout["outcomes"][0]["loss"] != with_dropout["outcomes"][1]["loss"]
+    assert not with_dropout["outcomes"][0]["rng_after"].equal(with_dropout["outcomes"][1]["rng_after"])
+
+
+@pytest.mark.parametrize("chunks", [1, 4])
+def test_several_steps_with_dropout_follow_the_plain_run(several_steps, data_cache, chunks):
+    """Every step leaves the RNG where the plain run's forward left it, and the weights after
+    STEPS steps are the plain run's."""
+    batches, results = several_steps
+    result = results[f"chunks-{chunks}-dropout-{DROPOUT}"]
+    config = several_step_config(data_cache, ROWS // chunks, *PLAIN_ADAM)
+    losses, states, weights = reference_run(config, batches, ROWS // chunks, rng_seed=5)
+    for step, (outcome, loss, state) in enumerate(zip(result["outcomes"], losses, states)):
+        assert outcome["rng_after"].equal(state), f"step {step}: the RNG is not where the forward left it"
+        assert outcome["loss"] == pytest.approx(loss, rel=RTOL_LOSS), f"step {step}"
+    assert result["global_steps"] == STEPS
+    for name, want in weights.items():
+        torch.testing.assert_close(result["weights"][name].reshape(want.shape), want, rtol=0, atol=ATOL, msg=name)
+
+
+def test_chunked_and_one_chunk_runs_stay_equal_over_several_steps(several_steps):
+    """Without dropout the two runs differ only by the float summation order, step after step. (With
+    dropout they draw masks of other shapes, so each is held to the plain run of its own chunking,
+    above.)"""
+    _, results = several_steps
+    one, four = results["chunks-1-dropout-0.0"], results["chunks-4-dropout-0.0"]
+    for step in range(STEPS):
+        assert one["outcomes"][step]["loss"] == pytest.approx(four["outcomes"][step]["loss"], rel=RTOL_LOSS)
+    for name, value in one["weights"].items():
+        torch.testing.assert_close(four["weights"][name], value, rtol=1e-4, atol=1e-5, msg=name)

@@ -118,3 +118,55 @@ def test_the_temperature_keeps_its_gradient_at_the_bound():
 def test_a_temperature_outside_the_clamp_is_a_config_error(value):
     with pytest.raises(ConfigError, match=r"loss.temperature must be in \[0.01, 1\]"):
         load_config(None, [f"loss.temperature={value}"])
+
+
+@pytest.mark.parametrize(("stage", "schedule"), [(0, "constant"), (2, "cosine"), (2, "linear")])
+def test_each_tower_steps_at_its_own_learning_rate(stage, schedule, process_group):
+    """train.vision_lr_scale / text_lr_scale: every matrix of a tower decays, under zero gradients,
+    by AdamW's closed form Π(1 − lr_t·scale·wd), where lr_t is the schedule's learning rate (the
+    first parameter group's (the temperature's, at train.lr) — through DeepSpeed's per-group scheduling,
+    the warm-up and decay included."""
+    from sde_ray.models import tower_of
+
+    scales = {"vision": 0.5, "text": 0.1}
+    engine = _engine(stage, f"train.lr_schedule={schedule}", "train.warmup_steps=2", "train.max_steps=6",
+                     f"train.vision_lr_scale={scales['vision']}", f"train.text_lr_scale={scales['text']}")
+    base_group = engine.optimizer.param_groups[0]  # train.lr's group (the temperature), logged as `lr`
+    before = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+    factors = dict.fromkeys(scales, 1.0)
+    for _ in range(5):
+        for tower, scale in scales.items():
+            factors[tower] *= 1 - base_group["lr"] * scale * WD
+        _zero_gradient_step(engine)
+    assert base_group["lr"] > 0
+    matrices = [n for n in before if n.startswith("model.") and before[n].dim() >= 2]
+    assert {tower_of(n) for n in matrices} == {"vision", "text"}
+    for name in matrices:
+        torch.testing.assert_close(dict(engine.module.named_parameters())[name].detach(),
+                                   before[name] * factors[tower_of(name)], msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_a_tower_at_scale_zero_is_frozen(process_group):
+    """text_lr_scale=0: the text tower has no gradient and no optimizer state, and a real step with a
+    loss through both towers moves only the vision tower (and the temperature)."""
+    from sde_ray.models import tower_of
+
+    engine = _engine(0, "train.text_lr_scale=0", "train.weight_decay=0")
+    named = dict(engine.module.named_parameters())
+    text = [n for n in named if n.startswith("model.") and tower_of(n) == "text"]
+    assert text and not any(named[n].requires_grad for n in text)
+    in_groups = {id(p) for g in engine.optimizer.param_groups for p in g["params"]}
+    assert not any(id(named[n]) in in_groups for n in text)
+    before = {n: p.detach().clone() for n, p in named.items()}
+    for _ in range(3):
+        engine.backward(sum(p.square().sum() for p in engine.module.parameters()))
+        engine.step()
+    moved = {n for n, p in engine.module.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert moved and all(n.startswith("objective.") or tower_of(n) == "vision" for n in moved)
+    assert any(tower_of(n) == "vision" for n in moved if n.startswith("model."))
+
+
+@pytest.mark.parametrize("key", ["train.vision_lr_scale", "train.text_lr_scale"])
+def test_a_negative_tower_lr_scale_is_a_config_error(key):
+    with pytest.raises(ConfigError, match=key):
+        load_config(None, [f"{key}=-0.5"])

@@ -94,3 +94,24 @@ def test_validation_root_is_disjoint_from_the_evaluation_root_when_the_data_has_
     assert val_root_of(config, mmeb) == "/m/MMEB-eval"
     chosen = load_config(None, [f"eval.val_data_dir={tmp_path}"])
     assert val_root_of(chosen, mmeb) == val_root_of(chosen, synthetic) == str(tmp_path)
+
+
+def test_relative_model_folders_become_absolute_and_hub_ids_stay(tmp_path, monkeypatch):
+    """Issue 32: `model.vision_name_or_path=byo/vit` (a folder relative to the launch directory)
+    failed on every Ray Train worker, which runs in another directory."""
+    from sde_ray.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "byo" / "vit").mkdir(parents=True)
+    (tmp_path / "text model #1").mkdir()
+    config = load_config(None, ["model.name_or_path=", "model.vision_name_or_path=byo/vit",
+                                "model.text_name_or_path=text model #1", "model.init_from=runs/earlier"])
+    resolved = resolve_paths(config)
+    assert resolved.model.vision_name_or_path == str(tmp_path / "byo" / "vit")
+    assert resolved.model.text_name_or_path == str(tmp_path / "text model #1")
+    assert resolved.model.init_from == str(tmp_path / "runs" / "earlier")
+    hub = resolve_paths(load_config(None, ["model.name_or_path=", "model.vision_name_or_path=google/vit-base-patch16-224",
+                                           "model.text_name_or_path=sentence-transformers/all-MiniLM-L6-v2"]))
+    assert hub.model.vision_name_or_path == "google/vit-base-patch16-224"
+    assert hub.model.text_name_or_path == "sentence-transformers/all-MiniLM-L6-v2"
+    assert resolve_paths(resolved) == resolved
