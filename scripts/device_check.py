@@ -149,7 +149,7 @@ def stage_gradcache(device, sizes, stage: int) -> dict:
     # The reference: fp32 on the CPU, one graph per batch, torch's AdamW with the engine's settings.
     seed_everything(0)
     reference = build_train_module(load_config(None, overrides)).train()
-    optimizer = torch.optim.AdamW(parameter_groups(reference, 0.0), lr=0.01, betas=(config.train.adam_beta1,
+    optimizer = torch.optim.AdamW(parameter_groups(reference, 0.0, 0.01)[0], lr=0.01, betas=(config.train.adam_beta1,
                                   config.train.adam_beta2), eps=1.0, weight_decay=0.0)
     want_losses = []
     for batch in batches:
