@@ -110,3 +110,35 @@ def test_synthetic_v2_is_deterministic_and_readable(tmp_path):
     # The shape really moves: the first and last sampled frames of a clip differ.
     first, last = (Image.open(p).tobytes() for p in sets["SynthClips"].corpus[0].images[::7])
     assert first != last
+
+
+def test_converter_writes_frames_and_pages_into_shards(tmp_path):
+    from sde_ray.data.batches import raw_batch_from_rows
+    from sde_ray.data.convert import load_manifest
+    from sde_ray.data.convert_v2 import convert_v2, pack_frames, unpack_frames
+    from sde_ray.data.shards import check_shards, read_samples
+
+    assert unpack_frames(pack_frames([b"ab", b"", b"cde"])) == [b"ab", b"", b"cde"]
+    root = make_v2_fixture(tmp_path / "src")
+    manifest = convert_v2(root, tmp_path / "shards", num_frames=4, samples_per_shard=3)
+    assert load_manifest(tmp_path / "shards")["num_samples"] == manifest["num_samples"] == 2 + 3 + 2
+    assert manifest["num_shards"] == 3 and manifest["rejected"] == 3  # v3, p4.png, q3
+    assert {s: v["samples"] for s, v in manifest["subsets"].items()} == {"HMDB51": 2, "MSR-VTT": 3, "ViDoRe_arxivqa": 2}
+    shards = [str(tmp_path / "shards" / s["name"]) for s in manifest["shards"]]
+    assert check_shards(shards, manifest).num_samples == 7
+    rows = {}
+    for shard, entry in zip(shards, manifest["shards"]):
+        columns = read_samples(shard, range(entry["num_samples"]))
+        raw = raw_batch_from_rows(columns)
+        for i, key in enumerate(raw["key"]):
+            rows[key] = {name: values[i] for name, values in raw.items()}
+    hmdb = rows["HMDB51-00000000"]
+    frames_dir = root / "video-tasks/frames/video_cls/HMDB51/v1"
+    assert hmdb["qry_frames"] == [(frames_dir / f"{i + 1:05d}.jpg").read_bytes() for i in frame_indices(20, 4)]
+    assert hmdb["pos_text"] == "run" and hmdb["pos_frames"] == [] and hmdb["qry_image"] is None
+    msr = rows["MSR-VTT-00000002"]  # "a kitten" -> video7
+    assert msr["qry_frames"] == [] and len(msr["pos_frames"]) == 4 and msr["qry_text"].endswith("a kitten")
+    assert msr["target_hash"] == rows["MSR-VTT-00000000"]["target_hash"]  # the same video, the same content id
+    doc = rows["ViDoRe_arxivqa-00000000"]
+    assert doc["pos_image"] == (root / "visdoc-tasks/ViDoRe_arxivqa/p1.png").read_bytes()  # grade 2 over grade 0
+    assert doc.get("pos_frames", []) == [] and doc["qry_image"] is None
