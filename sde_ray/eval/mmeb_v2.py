@@ -125,3 +125,91 @@ def summary_line(summary: Mapping) -> str:
     values = summary["all"]
     return " | ".join(f"{key} {'n/a' if values[key] is None else f'{values[key]:.3f}'}"
                       for key in (*MODALITIES, "overall"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring a folder of V2 sets with an encoder
+
+
+def _item_inputs(items, video: bool, as_video: bool) -> tuple[list[str], list, list]:
+    """(texts, images, frames) of a list of `mmeb_v2.Item`s: a page is an image; a video (any item
+    with images in a video set) is its frames when the model has a video path (`as_video`), else
+    its middle sampled frame as an image."""
+    texts, images, frames = [], [], []
+    for item in items:
+        paths = item.images
+        texts.append(item.text)
+        if video and paths and as_video:
+            images.append(None)
+            frames.append([Path(p).read_bytes() for p in paths])
+        else:
+            # The middle sampled frame of a video; a page is its only image.
+            images.append(Path(paths[len(paths) // 2]).read_bytes() if paths else None)
+            frames.append([])
+    return texts, images, frames
+
+
+def score_set(data, encoder, video_as_video: bool, k_list=(1, 5, 10)) -> dict[str, float]:
+    """One V2 set (`mmeb_v2.RetrievalSet`): queries and the corpus encoded once each, every query
+    ranked over the whole corpus (chunked), the harness's metrics."""
+    from sde_ray.eval.retrieval import corpus_topk, ranking_scores
+
+    video = data.modality == "video"
+    q_texts, q_images, q_frames = _item_inputs(data.queries, video, video_as_video)
+    c_texts, c_images, c_frames = _item_inputs(data.corpus, video, video_as_video)
+    requests = [("query", q_texts, q_images, q_frames), ("target", c_texts, c_images, c_frames)]
+    if not (video and video_as_video):  # frames only where the model takes video
+        requests = [r[:3] for r in requests]
+    queries, corpus = encoder.encode(requests)
+    top = corpus_topk(queries, corpus, max(k_list))
+    rankings = [[data.corpus_ids[i] for i in row] for row in top.index]
+    scores = ranking_scores(rankings, data.qrels, k_list)
+    scores["num_corpus"] = len(data.corpus)
+    scores["skipped"] = list(data.problems)
+    return scores
+
+
+def evaluate_v2(root: str | os.PathLike, encoder, out: str | os.PathLike, model: str, num_frames: int = 8,
+                video_as_video: bool = True, sets: list[str] | None = None, metadata: Mapping | None = None,
+                benchmark_version: str = BENCHMARK_VERSION) -> dict:
+    """Scores every V2 set under `root` (or the named ones): a score file each and the per-model
+    summary (which also collects image score files already under `out/image`). Returns the report."""
+    from sde_ray.data.mmeb_v2 import discover, read_set
+
+    found = [f for f in discover(root) if not sets or f[2] in sets]
+    if not found:
+        raise ValueError(f"no MMEB-V2 video or visdoc set under {root}"
+                         + (f" among {sets}" if sets else "") + " (see docs/eval.md for the layouts)")
+    for modality, group, name in found:
+        data = read_set(root, group, name, num_frames=num_frames)
+        write_score_file(out, modality, name, score_set(data, encoder, video_as_video), model, benchmark_version)
+    settings = {"num_frames": num_frames, "video_input": "video" if video_as_video else "middle_frame",
+                "data_dir": str(Path(root).resolve())}
+    return write_model_summary(out, model, {**settings, **dict(metadata or {})}, benchmark_version)
+
+
+DEFAULT_NUM_FRAMES = 8  # VLM2Vec's eval configs (experiments/public/eval/video.yaml)
+
+
+def run_eval_v2(checkpoint: str | os.PathLike, data_dir: str | os.PathLike | None, output_dir: str | os.PathLike | None,
+                config, sets: list[str] | None = None) -> dict:
+    """`sde-ray eval --benchmark mmeb-v2`: a checkpoint scored on a folder of V2 sets (the synthetic
+    V2 when `data_dir` is empty), encoded in this process; prints the summary line."""
+    from sde_ray.data.synth_v2 import write_synthetic_v2
+    from sde_ray.eval.encode import load_encoder
+    from sde_ray.eval.runner import default_output_dir, model_stamp, resolve_checkpoint
+
+    out = Path(output_dir).expanduser().resolve() if output_dir else default_output_dir(checkpoint) / "mmeb_v2"
+    out.mkdir(parents=True, exist_ok=True)
+    resolved = resolve_checkpoint(checkpoint, out)
+    root = Path(data_dir).expanduser().resolve() if data_dir else write_synthetic_v2(out / "synthetic_v2")
+    encoder = load_encoder(resolved.model_dir, config.eval.batch_size)
+    model_config = encoder.processor.config
+    as_video = model_config.kind == "vlm" and model_config.video_frames > 0
+    stamp = model_stamp(resolved.model_dir)
+    report = evaluate_v2(root, encoder, out, model=f"{Path(stamp['model_dir']).name}-{stamp['sha256'][:12]}",
+                         num_frames=model_config.video_frames or DEFAULT_NUM_FRAMES, video_as_video=as_video,
+                         sets=sets, metadata={"model": stamp})
+    print(f"MMEB-V2 ({report['metadata']['benchmark_version']}; {report['metadata']['video_input']} input): "
+          f"{summary_line(report['summary'])}  -> {out}")
+    return report

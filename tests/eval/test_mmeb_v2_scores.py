@@ -33,3 +33,25 @@ def test_versions_are_never_mixed(tmp_path):
     write_score_file(tmp_path, "visdoc", "ViDoRe_docvqa", {"ndcg_linear@5": 0.7}, model="m", benchmark_version="v2.0.0")
     with pytest.raises(ValueError, match="v2.0.0"):
         write_model_summary(tmp_path, "m")
+
+
+def test_tiny_vlm_scored_on_the_synthetic_v2_as_video(tmp_path):
+    """The one end-to-end check: a tiny Qwen2-VL with a video path, the synthetic V2, score files."""
+    from sde_ray.config import ModelConfig
+    from sde_ray.data.synth_v2 import write_synthetic_v2
+    from sde_ray.eval.encode import ModelEncoder
+    from sde_ray.eval.mmeb_v2 import evaluate_v2
+    from sde_ray.models import BatchProcessor, build_model
+
+    config = ModelConfig(kind="vlm", name_or_path="tiny-qwen2-vl", video_frames=4)
+    encoder = ModelEncoder(build_model(config), BatchProcessor(config), batch_size=8)
+    root = write_synthetic_v2(tmp_path / "v2", videos=6, frames=6, documents=2)
+    report = evaluate_v2(root, encoder, tmp_path / "out", model="tiny", num_frames=4)
+    assert sorted(p.name for p in (tmp_path / "out").rglob("*_score.json")) == [
+        "SynthClips_score.json", "SynthDocs_score.json", "SynthMotion_score.json"]
+    motion, docs = report["metrics"]["video"]["SynthMotion"], report["metrics"]["visdoc"]["SynthDocs"]
+    assert motion["num_data"] == 6 and motion["num_corpus"] == 4 and docs["num_corpus"] == 4
+    # k=10 covers each whole corpus: every relevant item is retrieved.
+    assert motion["hit@10"] == 1.0 and docs["recall@10"] == 1.0 and 0 < docs["ndcg_linear@10"] <= 1
+    assert all(0 <= v <= 1 for s in (motion, docs) for k, v in s.items() if "@" in k)
+    assert report["metadata"]["video_input"] == "video" and report["summary"]["all"]["overall"] is not None
