@@ -191,6 +191,12 @@ class DataConfig:
         "sample key: mined negatives with loss.negatives_per_query, clusters with data.batching=teacher_cluster."
     )
     synth: SynthConfig = doc(SynthConfig(), "The synthetic MMEB generator.")
+    synth_v2: bool = doc(
+        False, "data.source=synthetic: also train on the synthetic MMEB-V2 (moving-shape videos as frame folders, "
+        "rendered document pages; sde_ray/data/synth_v2.py) and score a held-out synthetic V2 after training: "
+        "image / video / visdoc / overall (configs/mmeb_v2_synth.yaml). Video sides need a VLM with "
+        "model.video_frames > 0; other models see a video's middle frame.",
+    )
 
 
 @dataclass

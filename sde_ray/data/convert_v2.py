@@ -21,12 +21,14 @@ import struct
 import tarfile
 from pathlib import Path
 
-from sde_ray.data.convert import (FORMAT, REJECTS, SCHEMA_VERSION, SHARD_PATTERN, _atomic_write,
+from sde_ray.data.convert import (FORMAT, REJECTS, SCHEMA_VERSION, _atomic_write,
                                   check_image, sha256_file, target_hash, write_sample)
 from sde_ray.data.mmeb import MANIFEST
 from sde_ray.data.mmeb_v2 import Item, RetrievalSet, discover, read_set
 
 FRAMES_MAGIC = b"SDEF"
+# Not MMEB-train's `shard-*`: V2 shards sit in one shard list with them, and manifests match by name.
+SHARD_PATTERN = "v2-shard-{:06d}.tar"
 
 
 def pack_frames(frames: list[bytes]) -> bytes:

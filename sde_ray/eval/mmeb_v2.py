@@ -213,3 +213,24 @@ def run_eval_v2(checkpoint: str | os.PathLike, data_dir: str | os.PathLike | Non
     print(f"MMEB-V2 ({report['metadata']['benchmark_version']}; {report['metadata']['video_input']} input): "
           f"{summary_line(report['summary'])}  -> {out}")
     return report
+
+
+def final_evaluation_v2(model_dir: str | os.PathLike, image_results: Mapping, config, out: str | os.PathLike) -> dict:
+    """After training on the synthetic V2 mix: the image datasets' P@1 (hit@1, just computed by the
+    MMEB evaluation) as image score files, the held-out synthetic V2 scored in this process, and
+    the summary line printed. Returns the summary."""
+    from sde_ray.data.cache import synthetic_v2_eval_dir
+    from sde_ray.eval.encode import load_encoder
+    from sde_ray.runs import say
+
+    out = Path(out)
+    encoder = load_encoder(model_dir, config.eval.batch_size)
+    model_config = encoder.processor.config
+    model = Path(model_dir).name
+    for name, score in image_results.get("datasets", {}).items():
+        write_score_file(out, "image", name, {"hit@1": score["p_at_1"], "num_data": score["num_queries"]}, model)
+    as_video = model_config.kind == "vlm" and model_config.video_frames > 0
+    report = evaluate_v2(synthetic_v2_eval_dir(config), encoder, out, model,
+                         num_frames=model_config.video_frames or DEFAULT_NUM_FRAMES, video_as_video=as_video)
+    say(f"MMEB-V2 (synthetic, {'video' if as_video else 'middle-frame'} input): {summary_line(report['summary'])}")
+    return report["summary"]
