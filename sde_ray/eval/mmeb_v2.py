@@ -176,6 +176,8 @@ def evaluate_v2(root: str | os.PathLike, encoder, out: str | os.PathLike, model:
     summary (which also collects image score files already under `out/image`). Returns the report."""
     from sde_ray.data.mmeb_v2 import discover, read_set
 
+    if not Path(root).is_dir():
+        raise FileNotFoundError(f"MMEB-V2 data folder {root} does not exist")
     found = [f for f in discover(root) if not sets or f[2] in sets]
     if not found:
         raise ValueError(f"no MMEB-V2 video or visdoc set under {root}"
@@ -193,16 +195,17 @@ DEFAULT_NUM_FRAMES = 8  # VLM2Vec's eval configs (experiments/public/eval/video.
 
 def run_eval_v2(checkpoint: str | os.PathLike, data_dir: str | os.PathLike | None, output_dir: str | os.PathLike | None,
                 config, sets: list[str] | None = None) -> dict:
-    """`sde-ray eval --benchmark mmeb-v2`: a checkpoint scored on a folder of V2 sets (the synthetic
-    V2 when `data_dir` is empty), encoded in this process; prints the summary line."""
-    from sde_ray.data.synth_v2 import write_synthetic_v2
+    """`sde-ray eval --benchmark mmeb-v2`: a checkpoint scored on a folder of V2 sets (the held-out
+    synthetic V2 of the data cache when `data_dir` is empty), encoded in this process; prints the
+    summary line."""
+    from sde_ray.data.cache import synthetic_v2_eval_dir
     from sde_ray.eval.encode import load_encoder
     from sde_ray.eval.runner import default_output_dir, model_stamp, resolve_checkpoint
 
     out = Path(output_dir).expanduser().resolve() if output_dir else default_output_dir(checkpoint) / "mmeb_v2"
     out.mkdir(parents=True, exist_ok=True)
     resolved = resolve_checkpoint(checkpoint, out)
-    root = Path(data_dir).expanduser().resolve() if data_dir else write_synthetic_v2(out / "synthetic_v2")
+    root = Path(data_dir).expanduser().resolve() if data_dir else Path(synthetic_v2_eval_dir(config))
     encoder = load_encoder(resolved.model_dir, config.eval.batch_size)
     model_config = encoder.processor.config
     as_video = model_config.kind == "vlm" and model_config.video_frames > 0
