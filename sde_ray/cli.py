@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--datasets", nargs="*", default=None, help="Subset of datasets.")
     evaluate.add_argument("--output-dir", default=None, help="Where results.{json,md,csv} and plots go.")
     evaluate.add_argument("--gap-remedy", default=None, choices=["none", "procrustes", "shared_projection"])
+    evaluate.add_argument("--benchmark", default="mmeb", choices=["mmeb", "mmeb-v2"],
+                          help="mmeb: MMEB-eval P@1; mmeb-v2: the video and visdoc sets of a V2-layout --data "
+                               "folder (default: the synthetic V2), hit@k / NDCG@5 score files (docs/eval.md).")
     _add_config_args(evaluate, default=None)
 
     compare = commands.add_parser("compare", help="Train several objectives × seeds on equal terms; table.")
@@ -157,6 +160,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         if not args.config:
             raise ConfigError("sde-ray tune needs --config configs/sweeps/NAME.yaml")
         run_tune(args.config, list(args.overrides), output_dir=args.output_dir)
+        return 0
+    if args.command == "eval" and args.benchmark == "mmeb-v2":
+        from sde_ray.eval.mmeb_v2 import run_eval_v2
+
+        run_eval_v2(args.checkpoint, args.data, args.output_dir, _load(args), sets=args.datasets)
         return 0
     if args.command == "eval":
         from sde_ray.eval.runner import run_eval

@@ -109,6 +109,18 @@ class ModelConfig:
         "batches' patch arrays and the sequence length). 0: the image processor's own (Qwen2-VL's is 16,384 "
         "tokens: set it).",
     )
+    video_frames: int = doc(
+        0,
+        "VLMs (Qwen2-VL, Qwen2.5-VL): frames per video side (MMEB-V2 video sets; sampled uniformly when the shards "
+        "are written, sde_ray/data/convert_v2.py), fed to the backbone as video (temporal patches, video grid). "
+        "0: no video columns (image-only jobs keep their batch layout and sequence length).",
+    )
+    video_max_pixels: int = doc(
+        0,
+        "VLMs with video_frames > 0: the pixels of a whole video (all frames) are bounded by this; each frame gets "
+        "an even share (at most model.max_pixels), so video tokens <= video_max_pixels / (patch×merge)² x temporal "
+        "patch. 0: video_frames × max_pixels / temporal patch size.",
+    )
     max_text_length: int = doc(48, "Token limit for queries and targets.")
     prompt_format: Literal["vlm2vec", "chat"] = doc(
         "vlm2vec",
@@ -179,6 +191,12 @@ class DataConfig:
         "sample key: mined negatives with loss.negatives_per_query, clusters with data.batching=teacher_cluster."
     )
     synth: SynthConfig = doc(SynthConfig(), "The synthetic MMEB generator.")
+    synth_v2: bool = doc(
+        False, "data.source=synthetic: also train on the synthetic MMEB-V2 (moving-shape videos as frame folders, "
+        "rendered document pages; sde_ray/data/synth_v2.py) and score a held-out synthetic V2 after training: "
+        "image / video / visdoc / overall (configs/mmeb_v2_synth.yaml). Video sides need a VLM with "
+        "model.video_frames > 0; other models see a video's middle frame.",
+    )
 
 
 @dataclass
@@ -791,6 +809,8 @@ _MINIMUM: dict[str, tuple[float, bool]] = {
     "model.image_size": (1, True),
     "model.min_pixels": (0, True),
     "model.max_pixels": (0, True),
+    "model.video_frames": (0, True),
+    "model.video_max_pixels": (0, True),
     "model.max_text_length": (1, True),
     "model.lora.r": (1, True),
     "model.lora.alpha": (0, False),
@@ -932,6 +952,8 @@ def validate(config: Config) -> None:
     if (m.min_pixels or m.max_pixels) and m.kind != "vlm":
         raise ConfigError("model.min_pixels/max_pixels size a VLM's dynamic resolution; with model.kind=dual_encoder "
                           "the image processor's fixed size applies (leave them 0).")
+    if m.video_frames and m.kind != "vlm":
+        raise ConfigError("model.video_frames feeds video to a VLM's video path; model.kind=dual_encoder has none.")
     if config.data.source == "mmeb" and not (config.data.mmeb_train_dir or config.data.shards):
         raise ConfigError("data.source=mmeb needs data.mmeb_train_dir or data.shards.")
     if not 0 < config.loss.disncl.invariant_fraction <= 1:

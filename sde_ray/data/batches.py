@@ -42,6 +42,12 @@ def raw_batch_from_rows(batch: dict[str, Any]) -> dict[str, list]:
         "key": [str(k) for k in batch["__key__"]] if "__key__" in batch else [""] * n,
     }
     raw.update(own_negatives(metas, batch.get("neg.img") if "neg.img" in batch else [None] * n))
+    # MMEB-V2 video sides (sde_ray/data/convert_v2.py): each row's frames, [] where a side has none.
+    for side in ("qry", "pos"):
+        if f"{side}.frames" in batch:
+            from sde_ray.data.convert_v2 import unpack_frames
+
+            raw[f"{side}_frames"] = [unpack_frames(v) if _bytes_or_none(v) else [] for v in batch[f"{side}.frames"]]
     return raw
 
 

@@ -101,6 +101,47 @@ def _converted(train_dir: Path, shard_dir: Path, config) -> dict:
                         samples_per_shard=config.data.samples_per_shard, workers=1, progress=False)
 
 
+# The synthetic MMEB-V2's training and held-out evaluation folders (different seeds: no clip or
+# page is shared) and the frames each training video keeps.
+SYNTH_V2_TRAIN, SYNTH_V2_EVAL = "MMEB-V2-train", "MMEB-V2-eval"
+
+
+def synthetic_v2_root(cache: Path, split: str) -> Path:
+    from sde_ray.data.synth_v2 import write_synthetic_v2
+
+    target = cache / "synthetic_v2" / split
+    if not (target / "done").exists():
+        if split == SYNTH_V2_TRAIN:
+            write_synthetic_v2(target, videos=96, documents=32, seed=0)
+        else:
+            write_synthetic_v2(target, videos=32, documents=12, seed=1)
+        (target / "done").write_text("")
+    return target
+
+
+def _with_synthetic_v2(cache: Path, config, manifest: dict, shards: list[str]) -> tuple[dict, list[str]]:
+    """The image shards plus the synthetic V2's (converted once, frames sampled as the model will
+    see them), under one merged manifest."""
+    from sde_ray.data.convert import load_manifest
+    from sde_ray.data.convert_v2 import convert_v2
+
+    frames = config.model.video_frames or 8
+    shard_dir = cache / "synthetic_v2" / f"shards-{frames}-{config.data.samples_per_shard}"
+    if (shard_dir / MANIFEST).exists():
+        v2 = load_manifest(shard_dir)
+    else:
+        v2 = convert_v2(synthetic_v2_root(cache, SYNTH_V2_TRAIN), shard_dir, num_frames=frames,
+                        samples_per_shard=config.data.samples_per_shard)
+    merged = {**manifest, "num_samples": manifest["num_samples"] + v2["num_samples"],
+              "subsets": {**manifest["subsets"], **v2["subsets"]}, "shards": manifest["shards"] + v2["shards"]}
+    return merged, shards + [str(shard_dir / entry["name"]) for entry in v2["shards"]]
+
+
+def synthetic_v2_eval_dir(config) -> str:
+    with _locked_cache(config) as cache:
+        return str(synthetic_v2_root(cache, SYNTH_V2_EVAL))
+
+
 @contextlib.contextmanager
 def _locked_cache(config) -> Iterator[Path]:
     """The cache folder, held under an exclusive file lock (concurrent Tune trials fill it once)."""
@@ -139,6 +180,8 @@ def _prepare_locked(config, cache: Path) -> PreparedData:
         shard_dir = root / f"shards-{data.split}-{data.samples_per_shard}"
         manifest = _converted(train_dir, shard_dir, config)
         shards = [str(shard_dir / entry["name"]) for entry in manifest["shards"]]
+        if data.synth_v2:
+            manifest, shards = _with_synthetic_v2(cache, config, manifest, shards)
     elif data.shards:
         shards = expand_shards(data.shards)
         first = shards[0]

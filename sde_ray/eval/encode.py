@@ -68,8 +68,8 @@ class ModelEncoder:
         self.precision, self.dtype = precision, autocast_dtype(precision)
         self.calls = 0
 
-    def encode_batch(self, side: str, texts: list[str], images: list) -> np.ndarray:
-        return self.encode_arrays(side, self.processor.encode_inputs(texts, images, _prefix(side)))
+    def encode_batch(self, side: str, texts: list[str], images: list, frames: list | None = None) -> np.ndarray:
+        return self.encode_arrays(side, self.processor.encode_inputs(texts, images, _prefix(side), frames))
 
     @torch.no_grad()
     def encode_arrays(self, side: str, arrays: dict[str, np.ndarray]) -> np.ndarray:
@@ -89,11 +89,15 @@ class ModelEncoder:
             self.model.train(was_training)
         return features.detach().float().cpu().numpy()
 
-    def encode(self, requests: Sequence[tuple[str, list[str], list]]) -> list[np.ndarray]:
+    def encode(self, requests: Sequence[tuple]) -> list[np.ndarray]:
+        """Requests `(side, texts, images)`, or `(side, texts, images, frames)` with per item a
+        video's frames ([] for none; MMEB-V2 video sets, sde_ray/eval/mmeb_v2.py)."""
         out = []
-        for side, texts, images in requests:
+        for side, texts, images, *rest in requests:
+            frames = rest[0] if rest else None
             parts = [
-                self.encode_batch(side, texts[s], images[s]) for s in _batches(len(texts), self.batch_size)
+                self.encode_batch(side, texts[s], images[s], None if frames is None else frames[s])
+                for s in _batches(len(texts), self.batch_size)
             ]
             out.append(np.concatenate(parts) if parts else np.zeros((0, self.embed_dim), dtype=np.float32))
         return out

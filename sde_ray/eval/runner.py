@@ -459,6 +459,10 @@ def final_evaluation(model_dir: str | os.PathLike, eval_root: str | os.PathLike,
     results.update(record, model=model_stamp(model_dir), benchmark=benchmark_version(eval_root),
                    model_dir=str(model_dir), data_dir=str(eval_root))
     write_vlm2vec_scores(results, out / VLM2VEC_DIR)
+    if config.data.synth_v2:  # the synthetic MMEB-V2 mix: image / video / visdoc / overall
+        from sde_ray.eval.mmeb_v2 import final_evaluation_v2
+
+        results["mmeb_v2"] = final_evaluation_v2(model_dir, results, config, out / "mmeb_v2")
     log_to_wandb(results, {}, config, out)  # the workers' wandb run has finished: a job_type=eval run
     return results
 

@@ -58,6 +58,7 @@ RAW_COLUMNS = ("qry_text", "pos_text", "qry_image", "pos_image", "target_hash")
 # Qwen2-VL's vision markers (VLM2Vec swaps MMEB's placeholder for the pad token; we add the
 # start/end markers the Qwen2-VL chat format puts around every image).
 VISION_START, IMAGE_PAD, VISION_END = "<|vision_start|>", "<|image_pad|>", "<|vision_end|>"
+VIDEO_PAD = "<|video_pad|>"
 
 # Processor-call overrides that keep only the geometric steps; the model does the rest.
 GEOMETRY_ONLY = {"do_rescale": False, "do_normalize": False}
@@ -193,7 +194,8 @@ class BatchProcessor:
         for side in SIDES:
             texts = _column(batch, f"{side}_text", rows)
             images = _column(batch, f"{side}_image", rows)
-            out.update(self.encode_inputs(texts, images, side))
+            frames = _column(batch, f"{side}_frames", rows) if f"{side}_frames" in batch else None
+            out.update(self.encode_inputs(texts, images, side, frames))
         hashes = _column(batch, "target_hash", rows)
         out["target_id"] = np.array([stable_id(h) for h in hashes], dtype=np.int64)
         # The query's content id, as the converter's target_hash of the target: rows sharing a query
@@ -244,10 +246,12 @@ class BatchProcessor:
         return out
 
     def encode_inputs(
-        self, texts: Sequence[str], images: Sequence[Any] | None, prefix: str
+        self, texts: Sequence[str], images: Sequence[Any] | None, prefix: str,
+        frames: Sequence[Sequence[Any]] | None = None,
     ) -> dict[str, np.ndarray]:
         """One side: texts (with MMEB placeholders) and images (bytes / PIL / None) → the four
-        `{prefix}_*` arrays. Used by the evaluator for query and candidate lists alike."""
+        `{prefix}_*` arrays. Used by the evaluator for query and candidate lists alike. `frames`:
+        per row a video's frames (bytes / PIL; [] for none), VLMs with model.video_frames > 0 only."""
         texts = list(texts)
         images = [None] * len(texts) if images is None else list(images)
         if len(images) != len(texts):
@@ -258,7 +262,10 @@ class BatchProcessor:
         decoded = [decode_image(image, f"{prefix}_image[{row}]") for row, image in enumerate(images)]
         has_image = np.array([image is not None for image in decoded], dtype=bool)
         if self.config.kind == "vlm":
-            return self._encode_vlm(texts, decoded, has_image, prefix)
+            videos = self._decode_videos(frames, len(texts), prefix)
+            return self._encode_vlm(texts, decoded, has_image, prefix, videos)
+        if frames is not None and any(len(f) for f in frames):
+            raise ValueError(f"{prefix}: video frames given to a dual encoder (model.kind=vlm has a video path).")
         if not texts:
             input_ids = attention_mask = np.zeros((0, self._seq_len), dtype=np.int64)
         else:
@@ -274,22 +281,51 @@ class BatchProcessor:
             f"{prefix}_has_image": has_image,
         }
 
-    def _encode_vlm(self, texts: list[str], decoded: list, has_image: np.ndarray, prefix: str) -> dict[str, np.ndarray]:
+    def _encode_vlm(self, texts: list[str], decoded: list, has_image: np.ndarray, prefix: str,
+                    videos: list | None = None) -> dict[str, np.ndarray]:
         """The VLM side: the dual encoder's four arrays, pixels as padded patches, plus
-        `{prefix}_image_grid_thw` int64 [B, 3] (each image's (1, gh, gw) patch grid; zeros without one)."""
+        `{prefix}_image_grid_thw` int64 [B, 3] (each image's (1, gh, gw) patch grid; zeros without one).
+        With model.video_frames > 0 also `{prefix}_video_pixel_values` uint8 [B, max_video_patches,
+        C·T·P·P] and `{prefix}_video_grid_thw` int64 [B, 3]; `has_image` then means "has an image or a
+        video" (the side has visual input)."""
         pixel_values, grids = self._patches_vlm(decoded)
+        merge = self.geometry.merge_size**2
+        out = {}
+        video_tokens = np.zeros(len(texts), dtype=np.int64)
+        if self.video is not None:
+            both = [row for row, v in enumerate(videos) if v and has_image[row]]
+            if both:
+                raise ValueError(f"{prefix}[{both[0]}] has both an image and video frames; one visual input per side.")
+            video_pixels, video_grids = self.video.patches(videos, self._video_shape)
+            video_tokens = video_grids.prod(axis=1) // merge
+            has_image = has_image | (video_tokens > 0)
+            out = {f"{prefix}_video_pixel_values": video_pixels, f"{prefix}_video_grid_thw": video_grids}
         if not texts:
             input_ids = attention_mask = np.zeros((0, self._seq_len), dtype=np.int64)
         else:
-            image_tokens = grids.prod(axis=1) // self.geometry.merge_size**2
-            input_ids, attention_mask = self._tokenize_vlm(texts, image_tokens, prefix)
+            image_tokens = grids.prod(axis=1) // merge
+            input_ids, attention_mask = self._tokenize_vlm(texts, image_tokens + video_tokens, prefix,
+                                                           is_video=video_tokens > 0)
         return {
             f"{prefix}_input_ids": input_ids,
             f"{prefix}_attention_mask": attention_mask,
             f"{prefix}_pixel_values": pixel_values,
             f"{prefix}_has_image": has_image,
             f"{prefix}_image_grid_thw": grids,
+            **out,
         }
+
+    def _decode_videos(self, frames: Sequence[Sequence[Any]] | None, rows: int, prefix: str) -> list | None:
+        if self.video is None:
+            if frames is not None and any(len(f) for f in frames):
+                raise ValueError(f"{prefix}: the batch carries video frames but model.video_frames=0; set it "
+                                 "(e.g. 8, MMEB-V2's default) to feed them to the backbone as video.")
+            return None
+        frames = [[]] * rows if frames is None else list(frames)
+        if len(frames) != rows:
+            raise ValueError(f"{prefix}: {rows} texts but {len(frames)} frame lists.")
+        return [[decode_image(f, f"{prefix}_frames[{row}][{i}]") for i, f in enumerate(row_frames)]
+                for row, row_frames in enumerate(frames)]
 
     # ------------------------------------------------------------------------------------------
     # dual encoders: placeholder removed, the family tokenizer pads to max_text_length
@@ -338,12 +374,21 @@ class BatchProcessor:
                 f"{self.config.name_or_path}: tokenizer lacks the vision tokens {missing} (model.kind=vlm)."
             )
         self.vision_ids = (vocab[VISION_START], vocab[IMAGE_PAD], vocab[VISION_END])
-        # Rows are padded to the largest image max_pixels allows; the model trims a batch to its own.
-        self._seq_len = self.config.max_text_length + self.geometry.max_tokens + 2
+        self.video = VideoGeometry.of(self.geometry, self.config) if self.config.video_frames else None
+        if self.video is not None:
+            missing = [t for t in (VIDEO_PAD,) if t not in vocab]
+            if missing:
+                raise ValueError(f"{self.config.name_or_path}: tokenizer lacks the video token {VIDEO_PAD}.")
+            self.video_pad_id = vocab[VIDEO_PAD]
+            self._video_shape = (self.video.max_patches, self.video.patch_dim)
+        # Rows are padded to the largest image (or video) the pixel bounds allow; the model trims a
+        # batch to its own.
+        most = max(self.geometry.max_tokens, self.video.max_tokens if self.video else 0)
+        self._seq_len = self.config.max_text_length + most + 2
         self._image_shape = (self.geometry.max_patches, self.geometry.patch_dim)
 
     def _tokenize_vlm(
-        self, texts: list[str], image_tokens: np.ndarray, prefix: str
+        self, texts: list[str], image_tokens: np.ndarray, prefix: str, is_video: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Rows of [before] + [image block] + [content] + [after]: `content` alone is truncated (from the
         right) to fit max_text_length, so neither the image block nor a format's fixed turns are cut."""
@@ -385,7 +430,8 @@ class BatchProcessor:
                                  f"over model.max_text_length={budget}.")
             before = before[:budget]  # vlm2vec: the text before the placeholder, cut like any text
             content = content[: max(0, budget - len(before) - len(after))]
-            block = [start] + [pad] * int(image_tokens[row]) + [end] if image_tokens[row] else []
+            row_pad = self.video_pad_id if is_video is not None and is_video[row] else pad
+            block = [start] + [row_pad] * int(image_tokens[row]) + [end] if image_tokens[row] else []
             ids = before + block + content + after
             if not ids:
                 raise ValueError(f"{prefix}[{row}] has neither text nor an image: nothing to embed.")
@@ -527,3 +573,80 @@ def patchify_image(image: np.ndarray, patch_size: int, merge_size: int) -> np.nd
     gh, gw = height // p, width // p
     x = image.reshape(channels, gh // m, m, p, gw // m, m, p).transpose(1, 4, 2, 5, 0, 3, 6)
     return x.reshape(gh * gw, channels * p * p)
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoGeometry:
+    """How a video side is sized, as the Qwen2-VL video processor sizes it with its per-frame cap
+    (`cap_pixels_per_frame`): `frames` frames (padded by repeating the last to a multiple of the
+    temporal patch), every frame resized alike by `smart_resize` within [min_pixels, per-frame cap],
+    the cap an even share of the video's pixel budget (`model.video_max_pixels`) and at most
+    `model.max_pixels`. Patches are `temporal_patch_size` consecutive frames (C·T·P·P)."""
+
+    image: VisualGeometry
+    frames: int
+    frame_max_pixels: int
+
+    @classmethod
+    def of(cls, image: VisualGeometry, config: ModelConfig) -> VideoGeometry:
+        if config.video_frames < 1:
+            raise ValueError(f"model.video_frames must be >= 1 for a video path, got {config.video_frames}")
+        t = image.temporal_patch_size
+        frames = -(-config.video_frames // t) * t
+        total = config.video_max_pixels or config.video_frames * image.max_pixels // t
+        cap = min(image.max_pixels, total * t // frames)
+        if cap < max(image.min_pixels, image.factor**2):
+            raise ValueError(
+                f"model.video_max_pixels={total} over {frames} frames leaves {cap} pixels per frame, under one "
+                f"{image.factor}×{image.factor} cell or model.min_pixels={image.min_pixels}: raise it."
+            )
+        return cls(image, frames, cap)
+
+    @property
+    def max_tokens(self) -> int:
+        return self.frames // self.image.temporal_patch_size * (self.frame_max_pixels // self.image.factor**2)
+
+    @property
+    def max_patches(self) -> int:
+        return self.max_tokens * self.image.merge_size**2
+
+    @property
+    def patch_dim(self) -> int:
+        return 3 * self.image.temporal_patch_size * self.image.patch_size**2
+
+    def resized(self, height: int, width: int) -> tuple[int, int]:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+        return smart_resize(height, width, self.image.factor, self.image.min_pixels, self.frame_max_pixels)
+
+    def patches(self, videos: list[list[Image.Image]], shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """Per row its frames (already sampled; [] for none) → (uint8 [N, max_patches, C·T·P·P] padded
+        with zeros, grid_thw int64 [N, 3]; zeros without a video)."""
+        g = self.image
+        pixels = np.zeros((len(videos), *shape), dtype=np.uint8)
+        grids = np.zeros((len(videos), 3), dtype=np.int64)
+        for row, frames in enumerate(videos):
+            if not frames:
+                continue
+            if len(frames) > self.frames:
+                raise ValueError(f"a video of {len(frames)} frames; model.video_frames allows {self.frames}")
+            height, width = self.resized(frames[0].height, frames[0].width)
+            stack = np.stack([np.asarray(f.resize((width, height), Image.BICUBIC), dtype=np.uint8).transpose(2, 0, 1)
+                              for f in frames])
+            if pad := -len(stack) % g.temporal_patch_size:
+                stack = np.concatenate([stack, np.repeat(stack[-1:], pad, axis=0)])
+            patches = patchify_video(stack, g.patch_size, g.merge_size, g.temporal_patch_size)
+            pixels[row, : len(patches)] = patches
+            grids[row] = (len(stack) // g.temporal_patch_size, height // g.patch_size, width // g.patch_size)
+        return pixels, grids
+
+
+def patchify_video(frames: np.ndarray, patch_size: int, merge_size: int, temporal: int) -> np.ndarray:
+    """[T, C, H, W] (T a multiple of `temporal`) → [T/temporal·gh·gw, C·temporal·P·P] in the Qwen2-VL
+    video processor's order (time, merge blocks row-major, the patches inside a block; each patch
+    channel-major, then time, then pixels)."""
+    count, channels, height, width = frames.shape
+    p, m = patch_size, merge_size
+    gt, gh, gw = count // temporal, height // p, width // p
+    x = frames.reshape(gt, temporal, channels, gh // m, m, p, gw // m, m, p).transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    return x.reshape(gt * gh * gw, channels * temporal * p * p)

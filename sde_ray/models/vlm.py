@@ -43,15 +43,20 @@ def pack_patches(pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Te
     return pixel_values[used]
 
 
+# A side's grid key suffix -> its patch column's suffix (images, and videos with model.video_frames).
+GRID_PIXELS = {"_image_grid_thw": "_pixel_values", "_video_grid_thw": "_video_pixel_values"}
+
+
 def trim_patches(batch: dict) -> dict:
     """The batch with each side's padded patch column cut to its largest image (`{side}_pixel_values`
     [..., max_patches, D] → [..., most patches of a row, D]; numpy or torch), so a host→device copy
     moves the batch's patches rather than max_pixels' worth per row. Other keys are untouched."""
     out = dict(batch)
     for key, grid in batch.items():
-        if not key.endswith("_image_grid_thw"):
+        grid_suffix = next((g for g in GRID_PIXELS if key.endswith(g)), None)
+        if grid_suffix is None:
             continue
-        pixels = f"{key.removesuffix('_image_grid_thw')}_pixel_values"
+        pixels = key.removesuffix(grid_suffix) + GRID_PIXELS[grid_suffix]
         most = int(grid.prod(-1).max()) if grid.shape[0] else 0
         out[pixels] = batch[pixels][..., :most, :]
     return out
@@ -77,6 +82,8 @@ class VLMEmbedder(Embedder):
         vision = self.hf_model().config.vision_config
         self._patch = (vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size)
         self._image_token_id = self.hf_model().config.image_token_id
+        self._video_token_id = getattr(self.hf_model().config, "video_token_id", None)
+        self._model_type = self.hf_model().config.model_type
 
     def _multimodal_model(self) -> nn.Module:
         # *ForConditionalGeneration.model is the *Model (vision tower + language model); calling it
@@ -94,39 +101,96 @@ class VLMEmbedder(Embedder):
         images = self.normalize_pixels(patches.view(-1, 3, patch, patch), key)
         return images.unsqueeze(2).expand(-1, 3, temporal, patch, patch).reshape(len(images), -1)
 
-    def encode_side(self, batch: dict, prefix: str) -> torch.Tensor:
+    def normalize_video_patches(self, patches: torch.Tensor, key: str) -> torch.Tensor:
+        """uint8 [N, C·T·P·P] (T consecutive frames per patch) → normalised, same layout."""
+        patch, _, temporal = self._patch
+        if patches.dtype != torch.uint8 or patches.dim() != 2 or patches.shape[1] != 3 * temporal * patch * patch:
+            raise ValueError(f"model batch key '{key}': video patches of dtype {patches.dtype}, shape "
+                             f"{tuple(patches.shape)}; expected uint8 rows of 3·{temporal}·{patch}·{patch}.")
+        frames = patches.view(-1, 3, temporal, patch, patch).transpose(1, 2).reshape(-1, 3, patch, patch)
+        normalized = self.normalize_pixels(frames, key)
+        return normalized.view(-1, temporal, 3, patch, patch).transpose(1, 2).reshape(len(patches), -1)
+
+    def _visual_inputs(self, batch: dict, prefix: str, has_image: torch.Tensor, image_tokens: torch.Tensor,
+                       video_tokens: torch.Tensor | None) -> tuple[list, list, list]:
+        """The chunk's images then videos: ([normalised packed patches], [grids on device], [kinds])."""
         device = next(self.parameters()).device
-        grid_key, pixel_key = f"{prefix}_image_grid_thw", f"{prefix}_pixel_values"
-        if grid_key not in batch:
-            raise KeyError(f"model batch lacks '{grid_key}'; build it with a BatchProcessor of this VLM "
-                           "(images at their own resolution, as patches with their grids).")
-        input_ids, attention_mask, has_image = self.text_inputs(batch, prefix)
-        input_ids, attention_mask = trim_padding(input_ids, attention_mask)
-        grid_all = torch.as_tensor(batch[grid_key]).long()
-        model = self._multimodal_model()
-        image_tokens = input_ids == self._image_token_id
-        expected = grid_all.prod(dim=1).to(device) // self._patch[1] ** 2
-        if not torch.equal(image_tokens.sum(1), expected) or not torch.equal(expected > 0, has_image):
+        merge = self._patch[1] ** 2
+        grid_all = torch.as_tensor(batch[f"{prefix}_image_grid_thw"]).long()
+        expected = grid_all.prod(dim=1).to(device) // merge
+        seen = image_tokens.sum(1)
+        video_grid_all = None
+        if video_tokens is not None:
+            video_grid_all = torch.as_tensor(batch[f"{prefix}_video_grid_thw"]).long()
+            video_expected = video_grid_all.prod(dim=1).to(device) // merge
+            if not torch.equal(video_tokens.sum(1), video_expected):
+                raise ValueError(f"{prefix}: video-pad token counts {video_tokens.sum(1).tolist()} do not match the "
+                                 f"videos' grids {video_grid_all.tolist()}; build the batch with a BatchProcessor "
+                                 "of the same model config.")
+            expected, seen = expected + video_expected, seen + video_tokens.sum(1)
+        if not torch.equal(image_tokens.sum(1), grid_all.prod(dim=1).to(device) // merge) or not torch.equal(
+                expected > 0, has_image):
             raise ValueError(
                 f"{prefix}: image-pad token counts {image_tokens.sum(1).tolist()} do not match the images' grids "
                 f"{grid_all.tolist()} (has_image {has_image.tolist()}); build the batch with a BatchProcessor of "
                 "the same model config."
             )
-        rows = has_image.nonzero().squeeze(1)
-        grid = None
-        token_types = image_tokens.int()
-        # One module order whatever the chunk holds: the vision tower first (the chunk's images, or one
-        # blank merge cell when it has none), then the backbone (token embedding, language model).
-        # ZeRO-3 records the order modules run in, fetches their parameters with collectives in that
-        # order and asserts it is the same on every rank; so the image features are computed here and
-        # handed to the backbone (`mm_encoder_outputs`), never inside the backbone's own call, which
-        # would enter the backbone before the vision tower on image chunks only.
-        encoded, features_extra = None, 0.0
+        patches, grids, kinds = [], [], []
+        pixel_key = f"{prefix}_pixel_values"
+        rows = (grid_all.prod(dim=1) > 0).nonzero().squeeze(1)
         if rows.numel():
-            # Only real patches cross to the device: rows are padded to the largest allowed image.
-            grid = grid_all[rows.cpu()].to(device)
-            packed = pack_patches(torch.as_tensor(batch[pixel_key]), grid_all)
-            encoded = {"image": model.get_image_features(self.normalize_patches(packed, pixel_key), grid)}
+            patches.append(self.normalize_patches(pack_patches(torch.as_tensor(batch[pixel_key]), grid_all), pixel_key))
+            grids.append(grid_all[rows].to(device))
+            kinds.append("image")
+        if video_grid_all is not None:
+            video_rows = (video_grid_all.prod(dim=1) > 0).nonzero().squeeze(1)
+            if video_rows.numel():
+                key = f"{prefix}_video_pixel_values"
+                packed = pack_patches(torch.as_tensor(batch[key]), video_grid_all)
+                patches.append(self.normalize_video_patches(packed, key))
+                grids.append(video_grid_all[video_rows].to(device))
+                kinds.append("video")
+        return patches, grids, kinds
+
+    def encode_side(self, batch: dict, prefix: str) -> torch.Tensor:
+        device = next(self.parameters()).device
+        grid_key = f"{prefix}_image_grid_thw"
+        if grid_key not in batch:
+            raise KeyError(f"model batch lacks '{grid_key}'; build it with a BatchProcessor of this VLM "
+                           "(images at their own resolution, as patches with their grids).")
+        input_ids, attention_mask, has_image = self.text_inputs(batch, prefix)
+        input_ids, attention_mask = trim_padding(input_ids, attention_mask)
+        model = self._multimodal_model()
+        image_tokens = input_ids == self._image_token_id
+        video_tokens = None
+        if f"{prefix}_video_grid_thw" in batch:
+            if self._model_type == "qwen3_vl":
+                raise ValueError("video input to Qwen3-VL is not supported yet (its processor interleaves frame "
+                                 "timestamps as text); use a Qwen2-VL or Qwen2.5-VL backbone, or model.video_frames=0.")
+            video_tokens = input_ids == self._video_token_id
+        patches, grids, kinds = self._visual_inputs(batch, prefix, has_image, image_tokens, video_tokens)
+        token_types = image_tokens.int() if video_tokens is None else image_tokens.int() + 2 * video_tokens.int()
+        # One module order whatever the chunk holds: the vision tower first (the chunk's images and
+        # videos in one call, or one blank merge cell when it has none), then the backbone (token
+        # embedding, language model). ZeRO-3 records the order modules run in, fetches their
+        # parameters with collectives in that order and asserts it is the same on every rank; so the
+        # visual features are computed here and handed to the backbone (`mm_encoder_outputs`), never
+        # inside the backbone's own call, which would enter the backbone before the vision tower on
+        # visual chunks only. The tower treats every image and video as its own sequence, so one call
+        # over both gives each the features a call of its own would.
+        encoded, features_extra = None, 0.0
+        grid = video_grid = None
+        if patches:
+            features = model.get_image_features(torch.cat(patches), torch.cat(grids))
+            if kinds == ["image"]:
+                encoded = {"image": features}  # whole, with Qwen3-VL's deepstack features
+            else:  # Qwen2-VL / Qwen2.5-VL: pooled tokens only, split per kind
+                pooled, split, encoded = list(features.pooler_output), 0, {}
+                for kind, kind_grid in zip(kinds, grids):
+                    encoded[kind] = type(features)(pooler_output=tuple(pooled[split:split + len(kind_grid)]))
+                    split += len(kind_grid)
+            grid = grids[kinds.index("image")] if "image" in kinds else None
+            video_grid = grids[kinds.index("video")] if "video" in kinds else None
         else:
             patch, merge, temporal = self._patch
             cell = torch.tensor([[1, merge, merge]], device=device)
@@ -136,13 +200,14 @@ class VLMEmbedder(Embedder):
         # Positions from the attention mask (pads skipped) for every batch, so a text-only row gets
         # the same positions whether or not other rows carry images.
         position_ids, _ = model.get_rope_index(
-            input_ids, token_types, image_grid_thw=grid, attention_mask=attention_mask
+            input_ids, token_types, image_grid_thw=grid, video_grid_thw=video_grid, attention_mask=attention_mask
         )
         hidden = model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             image_grid_thw=grid,
+            video_grid_thw=video_grid,
             mm_encoder_outputs=encoded,
             mm_token_type_ids=token_types,
             use_cache=False,
