@@ -1,6 +1,7 @@
 """The driver process killed mid-run (SIGKILL to its whole process group: driver, local Ray, workers)
 and the same command run again: the run resumes from its latest checkpoint in storage and finishes
-with the weights of a run that was never interrupted (reference: the same config, run once).
+with the weights of a run that was never interrupted (reference: the same config fitted once
+without interruption, the session's `uninterrupted_run` that the exact-resume tests share).
 
 `sde-ray train CONFIG` is what a user re-runs; the driver here is that command's entry point,
 `run_train`, in a fresh Python process each time.
@@ -19,7 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 
-# Three driver runs (each starting its own Ray): longer than the suite's per-test timeout.
+sys.path.insert(0, str(Path(__file__).parent))
+from resume_runs import consolidated_weights, resume_overrides  # noqa: E402
+
+# Two driver runs (each starting its own Ray) and possibly the shared reference run.
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 WEIGHT_ATOL = 1e-6  # as in test_exact_resume: deterministic CPU runs, room for reassociation only
@@ -36,8 +40,7 @@ def _env() -> dict[str, str]:
 
 
 def _final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
-    checkpoint = json.loads((output_dir / "results.json").read_text())["checkpoint"]
-    return torch.load(Path(checkpoint) / "consolidated.pt", weights_only=True)
+    return consolidated_weights(json.loads((output_dir / "results.json").read_text())["checkpoint"])
 
 
 def _steps_logged(output_dir: Path) -> list[int]:
@@ -45,36 +48,33 @@ def _steps_logged(output_dir: Path) -> list[int]:
     return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def test_driver_killed_and_rerun_finishes_with_the_uninterrupted_weights(small_config, tmp_path):
+def test_driver_killed_and_rerun_finishes_with_the_uninterrupted_weights(uninterrupted_run, small_config,
+                                                                         tmp_path):
     from sde_ray.config import dump_yaml
 
-    outputs = {}
-    for name in ("uninterrupted", "restarted"):
-        config = small_config("train.max_steps=10", "train.checkpoint_every=4", "train.log_every=1",
-                              "train.global_batch_size=64", "data.shuffle_window=128",
-                              f"train.output_dir={tmp_path / name}", "train.run_name=restart")
-        config_path = tmp_path / f"{name}.yaml"
-        config_path.write_text(dump_yaml(config))
-        outputs[name] = Path(config.train.output_dir)
-        if name == "restarted":
-            log = open(tmp_path / "killed.log", "w")
-            driver = subprocess.Popen(_command(config_path), stdout=log, stderr=subprocess.STDOUT, env=_env(),
-                                      start_new_session=True)
-            deadline = time.time() + 600
-            while max(_steps_logged(outputs[name]), default=0) < 9:  # past the step-8 checkpoint (epoch 1)
-                assert driver.poll() is None, (tmp_path / "killed.log").read_text()[-4000:]
-                assert time.time() < deadline
-                time.sleep(0.5)
-            os.killpg(driver.pid, signal.SIGKILL)  # the driver, its local Ray and the workers
-            driver.wait()
-            log.close()
-            assert not (outputs[name] / "results.json").exists()
-        done = subprocess.run(_command(config_path), capture_output=True, text=True, env=_env(), timeout=900)
-        assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-        if name == "restarted":
-            assert "resumed at step" in done.stdout + done.stderr, (done.stdout + done.stderr)[-4000:]
+    config = small_config(*resume_overrides(2), "train.run_name=restart")
+    config_path = tmp_path / "restart.yaml"
+    config_path.write_text(dump_yaml(config))
+    output_dir = Path(config.train.output_dir)
+    log = open(tmp_path / "killed.log", "w")
+    driver = subprocess.Popen(_command(config_path), stdout=log, stderr=subprocess.STDOUT, env=_env(),
+                              start_new_session=True)
+    deadline = time.time() + 600
+    while max(_steps_logged(output_dir), default=0) < 7:  # past the step-6 checkpoint (epoch 1)
+        assert driver.poll() is None, (tmp_path / "killed.log").read_text()[-4000:]
+        assert time.time() < deadline
+        time.sleep(0.5)
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver, its local Ray and the workers
+    driver.wait()
+    log.close()
+    assert not (output_dir / "results.json").exists()
 
-    reference, restarted = _final_weights(outputs["uninterrupted"]), _final_weights(outputs["restarted"])
+    done = subprocess.run(_command(config_path), capture_output=True, text=True, env=_env(), timeout=900)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert "resumed at step" in done.stdout + done.stderr, (done.stdout + done.stderr)[-4000:]
+
+    reference, _ = uninterrupted_run(2)
+    restarted = _final_weights(output_dir)
     assert reference.keys() == restarted.keys()
     for key in reference:
         torch.testing.assert_close(restarted[key], reference[key], atol=WEIGHT_ATOL, rtol=0.0, msg=key)
