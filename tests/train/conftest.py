@@ -6,15 +6,11 @@ from __future__ import annotations
 
 import json
 import socket
-import sys
 from pathlib import Path
 
 import pytest
 
 from sde_ray.config import load_config
-
-sys.path.insert(0, str(Path(__file__).parent))
-import resume_runs  # noqa: E402  (the exact-resume tests' shared config and hooks)
 
 SMALL = [
     "data.synth.train_per_subset=32",
@@ -81,24 +77,3 @@ def process_group():
     yield
     dist.destroy_process_group()
 
-
-@pytest.fixture(scope="session")
-def uninterrupted_run(ray_cluster, data_cache, tmp_path_factory):
-    """`uninterrupted_run(stage)` -> (final consolidated weights, step log) of resume_runs' config
-    fitted once without interruption at ZeRO `stage`; each stage is run on first use only."""
-    from sde_ray.train.driver import build_trainer
-
-    runs: dict[int, tuple[dict, Path]] = {}
-
-    def get(stage: int) -> tuple[dict, Path]:
-        if stage not in runs:
-            root = tmp_path_factory.mktemp(f"uninterrupted{stage}")
-            config = load_config(None, SMALL + resume_runs.resume_overrides(stage) + [
-                f"data.cache_dir={data_cache}", f"train.output_dir={root / 'run'}",
-                f"train.run_name=uninterrupted-{stage}"])
-            log = root / "steps.jsonl"
-            result = build_trainer(config, step_hook=resume_runs.step_recorder(log)).fit()
-            runs[stage] = (resume_runs.consolidated_weights(result.checkpoint.path), log)
-        return runs[stage]
-
-    return get
