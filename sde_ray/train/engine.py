@@ -111,6 +111,7 @@ def build_engine(module: torch.nn.Module, ds_config: dict):
     """
     import deepspeed  # here, not at the top: DeepSpeed picks its accelerator from DS_ACCELERATOR on import
 
+    skip_cpu_shared_memory_kernel()
     params = ds_config.get("optimizer", {}).get("params", {})
     lr = params.get("lr", 1e-3)
     lr_scales = getattr(module, "tower_lr_scales", None)
@@ -119,6 +120,25 @@ def build_engine(module: torch.nn.Module, ds_config: dict):
     with scalar_parameters_as_vectors(module):
         engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=groups, config=ds_config)
     return engine
+
+
+def skip_cpu_shared_memory_kernel() -> None:
+    """On DeepSpeed's CPU accelerator, do not build its shared-memory all-reduce kernel.
+
+    DeepSpeed's communication backend JIT-compiles that C++ kernel when it first starts in an
+    environment (measured: 60-80 s on 2 cores, and again whenever another Python environment
+    rebuilt the shared torch_extensions cache), yet uses it only for `inference_all_reduce`:
+    training's reductions go through torch.distributed (gloo here) either way. DeepSpeed keeps its
+    probed op table as one module-level dict so that edits to it persist; marking the op
+    incompatible makes the backend fall back to torch.distributed without compiling anything.
+    GPU accelerators never build this op, so this is a no-op there.
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def seed_everything(seed: int) -> None:
