@@ -41,9 +41,9 @@ import torch
 
 from sde_ray.config import Config
 from sde_ray.eval.plots import plot_spectrum
-from sde_ray.eval.runner import validation_p_at_1 as evaluate_validation
+from sde_ray.eval.validation import validation_p_at_1
 from sde_ray.losses import StepContext
-from sde_ray.losses.infonce import duplicate_groups, ids_with_negatives
+from sde_ray.losses.batch import step_target_ids
 from sde_ray.models import BatchProcessor
 from sde_ray.distributed import broadcast_object
 from sde_ray.runs import RunLogger, say
@@ -70,6 +70,7 @@ from sde_ray.train.step import train_step
 # Keys of a processed batch that are not model inputs.
 TARGET_ID_KEY = "target_id"
 QUERY_ID_KEY = "query_id"
+NEGATIVE_ID_KEY = "neg_target_id"
 
 
 @dataclass(frozen=True)
@@ -198,16 +199,14 @@ class TrainedModel:
         return copy.model
 
 
-def validation_p_at_1(model: torch.nn.Module, processor, val_root: str, config: Config, rank: int,
-                      world_size: int) -> float:
+def validate(model: torch.nn.Module, processor, val_root: str, config: Config, rank: int, world_size: int) -> float:
     """Validation P@1, every rank encoding its share under the training precision (same value on all)."""
-
     was_training = model.training
     model.eval()
     try:
-        return float(evaluate_validation(model, processor, val_root, max_queries=config.eval.val_queries,
-                                         batch_size=config.eval.batch_size, rank=rank, world_size=world_size,
-                                         precision=config.deepspeed.precision))
+        return float(validation_p_at_1(model, processor, val_root, max_queries=config.eval.val_queries,
+                                       batch_size=config.eval.batch_size, rank=rank, world_size=world_size,
+                                       precision=config.deepspeed.precision))
     finally:
         model.train(was_training)
 
@@ -365,8 +364,8 @@ def after_step(run: Run, due: Due) -> None:
                   data_rows_replaced=state.rows_replaced,  # rejected while reading, this run
                   **run.args.data_counts)  # shards skipped, rows the converter rejected
     if due.validate:
-        report["val_p_at_1"] = validation_p_at_1(run.trained.for_validation(), run.processor, run.args.val_root,
-                                                 run.config, run.rank, run.world_size)
+        report["val_p_at_1"] = validate(run.trained.for_validation(), run.processor, run.args.val_root,
+                                        run.config, run.rank, run.world_size)
     if run.logger is not None:
         run.logger.log(state.step, report, console=due.console)
     if due.checkpoint:
@@ -416,18 +415,15 @@ def finish(run: Run) -> None:
     checkpoint_and_report(run, summary)
 
 
-def step_context(config: Config, state: TrainState, rank: int, world_size: int, batch: dict):
-    target_ids, negative_ids = batch.get(TARGET_ID_KEY), batch.get("neg_target_id")
-    if (config.loss.duplicate_targets != "ignore" and config.loss.duplicate_key == "pair"
-            and target_ids is not None and QUERY_ID_KEY in batch):
-        # Rows that share a query share their positives too (one all-gather of the ids, every rank).
-        target_ids, negative_ids = duplicate_groups(batch[QUERY_ID_KEY], target_ids, rank, world_size, negative_ids)
+def step_context(config: Config, state: TrainState, rank: int, world_size: int, batch: dict) -> StepContext:
+    """The objective's view of this step: progress, rank, the targets' ids, the shared generator."""
+    by_pair = config.loss.duplicate_targets != "ignore" and config.loss.duplicate_key == "pair"
     return StepContext(
         progress=state.step / config.train.max_steps,
         rank=rank,
         world_size=world_size,
         training=True,
-        # With explicit negatives: one id per target row, in the objectives' per-query layout.
-        target_ids=ids_with_negatives(target_ids, negative_ids),
+        target_ids=step_target_ids(batch.get(TARGET_ID_KEY), batch.get(NEGATIVE_ID_KEY),
+                                   batch.get(QUERY_ID_KEY) if by_pair else None, rank, world_size),
         generator=step_generator(config.train.seed, state.step, 0),
     )
