@@ -119,9 +119,9 @@ def train_step(engine, batch: dict[str, torch.Tensor], context, chunk: int, worl
         with torch.no_grad():
             for piece in pieces:
                 replay_states.append(rng_state(device))
-                encoded = engine(piece)
-                cached_query.append(encoded.query)
-                cached_target.append(encoded.target)
+                query, target = engine(piece)  # an `engine.Encoded`
+                cached_query.append(query)
+                cached_target.append(target)
     after_encode = rng_state(device)
 
     # 2. The objective once, on every local row. Chunk 0 is re-encoded live inside the same engine
@@ -131,7 +131,7 @@ def train_step(engine, batch: dict[str, torch.Tensor], context, chunk: int, worl
     if cached_query:
         set_rng_state(replay_states[0], device)
         leaves = (torch.cat(cached_query[1:]).requires_grad_(True), torch.cat(cached_target[1:]).requires_grad_(True))
-    query, target, loss, metrics = engine(pieces[0], context, leaves)  # an `engine.Forward`
+    loss, metrics, query, target = engine(pieces[0], context, leaves)  # an `engine.Scored`
     if not all_ranks_finite(loss, world_size):
         set_rng_state(step_start, device)  # a skipped step leaves no trace, randomness included
         return StepResult(finite=False, loss=float(loss.detach()), chunks=len(pieces), skipped="loss")
@@ -143,7 +143,7 @@ def train_step(engine, batch: dict[str, torch.Tensor], context, chunk: int, worl
         for piece, state, query_grad, target_grad in zip(pieces[1:], replay_states[1:], query_grads, target_grads):
             engine.step()  # closes the previous chunk's micro-step (the boundary is the last chunk's, below)
             set_rng_state(state, device)
-            chunk_query, chunk_target, _, _ = engine(piece)
+            chunk_query, chunk_target = engine(piece)
             surrogate = (chunk_query * query_grad).sum() + (chunk_target * target_grad).sum()
             backward(engine, surrogate)
 

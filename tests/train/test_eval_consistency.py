@@ -49,7 +49,7 @@ def test_evaluator_embeds_a_training_row_like_the_training_forward(small_config,
     arrays = BatchProcessor(config.model)(raw)
     batch = to_model_inputs({k: torch.as_tensor(v) for k, v in arrays.items()}, torch.device("cpu"), torch.float32)
     with torch.no_grad():
-        query, target, _, _ = module(batch)
+        query, target = module(batch)
 
     encoder = ModelEncoder(module.model, BatchProcessor(config.model), batch_size=4)
     eval_query, eval_target = encoder.encode([("query", raw["qry_text"], raw["qry_image"]),
