@@ -146,9 +146,9 @@ def skip_cpu_shared_memory_kernel() -> None:
     DeepSpeed's communication backend JIT-compiles that C++ kernel when it first starts in an
     environment (measured: 60-80 s on 2 cores, and again whenever another Python environment
     rebuilt the shared torch_extensions cache), yet uses it only for `inference_all_reduce`:
-    training's reductions go through torch.distributed (gloo here) either way. DeepSpeed keeps its
+    training's reductions go through the process group (gloo here) either way. DeepSpeed keeps its
     probed op table as one module-level dict so that edits to it persist; marking the op
-    incompatible makes the backend fall back to torch.distributed without compiling anything.
+    incompatible makes the backend fall back to the process group without compiling anything.
     GPU accelerators never build this op, so this is a no-op there.
     """
     from deepspeed.accelerator import get_accelerator

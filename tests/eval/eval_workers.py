@@ -24,9 +24,9 @@ def validation_worker(rank: int, world_size: int, rendezvous: str, out_dir: str,
     encoded = []
     original = encode.ModelEncoder.encode_batch
 
-    def counting(self, side, texts, images):  # records what this rank encoded (real encoding runs)
+    def counting(self, side, texts, images, frames=None):  # records what this rank encoded (real encoding runs)
         encoded.append(len(texts))
-        return original(self, side, texts, images)
+        return original(self, side, texts, images, frames)
 
     encode.ModelEncoder.encode_batch = counting
     value = validation_p_at_1(model, BatchProcessor(config), eval_root, max_queries=max_queries,
