@@ -43,20 +43,14 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A local Ray cluster with 4 logical CPUs (2 training workers + data actors on a 2-core box)."""
+    """A local Ray cluster with 4 logical CPUs (2 training workers + data actors on a 2-core box),
+    started as the CLI starts one (`start_local`: it retries a node that missed Ray's 30 s start-up
+    window on a saturated machine)."""
     import ray
 
-    if not ray.is_initialized():
-        # Under heavy load a node can miss Ray's fixed 30 s start-up window; that says nothing about
-        # the code under test, so try again before failing.
-        for attempt in range(3):
-            try:
-                ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-                break
-            except Exception:  # noqa: BLE001 - Ray raises a plain Exception for the timeout
-                ray.shutdown()
-                if attempt == 2:
-                    raise
+    from sde_ray.ray_cluster import start_local
+
+    start_local(4, log_to_driver=False)
     yield ray
     ray.shutdown()
 
