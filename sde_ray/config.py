@@ -339,6 +339,13 @@ class TrainConfig:
     grad_clip: float = doc(1.0, "Gradient norm clip (0 disables).")
     seed: int = doc(0, "Global seed (model init, enhancement noise).")
     checkpoint_every: int = doc(20, "Steps between checkpoints (a final one is always written).")
+    checkpoint_every_minutes: float = doc(
+        0.0, "Also checkpoint when this many minutes have passed since the last one (wall clock, the slowest "
+        "rank's; 0: by step only): bounds the GPU time a preemption can lose.")
+    checkpoint_upload: Literal["async", "sync"] = doc(
+        "async", "Periodic checkpoints: saved to node-local scratch, then uploaded in the background while "
+        "training goes on (async; Ray Train's CheckpointUploadMode.ASYNC) or before the next step (sync). "
+        "The final and the preemption checkpoints are always uploaded before the workers return.")
     keep_checkpoints: int = doc(2, "Checkpoints kept on storage.")
     eval_every: int = doc(0, "Steps between on-the-fly P@1 validations (0: only at the end).")
     log_every: int = doc(5, "Steps between metric reports.")
@@ -363,6 +370,10 @@ class ScalingConfig:
     max_failures: int = doc(2, "Worker-group restarts from the latest checkpoint before giving up.")
     elastic_resize_monitor_interval_s: float = doc(10.0, "How often an elastic run reconsiders its size.")
     address: str = doc("", "Ray cluster address; empty: join RAY_ADDRESS if set, else start a local Ray.")
+    worker_node_resource: str = doc(
+        "", "A custom Ray resource marking the nodes that training workers and eval actors may use (each asks "
+        "0.001 of it: placement only; CPUs and GPUs still bound how many fit), e.g. gpu_node for nodes started "
+        "with --resources='{\"gpu_node\": 1}'; empty: any node, the head included.")
 
 
 @dataclass
@@ -898,6 +909,11 @@ def validate(config: Config) -> None:
         raise ConfigError("train.max_steps must be >= 1.")
     if t.checkpoint_every < 1:
         raise ConfigError("train.checkpoint_every must be >= 1.")
+    if not 0 <= t.checkpoint_every_minutes < float("inf"):  # also catches NaN
+        raise ConfigError(f"train.checkpoint_every_minutes must be >= 0 (0: by step only), got {t.checkpoint_every_minutes}.")
+    if s.worker_node_resource in ("CPU", "GPU", "memory", "object_store_memory"):
+        raise ConfigError(f"scaling.worker_node_resource: {s.worker_node_resource!r} is a built-in resource; name a "
+                          "custom one the worker nodes were started with (ray start --resources).")
     if t.log_every < 1:
         raise ConfigError("train.log_every must be >= 1.")
     if t.lr <= 0:

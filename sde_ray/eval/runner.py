@@ -32,6 +32,7 @@ from typing import Sequence
 
 import numpy as np
 
+from sde_ray import storage
 from sde_ray.config import Config
 from sde_ray.data.mmeb import (
     CATALOG_FILE,
@@ -48,7 +49,7 @@ from sde_ray.eval.encode import CachedEncoder, ModelEncoder, RayEncoderPool, mod
 from sde_ray.eval.gap import fit_remedy, fit_rows
 from sde_ray.eval.metrics import DatasetScore, summarize
 from sde_ray.eval.report import write_results, write_vlm2vec_scores
-from sde_ray.ray_cluster import connect
+from sde_ray.ray_cluster import connect, worker_node_resources
 from sde_ray.eval.scoring import (
     EncodedDataset,
     Encoder,
@@ -59,7 +60,7 @@ from sde_ray.eval.scoring import (
     score_dataset,
     unscorable_reason,
 )
-from sde_ray.runs import CONSOLIDATED, STATE, checkpoint_step, is_checkpoint, is_complete, wandb_mode
+from sde_ray.runs import CONSOLIDATED, STATE, checkpoint_step, is_checkpoint, is_complete, wandb_dir, wandb_mode
 
 MODEL_FROM_CHECKPOINT = "model_from_checkpoint"
 EMBEDDING_CACHE = "embedding_cache"
@@ -419,15 +420,16 @@ def evaluate_on_actors(
     config: Config,
     cache_dir: Path | None = None,
     keep_encoded: bool = False,
+    model_id: str | None = None,
 ) -> tuple[Evaluation, dict]:
     """Encodes on `eval.num_workers` Ray actors (GPU actors when the cluster has GPUs) through the
     embedding cache; returns the evaluation and a record of the run: where each actor ran (pid,
     host, device, precision) and the cache's hits / misses (requests = one side of one dataset)."""
     pool = RayEncoderPool(model_dir, config.eval.num_workers, config.eval.batch_size,
-                          precision=eval_precision(config))
+                          precision=eval_precision(config), resources=worker_node_resources(config))
     try:
         actors = pool.describe()
-        encoder = CachedEncoder(pool, model_identity(model_dir), cache_dir)
+        encoder = CachedEncoder(pool, model_id or model_identity(model_dir), cache_dir)
         evaluation = evaluate_prepared(
             None, encoder, eval_root=eval_root, infos=infos, keep_encoded=keep_encoded, progress=True
         )
@@ -451,19 +453,26 @@ def final_evaluation(model_dir: str | os.PathLike, eval_root: str | os.PathLike,
                      output_dir: str | os.PathLike) -> dict:
     """The end-of-training evaluation (the driver calls it after `fit()`): the exported model on
     the eval actors; VLM2Vec score files and the embedding cache under `<output_dir>/eval`."""
-    model_dir, eval_root = Path(model_dir), Path(eval_root)
-    out = Path(output_dir) / "eval"
+    model_dir, eval_root = str(model_dir), Path(eval_root)  # model and output: folders or URLs
+    out = storage.join(str(output_dir), "eval")
     infos = select_datasets(eval_root, config.eval.datasets or None, notice=False)
-    evaluation, record = evaluate_on_actors(model_dir, eval_root, infos, config, out / EMBEDDING_CACHE)
+    with storage.readable_dir(model_dir) as local:  # the driver's copy, for the identity only
+        stamp = {**model_stamp(local), "model_dir": model_dir}
+    # The actors load the export themselves (each node its own scratch copy of a remote one).
+    evaluation, record = evaluate_on_actors(model_dir, eval_root, infos, config, storage.join(out, EMBEDDING_CACHE),
+                                            model_id=stamp["sha256"])
     results = evaluation.results()
-    results.update(record, model=model_stamp(model_dir), benchmark=benchmark_version(eval_root),
-                   model_dir=str(model_dir), data_dir=str(eval_root))
-    write_vlm2vec_scores(results, out / VLM2VEC_DIR)
+    results.update(record, model=stamp, benchmark=benchmark_version(eval_root),
+                   model_dir=model_dir, data_dir=str(eval_root))
+    write_vlm2vec_scores(results, storage.join(out, VLM2VEC_DIR))
     if config.data.synth_v2:  # the synthetic MMEB-V2 mix: image / video / visdoc / overall
         from sde_ray.eval.mmeb_v2 import final_evaluation_v2
 
-        results["mmeb_v2"] = final_evaluation_v2(model_dir, results, config, out / "mmeb_v2")
-    log_to_wandb(results, {}, config, out)  # the workers' wandb run has finished: a job_type=eval run
+        # It reads the model and writes its score files with local file APIs: scratch copies of remote ones.
+        with storage.readable_dir(model_dir) as local, storage.writable_dir(storage.join(out, "mmeb_v2")) as v2:
+            results["mmeb_v2"] = final_evaluation_v2(str(local), results, config, v2)
+    # The workers' wandb run has finished: a job_type=eval run (node-local files under a remote output).
+    log_to_wandb(results, {}, config, wandb_dir(out, "eval"))
     return results
 
 

@@ -15,7 +15,8 @@ as they left the driver (pickled), never as strings or plain dicts:
    clamped in place after the step;
 5. per optimizer step: metrics (averaged over ranks) every `log_every`, validation P@1 every
    `eval_every` (every rank encodes its share on its device, see `sde_ray.eval.sharded`), a
-   checkpoint every `checkpoint_every`;
+   checkpoint every `checkpoint_every` steps and every `checkpoint_every_minutes` (uploaded in the
+   background, `checkpoint_upload`);
 6. at the end: spectrum plot, `save_pretrained` export (rank 0), final checkpoint. The full MMEB
    evaluation is not run here: the driver runs it on the eval actors after `fit()` returns, so no
    rank ever waits in a collective while another evaluates.
@@ -33,20 +34,20 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import ray.train
 import torch
 
+from sde_ray import storage
 from sde_ray.config import Config, TrainConfig
 from sde_ray.eval.plots import plot_spectrum
 from sde_ray.eval.runner import validation_p_at_1 as evaluate_validation
 from sde_ray.losses import StepContext
 from sde_ray.losses.infonce import duplicate_groups, ids_with_negatives
 from sde_ray.models import BatchProcessor
-from sde_ray.distributed import all_reduce, broadcast_object, mean_over_ranks
+from sde_ray.distributed import all_reduce, broadcast_object, max_over_ranks, mean_over_ranks
 from sde_ray.runs import RunLogger, say
 from sde_ray.spectral import spectral_snapshot, spectrum_rule
 from sde_ray.train.checkpoint import (
@@ -229,15 +230,42 @@ def validation_p_at_1(model: torch.nn.Module, processor, val_root: str, config: 
 # The loop
 
 
-def _report(metrics: dict, checkpoint_dir: str | None = None, name: str | None = None) -> None:
-    checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name if checkpoint else None)
+def _report(metrics: dict) -> None:
+    ray.train.report(metrics)
 
 
-def _checkpoint_and_report(engine, state: TrainState, config: Config, rank: int, metrics: dict, launch: str) -> None:
-    with tempfile.TemporaryDirectory(prefix="sde_ray_ckpt_") as directory:
-        save_checkpoint(directory, engine, state, config, rank)
-        _report(metrics, directory, name=f"checkpoint_{state.step:06d}_{launch}")
+def _checkpoint_and_report(engine, state: TrainState, config: Config, rank: int, metrics: dict, launch: str,
+                           background: bool = False) -> None:
+    """Saves this rank's part into node-local scratch and hands it to Ray Train, which uploads it to
+    `train.storage_path` (through `storage_filesystem`) and deletes the local copy. `background`
+    (`train.checkpoint_upload=async`): Ray's ASYNC upload mode, training continues while the files
+    travel; Ray registers the checkpoint only once every rank's upload has finished, so a run
+    killed mid-upload resumes from the previous one."""
+    directory = tempfile.mkdtemp(prefix="ckpt-", dir=storage.scratch_dir())
+    save_checkpoint(directory, engine, state, config, rank)
+    mode = ray.train.CheckpointUploadMode.ASYNC if background else ray.train.CheckpointUploadMode.SYNC
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
+                     checkpoint_dir_name=f"checkpoint_{state.step:06d}_{launch}", checkpoint_upload_mode=mode,
+                     delete_local_checkpoint_after_upload=True)
+
+
+class CheckpointClock:
+    """`train.checkpoint_every_minutes`: whether that much wall-clock time has passed since the last
+    checkpoint, decided the same on every rank (the slowest rank's clock, one all-reduce MAX per step;
+    none when the option is 0)."""
+
+    def __init__(self, minutes: float):
+        self.seconds = minutes * 60.0
+        self.reset()
+
+    def reset(self) -> None:
+        self.since = time.monotonic()
+
+    def due(self, world_size: int) -> bool:
+        if self.seconds <= 0:
+            return False
+        elapsed = torch.tensor([time.monotonic() - self.since], dtype=torch.float64, device="cpu")
+        return float(max_over_ranks(elapsed, world_size).item()) >= self.seconds
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -299,6 +327,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     logger = RunLogger(config, output_dir, args.run_id, args.wandb_mode, state.step,
                        console=args.console) if rank == 0 else None
     trained = TrainedModel(config, engine, rank)
+    clock = CheckpointClock(train.checkpoint_every_minutes)
     processor = None
     if val_root:
         processor = BatchProcessor(config.model)
@@ -347,7 +376,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         is_last = state.step == train.max_steps
         do_log = should_log(state.step, train)
         do_eval = should_validate(state.step, train, val_root)
-        do_checkpoint = should_checkpoint(state.step, train)
+        do_checkpoint = should_checkpoint(state.step, train) or clock.due(world_size)
         if do_log or do_eval or do_checkpoint:
             replaced_rows = _count_replaced(state, replaced_rows, world_size)
             report = _step_metrics(window, window_count, config, rank, world_size, last_features)
@@ -364,7 +393,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if logger is not None:
                 logger.log(state.step, report)
             if do_checkpoint and not is_last:
-                _checkpoint_and_report(engine, state, config, rank, report, launch)
+                _checkpoint_and_report(engine, state, config, rank, report, launch,
+                                       background=train.checkpoint_upload == "async")
+                clock.reset()
             elif not is_last:
                 _report(report)
             final_metrics = report
@@ -391,14 +422,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
         rule = spectrum_rule(config.spectral)
         _, spectra = spectral_snapshot(last_features[0], last_features[1], rule, rank, world_size)
         if rank == 0:
-            path = plot_spectrum(spectra, Path(output_dir) / "plots" / "spectrum.png",
-                                 title=f"{config.loss.name}: singular values at step {state.step}")
-            logger.log_image("spectrum", str(path), state.step)
+            with storage.writable_dir(storage.join(output_dir, "plots")) as plots:  # uploaded when remote
+                path = plot_spectrum(spectra, plots / "spectrum.png",
+                                     title=f"{config.loss.name}: singular values at step {state.step}")
+                logger.log_image("spectrum", str(path), state.step)
     model = trained.for_export()
     if rank == 0:  # Ray keeps rank 0's metrics only
-        export_dir = Path(output_dir) / "model"
-        model.save_pretrained(str(export_dir))
-        summary["model_dir"] = str(export_dir)
+        export_dir = storage.join(output_dir, "model")
+        with storage.writable_dir(export_dir) as local:  # scratch, uploaded when the output is remote
+            model.save_pretrained(str(local))
+        summary["model_dir"] = export_dir
         # Where and when training ended: the driver's evaluation starts after it (tests check it).
         summary.update(train_worker_pid=os.getpid(), train_finished_at=time.time())
         if torch.device(engine.device).type == "cuda":
