@@ -215,7 +215,10 @@ class _EncoderActor:
         """Where this actor runs (recorded in the results: which process evaluated)."""
         import socket
 
-        return {"pid": os.getpid(), "host": socket.gethostname(), "device": str(self.encoder.device),
+        import ray
+
+        return {"pid": os.getpid(), "host": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id(),
+                "device": str(self.encoder.device),
                 "precision": self.encoder.precision, "started_at": self.started_at}
 
 

@@ -309,8 +309,10 @@ def _evaluate_after_fit(config: Config, prepared, metrics: dict) -> dict | None:
     return final_evaluation(metrics["model_dir"], root, config, config.train.output_dir)
 
 
-def run_train(config: Config, dry_run: bool = False, verbose: bool = False) -> dict:
+def run_train(config: Config, dry_run: bool = False, verbose: bool = False,
+              step_hook: Callable[..., None] | None = None) -> dict:
     """The main job. Returns the summary also written to `<output_dir>/results.json`.
+    `step_hook`: as `build_trainer`'s (instrumentation, fault injection in tests).
 
     `verbose`: Ray forwards every worker's output to this console (DeepSpeed, Ray Data, Ray Train
     and the workers' own progress lines) instead of the progress bar; the log files hold it either way."""
@@ -328,7 +330,8 @@ def run_train(config: Config, dry_run: bool = False, verbose: bool = False) -> d
         relay = None if verbose else ConsoleRelay.start()
         with Preemption() as preemption, ProgressConsole.around(relay, config.logging.console_every):
             # SIGTERM: checkpoint at the next step and return
-            result = build_trainer(config, prepared=prepared, preemption=preemption.flag, console=relay).fit()
+            result = build_trainer(config, prepared=prepared, preemption=preemption.flag, console=relay,
+                                   step_hook=step_hook).fit()
         metrics = dict(result.metrics or {})
         evaluation = None if metrics.get("preempted") else _evaluate_after_fit(config, prepared, metrics)
     finally:
