@@ -47,7 +47,7 @@ from sde_ray.eval.runner import validation_p_at_1 as evaluate_validation
 from sde_ray.losses import StepContext
 from sde_ray.losses.infonce import duplicate_groups, ids_with_negatives
 from sde_ray.models import BatchProcessor
-from sde_ray.distributed import all_reduce, broadcast_object, max_over_ranks, mean_over_ranks
+from sde_ray.distributed import all_reduce, broadcast_object, mean_over_ranks
 from sde_ray.runs import RunLogger, say
 from sde_ray.spectral import spectral_snapshot, spectrum_rule
 from sde_ray.train.checkpoint import (
@@ -66,7 +66,7 @@ from sde_ray.train.deepspeed_config import build_deepspeed_config, chunk_size
 # Built without Ray in `engine` (the device check builds them too); imported here for the loop and its callers.
 from sde_ray.train.engine import TrainModule, build_engine, build_train_module, seed_everything  # noqa: F401
 from sde_ray.train.step import train_step
-from sde_ray.train.preemption import stop_requested
+from sde_ray.train.preemption import CheckpointClock, stop_requested
 
 # Keys of a processed batch that are not model inputs.
 TARGET_ID_KEY = "target_id"
@@ -248,24 +248,6 @@ def _checkpoint_and_report(engine, state: TrainState, config: Config, rank: int,
                      checkpoint_dir_name=f"checkpoint_{state.step:06d}_{launch}", checkpoint_upload_mode=mode,
                      delete_local_checkpoint_after_upload=True)
 
-
-class CheckpointClock:
-    """`train.checkpoint_every_minutes`: whether that much wall-clock time has passed since the last
-    checkpoint, decided the same on every rank (the slowest rank's clock, one all-reduce MAX per step;
-    none when the option is 0)."""
-
-    def __init__(self, minutes: float):
-        self.seconds = minutes * 60.0
-        self.reset()
-
-    def reset(self) -> None:
-        self.since = time.monotonic()
-
-    def due(self, world_size: int) -> bool:
-        if self.seconds <= 0:
-            return False
-        elapsed = torch.tensor([time.monotonic() - self.since], dtype=torch.float64, device="cpu")
-        return float(max_over_ranks(elapsed, world_size).item()) >= self.seconds
 
 
 def train_loop_per_worker(loop_config: dict) -> None:

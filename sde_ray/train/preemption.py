@@ -11,7 +11,9 @@ rerunning the same command resumes from that checkpoint. A second SIGTERM restor
 handler and re-delivers the signal (a forced stop).
 
 The stop costs one step plus one checkpoint: size Kubernetes' `terminationGracePeriodSeconds` (30 s
-by default) or Slurm's `--signal=B:TERM@<seconds>` to fit it.
+by default), Ray's `RAY_JOB_STOP_WAIT_TIME_S` (3 s by default; the runtime envs here set 300) or
+Slurm's `--signal=B:TERM@<seconds>` to fit it. A lost spot node sends nothing at all:
+`CheckpointClock` (`train.checkpoint_every_minutes`) bounds what it costs by wall-clock time.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 
 import ray
 
-from sde_ray.distributed import all_ranks_true
+from sde_ray.distributed import SlowestClock, all_ranks_true
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped cleanly with a checkpoint; rerun to resume
 
@@ -71,3 +74,18 @@ def stop_requested(flag, rank: int, world_size: int) -> bool:
         return False
     local = bool(ray.get(flag.get.remote())) if rank == 0 else False
     return not all_ranks_true(not local, world_size)  # rank 0's answer, agreed by one all-reduce
+
+
+class CheckpointClock:
+    """`train.checkpoint_every_minutes`: whether that much wall-clock time has passed since the last
+    checkpoint, the same answer on every rank (`SlowestClock`: the slowest rank's time; no
+    collective when the option is 0). `now`: the clock (`time.monotonic`)."""
+
+    def __init__(self, minutes: float, now=time.monotonic):
+        self.seconds, self.clock = minutes * 60.0, SlowestClock(now)
+
+    def reset(self) -> None:
+        self.clock.reset()
+
+    def due(self, world_size: int) -> bool:
+        return self.seconds > 0 and self.clock.elapsed(world_size) >= self.seconds
