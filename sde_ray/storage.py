@@ -321,9 +321,18 @@ def check_config_locations(config) -> None:
     for key, remote_ok in LOCATION_KEYS:
         section, name = key.split(".")
         value = getattr(getattr(config, section), name)
-        check_location(value, key)
-        if is_remote(value) and not remote_ok:
-            raise ConfigError(f"{key}: {value!r}: must be a local or shared-mount path (object-store URLs are "
-                              "supported for train.output_dir, train.storage_path and data.shards).")
+        if remote_ok:
+            check_location(value, key)
+        else:
+            require_local(value, key)
     for index, entry in enumerate(config.data.shards):
         check_location(entry, f"data.shards[{index}]")
+
+
+def require_local(location: str, what: str) -> None:
+    """A ConfigError unless `location` is a path (or file://): for outputs still written with local
+    file APIs (a sweep's folder, a comparison's), refused in one line before anything starts."""
+    check_location(location, what)
+    if is_remote(location):
+        raise ConfigError(f"{what}: {location!r}: must be a local or shared-mount path (an object-store URL "
+                          "works for `sde-ray train --output-dir`, train.storage_path and data.shards).")

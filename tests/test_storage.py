@@ -46,6 +46,8 @@ def test_the_driver_refuses_them_before_ray_starts() -> None:
         resolve_paths(load_config(None, ["data.shards=[/tmp/a.tar, 'gcs://b/s']"]))
     with pytest.raises(ConfigError, match="data.cache_dir: .*local or shared-mount path"):
         resolve_paths(load_config(None, ["data.cache_dir=s3://b/cache"]))
+    with pytest.raises(ConfigError, match="sde-ray tune --output-dir: 's3://b/sweep': must be a local"):
+        storage.require_local("s3://b/sweep", "sde-ray tune --output-dir")  # sweeps write with local APIs
     resolved = resolve_paths(load_config(None, ["train.output_dir=s3://b/run"]))
     assert (resolved.train.output_dir, resolved.train.storage_path) == ("s3://b/run", "s3://b/run/ray")
 
