@@ -110,7 +110,7 @@ def _tar_rows(path: Path) -> list[tuple[str, dict[str, bytes]]]:
 
 def test_shards_in_the_bucket_read_like_local_ones(s3_bucket, synthetic_mmeb, tmp_path) -> None:
     from sde_ray.data.convert import convert_mmeb, load_manifest
-    from sde_ray.data.shards import check_shards, expand_shards, iter_samples
+    from sde_ray.data.shards import build_shard_index, check_shards, expand_shards, iter_samples
 
     local = tmp_path / "shards"
     train_dir = Path(synthetic_mmeb["eval_dir"]).parent / "MMEB-train"
@@ -126,8 +126,13 @@ def test_shards_in_the_bucket_read_like_local_ones(s3_bucket, synthetic_mmeb, tm
     check = check_shards(remote, load_manifest(prefix))
     assert [check.samples[p] for p in check.paths] == [e["num_samples"] for e in sorted(
         manifest["shards"], key=lambda e: e["name"])]
-    # Each worker's rows, by ranged reads, equal tarfile's reading of the local file.
+    # The member index of a shard in the bucket (headers read ahead 256 KiB per request) is the local one's.
     path = storage.join(prefix, names[0])
+    remote_index, local_index = build_shard_index(path), build_shard_index(str(local / names[0]))
+    assert remote_index.keys == local_index.keys and remote_index.suffixes == local_index.suffixes
+    for field in ("starts", "suffix_ids", "offsets", "sizes"):
+        assert (getattr(remote_index, field) == getattr(local_index, field)).all(), field
+    # Each worker's rows, by ranged reads, equal tarfile's reading of the local file.
     reference = _tar_rows(local / names[0])
     wanted = [1, 2, len(reference) - 1]
     chunks = list(iter_samples(path, wanted, chunk_rows=2))

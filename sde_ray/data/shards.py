@@ -16,6 +16,7 @@ No Ray here: the Ray Data tasks of `sde_ray.train.data` call these functions.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import glob
 import logging
@@ -175,12 +176,44 @@ class ShardIndex:
         return len(self.keys)
 
 
+class _ReadAhead:
+    """A read-only file over a store's `RandomAccessFile` that fetches `block` bytes per request:
+    tarfile reads a 512-byte header, then seeks past the member's data; with small members many
+    headers arrive in one ranged read instead of one request each (a member larger than a block
+    is skipped over without reading it)."""
+
+    def __init__(self, raw, block: int = 1 << 18):
+        self.raw, self.block, self.size = raw, block, raw.size()
+        self.position, self.start, self.data = 0, 0, b""
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.size - self.position if n is None or n < 0 else min(n, self.size - self.position)
+        end = self.position + n
+        if not (self.start <= self.position and end <= self.start + len(self.data)):
+            self.start, self.data = self.position, self.raw.read_at(max(n, self.block), self.position)
+        out = self.data[self.position - self.start:end - self.start]
+        self.position = end
+        return out
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.position = offset if whence == 0 else self.position + offset if whence == 1 else self.size + offset
+        return self.position
+
+    def tell(self) -> int:
+        return self.position
+
+
 def build_shard_index(path: str) -> ShardIndex:
     """The `ShardIndex` of the tar at `path` (local or in an object store): one pass over its
-    headers, seeking past the members' data (on a store: one ranged read per header)."""
+    headers, seeking past the members' data (on a store: ranged reads of 256 KiB, `_ReadAhead`)."""
     keys, starts, suffix_ids, offsets, sizes = [], [], [], [], []
     suffixes: dict[str, int] = {}
-    with storage.open_input(path) as handle, tarfile.open(fileobj=handle, mode="r:") as archive:
+    with contextlib.ExitStack() as stack:
+        if storage.is_remote(path):
+            handle = _ReadAhead(stack.enter_context(storage.open_input(path)))
+        else:
+            handle = stack.enter_context(open(path, "rb"))
+        archive = stack.enter_context(tarfile.open(fileobj=handle, mode="r:"))
         for member in archive:
             if not member.isreg():
                 continue
