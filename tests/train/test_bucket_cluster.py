@@ -112,7 +112,7 @@ def test_bucket_only_run_on_three_nodes(s3_server, s3_bucket, small_config, data
             processes.append(ray_nodes.start_node(
                 [f"--address=127.0.0.1:{gcs}", "--num-cpus=2", "--resources={\"gpu_node\": 1}",
                  *ray_nodes.node_port_flags()], temp_dir / f"{name}.log",
-                extra_env={"SDE_RAY_SCRATCH": str(scratch[name])}))
+                extra_env={"SDE_RAY_SCRATCH": str(scratch[name])}, attempts=5))
         config = small_config(
             f"train.output_dir={s3_bucket}/runs/bucket", "train.run_name=bucket", "data.source=mmeb",
             f"data.shards=[{s3_bucket}/data/shards]", f"data.mmeb_eval_dir={eval_dir}", f"eval.data_dir={eval_dir}",
@@ -125,7 +125,7 @@ def test_bucket_only_run_on_three_nodes(s3_server, s3_bucket, small_config, data
         env.pop("RAY_ADDRESS", None)
         log_prefix = f"{s3_bucket}/hook"
         driver = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(_flatten(to_dict(config))), log_prefix],
-                                cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+                                cwd=cwd, env=env, capture_output=True, text=True, timeout=1200)
         output = driver.stdout + driver.stderr
         assert driver.returncode == 0, output[-6000:]
     finally:
