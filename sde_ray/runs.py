@@ -210,14 +210,15 @@ class RunLogger:
         rows = [row for row in rows if "loss" in row]
         return {k: v for k, v in rows[-1].items() if k not in ("step", "time")} if rows else {}
 
-    def log(self, step: int, metrics: dict[str, float]) -> None:
+    def log(self, step: int, metrics: dict[str, float], console: bool = False) -> None:
+        """One logged step; `console`: also a progress line (the loop's cadence decides when)."""
         row = {"step": step, "time": time.time(), **metrics}
         storage.append_text(self.jsonl, json.dumps(row) + "\n")
         if self.run is not None:
             self.run.log(metrics, step=step)
         if self.console_relay is not None:
             self.console_relay.progress(step, self.config.train.max_steps, metrics, self.eta(step))
-        if step % max(1, self.config.logging.console_every) == 0 or step == self.config.train.max_steps:
+        if console:
             self.console(step, metrics)
 
     def eta(self, step: int) -> float:

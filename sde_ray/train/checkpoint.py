@@ -65,6 +65,12 @@ class TrainState:
     rows_replaced: int = 0  # rows the processor rejected at read time, replaced in their batch
     data_order: dict = field(default_factory=dict)  # what the epoch order depends on (sde_ray.data.order)
 
+    def advance(self, global_batch_size: int, epoch: int, epoch_rows: int) -> None:
+        """One optimizer step done on a global batch; the stream now stands at (epoch, epoch_rows)."""
+        self.step += 1
+        self.samples += global_batch_size
+        self.epoch, self.epoch_rows = epoch, epoch_rows
+
     @classmethod
     def read(cls, directory: str | os.PathLike) -> TrainState:
         data = json.loads((Path(directory) / STATE).read_text())

@@ -6,15 +6,33 @@ from __future__ import annotations
 
 import contextlib
 import random
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from sde_ray.config import Config
 from sde_ray.losses import build_objective
-from sde_ray.losses.infonce import split_negatives
+from sde_ray.losses.batch import ContrastiveBatch
 from sde_ray.models import build_model, tower_of
 from sde_ray.train.deepspeed_config import per_group_schedule
+
+
+class Encoded(NamedTuple):
+    """`TrainModule.forward` without a context: the features of one chunk (a pair, so `query, target =
+    module(batch)` reads as before; NamedTuples let DeepSpeed's ZeRO-3 hooks reach the tensors)."""
+
+    query: torch.Tensor  # (rows × d) fp32 query features
+    target: torch.Tensor  # fp32 target features in the per-query layout (positives and negatives)
+
+
+class Scored(NamedTuple):
+    """`TrainModule.forward` with a context: the objective's loss on the step's features."""
+
+    loss: torch.Tensor  # this rank's scalar loss (the mean over ranks is the global loss)
+    metrics: dict  # the objective's metrics, floats
+    query: torch.Tensor  # every chunk's query features, detached (diagnostics)
+    positives: torch.Tensor  # their positives, detached: diagnostics describe the paired rows
 
 
 class TrainModule(torch.nn.Module):
@@ -28,7 +46,7 @@ class TrainModule(torch.nn.Module):
         # Each encoder tower's learning rate as a multiple of train.lr (`build_engine` makes the groups).
         self.tower_lr_scales = dict(tower_lr_scales or {})
 
-    def forward(self, batch: dict[str, torch.Tensor], context=None, cached=None):
+    def forward(self, batch: dict[str, torch.Tensor], context=None, cached=None) -> Encoded | Scored:
         """Encode `batch`; with a `context`, also the objective, on `batch`'s features followed by the
         `cached` (query, target) features of the step's other chunks (see `sde_ray.train.step`).
         Both run inside the engine's forward, so ZeRO-3 gathers the encoder's and the objective's
@@ -37,12 +55,12 @@ class TrainModule(torch.nn.Module):
         # The spectral stage (SVD / eigh, partition thresholds) wants at least fp32 under bf16 too.
         query, target = query.float(), target.float()
         if context is None:
-            return query, target
+            return Encoded(query, target)
         if cached is not None:
             query, target = torch.cat([query, cached[0]]), torch.cat([target, cached[1]])
         loss, metrics = self.objective(query, target, context)
-        # Diagnostics (spectra, gap) describe the paired rows: explicit negatives are left out.
-        return loss, metrics, query.detach(), split_negatives(query, target)[0].detach()
+        positives = ContrastiveBatch.of(query, target).positives  # explicit negatives left out
+        return Scored(loss, metrics, query.detach(), positives.detach())
 
 
 def build_train_module(config: Config) -> TrainModule:
@@ -111,6 +129,7 @@ def build_engine(module: torch.nn.Module, ds_config: dict):
     """
     import deepspeed  # here, not at the top: DeepSpeed picks its accelerator from DS_ACCELERATOR on import
 
+    skip_cpu_shared_memory_kernel()
     params = ds_config.get("optimizer", {}).get("params", {})
     lr = params.get("lr", 1e-3)
     lr_scales = getattr(module, "tower_lr_scales", None)
@@ -119,6 +138,25 @@ def build_engine(module: torch.nn.Module, ds_config: dict):
     with scalar_parameters_as_vectors(module):
         engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=groups, config=ds_config)
     return engine
+
+
+def skip_cpu_shared_memory_kernel() -> None:
+    """On DeepSpeed's CPU accelerator, do not build its shared-memory all-reduce kernel.
+
+    DeepSpeed's communication backend JIT-compiles that C++ kernel when it first starts in an
+    environment (measured: 60-80 s on 2 cores, and again whenever another Python environment
+    rebuilt the shared torch_extensions cache), yet uses it only for `inference_all_reduce`:
+    training's reductions go through torch.distributed (gloo here) either way. DeepSpeed keeps its
+    probed op table as one module-level dict so that edits to it persist; marking the op
+    incompatible makes the backend fall back to torch.distributed without compiling anything.
+    GPU accelerators never build this op, so this is a no-op there.
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def seed_everything(seed: int) -> None:

@@ -100,6 +100,7 @@ def test_train_job_runs_end_to_end(local_head, tmp_path):
         local_head,
         ["python", "jobs/train.py", "--config", "configs/default.yaml", "train.max_steps=4", "scaling.num_workers=1",
          "train.global_batch_size=8", "train.log_every=2", "train.checkpoint_every=4", "logging.wandb=false",
+         "eval.datasets=[SynColour]",  # the job path is under test, not the 36-dataset evaluation
          "--output-dir", str(output_dir)],
         submission_id=submission_id,
     )

@@ -75,6 +75,7 @@ def test_a_failed_worker_ends_the_run_with_its_reason(ray_cluster, data_cache, t
     out = tmp_path / "run"
     code = main(["train", "--config", str(REPO / "configs" / "default.yaml"), "--output-dir", str(out), *SYNTH,
                  f"data.cache_dir={data_cache}", "logging.wandb=false", "scaling.num_workers=1",
+                 "scaling.max_failures=0",  # the reason is the same on every attempt: one is enough
                  "model.name_or_path=/nonexistent/model"])
     captured = capsys.readouterr()
     last = captured.err.strip().splitlines()[-2:]
