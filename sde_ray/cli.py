@@ -15,7 +15,7 @@ from pathlib import Path
 
 from sde_ray.config import ConfigError, DataConfig, dump_yaml, load_config, with_values
 
-BENCHMARKS = ("spectral", "data", "train", "eval", "models", "search", "serve")
+BENCHMARKS = ("spectral", "data", "train", "eval", "models", "search", "serve", "checkpoint")
 
 
 def _add_config_args(parser: argparse.ArgumentParser, default: str | None = "configs/default.yaml") -> None:
@@ -151,7 +151,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         except ConfigError:
             raise
         except Exception as exc:  # noqa: BLE001 - any failure: the reason last, the traceback in a file
-            report_failure(exc, Path(absolute_path(config.train.output_dir)), verbose=args.verbose)
+            report_failure(exc, absolute_path(config.train.output_dir), verbose=args.verbose)
             return 1
         return EXIT_PREEMPTED if summary.get("preempted") else 0
     if args.command == "tune":

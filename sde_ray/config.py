@@ -339,6 +339,13 @@ class TrainConfig:
     grad_clip: float = doc(1.0, "Gradient norm clip (0 disables).")
     seed: int = doc(0, "Global seed (model init, enhancement noise).")
     checkpoint_every: int = doc(20, "Steps between checkpoints (a final one is always written).")
+    checkpoint_every_minutes: float = doc(
+        0.0, "Also checkpoint when this many minutes have passed since the last one (wall clock, the slowest "
+        "rank's; 0: by step only): bounds the GPU time a preemption can lose.")
+    checkpoint_upload: Literal["async", "sync"] = doc(
+        "async", "Periodic checkpoints: saved to node-local scratch, then uploaded in the background while "
+        "training goes on (async; Ray Train's CheckpointUploadMode.ASYNC) or before the next step (sync). "
+        "The final and the preemption checkpoints are always uploaded before the workers return.")
     keep_checkpoints: int = doc(2, "Checkpoints kept on storage.")
     eval_every: int = doc(0, "Steps between on-the-fly P@1 validations (0: only at the end).")
     log_every: int = doc(5, "Steps between metric reports.")
@@ -363,6 +370,10 @@ class ScalingConfig:
     max_failures: int = doc(2, "Worker-group restarts from the latest checkpoint before giving up.")
     elastic_resize_monitor_interval_s: float = doc(10.0, "How often an elastic run reconsiders its size.")
     address: str = doc("", "Ray cluster address; empty: join RAY_ADDRESS if set, else start a local Ray.")
+    worker_node_resource: str = doc(
+        "", "A custom Ray resource marking the nodes that training workers and eval actors may use (each asks "
+        "0.001 of it: placement only; CPUs and GPUs still bound how many fit), e.g. gpu_node for nodes started "
+        "with --resources='{\"gpu_node\": 1}'; empty: any node, the head included.")
 
 
 @dataclass
@@ -896,6 +907,7 @@ RANGES: dict[str, Range] = {
     "spectral.energy_fraction": within(0, 1),
     "train.max_steps": at_least(1),
     "train.checkpoint_every": at_least(1),
+    "train.checkpoint_every_minutes": at_least(0, why="0: by step only"),
     "train.log_every": at_least(1),
     "train.lr": above(0),
     "train.adam_beta1": within(0, 1, high_open=True),
@@ -967,6 +979,9 @@ def validate(config: Config) -> None:
         raise ConfigError(f"scaling.num_workers must be >= 1, got {s.num_workers}.")
     for workers in worker_counts(s):
         chunk_size(config, workers)
+    if s.worker_node_resource in ("CPU", "GPU", "memory", "object_store_memory"):
+        raise ConfigError(f"scaling.worker_node_resource: {s.worker_node_resource!r} is a built-in resource; name a "
+                          "custom one the worker nodes were started with (ray start --resources).")
     if d.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {d.zero_stage}.")
     check_precision(config)

@@ -21,6 +21,8 @@ exactly the single-process gradient (tested on gloo; NCCL is these ops' main tar
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -128,3 +130,20 @@ def broadcast_object(value: Any, world_size: int, src: int = 0) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=src, device=group_device())
     return box[0]
+
+
+class SlowestClock:
+    """Seconds since `reset`, the slowest rank's (one all-reduce MAX per reading): a wall-clock
+    decision (a checkpoint every N minutes) that every rank takes at the same step although their
+    clocks differ. `now`: the clock (`time.monotonic`)."""
+
+    def __init__(self, now: Callable[[], float] = time.monotonic):
+        self.now = now
+        self.reset()
+
+    def reset(self) -> None:
+        self.since = self.now()
+
+    def elapsed(self, world_size: int) -> float:
+        local = torch.tensor([self.now() - self.since], dtype=torch.float64, device="cpu")
+        return float(max_over_ranks(local, world_size).item())

@@ -38,15 +38,31 @@ def run_resources(config: Config, workers: int | None = None, trial: bool = Fals
     return needs
 
 
+NODE_RESOURCE_SHARE = 0.001  # of scaling.worker_node_resource per worker/actor: a placement mark, not a quota
+
+
+def worker_node_resources(config: Config) -> dict[str, float]:
+    """The custom resource that keeps training workers and eval actors on the marked nodes ({}: anywhere)."""
+    name = config.scaling.worker_node_resource
+    return {name: NODE_RESOURCE_SHARE} if name else {}
+
+
 def worker_env(config: Config) -> dict[str, str]:
     """Environment of the training workers: DeepSpeed's CPU accelerator without GPUs, wandb's keys."""
     env = {"TOKENIZERS_PARALLELISM": "false"}
     if not config.scaling.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
-    for key in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_SILENT", "WANDB_BASE_URL"):
+    for key in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_SILENT", "WANDB_BASE_URL", *STORAGE_ENV):
         if os.environ.get(key):
             env[key] = os.environ[key]
     return env
+
+
+# What the object store needs on every node (sde_ray.storage): the endpoint of a non-AWS S3 server
+# and its region, and credentials where the driver has them in its environment (on a cloud cluster,
+# instance or pod roles give them to every node and these stay unset).
+STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
+               "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "GOOGLE_APPLICATION_CREDENTIALS")
 
 
 def connect(config: Config, local_cpus: float | None = None, log_to_driver: bool = True) -> bool:
@@ -63,6 +79,8 @@ def connect(config: Config, local_cpus: float | None = None, log_to_driver: bool
         return False
     address = config.scaling.address or os.environ.get("RAY_ADDRESS", "")
     env = {"DS_ACCELERATOR": "cpu"} if not config.scaling.use_gpu else {}
+    # The eval actors and Ray Data tasks read the bucket too: the job's environment carries the store's.
+    env.update({key: os.environ[key] for key in STORAGE_ENV if os.environ.get(key)})
     if address:
         # Inside `ray job submit` the job's runtime_env already set these; repeating a key here is a
         # merge conflict that kills the job, so pass only what the environment lacks.

@@ -8,7 +8,8 @@
   driver's progress bar through a `console` relay) that the training loop writes and
   `eval.diagnostics.training_history` reads.
 
-Depends on the standard library only (wandb is imported when a logger opens a run).
+Depends on the standard library and `sde_ray.storage` (every file through it: the output folder may be an
+object-store URL); wandb is imported when a logger opens a run.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from sde_ray import storage
 
 # Checkpoint directory layout (see train/checkpoint.py for what each holds).
 DEEPSPEED_DIR = "deepspeed"
@@ -150,6 +153,17 @@ def _format(value: float) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def wandb_dir(output_dir: str, run_id: str) -> Path:
+    """wandb's working folder: the output folder itself when it is local, else node-local scratch
+    (wandb writes its files as it goes; they are uploaded beside the run when it finishes)."""
+    if not storage.is_remote(output_dir):
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        return Path(output_dir)
+    path = storage.scratch_dir() / "wandb" / run_id
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 class RunLogger:
     """Rank-0 sinks: progress lines, metrics.jsonl (truncated to the resumed step), wandb, and the
     driver's progress bar: `console` (a `train.console.ConsoleRelay`, or None) receives every logged
@@ -158,9 +172,8 @@ class RunLogger:
     def __init__(self, config, output_dir: str, run_id: str, mode: str, resumed_step: int, console=None):
         self.config = config
         self.console_relay = console
-        self.output_dir = Path(output_dir)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = self.output_dir / METRICS_FILE
+        self.output_dir = str(output_dir)  # a folder or an object-store URL (sde_ray.storage)
+        self.jsonl = storage.join(self.output_dir, METRICS_FILE)
         self._truncate_after(resumed_step)
         self.start_time = time.time()
         self.start_step = resumed_step
@@ -174,7 +187,7 @@ class RunLogger:
                 name=config.train.run_name,
                 id=run_id,  # stable across worker-group restarts, so a resumed run continues one chart
                 resume="allow",
-                dir=str(self.output_dir),
+                dir=str(wandb_dir(self.output_dir, run_id)),
                 mode=mode,
                 config=dataclasses.asdict(config),
                 reinit="finish_previous",
@@ -182,25 +195,25 @@ class RunLogger:
 
     def _truncate_after(self, step: int) -> None:
         """Drops rows past the checkpoint a restart resumed from, so every step appears once."""
-        if not self.jsonl.exists():
+        if not storage.exists(self.jsonl):
             return
-        kept = [line for line in self.jsonl.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-        self.jsonl.write_text("".join(line + "\n" for line in kept))
+        kept = [line for line in storage.read_text(self.jsonl).splitlines()
+                if line and json.loads(line).get("step", 0) <= step]
+        storage.write_text(self.jsonl, "".join(line + "\n" for line in kept))
 
     def last_logged(self) -> dict[str, Any]:
         """The metrics of the last training row already in metrics.jsonl (without step and time),
         {} if none: the summary of a relaunch that had no step left to train."""
-        if not self.jsonl.exists():
+        if not storage.exists(self.jsonl):
             return {}
-        rows = [json.loads(line) for line in self.jsonl.read_text().splitlines() if line]
+        rows = [json.loads(line) for line in storage.read_text(self.jsonl).splitlines() if line]
         rows = [row for row in rows if "loss" in row]
         return {k: v for k, v in rows[-1].items() if k not in ("step", "time")} if rows else {}
 
     def log(self, step: int, metrics: dict[str, float], console: bool = False) -> None:
         """One logged step; `console`: also a progress line (the loop's cadence decides when)."""
         row = {"step": step, "time": time.time(), **metrics}
-        with self.jsonl.open("a") as handle:
-            handle.write(json.dumps(row) + "\n")
+        storage.append_text(self.jsonl, json.dumps(row) + "\n")
         if self.run is not None:
             self.run.log(metrics, step=step)
         if self.console_relay is not None:
@@ -236,5 +249,8 @@ class RunLogger:
             for key, value in (summary or {}).items():
                 if isinstance(value, (int, float, str)):
                     self.run.summary[key] = value
+            directory = self.run.dir
             self.run.finish()
             self.run = None
+            if storage.is_remote(self.output_dir):  # offline/online files kept beside the run
+                storage.upload_dir(str(Path(directory).parent), storage.join(self.output_dir, "wandb"))

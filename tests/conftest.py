@@ -56,6 +56,31 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on loopback for the whole session (tests/s3_server.py), with the AWS
+    variables in os.environ pointing at it (Ray nodes and workers started afterwards inherit them;
+    `ray_cluster.worker_env` forwards them to the training workers either way)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from s3_server import S3Server, export_env, restore_env
+
+    server = S3Server()
+    previous = export_env(server.env)
+    yield server
+    restore_env(previous)
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request) -> str:
+    """A fresh bucket for one test: its `s3://` URL."""
+    import re
+
+    return s3_server.create_bucket(re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:50].strip("-"))
+
+
+@pytest.fixture(scope="session")
 def synthetic_mmeb(tmp_path_factory):
     from sde_ray.data.synthetic import write_synthetic_mmeb
 

@@ -38,9 +38,11 @@ def node_port_flags() -> list[str]:
             f"--metrics-export-port={metrics}", "--min-worker-port=0", "--max-worker-port=0"]
 
 
-def start(args: list[str], log_path: Path) -> subprocess.Popen:
-    """`ray start --block ARGS` in its own session, output to `log_path`."""
-    env = {**os.environ, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "2", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+def start(args: list[str], log_path: Path, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`ray start --block ARGS` in its own session, output to `log_path`; `extra_env`: this node's own
+    variables (its processes, Ray workers included, inherit them)."""
+    env = {**os.environ, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "2", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+           **(extra_env or {})}
     env.pop("RAY_ADDRESS", None)
     if "--head" not in args:  # a joining node is a client of the head's token-authenticated GCS
         env["RAY_AUTH_MODE"] = "token"
@@ -62,11 +64,12 @@ def stop(process: subprocess.Popen) -> None:
         process.wait(timeout=30)
 
 
-def start_node(args: list[str], log_path: Path, attempts: int = 3) -> subprocess.Popen:
+def start_node(args: list[str], log_path: Path, attempts: int = 3,
+               extra_env: dict[str, str] | None = None) -> subprocess.Popen:
     """`start`, waiting for "Ray runtime started" and retrying: Ray gives a raylet 30 s to register
     with the GCS, which a heavily loaded machine can miss ("The current node timed out during startup")."""
     for _ in range(attempts):
-        process = start(args, log_path)
+        process = start(args, log_path, extra_env)
         deadline = time.time() + 240
         while time.time() < deadline:
             if "Ray runtime started" in log_path.read_text():

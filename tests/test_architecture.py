@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "sde_ray"
 # The Ray-free library: torch / numpy maths, encoders and data formats; rank and world_size are
 # arguments. It may import itself and the two shared leaves below, nothing of the application.
 LIBRARY = ("spectral", "losses", "models", "data")
-SHARED_LEAVES = ("config", "distributed")
+SHARED_LEAVES = ("config", "distributed", "storage")
 APPLICATION = ("train", "tune", "eval", "bench", "cli", "runs", "ray_cluster", "config_doc")
 FRAMEWORKS = ("ray", "deepspeed", "wandb")
 # Objectives and the spectral maths take plain values or their own small frozen dataclasses
@@ -76,7 +76,7 @@ def _violations(root: Path = PACKAGE, allowed: set = ALLOWED) -> list[str]:
                 out.append(f"{where}: config/distributed are leaves, imported by the library, never importing it")
             if part == "eval" and target in ("train", "tune"):
                 out.append(f"{where}: Eval must not import Train or Tune (Train -> Eval is the allowed direction)")
-            if part in ("runs", "ray_cluster") and target not in ("config", "ray", "wandb"):
+            if part in ("runs", "ray_cluster") and target not in ("config", "storage", "ray", "wandb"):
                 out.append(f"{where}: runs/ray_cluster are shared by Train, Tune and Eval and import none of them")
     return out
 

@@ -69,6 +69,8 @@ def test_agreement_mean_and_broadcast(ranks):
                                                  "acc": sum(2.0 * r + 1 for r in range(world)) / world})
         assert list(result["mean"]) == ["acc", "loss"]
         assert result["broadcast"] == {"from": 0, "tag": "rank0"}
+        # The slowest rank's elapsed time, on every rank (what train.checkpoint_every_minutes decides on).
+        assert result["slowest_clock"] == [max(pair) for pair in gloo_workers.CLOCK_ELAPSED]
 
 
 def test_single_process_needs_no_group():

@@ -19,7 +19,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sde_ray.data.shards import ShardCheck, _is_remote, check_shards, expand_shards
+from sde_ray import storage
+from sde_ray.data.shards import ShardCheck, check_shards, expand_shards
 
 MANIFEST = "manifest.json"
 
@@ -185,11 +186,11 @@ def _prepare_locked(config, cache: Path) -> PreparedData:
     elif data.shards:
         shards = expand_shards(data.shards)
         first = shards[0]
-        manifest_dir = os.path.dirname(first)
+        manifest_dir = storage.parent(first)
         from sde_ray.data.convert import load_manifest
 
-        manifest = load_manifest(manifest_dir) if not _is_remote(first) and \
-            os.path.exists(os.path.join(manifest_dir, MANIFEST)) else {}
+        # The manifest beside the shards (local or in the bucket) gives every shard's sample count.
+        manifest = load_manifest(manifest_dir) if storage.exists(storage.join(manifest_dir, MANIFEST)) else {}
         eval_dir = Path(data.mmeb_eval_dir).expanduser().resolve() if data.mmeb_eval_dir else None
     else:
         train_dir = Path(data.mmeb_train_dir).expanduser().resolve()

@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
+from sde_ray import storage
 from sde_ray.data.mmeb import (
     MANIFEST,
     TRAIN_COLUMNS,
@@ -392,9 +393,9 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def load_manifest(shard_dir: str | os.PathLike) -> dict:
     """The manifest.json of a converted shard folder, checked for our format and schema version."""
-    path = Path(shard_dir) / MANIFEST
+    path = storage.join(str(shard_dir), MANIFEST)  # a folder or an object-store prefix
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(storage.read_text(path))
     except FileNotFoundError:
         raise FileNotFoundError(f"no {MANIFEST} in {shard_dir}: convert with `sde-ray data convert-mmeb`") from None
     if manifest.get("format") != FORMAT or manifest.get("schema_version") != SCHEMA_VERSION:

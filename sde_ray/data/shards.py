@@ -1,20 +1,23 @@
 """WebDataset shards on the driver and in the read tasks: expansion, validation, selective reads.
 
-- `expand_shards`: files from paths, folders and globs (local or fsspec URLs), made absolute.
+- `expand_shards`: files from paths, folders and globs (local, s3:// or gs://), made absolute.
 - `check_shards`: drops corrupt or truncated shards (tar headers past the end of the file, sizes
   or sample counts that disagree with the manifest, optionally sha256), reporting each skipped
   shard with its reason. Nothing is fatal but an empty result.
 - `read_samples(path, rows)` / `iter_samples(path, rows, chunk_rows)`: the raw members of the
   samples at the given row indices of one shard (all at once / in chunks, one pass). The other
   samples' bytes are neither read nor decoded (what lets a resume start mid-epoch without
-  replaying the consumed rows): a local shard is read at the member offsets of its `ShardIndex`
-  (its tar headers, parsed once per process and kept), a remote one streamed past their headers.
+  replaying the consumed rows): a shard, local or in an object store (`sde_ray.storage`), is read
+  at the member offsets of its `ShardIndex` (its tar headers, parsed once per process and kept):
+  ranged reads on a store, never the whole object.
 
 No Ray here: the Ray Data tasks of `sde_ray.train.data` call these functions.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fnmatch
 import glob
 import logging
 import os
@@ -25,26 +28,30 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from sde_ray import storage
+
 logger = logging.getLogger(__name__)
 
 
 def _is_remote(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
+    return storage.is_remote(path)
 
 
 def expand_shards(shards: list[str] | str) -> list[str]:
-    """Files from paths, folders (their *.tar) and globs; local paths made absolute; order kept."""
+    """Files from paths, folders (their *.tar) and globs, local or in an object store (`s3://`,
+    `gs://`: a prefix lists its *.tar, a glob matches within one prefix); local paths made absolute;
+    order kept."""
     items = [shards] if isinstance(shards, str) else list(shards)
     out: list[str] = []
     for item in items:
         item = str(item)
         if _is_remote(item):
             if any(ch in item for ch in "*?["):
-                import fsspec
-
-                _fs, _, matches = fsspec.get_fs_token_paths(item)
-                protocol = item.split("://", 1)[0]
-                out.extend(f"{protocol}://{m}" if "://" not in m else m for m in sorted(matches))
+                pattern = storage.basename(item)
+                out.extend(f for f in storage.list_files(storage.parent(item))
+                           if fnmatch.fnmatchcase(storage.basename(f), pattern))
+            elif storage.is_dir(item):
+                out.extend(storage.list_files(item, ".tar"))
             else:
                 out.append(item)
             continue
@@ -103,6 +110,14 @@ def check_shards(shards: list[str] | str, manifest: dict | None = None, verify_s
     for path in expand_shards(shards):
         entry = expected.get(os.path.basename(path))
         if _is_remote(path):
+            # Object stores: the counts come from the manifest beside the shards (no shard is read
+            # here); a size that disagrees with it (one HEAD request) drops the shard.
+            try:
+                if entry and storage.size(path) != entry["bytes"]:
+                    raise ValueError(f"size {storage.size(path)} != manifest {entry['bytes']} bytes")
+            except (OSError, ValueError) as exc:
+                check.skipped[path] = str(exc)
+                continue
             check.paths.append(path)
             if entry:
                 check.samples[path] = entry["num_samples"]
@@ -161,11 +176,44 @@ class ShardIndex:
         return len(self.keys)
 
 
+class _ReadAhead:
+    """A read-only file over a store's `RandomAccessFile` that fetches `block` bytes per request:
+    tarfile reads a 512-byte header, then seeks past the member's data; with small members many
+    headers arrive in one ranged read instead of one request each (a member larger than a block
+    is skipped over without reading it)."""
+
+    def __init__(self, raw, block: int = 1 << 18):
+        self.raw, self.block, self.size = raw, block, raw.size()
+        self.position, self.start, self.data = 0, 0, b""
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.size - self.position if n is None or n < 0 else min(n, self.size - self.position)
+        end = self.position + n
+        if not (self.start <= self.position and end <= self.start + len(self.data)):
+            self.start, self.data = self.position, self.raw.read_at(max(n, self.block), self.position)
+        out = self.data[self.position - self.start:end - self.start]
+        self.position = end
+        return out
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.position = offset if whence == 0 else self.position + offset if whence == 1 else self.size + offset
+        return self.position
+
+    def tell(self) -> int:
+        return self.position
+
+
 def build_shard_index(path: str) -> ShardIndex:
-    """The `ShardIndex` of the local tar at `path`: one pass over its headers."""
+    """The `ShardIndex` of the tar at `path` (local or in an object store): one pass over its
+    headers, seeking past the members' data (on a store: ranged reads of 256 KiB, `_ReadAhead`)."""
     keys, starts, suffix_ids, offsets, sizes = [], [], [], [], []
     suffixes: dict[str, int] = {}
-    with tarfile.open(path, mode="r:") as archive:
+    with contextlib.ExitStack() as stack:
+        if storage.is_remote(path):
+            handle = _ReadAhead(stack.enter_context(storage.open_input(path)))
+        else:
+            handle = stack.enter_context(open(path, "rb"))
+        archive = stack.enter_context(tarfile.open(fileobj=handle, mode="r:"))
         for member in archive:
             if not member.isreg():
                 continue
@@ -193,9 +241,8 @@ INDEXES_KEPT = 256
 
 
 def shard_index(path: str) -> ShardIndex:
-    """This process's `ShardIndex` of the local tar `path`, rebuilt when the file changed."""
-    stat = os.stat(path)
-    key = (path, stat.st_size, stat.st_mtime_ns)
+    """This process's `ShardIndex` of the tar `path`, rebuilt when the file (object) changed."""
+    key = (path, *storage.version(path))
     index = _INDEXES.get(key)
     if index is None:
         index = _INDEXES[key] = build_shard_index(path)
@@ -210,9 +257,8 @@ def read_samples(path: str, rows: Sequence[int]) -> dict[str, list]:
     sample lacks it) of the samples at `rows` (ascending row indices) of the shard at `path`.
 
     Samples are consecutive members sharing a key (the WebDataset layout). Members of other samples
-    are never read: a local shard is read at the wanted members' offsets (`shard_index`); a remote
-    one is streamed, its other members passed over by their headers, and the read stops after the
-    last wanted row. Raises ValueError when the shard has fewer rows than asked for.
+    are never read: a shard, local or remote, is read at the wanted members' offsets (`shard_index`).
+    Raises ValueError when the shard has fewer rows than asked for.
     """
     return next(iter_samples(path, rows, max(1, len(rows))), None) or {"__key__": [], "__url__": []}
 
@@ -225,7 +271,7 @@ def iter_samples(path: str, rows: Sequence[int], chunk_rows: int) -> Iterator[di
         raise ValueError(f"rows of {path} must be strictly ascending")
     if not wanted:
         return
-    chunks = _stream_samples(path, wanted) if _is_remote(path) else _seek_samples(path, wanted)
+    chunks = _seek_samples(path, wanted)
     found, pending = 0, []
     for key, sample in chunks:
         pending.append((key, sample))
@@ -248,10 +294,11 @@ def _columns(path: str, samples: list[tuple[str, dict[str, bytes]]]) -> dict[str
 
 
 def _seek_samples(path: str, wanted: list[int]) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {suffix: bytes}) of the wanted rows of a local shard: one read per sample, spanning its
-    members (consecutive in the tar, a 512-byte header between two)."""
+    """(key, {suffix: bytes}) of the wanted rows of a shard: one read per sample, spanning its
+    members (consecutive in the tar, a 512-byte header between two); on an object store each is a
+    ranged read of those bytes only."""
     index = shard_index(path)
-    with open(path, "rb") as handle:
+    with storage.open_input(path) as handle:
         for row in wanted:
             if row >= len(index):
                 return
@@ -263,31 +310,3 @@ def _seek_samples(path: str, wanted: list[int]) -> Iterator[tuple[str, dict[str,
                 index.suffixes[index.suffix_ids[j]]: bytes(span[index.offsets[j] - begin:
                                                                  index.offsets[j] - begin + index.sizes[j]])
                 for j in range(first, last)}
-
-
-def _stream_samples(path: str, wanted: list[int]) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """The same from a stream (remote shards): the other members are passed over by their headers."""
-    with _open_remote(path) as handle, tarfile.open(fileobj=handle, mode="r|") as archive:
-        index, current, cursor, sample = -1, None, 0, None
-        for member in archive:
-            if not member.isreg():
-                continue
-            key = sample_key(member.name)
-            if key != current:
-                if sample is not None:
-                    yield current, sample
-                current, index, sample = key, index + 1, None
-                if index > wanted[-1]:
-                    return
-                if cursor < len(wanted) and index == wanted[cursor]:
-                    cursor, sample = cursor + 1, {}
-            if sample is not None:
-                sample[member.name.split("/")[-1][len(key) + 1:]] = archive.extractfile(member).read()
-        if sample is not None:
-            yield current, sample
-
-
-def _open_remote(path: str):
-    import fsspec
-
-    return fsspec.open(path, "rb").open()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from sde_ray import storage
 from sde_ray.config import Config
 from sde_ray.eval.encode import MODEL_CARD
 from sde_ray.models.embedder import ADAPTER_DIR, EXPORT_FILE, SENTENCE_TRANSFORMERS_FILES
@@ -20,13 +21,14 @@ def _percent(value) -> str:
 
 
 def model_card(model_dir: str | Path, config: Config, results: dict | None, train: dict | None = None) -> str:
-    model_dir = Path(model_dir)
-    meta = json.loads((model_dir / EXPORT_FILE).read_text())
-    hf = json.loads((model_dir / "config.json").read_text())
+    model_dir = str(model_dir)  # a folder or an object-store URL (sde_ray.storage)
+    meta = json.loads(storage.read_text(storage.join(model_dir, EXPORT_FILE)))
+    hf = json.loads(storage.read_text(storage.join(model_dir, "config.json")))
+    name = storage.basename(model_dir)
     t, d, m = config.train, config.data, config.model
     data = d.mmeb_train_dir or ", ".join(d.shards) or f"the synthetic MMEB (seed {d.synth.seed})"
     lines = [
-        f"# {model_dir.parent.name if model_dir.name == 'model' else model_dir.name}",
+        f"# {storage.basename(storage.parent(model_dir)) if name == 'model' else name}",
         "",
         f"A {m.kind} embedding model ({hf.get('model_type')}, {meta['embed_dim']}-dimensional embeddings) trained "
         f"with sde_ray from `{meta['source_name_or_path']}`.",
@@ -91,7 +93,7 @@ def model_card(model_dir: str | Path, config: Config, results: dict | None, trai
     return "\n".join(lines) + "\n"
 
 
-def write_model_card(model_dir: str | Path, config: Config, results: dict | None, train: dict | None = None) -> Path:
-    path = Path(model_dir) / MODEL_CARD
-    path.write_text(model_card(model_dir, config, results, train))
+def write_model_card(model_dir: str | Path, config: Config, results: dict | None, train: dict | None = None) -> str:
+    path = storage.join(str(model_dir), MODEL_CARD)
+    storage.write_text(path, model_card(model_dir, config, results, train))
     return path

@@ -20,6 +20,7 @@ evaluation of the same model on the same data encodes nothing.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from pathlib import Path
 from typing import Sequence
@@ -27,6 +28,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from sde_ray import storage
 from sde_ray.models.vlm import trim_patches
 
 PREFIXES = {"query": "qry", "target": "pos"}
@@ -158,18 +160,30 @@ class CachedEncoder:
 
     def __init__(self, encoder, model_id: str, cache_dir: str | os.PathLike | None = None):
         self.encoder, self.model_id = encoder, model_id
-        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.cache_dir = str(cache_dir) if cache_dir else None  # a folder or an object-store URL
         self.memory: dict[str, np.ndarray] = {}
         self.hits = self.misses = 0
 
     def _load(self, key: str) -> np.ndarray | None:
         if key in self.memory:
             return self.memory[key]
-        path = self.cache_dir / f"{key}.npy" if self.cache_dir else None
-        if path is not None and path.is_file():
-            self.memory[key] = np.load(path, allow_pickle=False)
+        path = storage.join(self.cache_dir, f"{key}.npy") if self.cache_dir else None
+        if path is not None and storage.is_file(path):
+            self.memory[key] = np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False)
             return self.memory[key]
         return None
+
+    def _store(self, key: str, array: np.ndarray) -> None:
+        path = storage.join(self.cache_dir, f"{key}.npy")
+        if storage.is_remote(path):  # an object appears whole when its upload completes
+            buffer = io.BytesIO()
+            np.save(buffer, array)
+            storage.write_bytes(path, buffer.getvalue())
+            return
+        os.makedirs(self.cache_dir, exist_ok=True)
+        tmp = storage.join(self.cache_dir, f"{key}.tmp.npy")
+        np.save(tmp, array)
+        os.replace(tmp, path)  # never a half-written entry
 
     def encode(self, requests: Sequence[tuple[str, list[str], list]]) -> list[np.ndarray]:
         keys = [request_key(self.model_id, side, texts, images) for side, texts, images in requests]
@@ -180,10 +194,7 @@ class CachedEncoder:
         for i, array in zip(todo, self.encoder.encode([requests[i] for i in todo]) if todo else []):
             found[i] = self.memory[keys[i]] = array
             if self.cache_dir is not None:
-                self.cache_dir.mkdir(parents=True, exist_ok=True)
-                tmp = self.cache_dir / f"{keys[i]}.tmp.npy"
-                np.save(tmp, array)
-                tmp.replace(self.cache_dir / f"{keys[i]}.npy")  # never a half-written entry
+                self._store(keys[i], array)
         return found
 
 
@@ -192,7 +203,9 @@ class _EncoderActor:
         import time
 
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-        self.encoder = load_encoder(model_dir, batch_size, "cuda" if use_gpu else "cpu", precision)
+        # An export in the bucket is copied to this node's scratch for loading, then removed.
+        with storage.readable_dir(model_dir) as local:
+            self.encoder = load_encoder(local, batch_size, "cuda" if use_gpu else "cpu", precision)
         self.started_at = time.time()
 
     def encode_batch(self, side: str, texts: list[str], images: list) -> np.ndarray:
@@ -202,7 +215,10 @@ class _EncoderActor:
         """Where this actor runs (recorded in the results: which process evaluated)."""
         import socket
 
-        return {"pid": os.getpid(), "host": socket.gethostname(), "device": str(self.encoder.device),
+        import ray
+
+        return {"pid": os.getpid(), "host": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id(),
+                "device": str(self.encoder.device),
                 "precision": self.encoder.precision, "started_at": self.started_at}
 
 
@@ -218,6 +234,7 @@ class RayEncoderPool:
         cpus_per_worker: float = 1.0,
         progress: bool = True,
         precision: str = "fp32",
+        resources: dict | None = None,
     ):
         import ray
 
@@ -225,7 +242,9 @@ class RayEncoderPool:
             raise ValueError(f"eval.num_workers must be >= 1, got {num_workers}")
         if use_gpu is None:
             use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
-        actor = ray.remote(num_cpus=cpus_per_worker, num_gpus=1 if use_gpu else 0)(_EncoderActor)
+        # `resources`: a custom one (scaling.worker_node_resource) that keeps the actors on the worker nodes.
+        actor = ray.remote(num_cpus=cpus_per_worker, num_gpus=1 if use_gpu else 0,
+                           resources=dict(resources or {}))(_EncoderActor)
         # fp16 autocast is a GPU mode; CPU actors of an fp16 run encode in bf16.
         if precision == "fp16" and not use_gpu:
             precision = "bf16"

@@ -7,10 +7,12 @@ with one decimal (the papers' format) in results.md and `compare_runs`.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from pathlib import Path
 
+from sde_ray import storage
 from sde_ray.data.mmeb import META_TASK_TITLES
 
 RESULTS_JSON, RESULTS_MD, RESULTS_CSV = "results.json", "results.md", "results.csv"
@@ -79,19 +81,20 @@ def results_markdown(results: dict) -> str:
 
 def write_results(results: dict, output_dir: str | os.PathLike) -> dict[str, Path]:
     """Writes results.json, results.md and results.csv into `output_dir`; returns their paths."""
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / RESULTS_JSON, "md": out / RESULTS_MD, "csv": out / RESULTS_CSV}
-    paths["json"].write_text(json.dumps(results, indent=2) + "\n")
-    paths["md"].write_text(results_markdown(results))
-    with paths["csv"].open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        for name, row in results["datasets"].items():
-            writer.writerow({"name": name, "kind": "dataset", **{k: row[k] for k in CSV_FIELDS[2:]}})
-        for label, kind, value in _summary_rows(results):
-            writer.writerow({"name": label, "kind": kind, "p_at_1": "" if value is None else value})
-    return paths
+    out = str(output_dir)  # a folder or an object-store URL (sde_ray.storage)
+    paths = {"json": storage.join(out, RESULTS_JSON), "md": storage.join(out, RESULTS_MD),
+             "csv": storage.join(out, RESULTS_CSV)}
+    storage.write_text(paths["json"], json.dumps(results, indent=2) + "\n")
+    storage.write_text(paths["md"], results_markdown(results))
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=CSV_FIELDS)
+    writer.writeheader()
+    for name, row in results["datasets"].items():
+        writer.writerow({"name": name, "kind": "dataset", **{k: row[k] for k in CSV_FIELDS[2:]}})
+    for label, kind, value in _summary_rows(results):
+        writer.writerow({"name": label, "kind": kind, "p_at_1": "" if value is None else value})
+    storage.write_text(paths["csv"], table.getvalue())
+    return {key: Path(path) if not storage.is_remote(path) else path for key, path in paths.items()}
 
 
 VLM2VEC_SCORE_SUFFIX = "_score.json"
@@ -102,8 +105,7 @@ def write_vlm2vec_scores(results: dict, output_dir: str | os.PathLike) -> list[P
     `num_correct`, `num_pred` = queries), so published per-dataset scores compare file by file.
     Each file also carries `benchmark` and `model` (the evaluated model's identity) from `results`.
     """
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = str(output_dir)
     paths = []
     for name, row in results["datasets"].items():
         payload = {
@@ -113,9 +115,9 @@ def write_vlm2vec_scores(results: dict, output_dir: str | os.PathLike) -> list[P
             "benchmark": results.get("benchmark"),
             "model": results.get("model"),
         }
-        path = out / f"{name}{VLM2VEC_SCORE_SUFFIX}"
-        path.write_text(json.dumps(payload, indent=2) + "\n")
-        paths.append(path)
+        path = storage.join(out, f"{name}{VLM2VEC_SCORE_SUFFIX}")
+        storage.write_text(path, json.dumps(payload, indent=2) + "\n")
+        paths.append(Path(path) if not storage.is_remote(path) else path)
     return paths
 
 

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from sde_ray import storage
 from sde_ray.config import Config
 from sde_ray.data.mmeb import DatasetInfo
 from sde_ray.eval import plots
@@ -31,8 +32,8 @@ from sde_ray.eval.encode import CachedEncoder, RayEncoderPool, model_identity
 from sde_ray.eval.evaluation import Evaluation, evaluate_prepared, gap_remedy_effect
 from sde_ray.eval.report import write_results, write_vlm2vec_scores
 from sde_ray.eval.roots import benchmark_version, resolve_eval_root, select_datasets
-from sde_ray.ray_cluster import connect
-from sde_ray.runs import wandb_mode
+from sde_ray.ray_cluster import connect, worker_node_resources
+from sde_ray.runs import wandb_dir, wandb_mode
 
 EMBEDDING_CACHE = "embedding_cache"
 VLM2VEC_DIR = "vlm2vec"
@@ -44,21 +45,22 @@ def eval_precision(config: Config) -> str:
 
 
 def evaluate_on_actors(
-    model_dir: Path,
+    model_dir: str | Path,
     eval_root: Path,
     infos: Sequence[DatasetInfo],
     config: Config,
-    cache_dir: Path | None = None,
+    cache_dir: str | Path | None = None,
     keep_encoded: bool = False,
+    model_id: str | None = None,
 ) -> tuple[Evaluation, dict]:
     """Encodes on `eval.num_workers` Ray actors (GPU actors when the cluster has GPUs) through the
     embedding cache; returns the evaluation and a record of the run: where each actor ran (pid,
     host, device, precision) and the cache's hits / misses (requests = one side of one dataset)."""
     pool = RayEncoderPool(model_dir, config.eval.num_workers, config.eval.batch_size,
-                          precision=eval_precision(config))
+                          precision=eval_precision(config), resources=worker_node_resources(config))
     try:
         actors = pool.describe()
-        encoder = CachedEncoder(pool, model_identity(model_dir), cache_dir)
+        encoder = CachedEncoder(pool, model_id or model_identity(model_dir), cache_dir)
         evaluation = evaluate_prepared(
             None, encoder, eval_root=eval_root, infos=infos, keep_encoded=keep_encoded, progress=True
         )
@@ -78,31 +80,40 @@ def model_stamp(model_dir: Path) -> dict:
             "source_name_or_path": meta.get("source_name_or_path")}
 
 
-def score_export(model_dir: Path, eval_root: Path, infos: Sequence[DatasetInfo], config: Config, out: Path,
-                 keep_encoded: bool = False) -> tuple[Evaluation, dict]:
+def score_export(model_dir: str | os.PathLike, eval_root: Path, infos: Sequence[DatasetInfo], config: Config,
+                 out: str | os.PathLike, keep_encoded: bool = False) -> tuple[Evaluation, dict]:
     """An exported model scored on the eval actors: the evaluation and its results dict, stamped with
-    the model, the benchmark and where they came from; VLM2Vec score files under `<out>/vlm2vec`."""
-    evaluation, record = evaluate_on_actors(model_dir, eval_root, infos, config, out / EMBEDDING_CACHE,
-                                            keep_encoded=keep_encoded)
+    the model, the benchmark and where they came from; VLM2Vec score files under `<out>/vlm2vec`.
+    `model_dir` and `out`: folders or object-store URLs."""
+    model_dir, out = str(model_dir), str(out)
+    with storage.readable_dir(model_dir) as local:  # the driver's copy, for the identity only
+        stamp = {**model_stamp(local), "model_dir": model_dir}
+    # The actors load the export themselves (each node its own scratch copy of a remote one).
+    evaluation, record = evaluate_on_actors(model_dir, eval_root, infos, config, storage.join(out, EMBEDDING_CACHE),
+                                            keep_encoded=keep_encoded, model_id=stamp["sha256"])
     results = evaluation.results()
-    results.update(record, model=model_stamp(model_dir), benchmark=benchmark_version(eval_root),
-                   model_dir=str(model_dir), data_dir=str(eval_root))
-    write_vlm2vec_scores(results, out / VLM2VEC_DIR)
+    results.update(record, model=stamp, benchmark=benchmark_version(eval_root),
+                   model_dir=model_dir, data_dir=str(eval_root))
+    write_vlm2vec_scores(results, storage.join(out, VLM2VEC_DIR))
     return evaluation, results
 
 
 def final_evaluation(model_dir: str | os.PathLike, eval_root: str | os.PathLike, config: Config,
                      output_dir: str | os.PathLike) -> dict:
     """The end-of-training evaluation (the driver calls it after `fit()`): the exported model on
-    the eval actors; VLM2Vec score files and the embedding cache under `<output_dir>/eval`."""
-    model_dir, eval_root, out = Path(model_dir), Path(eval_root), Path(output_dir) / "eval"
+    the eval actors; VLM2Vec score files and the embedding cache under `<output_dir>/eval` (folders
+    or URLs)."""
+    model_dir, eval_root, out = str(model_dir), Path(eval_root), storage.join(str(output_dir), "eval")
     infos = select_datasets(eval_root, config.eval.datasets or None, notice=False)
     _, results = score_export(model_dir, eval_root, infos, config, out)
     if config.data.synth_v2:  # the synthetic MMEB-V2 mix: image / video / visdoc / overall
         from sde_ray.eval.mmeb_v2 import final_evaluation_v2
 
-        results["mmeb_v2"] = final_evaluation_v2(model_dir, results, config, out / "mmeb_v2")
-    log_to_wandb(results, {}, config, out)  # the workers' wandb run has finished: a job_type=eval run
+        # It reads the model and writes its score files with local file APIs: scratch copies of remote ones.
+        with storage.readable_dir(model_dir) as local, storage.writable_dir(storage.join(out, "mmeb_v2")) as v2:
+            results["mmeb_v2"] = final_evaluation_v2(str(local), results, config, v2)
+    # The workers' wandb run has finished: a job_type=eval run (node-local files under a remote output).
+    log_to_wandb(results, {}, config, wandb_dir(out, "eval"))
     return results
 
 

@@ -27,6 +27,7 @@ from typing import Any, TextIO
 
 import ray
 
+from sde_ray import storage
 from sde_ray.ray_cluster import logs_dir
 
 BAR_WIDTH = 20
@@ -183,15 +184,16 @@ def failure_reason(exc: BaseException) -> str:
     return f"{type(root).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
-def report_failure(exc: BaseException, output_dir: Path, verbose: bool = False, stream: TextIO | None = None) -> None:
+def report_failure(exc: BaseException, output_dir: str | Path, verbose: bool = False,
+                   stream: TextIO | None = None) -> None:
     """The last lines of a failed run: the reason, and where the full traceback and the logs are.
-    The traceback goes to `<output_dir>/error.log` (and to the console too when `verbose`)."""
+    The traceback goes to `<output_dir>/error.log` (a folder or a bucket; to the console too when
+    `verbose`)."""
     stream = stream or sys.stderr
     trace = "".join(traceback.format_exception(exc))
-    path = output_dir / "error.log"
+    path = storage.join(str(output_dir), "error.log")
     try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(trace)
+        storage.write_text(path, trace)
         where = f"full traceback: {path}"
     except OSError:
         verbose, where = True, "full traceback above"

@@ -26,13 +26,14 @@ import ray.data
 import ray.train
 from ray.train.torch import TorchTrainer
 
+from sde_ray import storage
 from sde_ray.config import Config, ConfigError, ModelConfig, dump_yaml, is_elastic, with_values, worker_counts
 from sde_ray.data.cache import prepare_data
 from sde_ray.eval.report import results_markdown, write_results
 from sde_ray.eval.roots import eval_root, select_datasets
 from sde_ray.eval.runner import final_evaluation
 from sde_ray.models import BatchProcessor, count_parameters
-from sde_ray.ray_cluster import check_capacity, connect, logs_dir, worker_env
+from sde_ray.ray_cluster import check_capacity, connect, logs_dir, worker_env, worker_node_resources
 from sde_ray.runs import METRICS_FILE, run_id, wandb_mode
 from sde_ray.train.deepspeed_config import build_deepspeed_config
 from sde_ray.train.checkpoint_store import prepare_resume, prune_unregistered
@@ -50,6 +51,11 @@ def absolute_path(path: str) -> str:
     return str(Path(path).expanduser().resolve())
 
 
+def default_storage_path(output_dir: str) -> str:
+    """Ray Train's storage when `train.storage_path` is empty: `<output_dir>/ray` (a URL stays one)."""
+    return storage.join(output_dir, "ray")
+
+
 def local_model_path(name_or_path: str) -> str:
     """A model name made absolute when it is a folder on the driver (a hub id such as
     `google/vit-base-patch16-224` passes through): `from_pretrained` on the workers then finds it."""
@@ -61,11 +67,14 @@ def local_model_path(name_or_path: str) -> str:
 def resolve_paths(config: Config) -> Config:
     """The config with output, storage, cache, data and local model paths made absolute on the driver
     (Ray Train workers chdir into a run folder). Paths are carried as values: `#`, `: `, quotes or spaces in a
-    path survive unchanged. Idempotent."""
+    path survive unchanged. Idempotent. A malformed URL (`s3:/bucket/x` became a folder `s3:` in every
+    process's working directory) or an unsupported scheme is a ConfigError naming the key, here,
+    before Ray starts (`storage.check_config_locations`)."""
+    storage.check_config_locations(config)
     output_dir = absolute_path(config.train.output_dir)
     return with_values(config, {
         "train.output_dir": output_dir,
-        "train.storage_path": absolute_path(config.train.storage_path or str(Path(output_dir) / "ray")),
+        "train.storage_path": absolute_path(config.train.storage_path or default_storage_path(output_dir)),
         "data.cache_dir": absolute_path(config.data.cache_dir),
         "data.mmeb_train_dir": absolute_path(config.data.mmeb_train_dir),
         "data.mmeb_eval_dir": absolute_path(config.data.mmeb_eval_dir),
@@ -159,7 +168,7 @@ def build_trainer(
     check_eval_root(config, prepared)  # before Ray Data or a worker starts
     scaling = config.scaling
     num_workers = (scaling.min_workers, scaling.max_workers) if is_elastic(scaling) else scaling.num_workers
-    resources = {"CPU": scaling.cpus_per_worker}
+    resources = {"CPU": scaling.cpus_per_worker, **worker_node_resources(config)}
     if scaling.use_gpu:
         resources["GPU"] = 1
     # The rank-0 progress line is the run's progress display; Ray Data's bars would interleave with it.
@@ -187,7 +196,9 @@ def build_trainer(
         ),
         run_config=ray.train.RunConfig(
             name=config.train.run_name,
-            storage_path=config.train.storage_path,
+            # An s3:// / gs:// storage goes through the run's own pyarrow file system: the same
+            # endpoint and credentials as every other artifact (`sde_ray.storage`).
+            **dict(zip(("storage_path", "storage_filesystem"), storage.ray_storage(config.train.storage_path))),
             failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
             callbacks=callbacks,
@@ -299,8 +310,10 @@ def _evaluate_after_fit(config: Config, prepared, metrics: dict) -> dict | None:
     return final_evaluation(metrics["model_dir"], root, config, config.train.output_dir)
 
 
-def run_train(config: Config, dry_run: bool = False, verbose: bool = False) -> dict:
+def run_train(config: Config, dry_run: bool = False, verbose: bool = False,
+              step_hook: Callable[..., None] | None = None) -> dict:
     """The main job. Returns the summary also written to `<output_dir>/results.json`.
+    `step_hook`: as `build_trainer`'s (instrumentation, fault injection in tests).
 
     `verbose`: Ray forwards every worker's output to this console (DeepSpeed, Ray Data, Ray Train
     and the workers' own progress lines) instead of the progress bar; the log files hold it either way."""
@@ -309,7 +322,7 @@ def run_train(config: Config, dry_run: bool = False, verbose: bool = False) -> d
     config = resolve_paths(config)
     check_data_paths(config)
     config = claim_run_dir(config)  # refuses a relaunch under another config
-    output_dir = Path(config.train.output_dir)
+    output_dir = config.train.output_dir
     started = connect(config, log_to_driver=verbose)
     try:
         check_capacity(config)
@@ -318,7 +331,8 @@ def run_train(config: Config, dry_run: bool = False, verbose: bool = False) -> d
         relay = None if verbose else ConsoleRelay.start()
         with Preemption() as preemption, ProgressConsole.around(relay, config.logging.console_every):
             # SIGTERM: checkpoint at the next step and return
-            result = build_trainer(config, prepared=prepared, preemption=preemption.flag, console=relay).fit()
+            result = build_trainer(config, prepared=prepared, preemption=preemption.flag, console=relay,
+                                   step_hook=step_hook).fit()
         metrics = dict(result.metrics or {})
         evaluation = None if metrics.get("preempted") else _evaluate_after_fit(config, prepared, metrics)
     finally:
@@ -330,9 +344,9 @@ def run_train(config: Config, dry_run: bool = False, verbose: bool = False) -> d
         "train": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))},
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "model_dir": metrics.get("model_dir"),
-        "output_dir": str(output_dir),
-        "metrics_jsonl": str(output_dir / METRICS_FILE),
-        "spectrum_plot": str(output_dir / "plots" / "spectrum.png"),
+        "output_dir": output_dir,
+        "metrics_jsonl": storage.join(output_dir, METRICS_FILE),
+        "spectrum_plot": storage.join(output_dir, "plots", "spectrum.png"),
         "logs": logs_dir(),  # every process's full output (Ray's session logs)
         "preempted": bool(metrics.get("preempted")),
         "data": {**data_counts(prepared), "data_rows_replaced": int(metrics.get("data_rows_replaced", 0)),
@@ -350,7 +364,7 @@ def run_train(config: Config, dry_run: bool = False, verbose: bool = False) -> d
         write_results({**evaluation, **summary}, output_dir)
         print(results_markdown(evaluation))
     else:
-        (output_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+        storage.write_text(storage.join(output_dir, "results.json"), json.dumps(summary, indent=2) + "\n")
     print(_energy_table(metrics))
     for key in ("output_dir", "model_dir", "checkpoint", "metrics_jsonl", "spectrum_plot", "logs"):
         print(f"{key}: {summary[key]}")

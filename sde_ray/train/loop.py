@@ -16,7 +16,9 @@ same three functions run under a `LocalSession` in one process:
   (chunked encode, the objective once on the global batch, one optimizer step; a non-finite loss or
   gradient is skipped whole on every rank) → the guard's policy → the temperature clamped → the
   state advanced → the meter → the cadence's log / validation P@1 (every rank encodes its share,
-  see `sde_ray.eval.sharded`) / checkpoint / report → the step hook and the preemption flag;
+  see `sde_ray.eval.sharded`) / checkpoint (every `checkpoint_every` steps and every
+  `checkpoint_every_minutes`, uploaded in the background under `checkpoint_upload=async`) / report
+  → the step hook and the preemption flag;
 - `finish(run)`: spectrum plot, `save_pretrained` export (rank 0), final checkpoint with the run's
   summary. The full MMEB evaluation is not run here: the driver runs it on the eval actors after
   `fit()` returns, so no rank ever waits in a collective while another evaluates.
@@ -33,12 +35,12 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from sde_ray import storage
 from sde_ray.config import Config
 from sde_ray.eval.plots import plot_spectrum
 from sde_ray.eval.validation import validation_p_at_1
@@ -279,7 +281,7 @@ def assemble(config: Config, args: RunArgs, session: Session, engine, state: Tra
     engine.train()
     return Run(config=config, args=args, session=session, engine=engine, state=state, stream=stream,
                meter=StepMeter(config.spectral, config.train.global_batch_size, rank, world_size),
-               cadence=Cadence.of(config, validating=bool(args.val_root)),
+               cadence=Cadence.of(config, validating=bool(args.val_root), world_size=world_size),
                guard=NonFiniteGuard(config.train.nan_policy, config.train.max_nan_skips),
                trained=TrainedModel(config, engine, rank), logger=logger,
                launch=broadcast_object(uuid.uuid4().hex[:8], world_size),
@@ -369,17 +371,22 @@ def after_step(run: Run, due: Due) -> None:
     if run.logger is not None:
         run.logger.log(state.step, report, console=due.console)
     if due.checkpoint:
-        checkpoint_and_report(run, report)
+        checkpoint_and_report(run, report, background=run.config.train.checkpoint_upload == "async")
+        run.cadence.checkpointed()  # the wall-clock period starts again
     elif due.report:
         run.session.report(report)
     run.last_metrics = report
     run.meter.reset()
 
 
-def checkpoint_and_report(run: Run, metrics: dict) -> None:
-    with tempfile.TemporaryDirectory(prefix="sde_ray_ckpt_") as directory:
-        save_checkpoint(directory, run.engine, run.state, run.config, run.rank)
-        run.session.report(metrics, directory, name=f"checkpoint_{run.state.step:06d}_{run.launch}")
+def checkpoint_and_report(run: Run, metrics: dict, background: bool = False) -> None:
+    """Saves this rank's part into node-local scratch and hands it to the session, which uploads it
+    to `train.storage_path` and deletes the local copy. `background` (`train.checkpoint_upload=async`,
+    periodic checkpoints only): training goes on while the files travel; Ray registers the checkpoint
+    once every rank's upload has finished, so a run killed mid-upload resumes from the previous one."""
+    directory = tempfile.mkdtemp(prefix="ckpt-", dir=storage.scratch_dir())
+    save_checkpoint(directory, run.engine, run.state, run.config, run.rank)
+    run.session.report(metrics, directory, name=f"checkpoint_{run.state.step:06d}_{run.launch}", background=background)
 
 
 def finish(run: Run) -> None:
@@ -397,14 +404,16 @@ def finish(run: Run) -> None:
     if run.meter.features is not None:
         _, spectra = run.meter.spectra()
         if rank == 0:
-            path = plot_spectrum(spectra, Path(config.train.output_dir) / "plots" / "spectrum.png",
-                                 title=f"{config.loss.name}: singular values at step {state.step}")
-            run.logger.log_image("spectrum", str(path), state.step)
+            with storage.writable_dir(storage.join(config.train.output_dir, "plots")) as plots:  # uploaded when remote
+                path = plot_spectrum(spectra, plots / "spectrum.png",
+                                     title=f"{config.loss.name}: singular values at step {state.step}")
+                run.logger.log_image("spectrum", str(path), state.step)
     model = run.trained.for_export()
     if rank == 0:  # Ray keeps rank 0's metrics only
-        export_dir = Path(config.train.output_dir) / "model"
-        model.save_pretrained(str(export_dir))
-        summary["model_dir"] = str(export_dir)
+        export_dir = storage.join(config.train.output_dir, "model")
+        with storage.writable_dir(export_dir) as local:  # scratch, uploaded when the output is remote
+            model.save_pretrained(str(local))
+        summary["model_dir"] = export_dir
         # Where and when training ended: the driver's evaluation starts after it (tests check it).
         summary.update(train_worker_pid=os.getpid(), train_finished_at=time.time())
         if torch.device(run.engine.device).type == "cuda":

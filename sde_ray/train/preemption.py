@@ -11,7 +11,10 @@ rerunning the same command resumes from that checkpoint. A second SIGTERM restor
 handler and re-delivers the signal (a forced stop).
 
 The stop costs one step plus one checkpoint: size Kubernetes' `terminationGracePeriodSeconds` (30 s
-by default) or Slurm's `--signal=B:TERM@<seconds>` to fit it.
+by default), Ray's `RAY_JOB_STOP_WAIT_TIME_S` (3 s by default; the runtime envs here set 300) or
+Slurm's `--signal=B:TERM@<seconds>` to fit it. A lost spot node sends nothing at all:
+`train.checkpoint_every_minutes` (the wall-clock rule of `train.cadence.Cadence.checkpoint_due`)
+bounds what it costs.
 """
 
 from __future__ import annotations
@@ -61,4 +64,3 @@ class Preemption:
 
     def __exit__(self, *exc) -> None:
         signal.signal(signal.SIGTERM, self._previous or signal.SIG_DFL)
-

@@ -21,11 +21,11 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import yaml
 
+from sde_ray import storage
 from sde_ray.config import Config, ConfigError, dump_yaml, replace, to_dict
 
 RECORD = "config.yaml"
@@ -37,6 +37,7 @@ OPERATIONAL_PREFIXES = (
     "scaling.num_workers", "scaling.min_workers", "scaling.max_workers", "scaling.cpus_per_worker",
     "data.data_cpus", "data.preprocess_concurrency", "data.target_block_mb",
     "eval.num_workers", "eval.batch_size", "logging.", "train.on_config_change",
+    "scaling.worker_node_resource", "train.checkpoint_every_minutes", "train.checkpoint_upload",
 )
 
 
@@ -75,18 +76,18 @@ def _fork(config: Config) -> Config:
     train = config.train
     output_dir = f"{train.output_dir}-fork-{digest}"
     overrides = [f"train.output_dir={output_dir}", f"train.run_name={train.run_name}-fork-{digest}"]
-    if train.storage_path == str(Path(train.output_dir) / "ray"):  # the default follows the output dir
-        overrides.append(f"train.storage_path={Path(output_dir) / 'ray'}")
+    if train.storage_path == storage.join(train.output_dir, "ray"):  # the default follows the output dir
+        overrides.append(f"train.storage_path={storage.join(output_dir, 'ray')}")
     return replace(config, overrides)
 
 
 def claim_run_dir(config: Config) -> Config:
     """The config to run with (a fork's, when asked), after checking it against the run's record.
     `config` must be resolved (`driver.resolve_paths`). Writes the record."""
-    output_dir = Path(config.train.output_dir)
-    record = output_dir / RECORD
-    if record.exists():
-        recorded = yaml.safe_load(record.read_text()) or {}
+    output_dir = config.train.output_dir  # a folder or an object-store URL (sde_ray.storage)
+    record = storage.join(output_dir, RECORD)
+    if storage.exists(record):
+        recorded = yaml.safe_load(storage.read_text(record)) or {}
         changes = config_changes(recorded, to_dict(config))
         policy = config.train.on_config_change
         if changes and policy == "refuse":
@@ -103,11 +104,11 @@ def claim_run_dir(config: Config) -> Config:
                   f"forking a new run in {forked.train.output_dir}")
             return claim_run_dir(forked)
         if changes:
-            with (output_dir / HISTORY).open("a") as handle:
-                for key, (old, new) in changes.items():
-                    handle.write(json.dumps({"time": time.time(), "key": key, "old": old, "new": new}) + "\n")
+            history = storage.join(output_dir, HISTORY)
+            storage.append_text(history, "".join(
+                json.dumps({"time": time.time(), "key": key, "old": old, "new": new}) + "\n"
+                for key, (old, new) in changes.items()))
             print(f"[sde_ray] continuing {output_dir} under a changed config ({', '.join(changes)}); "
-                  f"recorded in {output_dir / HISTORY}")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    record.write_text(dump_yaml(config))
+                  f"recorded in {history}")
+    storage.write_text(record, dump_yaml(config))
     return config

@@ -30,7 +30,11 @@ class Session:
         """The checkpoint directory this attempt was handed (None: a fresh start), while entered."""
         raise NotImplementedError
 
-    def report(self, metrics: dict, checkpoint_dir: str | None = None, name: str | None = None) -> None:
+    def report(self, metrics: dict, checkpoint_dir: str | None = None, name: str | None = None,
+               background: bool = False) -> None:
+        """Reports `metrics`, with `checkpoint_dir` as checkpoint `name` when given; the session owns
+        that folder from here on (it is deleted once kept). `background`: the upload may finish
+        after this returns (training goes on meanwhile)."""
         raise NotImplementedError
 
     def stop_flag(self) -> bool:
@@ -68,11 +72,19 @@ class RaySession(Session):
         with checkpoint.as_directory() as directory:
             yield directory
 
-    def report(self, metrics: dict, checkpoint_dir: str | None = None, name: str | None = None) -> None:
+    def report(self, metrics: dict, checkpoint_dir: str | None = None, name: str | None = None,
+               background: bool = False) -> None:
         import ray.train
 
-        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name if checkpoint else None)
+        if checkpoint_dir is None:
+            ray.train.report(metrics)
+            return
+        # Ray Train uploads to `train.storage_path` (through `storage_filesystem`) and deletes the local
+        # copy; ASYNC registers the checkpoint only once every rank's upload has finished.
+        mode = ray.train.CheckpointUploadMode.ASYNC if background else ray.train.CheckpointUploadMode.SYNC
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir),
+                         checkpoint_dir_name=name, checkpoint_upload_mode=mode,
+                         delete_local_checkpoint_after_upload=True)
 
     def stop_flag(self) -> bool:
         import ray
@@ -94,11 +106,13 @@ class LocalSession(Session):
     def resume_checkpoint(self) -> Iterator[str | None]:
         yield self.checkpoint
 
-    def report(self, metrics: dict, checkpoint_dir: str | None = None, name: str | None = None) -> None:
+    def report(self, metrics: dict, checkpoint_dir: str | None = None, name: str | None = None,
+               background: bool = False) -> None:
         kept = None
-        if checkpoint_dir:
+        if checkpoint_dir:  # copied at once whatever `background` says
             kept = self.storage / (name or f"checkpoint_{len(self.reports):06d}")
             shutil.copytree(checkpoint_dir, kept, dirs_exist_ok=True)  # ranks merge into one folder, as in Ray
+            shutil.rmtree(checkpoint_dir)  # the local copy, deleted once kept (as Ray does)
         self.reports.append((dict(metrics), kept))
 
     def stop_flag(self) -> bool:

@@ -33,6 +33,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from sde_ray import storage
 from sde_ray.config import Config, ConfigError, parse_override, to_dict, validate, with_values
 
 P_AT_1_KEYS = ("overall", "ind", "ood")
@@ -457,6 +458,7 @@ def run_compare(
         from sde_ray.models import resolve_export
 
         init_from = str(resolve_export(init_from))  # a clear error before any run starts
+    storage.require_local(str(output_dir), "sde-ray compare --output-dir")
     out = Path(output_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     records: list[dict] = []

@@ -19,6 +19,7 @@ import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from sde_ray import storage
 from sde_ray.config import Config, TuneConfig, with_values
 from sde_ray.data.cache import prepare_data
 from sde_ray.ray_cluster import TRIAL_DRIVER_CPU, check_capacity, connect, run_resources
@@ -122,6 +123,7 @@ def run_tune(sweep_path: str | os.PathLike, overrides: list[str] | None = None, 
     """Runs (or resumes) a sweep and writes trials.csv, best_config.yaml and metric_per_trial.png."""
     sweep = load_sweep(sweep_path, overrides)
     t = sweep.tune
+    storage.require_local(output_dir or "", "sde-ray tune --output-dir")
     out = Path(output_dir or f"runs/sweeps/{sweep.name}").resolve()
     out.mkdir(parents=True, exist_ok=True)
     tune_storage, train_storage = _storage_paths(sweep, out)

@@ -168,7 +168,12 @@ def test_training_rayjob_config_validates_and_fits_the_elastic_group():
     assert _gpus_per_pod(group) == 1  # one training worker (1 GPU) per pod, so workers == pods
     cpu_limit = float(group["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
     assert scaling.cpus_per_worker <= cpu_limit
-    assert config.train.storage_path.startswith("/mnt/shared/") and parsed.output_dir.startswith("/mnt/shared/")
+    # Outputs and checkpoints in the bucket (Ray storage defaults to <output_dir>/ray), checked as a location.
+    from sde_ray import storage
+
+    assert parsed.output_dir.startswith("s3://") and not config.train.storage_path
+    storage.check_location(parsed.output_dir, "--output-dir")
+    assert config.train.checkpoint_every_minutes > 0  # a lost spot node costs minutes, not steps
 
 
 def test_tune_rayjob_points_at_a_valid_sweep():
@@ -194,6 +199,8 @@ def test_rayjobs_run_on_the_rayclusters_and_carry_the_runtime_env():
         env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
         assert env["pip"] == gpu_env["pip"], "a RayJob's deps drifted from jobs/runtime_env.yaml"
         assert env["env_vars"] == gpu_env["env_vars"]
+        # `ray job stop` / deleting the RayJob: SIGTERM, then SIGKILL after this wait (Ray's default 3 s).
+        assert int(env["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"]) >= 60
         assert env["working_dir"].startswith(("https://", "s3://", "gs://")), "a manifest cannot ship a local dir"
 
 

@@ -15,7 +15,7 @@ def test_card_reports_training_and_scores_and_leaves_the_identity(tmp_path, tiny
     results = evaluate_model(model, processor, Path(synthetic_mmeb["eval_dir"]), datasets=["SynObject", "SynCaption_t2i"])
     config = with_values(Config(), {"loss.name": "sde", "train.max_steps": 7})
     before = model_identity(folder)
-    card = write_model_card(folder, config, results, {"step": 7}).read_text()
+    card = Path(write_model_card(folder, config, results, {"step": 7})).read_text()
     assert model_identity(folder) == before  # documentation only: no cache key changes
     assert "objective: `sde`" in card and "steps: 7 of 7" in card
     for name, row in results["datasets"].items():

@@ -222,6 +222,21 @@ def infonce_worker(rank: int, world_size: int, rendezvous: str, out_dir: str, nu
     finish()
 
 
+# Seconds since the last reset on (rank 0, rank 1) at successive readings: the ranks' clocks differ.
+CLOCK_ELAPSED = [[10.0, 20.0], [59.0, 61.0], [30.0, 5.0]]
+
+
+def slowest_clock_readings(coll, rank: int, world_size: int) -> list[float]:
+    """`SlowestClock.elapsed` on this rank's fake clock at each of `CLOCK_ELAPSED`'s readings."""
+    now = [0.0]
+    clock = coll.SlowestClock(now=lambda: now[0])
+    readings = []
+    for elapsed in CLOCK_ELAPSED:
+        now[0] = clock.since + elapsed[rank]
+        readings.append(clock.elapsed(world_size))
+    return readings
+
+
 def collectives_worker(rank: int, world_size: int, rendezvous: str, out_dir: str, num_rows: int, in_dim: int) -> None:
     """Every helper of sde_ray.distributed on this rank's rows of `global_inputs`; what each returned."""
     from sde_ray import distributed as coll
@@ -252,6 +267,7 @@ def collectives_worker(rank: int, world_size: int, rendezvous: str, out_dir: str
         "some_false": coll.all_ranks_true(rank == 0, world_size),
         "mean": coll.mean_over_ranks({"loss": float(rank), "acc": 2.0 * rank + 1}, world_size),
         "broadcast": coll.broadcast_object({"from": rank, "tag": f"rank{rank}"}, world_size),
+        "slowest_clock": slowest_clock_readings(coll, rank, world_size),
     }
     finish()
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")

@@ -39,3 +39,26 @@ def test_quick_train_bench_reports_all_variants_and_ratios(ray_cluster, small_co
         assert 0 < row["forward_cpu_ms"] < row["whole_cpu_ms"]
     # Activation memory: at 64 rows the whole-batch step holds 4x the activations of a 16-row chunk.
     assert results["gradcache"][1]["chunked_peak_mib"] < results["gradcache"][1]["whole_peak_mib"]
+
+
+def test_checkpoint_bench_classifies_steps_by_their_distance_to_a_checkpoint(tmp_path):
+    """`sde-ray bench checkpoint`'s arithmetic on hand-made stamps: every 4th step saves, the step
+    after it runs during the upload; steps up to the warm-up are left out."""
+    import json
+
+    from sde_ray.bench.checkpoint import step_times, summarize
+
+    clock, stamps = 0.0, []
+    durations = {1: 9.0, 2: 1.0, 3: 1.0, 4: 5.0, 5: 2.0, 6: 1.0, 7: 1.2, 8: 4.0, 9: 3.0}
+    for step in range(0, 10):
+        clock += durations.get(step, 0.0)
+        stamps.append(json.dumps([step, clock]))
+    path = tmp_path / "stamps.jsonl"
+    path.write_text("\n".join(stamps) + "\n")
+    times = step_times(path)
+    assert times == pytest.approx({s: durations[s] for s in range(1, 10)})
+    summary = summarize(times, every=4, warmup=2)  # steps 3..9: plain 3, 6, 7; at 4, 8; after 5, 9
+    assert summary["plain_s"] == pytest.approx(1.0) and summary["checkpoint_step_s"] == pytest.approx(4.5)
+    assert summary["after_checkpoint_s"] == pytest.approx(2.5)
+    assert summary["checkpoint_step_over_plain"] == pytest.approx(4.5)
+    assert summary["steps"] == {"plain": 3, "checkpoint": 2, "after": 2}

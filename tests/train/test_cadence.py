@@ -30,3 +30,26 @@ def test_the_last_step_is_logged_off_the_schedule_and_the_console_needs_a_logged
     assert _steps(cadence, "console") == [6, 7]  # step 2 and 4 are not logged: no line
     assert _steps(cadence, "checkpoint") == [] and _steps(cadence, "validate") == []
     assert cadence.at(7).last and not cadence.at(7).report
+
+
+def test_the_wall_clock_rule_checkpoints_once_the_period_is_over_and_restarts_after_each_checkpoint():
+    # train.checkpoint_every_minutes on a fake clock, times worked out by hand. That every rank decides
+    # alike (the slowest rank's clock) is tested on 2 gloo ranks in tests/test_distributed.py.
+    config = load_config(None, ["train.max_steps=100", "train.log_every=50", "train.checkpoint_every=40",
+                                "train.checkpoint_every_minutes=0.5", "logging.wandb=false"])
+    now = [100.0]
+    cadence = Cadence.of(config, validating=False, now=lambda: now[0])
+    now[0] += 29.9
+    assert not cadence.at(1).checkpoint and not cadence.at(1).log
+    now[0] += 0.1
+    due = cadence.at(2)
+    assert due.checkpoint and due.log and due.report  # a checkpoint goes with its metrics
+    cadence.checkpointed()
+    assert not cadence.checkpoint_due(3)
+    now[0] += 1e9
+    assert not cadence.checkpoint_due(100)  # the last step's checkpoint is finish's, whatever the clock
+    assert cadence.checkpoint_due(40) and cadence.checkpoint_due(41)
+    by_step_only = Cadence.of(load_config(None, ["train.max_steps=100", "train.checkpoint_every=40",
+                                                 "logging.wandb=false"]), validating=False, now=lambda: now[0])
+    now[0] += 1e9
+    assert [s for s in range(1, 101) if by_step_only.checkpoint_due(s)] == [40, 80]
