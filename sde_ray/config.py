@@ -340,6 +340,10 @@ class TrainConfig:
     seed: int = doc(0, "Global seed (model init, enhancement noise).")
     checkpoint_every: int = doc(20, "Steps between checkpoints (a final one is always written).")
     keep_checkpoints: int = doc(2, "Checkpoints kept on storage.")
+    checkpoint_frozen: bool = doc(
+        False, "Also write the frozen parameters (a LoRA or frozen tower's base weights) into every checkpoint. "
+        "Off: a checkpoint holds the trainable parameters, optimizer and objective state, and names the base "
+        "by id and content hash; a resume rebuilds the frozen part from the base (docs/training.md).")
     eval_every: int = doc(0, "Steps between on-the-fly P@1 validations (0: only at the end).")
     log_every: int = doc(5, "Steps between metric reports.")
     nan_policy: Literal["raise", "skip"] = doc("raise", "A non-finite loss or gradient (on any rank) aborts the run, or skips that step whole.")

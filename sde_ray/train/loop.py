@@ -16,7 +16,7 @@ as they left the driver (pickled), never as strings or plain dicts:
 5. per optimizer step: metrics (averaged over ranks) every `log_every`, validation P@1 every
    `eval_every` (every rank encodes its share on its device, see `sde_ray.eval.sharded`), a
    checkpoint every `checkpoint_every`;
-6. at the end: spectrum plot, `save_pretrained` export (rank 0), final checkpoint. The full MMEB
+6. at the end: spectrum plot, final checkpoint, `save_pretrained` export (rank 0). The full MMEB
    evaluation is not run here: the driver runs it on the eval actors after `fit()` returns, so no
    rank ever waits in a collective while another evaluates.
 
@@ -45,16 +45,18 @@ from sde_ray.eval.plots import plot_spectrum
 from sde_ray.eval.runner import validation_p_at_1 as evaluate_validation
 from sde_ray.losses import StepContext
 from sde_ray.losses.infonce import duplicate_groups, ids_with_negatives
-from sde_ray.models import BatchProcessor
+from sde_ray.models import BatchProcessor, load_trained_weights
 from sde_ray.distributed import all_reduce, broadcast_object, mean_over_ranks
 from sde_ray.runs import RunLogger, say
 from sde_ray.spectral import spectral_snapshot, spectrum_rule
 from sde_ray.train.checkpoint import (
     ResumePlan,
     TrainState,
+    base_identity,
+    check_resume_base,
     consolidated_state_dict,
+    has_frozen,
     load_consolidated,
-    match_shapes,
     restore_engine,
     resume_plan,
     save_checkpoint,
@@ -173,12 +175,12 @@ def to_model_inputs(batch: dict, device: torch.device, float_dtype: torch.dtype)
 
 
 class TrainedModel:
-    """The trained encoder, un-wrapped: on every rank's device for validation, in fp32 for export.
+    """The trained encoder, un-wrapped: on every rank's device for validation, on rank 0 for export,
+    in the training dtype.
 
-    Validation: unpartitioned weights (ZeRO-0/1/2) are the engine's module itself, on the worker's
-    device in the engine's precision; under ZeRO-3 every rank gathers the full weights into a
-    cached copy on its device (a collective), in the engine's dtype. Export: an fp32 copy on the
-    CPU of rank 0 (what `save_pretrained` writes; a collective under ZeRO-3).
+    Unpartitioned weights (ZeRO-0/1/2) are the engine's module itself. Under ZeRO-3 a copy is built
+    from the config (the frozen base as loaded) and only the trainable weights are gathered into it:
+    on every rank's device for validation (a cached copy; a collective), on rank 0's CPU for export.
     """
 
     def __init__(self, config: Config, engine, rank: int):
@@ -194,20 +196,27 @@ class TrainedModel:
 
         if self.device_copy is None:
             self.device_copy = build_train_module(self.config).to(self.engine.device, next(module.parameters()).dtype)
-        params = list(module.parameters())
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        # The frozen weights are the base's in both: only the trained ones are gathered and copied.
+        copies = dict(self.device_copy.named_parameters())
+        trained = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters([p for _, p in trained], modifier_rank=None):
             with torch.no_grad():
-                for target, source in zip(self.device_copy.parameters(), params):
-                    target.copy_(source.data.reshape(target.shape))
+                for name, source in trained:
+                    copies[name].copy_(source.data.reshape(copies[name].shape))
         return self.device_copy.model
 
     def for_export(self) -> torch.nn.Module | None:
-        """An fp32 copy of the encoder on rank 0's CPU, None elsewhere. Every rank must call it."""
-        weights = consolidated_state_dict(self.engine)
+        """The encoder to export on rank 0 (None elsewhere), in the training dtype, to be saved
+        `in_place` (a LoRA merge needs no second copy of the backbone): export it after the last
+        checkpoint. Every rank must call it (ZeRO-3 gathers the trainable weights)."""
+        if not self.engine.zero_optimization_partition_weights():
+            return self.engine.module.model if self.rank == 0 else None
+        weights = consolidated_state_dict(self.engine, trainable_only=has_frozen(self.engine.module), copy=False)
         if self.rank != 0:
             return None
-        copy = build_train_module(self.config)
-        copy.load_state_dict(match_shapes({k: v.float() for k, v in weights.items()}, copy))
+        dtype = next(self.engine.module.parameters()).dtype
+        copy = build_train_module(self.config).to(dtype)
+        load_trained_weights(copy, weights, verify_base=False)  # the frozen part: the base, as trained on
         return copy.model
 
 
@@ -256,6 +265,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     # 1-2. Model + objective (the same initial weights on every rank), and where to resume from.
     module = build_train_module(config)
+    # The frozen weights' source and hash, which checkpoints record instead of the weights: rank 0
+    # hashes them once, before ZeRO-3 partitions them (`checkpoint.base_identity`).
+    base = base_identity(config, module.model) if rank == 0 else {}
     # Then one seed per rank: dropout and other module randomness differ across data-parallel ranks
     # (an exact resume restores each rank's RNG state from the checkpoint instead).
     seed_everything(train.seed + rank)
@@ -266,8 +278,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                   args.resume_dir)  # Ray's, or a newer unregistered one
     if resume_dir is not None:
         plan = resume_plan(resume_dir, world_size, config.deepspeed.zero_stage)
+        check_resume_base(plan, base, rank, world_size)
         if not plan.exact:
-            load_consolidated(module, plan.directory)
+            load_consolidated(module, plan)
 
     # 3. DeepSpeed.
     ds_config = build_deepspeed_config(config, world_size)
@@ -283,6 +296,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             how = "exact DeepSpeed state" if plan.exact else (
                 f"consolidated weights, fresh optimizer state (world size {plan.state.world_size} -> {world_size})")
             notice(args, f"[sde_ray] resumed at step {state.step} from {plan.directory.name}: {how}")
+    state.base = base
     resume_stack.close()
     float_dtype = next(engine.module.parameters()).dtype
 
@@ -394,10 +408,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             path = plot_spectrum(spectra, Path(output_dir) / "plots" / "spectrum.png",
                                  title=f"{config.loss.name}: singular values at step {state.step}")
             logger.log_image("spectrum", str(path), state.step)
-    model = trained.for_export()
+    export_dir = Path(output_dir) / "model"
     if rank == 0:  # Ray keeps rank 0's metrics only
-        export_dir = Path(output_dir) / "model"
-        model.save_pretrained(str(export_dir))
         summary["model_dir"] = str(export_dir)
         # Where and when training ended: the driver's evaluation starts after it (tests check it).
         summary.update(train_worker_pid=os.getpid(), train_finished_at=time.time())
@@ -407,6 +419,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
         logger.finish(dict(summary))
     # Always a checkpoint: Ray Train keeps the metrics of checkpointed reports only (the Result's).
     _checkpoint_and_report(engine, state, config, rank, summary, launch)
+    # The export comes last: it merges LoRA into the weights it is given in place (under ZeRO-0/1/2
+    # the engine's own), in the training dtype, with no second copy of the backbone. The driver
+    # evaluates it after fit() returns, i.e. after every worker is past this line.
+    model = trained.for_export()
+    if model is not None:
+        model.save_pretrained(str(export_dir), in_place=True)
 
 
 def _count_replaced(state: TrainState, replaced_rows: int, world_size: int) -> int:
