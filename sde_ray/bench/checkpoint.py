@@ -71,6 +71,7 @@ def write_billion_model(folder: Path) -> int:
     config = tiny_backbone("tiny-qwen2-vl", tiny, tokenizer).config.to_dict()
     head_dim = BILLION["hidden_size"] // BILLION["num_attention_heads"]
     config["text_config"].update(BILLION, head_dim=head_dim)
+    config["text_config"].pop("layer_types", None)  # per-layer lists of the tiny depth: rebuilt for 16
     config["text_config"]["rope_parameters"]["mrope_section"] = [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]
     config["vision_config"]["hidden_size"] = BILLION["hidden_size"]  # the merger's output width
     hf_config = Qwen2VLConfig(**{k: v for k, v in config.items() if k not in ("architectures", "model_type")})
@@ -179,7 +180,7 @@ def main(json_path: str | None = None, config=None, quick: bool = False) -> list
     print("LoRA (q/k/v/o, r=8) under bf16, ZeRO-2, one process; before -> after (ratio after/before)")
     for row in rows:
         before, after = row["before"], row["after"]
-        print(f"{row['model']}: {after['parameters'] / 1e6:.1f}M parameters, {after['trainable'] / 1e6:.3f}M trainable")
+        print(f"{row['model']}: {after['parameters'] / 1e6:.1f}M parameters, {after['trainable'] / 1e6:.4f}M trainable")
         for key, unit in (("checkpoint_mib", "MiB"), ("save_s", "s"), ("save_peak_mib", "MiB"), ("load_s", "s"),
                           ("load_peak_mib", "MiB"), ("export_s", "s"), ("export_peak_mib", "MiB")):
             ratio = after[key] / before[key] if before[key] > 0 else float("nan")
