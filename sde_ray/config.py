@@ -793,99 +793,174 @@ def _leaves(instance: Any, prefix: str = "") -> typing.Iterator[tuple[str, Any]]
             yield f"{prefix}{f.name}", value
 
 
-# Lower bounds of numeric fields that no cross-field rule covers: (dotted key, minimum, inclusive).
-# A bad value here would otherwise reach the workers and fail there, once per allowed retry.
-_MINIMUM: dict[str, tuple[float, bool]] = {
-    "train.global_batch_size": (1, True),
-    "train.micro_batch_size": (0, True),
-    "train.warmup_steps": (0, True),
-    "train.weight_decay": (0, True),
-    "train.grad_clip": (0, True),
-    "train.adam_eps": (0, False),
-    "train.vision_lr_scale": (0, True),
-    "train.text_lr_scale": (0, True),
-    "train.keep_checkpoints": (1, True),
-    "train.eval_every": (0, True),
-    "train.max_nan_skips": (0, True),
-    "train.seed": (0, True),
-    "scaling.max_failures": (0, True),
-    "scaling.elastic_resize_monitor_interval_s": (0, False),
-    "model.image_size": (1, True),
-    "model.min_pixels": (0, True),
-    "model.max_pixels": (0, True),
-    "model.video_frames": (0, True),
-    "model.video_max_pixels": (0, True),
-    "model.max_text_length": (1, True),
-    "model.lora.r": (1, True),
-    "model.lora.alpha": (0, False),
-    "eval.batch_size": (1, True),
-    "eval.num_workers": (1, True),
-    "eval.val_queries": (1, True),
-    "embed.rows_per_file": (1, True),
-    "embed.batch_size": (1, True),
-    "embed.num_workers": (1, True),
-    "embed.decode_concurrency": (1, True),
-    "embed.search_chunk_rows": (1, True),
-    "embed.hnsw_m": (2, True),
-    "embed.hnsw_ef_search": (1, True),
-    "embed.hnsw_ef_construction": (1, True),
-    "serve.port": (0, True),
-    "serve.num_replicas": (1, True),
-    "serve.max_batch_size": (1, True),
-    "serve.batch_wait_timeout_s": (0, True),
-    "serve.max_items": (1, True),
-    "serve.max_image_bytes": (1, True),
-    "serve.max_image_pixels": (1, True),
-    "serve.max_text_chars": (1, True),
-    "data.shuffle_seed": (0, True),
-    "data.synth.train_per_subset": (1, True),
-    "data.synth.eval_per_dataset": (1, True),
-    "data.synth.num_candidates": (2, True),
-    "data.synth.image_size": (1, True),
-    "data.synth.seed": (0, True),
-    "spectral.tw_margin": (0, True),
-    "spectral.iqr_k": (0, True),
-    "spectral.auto_gram_ratio": (0, False),
-    "loss.w_hellinger": (0, True),
-    "loss.w_subspace": (0, True),
-    "loss.w_snr": (0, True),
-    "loss.dsrsd.w_decorrelation": (0, True),
-    "loss.dsrsd.w_orthogonality": (0, True),
-    "loss.dsrsd.w_regression": (0, True),
-    "loss.dsrsd.w_instance": (0, True),
-    "loss.disncl.w_exclusive": (0, True),
-    "loss.gap.w_gap": (0, True),
-    "loss.gap.w_centroid": (0, True),
-    "tune.num_samples": (1, True),
-    "tune.grace_period": (1, True),
-    "tune.reduction_factor": (2, True),
-    "tune.max_concurrent_trials": (0, True),
-    "logging.console_every": (1, True),
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The values a numeric key accepts: `low`/`high` bounds (None: unbounded), each closed or open;
+    `why` is said with the error when the bound is not obvious."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    why: str = ""
+
+    def admits(self, value: float) -> bool:
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return self.high is None or not (value > self.high or (self.high_open and value == self.high))
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+def at_least(low: float, why: str = "") -> Range:
+    return Range(low, why=why)
+
+
+def above(low: float, why: str = "") -> Range:
+    return Range(low, low_open=True, why=why)
+
+
+def within(low: float, high: float, low_open: bool = False, high_open: bool = False, why: str = "") -> Range:
+    return Range(low, high, low_open, high_open, why)
+
+
+# The one place a numeric key's range is written (cross-field rules live in `validate`). A bad value
+# here would otherwise reach the workers and fail there, once per allowed retry.
+RANGES: dict[str, Range] = {
+    "train.global_batch_size": at_least(1),
+    "train.micro_batch_size": at_least(0, why="0: the whole local batch"),
+    "train.warmup_steps": at_least(0),
+    "train.weight_decay": at_least(0),
+    "train.grad_clip": at_least(0),
+    "train.adam_eps": above(0),
+    "train.vision_lr_scale": at_least(0),
+    "train.text_lr_scale": at_least(0),
+    "train.keep_checkpoints": at_least(1),
+    "train.eval_every": at_least(0),
+    "train.max_nan_skips": at_least(0),
+    "train.seed": at_least(0),
+    "scaling.max_failures": at_least(0),
+    "scaling.elastic_resize_monitor_interval_s": above(0),
+    "model.image_size": at_least(1),
+    "model.min_pixels": at_least(0),
+    "model.max_pixels": at_least(0),
+    "model.video_frames": at_least(0),
+    "model.video_max_pixels": at_least(0),
+    "model.max_text_length": at_least(1),
+    "model.lora.r": at_least(1),
+    "model.lora.alpha": above(0),
+    "eval.batch_size": at_least(1),
+    "eval.num_workers": at_least(1),
+    "eval.val_queries": at_least(1),
+    "embed.rows_per_file": at_least(1),
+    "embed.batch_size": at_least(1),
+    "embed.num_workers": at_least(1),
+    "embed.decode_concurrency": at_least(1),
+    "embed.search_chunk_rows": at_least(1),
+    "embed.hnsw_m": at_least(2),
+    "embed.hnsw_ef_search": at_least(1),
+    "embed.hnsw_ef_construction": at_least(1),
+    "serve.port": at_least(0),
+    "serve.num_replicas": at_least(1),
+    "serve.max_batch_size": at_least(1),
+    "serve.batch_wait_timeout_s": at_least(0),
+    "serve.max_items": at_least(1),
+    "serve.max_image_bytes": at_least(1),
+    "serve.max_image_pixels": at_least(1),
+    "serve.max_text_chars": at_least(1),
+    "data.shuffle_seed": at_least(0),
+    "data.synth.train_per_subset": at_least(1),
+    "data.synth.eval_per_dataset": at_least(1),
+    "data.synth.num_candidates": at_least(2),
+    "data.synth.image_size": at_least(1),
+    "data.synth.seed": at_least(0),
+    "spectral.tw_margin": at_least(0),
+    "spectral.iqr_k": at_least(0),
+    "spectral.auto_gram_ratio": above(0),
+    "loss.w_hellinger": at_least(0),
+    "loss.w_subspace": at_least(0),
+    "loss.w_snr": at_least(0),
+    "loss.dsrsd.w_decorrelation": at_least(0),
+    "loss.dsrsd.w_orthogonality": at_least(0),
+    "loss.dsrsd.w_regression": at_least(0),
+    "loss.dsrsd.w_instance": at_least(0),
+    "loss.disncl.w_exclusive": at_least(0),
+    "loss.gap.w_gap": at_least(0),
+    "loss.gap.w_centroid": at_least(0),
+    "tune.num_samples": at_least(1),
+    "tune.grace_period": at_least(1),
+    "tune.reduction_factor": at_least(2),
+    "tune.max_concurrent_trials": at_least(0),
+    "logging.console_every": at_least(1),
+    "model.lora.dropout": within(0, 1),
+    "model.projection_dim": at_least(0),
+    "spectral.energy_fraction": within(0, 1),
+    "train.max_steps": at_least(1),
+    "train.checkpoint_every": at_least(1),
+    "train.log_every": at_least(1),
+    "train.lr": above(0),
+    "train.adam_beta1": within(0, 1, high_open=True),
+    "train.adam_beta2": within(0, 1, high_open=True),
+    "loss.temperature": within(0.01, 1, why="the temperature clamp's range; a value outside would be moved to "
+                                            "the bound at the first step"),
+    "loss.subspace_k": at_least(1),
+    "loss.negatives_per_query": at_least(0),
+    "loss.fanoise.power": above(0),
+    "loss.fanoise.strength": at_least(0),
+    "loss.disncl.invariant_fraction": within(0, 1, low_open=True),
+    "loss.disncl.soft_target_temperature": above(0),
+    "loss.disncl.mismatch_temperature": above(0),
+    "loss.disncl.soft_target_smoothing": within(0, 1),
+    "loss.disncl.mismatch_warmup": within(0, 1),
+    "loss.dsrsd.shared_dim": above(0),
+    "loss.gap.k": above(0),
+    "spectral.eps_strong": at_least(0),
+    "spectral.eps_weak": within(0, 1, why="it scales σ down, never flips it"),
+    "spectral.eps_noise": within(0, 1, why="it scales σ down, never flips it"),
+    "spectral.rho": at_least(0),
+    "spectral.soft_width": above(0),
+    "scaling.cpus_per_worker": above(0),
+    "data.data_cpus": at_least(0),
+    "data.samples_per_shard": at_least(1),
+    "data.preprocess_batch_size": at_least(1),
+    "data.preprocess_concurrency": at_least(1),
+    "data.shuffle_window": at_least(1),
+    "data.target_block_mb": above(0),
+    "data.synth.noisy_correspondence": within(0, 1),
+    "mine.top_k": at_least(1),
+    "mine.num_workers": at_least(1),
+    "mine.batch_size": at_least(1),
+    "mine.cluster_size": at_least(0),
+    "mine.margin": at_least(0),
 }
-# Fields that are fractions in [0, 1].
-_UNIT = ("model.lora.dropout", "spectral.energy_fraction")
+
+
+def check_range(key: str, value: float) -> None:
+    """Raises ConfigError naming `key` when `value` is outside `RANGES[key]`."""
+    allowed = RANGES[key]
+    if not allowed.admits(value):
+        why = f" ({allowed.why})" if allowed.why else ""
+        raise ConfigError(f"{key} must be {allowed}{why}, got {value}.")
 
 
 def _check_ranges(config: Config) -> None:
     """Every float is finite (NaN passes every `<`/`>` test, so it needs its own check), and every
-    numeric field listed above is within its range."""
+    key of `RANGES` is within its range."""
     values = dict(_leaves(config))
     for key, value in values.items():
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{key} must be a finite number, got {value}.")
-    for key, (low, inclusive) in _MINIMUM.items():
-        value = values[key]
-        if value < low or (value == low and not inclusive):
-            raise ConfigError(f"{key} must be {'>=' if inclusive else '>'} {low:g}, got {value}.")
-    for key in _UNIT:
-        if not 0.0 <= values[key] <= 1.0:
-            raise ConfigError(f"{key} must be in [0, 1], got {values[key]}.")
+    for key in RANGES:
+        check_range(key, values[key])
 
 
 def validate(config: Config) -> None:
     """Rejects invalid combinations with a message naming the keys involved."""
     _check_ranges(config)
-    s, t, d = config.scaling, config.train, config.deepspeed
+    s, d = config.scaling, config.deepspeed
     if is_elastic(s):
         if not (1 <= s.min_workers <= s.max_workers):
             raise ConfigError(
@@ -894,48 +969,19 @@ def validate(config: Config) -> None:
             )
     elif s.num_workers < 1:
         raise ConfigError(f"scaling.num_workers must be >= 1, got {s.num_workers}.")
-    if t.micro_batch_size < 0:
-        raise ConfigError(f"train.micro_batch_size must be >= 0 (0: the whole local batch), got {t.micro_batch_size}.")
     for workers in worker_counts(s):
         chunk_size(config, workers)
-    if t.max_steps < 1:
-        raise ConfigError("train.max_steps must be >= 1.")
-    if t.checkpoint_every < 1:
-        raise ConfigError("train.checkpoint_every must be >= 1.")
-    if t.log_every < 1:
-        raise ConfigError("train.log_every must be >= 1.")
-    if t.lr <= 0:
-        raise ConfigError("train.lr must be > 0.")
-    for name in ("adam_beta1", "adam_beta2"):
-        if not 0.0 <= getattr(t, name) < 1.0:
-            raise ConfigError(f"train.{name} must be in [0, 1), got {getattr(t, name)}.")
     if d.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {d.zero_stage}.")
     check_precision(config)
-    if not 0.01 <= config.loss.temperature <= 1.0:
-        # The learnable temperature is kept in [0.01, 1] (log(1/τ) in [0, ln 100], CLIP's bound);
-        # a value outside would be silently moved to the bound at the first step.
-        raise ConfigError(f"loss.temperature must be in [0.01, 1] (the temperature clamp's range), "
-                          f"got {config.loss.temperature}.")
-    if config.loss.subspace_k < 1:
-        raise ConfigError("loss.subspace_k must be >= 1.")
     sp = config.spectral
-    for name in ("eps_strong", "eps_weak", "eps_noise", "rho"):
-        if getattr(sp, name) < 0:
-            raise ConfigError(f"spectral.{name} must be >= 0.")
-    if sp.eps_weak > 1 or sp.eps_noise > 1:
-        raise ConfigError("spectral.eps_weak and spectral.eps_noise must be <= 1 (they scale σ down, never flip it).")
     if sp.partition == "soft" and sp.fence != "iqr":
         raise ConfigError(
             f"spectral.partition=soft needs spectral.fence=iqr (its threshold is continuous in σ), got {sp.fence!r}."
         )
-    if sp.soft_width <= 0:
-        raise ConfigError(f"spectral.soft_width must be > 0, got {sp.soft_width}.")
     _check_schedule(sp.alpha, "spectral.alpha")
     _check_schedule(config.loss.lambda_schedule, "loss.lambda_schedule")
     _check_schedule(config.loss.fanoise.schedule, "loss.fanoise.schedule")
-    if not 0.0 <= config.data.synth.noisy_correspondence <= 1.0:
-        raise ConfigError("data.synth.noisy_correspondence must be in [0, 1].")
     m = config.model
     if bool(m.vision_name_or_path) != bool(m.text_name_or_path):
         raise ConfigError("model.vision_name_or_path and model.text_name_or_path assemble a dual encoder together; set both.")
@@ -946,8 +992,6 @@ def validate(config: Config) -> None:
         )
     if not m.vision_name_or_path and not m.name_or_path:
         raise ConfigError("model.name_or_path is empty: name a checkpoint, or set model.vision_name_or_path and text_name_or_path.")
-    if m.projection_dim < 0:
-        raise ConfigError(f"model.projection_dim must be >= 0, got {m.projection_dim}.")
     if m.min_pixels and m.max_pixels and m.min_pixels > m.max_pixels:
         raise ConfigError(f"model.min_pixels ({m.min_pixels}) must be <= model.max_pixels ({m.max_pixels}).")
     if m.prompt_format != "vlm2vec" and m.kind != "vlm":
@@ -960,54 +1004,13 @@ def validate(config: Config) -> None:
         raise ConfigError("model.video_frames feeds video to a VLM's video path; model.kind=dual_encoder has none.")
     if config.data.source == "mmeb" and not (config.data.mmeb_train_dir or config.data.shards):
         raise ConfigError("data.source=mmeb needs data.mmeb_train_dir or data.shards.")
-    if not 0 < config.loss.disncl.invariant_fraction <= 1:
-        raise ConfigError("loss.disncl.invariant_fraction must be in (0, 1].")
     losses = config.loss
-    positive = {
-        "loss.fanoise.power": losses.fanoise.power,
-        "loss.disncl.soft_target_temperature": losses.disncl.soft_target_temperature,
-        "loss.disncl.mismatch_temperature": losses.disncl.mismatch_temperature,
-        "loss.dsrsd.shared_dim": losses.dsrsd.shared_dim,
-        "loss.gap.k": losses.gap.k,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key} must be > 0, got {value}.")
-    if losses.fanoise.strength < 0:
-        raise ConfigError("loss.fanoise.strength must be >= 0.")
-    for key, value in {
-        "loss.disncl.soft_target_smoothing": losses.disncl.soft_target_smoothing,
-        "loss.disncl.mismatch_warmup": losses.disncl.mismatch_warmup,
-    }.items():
-        if not 0.0 <= value <= 1.0:
-            raise ConfigError(f"{key} must be in [0, 1], got {value}.")
-    if config.scaling.cpus_per_worker <= 0:
-        raise ConfigError("scaling.cpus_per_worker must be > 0.")
-    if config.data.data_cpus < 0:
-        raise ConfigError("data.data_cpus must be >= 0.")
-    for key, value in {"data.samples_per_shard": config.data.samples_per_shard,
-                       "data.preprocess_batch_size": config.data.preprocess_batch_size,
-                       "data.preprocess_concurrency": config.data.preprocess_concurrency,
-                       "data.shuffle_window": config.data.shuffle_window}.items():
-        if value < 1:
-            raise ConfigError(f"{key} must be >= 1, got {value}.")
-    if losses.negatives_per_query < 0:
-        raise ConfigError(f"loss.negatives_per_query must be >= 0, got {losses.negatives_per_query}.")
     if losses.negatives_per_query and losses.name == "disncl":
         raise ConfigError("loss.name=disncl takes no explicit negatives (soft targets over paired rows); "
                           "set loss.negatives_per_query=0.")
-    mine = config.mine
-    for key, value in {"mine.top_k": mine.top_k, "mine.num_workers": mine.num_workers,
-                       "mine.batch_size": mine.batch_size}.items():
-        if value < 1:
-            raise ConfigError(f"{key} must be >= 1, got {value}.")
-    if mine.cluster_size < 0 or mine.margin < 0:
-        raise ConfigError(f"mine.cluster_size and mine.margin must be >= 0, got {mine.cluster_size}, {mine.margin}.")
     if config.data.batching == "teacher_cluster" and not config.data.negatives_sidecar:
         raise ConfigError("data.batching=teacher_cluster needs data.negatives_sidecar: a `sde-ray mine` output "
                           "mined with mine.cluster_size > 0 (its teacher clusters).")
-    if config.data.target_block_mb <= 0:
-        raise ConfigError(f"data.target_block_mb must be > 0, got {config.data.target_block_mb}.")
 
 
 def describe(instance: Any = None, prefix: str = "") -> list[tuple[str, str, str]]:

@@ -115,7 +115,7 @@ def run_mine(config: Config, checkpoint: str, out_dir: str, progress: bool = Tru
     from sde_ray.data.batching import cluster_rows
     from sde_ray.data.cache import prepare_data
     from sde_ray.eval.encode import RayEncoderPool
-    from sde_ray.eval.runner import resolve_checkpoint
+    from sde_ray.eval.checkpoints import resolve_checkpoint
     from sde_ray.ray_cluster import connect
 
     out = Path(out_dir).expanduser().resolve()

@@ -196,7 +196,8 @@ class RunLogger:
         rows = [row for row in rows if "loss" in row]
         return {k: v for k, v in rows[-1].items() if k not in ("step", "time")} if rows else {}
 
-    def log(self, step: int, metrics: dict[str, float]) -> None:
+    def log(self, step: int, metrics: dict[str, float], console: bool = False) -> None:
+        """One logged step; `console`: also a progress line (the loop's cadence decides when)."""
         row = {"step": step, "time": time.time(), **metrics}
         with self.jsonl.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
@@ -204,7 +205,7 @@ class RunLogger:
             self.run.log(metrics, step=step)
         if self.console_relay is not None:
             self.console_relay.progress(step, self.config.train.max_steps, metrics, self.eta(step))
-        if step % max(1, self.config.logging.console_every) == 0 or step == self.config.train.max_steps:
+        if console:
             self.console(step, metrics)
 
     def eta(self, step: int) -> float:

@@ -117,7 +117,7 @@ def measure(name_or_path: str, before: bool, out: str) -> None:
     from sde_ray.train.checkpoint import TrainState, base_identity, save_checkpoint
     from sde_ray.train.deepspeed_config import build_deepspeed_config
     from sde_ray.train.engine import build_engine, build_train_module, seed_everything
-    from sde_ray.train.loop import _step_context, to_model_inputs
+    from sde_ray.train.loop import step_context, to_model_inputs
     from sde_ray.train.step import train_step
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -136,7 +136,7 @@ def measure(name_or_path: str, before: bool, out: str) -> None:
     batch = to_model_inputs(BatchProcessor(config.model)(raw), engine.device, torch.bfloat16)
     state = TrainState(world_size=1, zero_stage=2, base=base)
     if sum(p.numel() for p in engine.module.parameters()) < STEP_BELOW:
-        train_step(engine, batch, _step_context(config, state, 0, 1, batch), 4, 1)
+        train_step(engine, batch, step_context(config, state, 0, 1, batch), 4, 1)
         state.step = 1
     work = Path(tempfile.mkdtemp(prefix="sde_ray_bench_ckpt_"))
     try:

@@ -35,7 +35,7 @@ from sde_ray.config import Config
 from sde_ray.data.mmeb import eval_image_source
 from sde_ray.data.synthetic import write_synthetic_mmeb
 from sde_ray.eval.encode import ModelEncoder
-from sde_ray.eval.runner import select_datasets
+from sde_ray.eval.roots import select_datasets
 from sde_ray.eval.scoring import dataset_hits, encode_dataset, prepare_dataset, score_dataset
 
 # MMEB-eval's shape: 1,000 queries per set; ImageNet-1K's 1,000 labels; 1,000 candidates per query.

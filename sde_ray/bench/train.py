@@ -97,7 +97,7 @@ def plain_step_durations(configs: list[Config], batch: dict[str, torch.Tensor], 
             context = StepContext(progress=step / config.train.max_steps, rank=0, world_size=1, training=True,
                                   target_ids=batch.get("target_id"),
                                   generator=step_generator(config.train.seed, step, 0))
-            loss, _, _, _ = module(batch, context)
+            loss = module(batch, context).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.train.grad_clip > 0:
@@ -279,7 +279,7 @@ def _gradcache_worker(config: Config, batch: dict, chunks: list[int], steps: int
         return
 
     def plain_step(engine) -> None:  # the step before GradCache: engine forward, backward, step
-        loss, _, _, _ = engine(batch, context(0))
+        loss = engine(batch, context(0)).loss
         engine.backward(loss)
         engine.step()
 

@@ -180,7 +180,9 @@ def run_embed(config: Config, checkpoint: str, corpus: str, out_dir: str, progre
     import ray
     from tqdm.auto import tqdm
 
-    from sde_ray.eval.runner import eval_precision, resolve_checkpoint
+    from sde_ray.eval.checkpoints import resolve_checkpoint
+
+    from sde_ray.eval.runner import eval_precision
     from sde_ray.ray_cluster import connect
 
     e = config.embed

@@ -215,7 +215,9 @@ def start_service(config: Config, checkpoint: str) -> str:
     """Deploys the service on the connected Ray cluster; returns its base URL."""
     import ray
 
-    from sde_ray.eval.runner import eval_precision, resolve_checkpoint
+    from sde_ray.eval.checkpoints import resolve_checkpoint
+
+    from sde_ray.eval.runner import eval_precision
 
     s = config.serve
     model_dir = resolve_checkpoint(checkpoint, Path(checkpoint).expanduser().resolve().parent).model_dir

@@ -199,8 +199,9 @@ def run_eval_v2(checkpoint: str | os.PathLike, data_dir: str | os.PathLike | Non
     synthetic V2 of the data cache when `data_dir` is empty), encoded in this process; prints the
     summary line."""
     from sde_ray.data.cache import synthetic_v2_eval_dir
+    from sde_ray.eval.checkpoints import default_output_dir, resolve_checkpoint
     from sde_ray.eval.encode import load_encoder
-    from sde_ray.eval.runner import default_output_dir, model_stamp, resolve_checkpoint
+    from sde_ray.eval.runner import model_stamp
 
     out = Path(output_dir).expanduser().resolve() if output_dir else default_output_dir(checkpoint) / "mmeb_v2"
     out.mkdir(parents=True, exist_ok=True)

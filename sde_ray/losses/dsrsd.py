@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from sde_ray.losses import StepContext
 from sde_ray.losses.gap import modality_gap_metrics
 from sde_ray.distributed import gather_with_grad
-from sde_ray.losses.infonce import info_nce, split_negatives
+from sde_ray.losses.batch import ContrastiveBatch, ContrastiveObjective
 from sde_ray.losses.objectives import Temperature
 
 
@@ -58,7 +58,7 @@ def dual_streams(
     return factors, shared, features - shared
 
 
-class DSRSDObjective(torch.nn.Module):
+class DSRSDObjective(ContrastiveObjective):
     """Shared-factor contrastive + regression alignment with decorrelation and orthogonality penalties."""
 
     def __init__(
@@ -83,11 +83,11 @@ class DSRSDObjective(torch.nn.Module):
         self.scale = Temperature(temperature, learnable_temperature)
         self.duplicates = duplicates
 
-    def forward(self, query: torch.Tensor, target: torch.Tensor, context: StepContext):
-        rank, world_size = context.rank, context.world_size
+    def contrastive(self, batch: ContrastiveBatch, context: StepContext):
+        world_size = batch.world_size
         # Explicit negatives are contrastive candidates only (their shared factors through the
         # target head); decorrelation, orthogonality and regression use the paired rows.
-        target, negatives, ids, negative_ids = split_negatives(query, target, context.target_ids)
+        query, target, negatives = batch.query, batch.positives, batch.negatives
         scale = self.scale()
         zq, sq, pq = dual_streams(query, self.query_head.to(query.dtype))
         zt, st, pt = dual_streams(target, self.target_head.to(target.dtype))
@@ -95,9 +95,7 @@ class DSRSDObjective(torch.nn.Module):
         shared_negatives = None
         if negatives is not None:
             shared_negatives = F.normalize(dual_streams(negatives, self.target_head.to(negatives.dtype))[0], dim=-1)
-        contrastive = info_nce(
-            nq, nt, scale, rank, world_size, ids, self.duplicates, shared_negatives, negative_ids
-        )
+        contrastive = batch.replace(query=nq, positives=nt, negatives=shared_negatives).info_nce(scale, self.duplicates)
         regression = (nq - nt).pow(2).sum(-1).mean()
         decorrelation = 0.5 * (
             off_diagonal_correlation(gather_with_grad(zq, world_size))
@@ -117,9 +115,7 @@ class DSRSDObjective(torch.nn.Module):
             "loss_orthogonality": float(orthogonality.detach()),
         }
         if self.w_instance > 0:
-            instance = info_nce(
-                query, target, scale, rank, world_size, ids, self.duplicates, negatives, negative_ids, normalize=True
-            )
+            instance = batch.info_nce(scale, self.duplicates, normalize=True)
             loss = loss + self.w_instance * instance
             metrics["loss_instance"] = float(instance.detach())
         metrics.update(modality_gap_metrics(query, target, world_size))

@@ -23,7 +23,7 @@ import torch
 
 from sde_ray.losses import StepContext
 from sde_ray.losses.gap import modality_gap_metrics
-from sde_ray.losses.infonce import info_nce, split_negatives
+from sde_ray.losses.batch import ContrastiveBatch, ContrastiveObjective
 from sde_ray.losses.objectives import Temperature
 from sde_ray.spectral.decompose import Spectrum, distributed_spectrum
 from sde_ray.spectral.schedules import Schedule, schedule_value
@@ -83,7 +83,7 @@ def spectral_noise(
     return ((z * stds) @ basis.T).to(local_features.dtype)
 
 
-class FANoiseObjective(torch.nn.Module):
+class FANoiseObjective(ContrastiveObjective):
     """Symmetric InfoNCE on features with σ^p-shaped spectral noise on a schedule (training only)."""
 
     def __init__(
@@ -132,10 +132,10 @@ class FANoiseObjective(torch.nn.Module):
         realised = float(noise.float().pow(2).sum() / features.detach().float().pow(2).sum().clamp_min(1e-12))
         return features + noise, realised
 
-    def forward(self, query: torch.Tensor, target: torch.Tensor, context: StepContext):
+    def contrastive(self, batch: ContrastiveBatch, context: StepContext):
         # Explicit negatives enter the InfoNCE candidates without noise: the noise lives in the
         # spectrum of the paired rows, which is what FANoise regularises.
-        target, negatives, ids, negative_ids = split_negatives(query, target, context.target_ids)
+        query, target = batch.query, batch.positives
         level = self.noise_level(context)
         noisy_query, query_energy = self._noisy(
             query, level if self.inject in ("both", "query") else 0.0, context
@@ -143,10 +143,8 @@ class FANoiseObjective(torch.nn.Module):
         noisy_target, target_energy = self._noisy(
             target, level if self.inject in ("both", "target") else 0.0, context
         )
-        loss = info_nce(
-            noisy_query, noisy_target, self.scale(), context.rank, context.world_size, ids, self.duplicates,
-            negatives, negative_ids, normalize=True,
-        )
+        loss = batch.replace(query=noisy_query, positives=noisy_target).info_nce(
+            self.scale(), self.duplicates, normalize=True)
         metrics = {
             "loss_instance": float(loss.detach()),
             "fanoise_level": level,

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from sde_ray.losses import StepContext
 from sde_ray.distributed import gather_with_grad
-from sde_ray.losses.infonce import info_nce, split_negatives
+from sde_ray.losses.batch import ContrastiveBatch, ContrastiveObjective
 from sde_ray.losses.objectives import Temperature
 from sde_ray.spectral.diagnostics import centroid_gap
 
@@ -93,7 +93,7 @@ def modality_gap_metrics(query: torch.Tensor, target: torch.Tensor, world_size: 
     return {"gap_centroid": centroid_gap(query, target, world_size)}
 
 
-class GapObjective(torch.nn.Module):
+class GapObjective(ContrastiveObjective):
     """InfoNCE plus a pull toward the gap remedy's output and a centroid-gap penalty (see module doc)."""
 
     def __init__(
@@ -122,14 +122,12 @@ class GapObjective(torch.nn.Module):
         projector = shared_space_projection(all_query, all_target, k)
         return (lambda q: q @ projector), (lambda t: t @ projector)
 
-    def forward(self, query: torch.Tensor, target: torch.Tensor, context: StepContext):
+    def contrastive(self, batch: ContrastiveBatch, context: StepContext):
         # Explicit negatives are InfoNCE candidates only; the remedy is fitted on the paired rows.
-        target, negatives, ids, negative_ids = split_negatives(query, target, context.target_ids)
+        query, target, negatives = batch.query, batch.positives, batch.negatives
         q, t = F.normalize(query, dim=-1), F.normalize(target, dim=-1)
         n = None if negatives is None else F.normalize(negatives, dim=-1)
-        instance = info_nce(
-            q, t, self.scale(), context.rank, context.world_size, ids, self.duplicates, n, negative_ids
-        )
+        instance = batch.replace(query=q, positives=t, negatives=n).info_nce(self.scale(), self.duplicates)
         all_q = gather_with_grad(q, context.world_size)
         all_t = gather_with_grad(t, context.world_size)
         map_q, map_t = self.remedy_targets(all_q.detach(), all_t.detach())

@@ -7,7 +7,7 @@ import math
 import torch
 
 from sde_ray.losses import StepContext
-from sde_ray.losses.infonce import info_nce, split_negatives
+from sde_ray.losses.batch import ContrastiveBatch, ContrastiveObjective
 
 
 class Temperature(torch.nn.Module):
@@ -37,7 +37,7 @@ class Temperature(torch.nn.Module):
         return self.log_scale.exp()[0]
 
 
-class InfoNCEObjective(torch.nn.Module):
+class InfoNCEObjective(ContrastiveObjective):
     """Symmetric InfoNCE on L2-normalised features over the global batch (plus explicit negatives
     when `target` carries them, see `sde_ray.losses.infonce`)."""
 
@@ -46,12 +46,8 @@ class InfoNCEObjective(torch.nn.Module):
         self.scale = Temperature(temperature, learnable_temperature)
         self.duplicates = duplicates
 
-    def forward(self, query: torch.Tensor, target: torch.Tensor, context: StepContext):
-        target, negatives, ids, negative_ids = split_negatives(query, target, context.target_ids)
-        loss = info_nce(
-            query, target, self.scale(), context.rank, context.world_size, ids, self.duplicates, negatives,
-            negative_ids, normalize=True,
-        )
+    def contrastive(self, batch: ContrastiveBatch, context: StepContext):
+        loss = batch.info_nce(self.scale(), self.duplicates, normalize=True)
         return loss, {"loss_instance": float(loss.detach())}
 
 

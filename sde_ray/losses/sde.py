@@ -26,7 +26,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from sde_ray.distributed import all_ranks_true
 from sde_ray.losses import StepContext
@@ -40,7 +39,7 @@ from sde_ray.losses.dual_domain import (
     spectral_distribution,
     subspace_surrogate,
 )
-from sde_ray.losses.infonce import info_nce, split_negatives
+from sde_ray.losses.batch import ContrastiveBatch, ContrastiveObjective
 from sde_ray.losses.objectives import Temperature
 from sde_ray.spectral import (
     Partition,
@@ -97,7 +96,7 @@ class SDELoss:
     subspace_form: str  # projector | surrogate
 
 
-class SDEObjective(torch.nn.Module):
+class SDEObjective(ContrastiveObjective):
     """λ(t)·InfoNCE(F_q·M_q, F_t·M_t) + (1 − λ(t))·spectral terms + w_snr·L_snr.
 
     Takes its own two frozen dataclasses of plain values, not config sections (`build_sde` fills
@@ -109,22 +108,11 @@ class SDEObjective(torch.nn.Module):
         self.loss = loss
         self.scale = Temperature(loss.temperature, loss.learnable_temperature)
 
-    def _instance(self, query, target, logit_scale, context: StepContext, negatives=None, ids=None,
-                  negative_ids=None) -> torch.Tensor:
-        return info_nce(
-            F.normalize(query, dim=-1),
-            F.normalize(target, dim=-1),
-            logit_scale,
-            context.rank,
-            context.world_size,
-            ids,
-            self.loss.duplicate_targets,
-            None if negatives is None else F.normalize(negatives, dim=-1),
-            negative_ids,
-        )
+    def _instance(self, batch: ContrastiveBatch, logit_scale) -> torch.Tensor:
+        return batch.info_nce(logit_scale, self.loss.duplicate_targets, normalize=True)
 
-    def _strong_xi(self, features, spectra, logit_scale, context: StepContext, negatives=None, ids=None,
-                   negative_ids=None) -> list[torch.Tensor]:
+    def _strong_xi(self, features, spectra, logit_scale, context: StepContext,
+                   batch: ContrastiveBatch) -> list[torch.Tensor]:
         """ξ per modality: uniform [−1, 1] from the shared generator, or sign(∂L_inst/∂σ_i)."""
         if self.spectral.strong_perturbation == "random":
             if context.generator is None and context.world_size > 1:
@@ -134,18 +122,17 @@ class SDEObjective(torch.nn.Module):
             x.detach().to(torch.promote_types(x.dtype, torch.float32)).requires_grad_() for x in features
         ]
         with torch.enable_grad():
-            loss = self._instance(
-                leaves[0], leaves[1], logit_scale.detach(), context,
-                None if negatives is None else negatives.detach(), ids, negative_ids,
-            )
+            negatives = None if batch.negatives is None else batch.negatives.detach()
+            loss = self._instance(batch.replace(query=leaves[0], positives=leaves[1], negatives=negatives),
+                                  logit_scale.detach())
             gradients = torch.autograd.grad(loss, leaves)
         return [
             adversarial_signs(x, s.basis, g, context.world_size)
             for x, s, g in zip(leaves, spectra, gradients)
         ]
 
-    def forward(self, query: torch.Tensor, target: torch.Tensor, context: StepContext):
-        target, negatives, ids, negative_ids = split_negatives(query, target, context.target_ids)
+    def contrastive(self, batch: ContrastiveBatch, context: StepContext):
+        query, target, negatives = batch.query, batch.positives, batch.negatives
         if query.dim() != 2 or query.shape != target.shape:
             raise ValueError(
                 f"query and target must be (B × d) of the same shape, got {tuple(query.shape)} and {tuple(target.shape)}"
@@ -176,7 +163,7 @@ class SDEObjective(torch.nn.Module):
         enhanced, enhanced_negatives = features, negatives
         bound_factors = [1.0, 1.0]
         if context.training:
-            xis = self._strong_xi(features, spectra, logit_scale, context, negatives, ids, negative_ids)
+            xis = self._strong_xi(features, spectra, logit_scale, context, batch)
             enhancements = [
                 enhancement_deltas(
                     s.sigma,
@@ -203,8 +190,7 @@ class SDEObjective(torch.nn.Module):
                     negatives, spectra[1].basis, enhancements[1].scale, enhancements[1].base_scale
                 )
         loss_instance = self._instance(
-            enhanced[0], enhanced[1], logit_scale, context, enhanced_negatives, ids, negative_ids
-        )
+            batch.replace(query=enhanced[0], positives=enhanced[1], negatives=enhanced_negatives), logit_scale)
 
         energies = [projected_energies(x, s.basis, world_size) for x, s in zip(features, spectra)]
         hellinger_energies = energies

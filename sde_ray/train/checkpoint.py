@@ -78,6 +78,12 @@ class TrainState:
     base: dict = field(default_factory=dict)  # the frozen weights' source and hash (`base_identity`); {}: none
     trainable_only: bool = False  # consolidated.pt and DeepSpeed's files lack the frozen weights
 
+    def advance(self, global_batch_size: int, epoch: int, epoch_rows: int) -> None:
+        """One optimizer step done on a global batch; the stream now stands at (epoch, epoch_rows)."""
+        self.step += 1
+        self.samples += global_batch_size
+        self.epoch, self.epoch_rows = epoch, epoch_rows
+
     @classmethod
     def read(cls, directory: str | os.PathLike) -> TrainState:
         data = json.loads((Path(directory) / STATE).read_text())

@@ -29,7 +29,8 @@ from ray.train.torch import TorchTrainer
 from sde_ray.config import Config, ConfigError, ModelConfig, dump_yaml, is_elastic, with_values, worker_counts
 from sde_ray.data.cache import prepare_data
 from sde_ray.eval.report import results_markdown, write_results
-from sde_ray.eval.runner import final_evaluation, select_datasets
+from sde_ray.eval.roots import eval_root, select_datasets
+from sde_ray.eval.runner import final_evaluation
 from sde_ray.models import BatchProcessor, count_parameters
 from sde_ray.ray_cluster import check_capacity, connect, logs_dir, worker_env
 from sde_ray.runs import METRICS_FILE, run_id, wandb_mode
@@ -109,9 +110,9 @@ def data_counts(prepared, train_data=None) -> dict[str, int]:
 
 
 def eval_root_of(config: Config, prepared) -> str | None:
-    """The MMEB-eval root a run validates and evaluates on (`eval.data_dir`, else the prepared
+    """The MMEB-eval root a run validates and evaluates on (`eval.roots.eval_root`, with the prepared
     synthetic eval split; None: no evaluation)."""
-    return config.eval.data_dir or getattr(prepared, "eval_dir", None) or None
+    return eval_root(config, synthetic_dir=getattr(prepared, "eval_dir", "")) or None
 
 
 def val_root_of(config: Config, prepared) -> str | None:

@@ -6,19 +6,37 @@ from __future__ import annotations
 
 import contextlib
 import random
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from sde_ray.config import Config
 from sde_ray.losses import build_objective
-from sde_ray.losses.infonce import split_negatives
+from sde_ray.losses.batch import ContrastiveBatch
 from sde_ray.models import build_model, tower_of
 from sde_ray.train.deepspeed_config import per_group_schedule
 
 
 # The dtype the weights train in (DeepSpeed casts the module to it; backbones load straight into it).
 TRAINING_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Encoded(NamedTuple):
+    """`TrainModule.forward` without a context: the features of one chunk (a pair, so `query, target =
+    module(batch)` reads as before; NamedTuples let DeepSpeed's ZeRO-3 hooks reach the tensors)."""
+
+    query: torch.Tensor  # (rows × d) fp32 query features
+    target: torch.Tensor  # fp32 target features in the per-query layout (positives and negatives)
+
+
+class Scored(NamedTuple):
+    """`TrainModule.forward` with a context: the objective's loss on the step's features."""
+
+    loss: torch.Tensor  # this rank's scalar loss (the mean over ranks is the global loss)
+    metrics: dict  # the objective's metrics, floats
+    query: torch.Tensor  # every chunk's query features, detached (diagnostics)
+    positives: torch.Tensor  # their positives, detached: diagnostics describe the paired rows
 
 
 class TrainModule(torch.nn.Module):
@@ -32,7 +50,7 @@ class TrainModule(torch.nn.Module):
         # Each encoder tower's learning rate as a multiple of train.lr (`build_engine` makes the groups).
         self.tower_lr_scales = dict(tower_lr_scales or {})
 
-    def forward(self, batch: dict[str, torch.Tensor], context=None, cached=None):
+    def forward(self, batch: dict[str, torch.Tensor], context=None, cached=None) -> Encoded | Scored:
         """Encode `batch`; with a `context`, also the objective, on `batch`'s features followed by the
         `cached` (query, target) features of the step's other chunks (see `sde_ray.train.step`).
         Both run inside the engine's forward, so ZeRO-3 gathers the encoder's and the objective's
@@ -41,12 +59,12 @@ class TrainModule(torch.nn.Module):
         # The spectral stage (SVD / eigh, partition thresholds) wants at least fp32 under bf16 too.
         query, target = query.float(), target.float()
         if context is None:
-            return query, target
+            return Encoded(query, target)
         if cached is not None:
             query, target = torch.cat([query, cached[0]]), torch.cat([target, cached[1]])
         loss, metrics = self.objective(query, target, context)
-        # Diagnostics (spectra, gap) describe the paired rows: explicit negatives are left out.
-        return loss, metrics, query.detach(), split_negatives(query, target)[0].detach()
+        positives = ContrastiveBatch.of(query, target).positives  # explicit negatives left out
+        return Scored(loss, metrics, query.detach(), positives.detach())
 
 
 def build_train_module(config: Config, dtype: torch.dtype | None = None) -> TrainModule:

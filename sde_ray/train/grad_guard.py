@@ -1,4 +1,5 @@
-"""The non-finite gradient guard: no optimizer step on a gradient that is not finite on every rank.
+"""The non-finite guards: no optimizer step on a loss or gradient that is not finite on every rank,
+and the run's policy for such steps (`NonFiniteGuard`: skip and count, or stop).
 
 The loss check in `sde_ray.train.step` cannot see a NaN born in a backward (a replayed GradCache
 chunk's, say) under a finite loss, and DeepSpeed checks gradients for overflow only under fp16: with
@@ -17,6 +18,11 @@ for good. The guard owns that policy:
   continues as one that never saw the batch. `skipped` counts these steps.
 
 One guard per engine (`GradientGuard.of(engine)`); `begin()` at the start of every optimizer step.
+
+`NonFiniteGuard` applies `train.nan_policy` to the steps `train_step` skipped (a non-finite loss, or
+a non-finite gradient seen by the `GradientGuard`): `skip` continues without the batch, counting it
+in the run state, until more than `train.max_nan_skips` consecutive steps were skipped; `raise`
+stops at the first. Every rank sees the same step results, so every rank decides the same.
 """
 
 from __future__ import annotations
@@ -97,3 +103,27 @@ class GradientGuard:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+class NonFiniteGuard:
+    """The loss and gradient policy of the loop (see the module doc); owns the consecutive count."""
+
+    def __init__(self, policy: str, max_skips: int):
+        self.policy, self.max_skips = policy, max_skips
+        self.consecutive = 0
+
+    def check(self, result, state) -> str | None:
+        """None for a finite step; for a skipped one, counts it in `state` (`nan_skips`, and
+        `grad_skips` for a gradient) and returns the notice to print, or raises FloatingPointError
+        under `raise` or past `max_skips` consecutive skips. `state.step` is the last finished step."""
+        if result.finite:
+            self.consecutive = 0
+            return None
+        self.consecutive += 1
+        state.nan_skips += 1
+        state.grad_skips += result.skipped == "gradient"
+        message = f"non-finite {result.skipped} at step {state.step + 1} on at least one rank"
+        if self.policy == "raise" or self.consecutive > self.max_skips:
+            raise FloatingPointError(f"{message}; train.nan_policy={self.policy}, {self.consecutive} consecutive "
+                                     f"(train.max_nan_skips={self.max_skips})")
+        return f"[sde_ray] {message}: skipped ({self.consecutive}/{self.max_skips})"

@@ -1,31 +1,32 @@
-"""The Ray Train worker loop: one DeepSpeed engine per worker, read top to bottom like nanoGPT.
+"""The Ray Train worker: `start` → `fit` → `finish`, the loop read top to bottom like nanoGPT.
 
 `train_loop_per_worker({"config": Config, "args": RunArgs})` runs on every worker of the TorchTrainer
 (Ray has already set up the gloo/NCCL process group); the typed config and the run arguments arrive
-as they left the driver (pickled), never as strings or plain dicts:
+as they left the driver (pickled), never as strings or plain dicts. Ray itself stays behind a
+`train.session.Session` (rank, world size, the handed checkpoint, `report`, the stop flag), so the
+same three functions run under a `LocalSession` in one process:
 
-1. build the encoder and the objective as one module (objective parameters train too);
-2. resume from `ray.train.get_checkpoint()`: exact DeepSpeed state when the world size matches,
-   consolidated weights otherwise (an elastic resize); the data stream starts at the saved step of
-   the epoch order (`sde_ray.train.data`), reading nothing before it;
-3. `deepspeed.initialize` with the JSON derived from the config;
-4. per optimizer step: this worker's local batch (global / world rows) of the epoch order →
-   `step.train_step` (chunked encode, the objective once on the global batch, non-finite loss and
-   gradient checks agreed by all ranks, one optimizer step; a non-finite step is skipped whole); the temperature
-   clamped in place after the step;
-5. per optimizer step: metrics (averaged over ranks) every `log_every`, validation P@1 every
-   `eval_every` (every rank encodes its share on its device, see `sde_ray.eval.sharded`), a
-   checkpoint every `checkpoint_every`;
-6. at the end: spectrum plot, final checkpoint, `save_pretrained` export (rank 0). The full MMEB
-   evaluation is not run here: the driver runs it on the eval actors after `fit()` returns, so no
-   rank ever waits in a collective while another evaluates.
+- `start(config, args, session)`: the encoder and the objective as one module (objective parameters
+  train too) in a DeepSpeed engine, resumed in one call (`resume`: exact DeepSpeed state when the
+  world size and ZeRO stage match, consolidated weights otherwise, an elastic resize); the data
+  stream at the saved position of the epoch order (`sde_ray.train.data`), reading nothing before it;
+  and the loop's components, each owning its state: the step meter (`train.meter`), the cadence
+  (`train.cadence`), the non-finite guard (`train.grad_guard`);
+- `fit(run)`, per optimizer step: this worker's local batch (global / world rows) → `step.train_step`
+  (chunked encode, the objective once on the global batch, one optimizer step; a non-finite loss or
+  gradient is skipped whole on every rank) → the guard's policy → the temperature clamped → the
+  state advanced → the meter → the cadence's log / validation P@1 (every rank encodes its share,
+  see `sde_ray.eval.sharded`) / checkpoint / report → the step hook and the preemption flag;
+- `finish(run)`: spectrum plot, final checkpoint with the run's summary, then the `save_pretrained`
+  export (rank 0; LoRA merged in place, so it comes after the last checkpoint). The full MMEB
+  evaluation is not run here: the driver runs it on the eval actors after `fit()` returns, so no
+  rank ever waits in a collective while another evaluates.
 
-Every `ray.train.report` is a barrier, so each rank reports under the same step conditions.
+Every report is a barrier (`ray.train.report`), so each rank reports under the same step conditions.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import tempfile
@@ -37,20 +38,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import ray.train
 import torch
 
-from sde_ray.config import Config, TrainConfig
+from sde_ray.config import Config
 from sde_ray.eval.plots import plot_spectrum
-from sde_ray.eval.runner import validation_p_at_1 as evaluate_validation
+from sde_ray.eval.validation import validation_p_at_1
 from sde_ray.losses import StepContext
-from sde_ray.losses.infonce import duplicate_groups, ids_with_negatives
+from sde_ray.losses.batch import step_target_ids
 from sde_ray.models import BatchProcessor, load_trained_weights
-from sde_ray.distributed import all_reduce, broadcast_object, mean_over_ranks
+from sde_ray.distributed import broadcast_object
 from sde_ray.runs import RunLogger, say
-from sde_ray.spectral import spectral_snapshot, spectrum_rule
+from sde_ray.train.cadence import Cadence, Due
 from sde_ray.train.checkpoint import (
-    ResumePlan,
     TrainState,
     base_identity,
     check_resume_base,
@@ -66,12 +65,15 @@ from sde_ray.train.data import REPLACED, SAMPLE_ID, batch_stream
 from sde_ray.train.deepspeed_config import build_deepspeed_config, chunk_size
 # Built without Ray in `engine` (the device check builds them too); imported here for the loop and its callers.
 from sde_ray.train.engine import TrainModule, build_engine, build_train_module, seed_everything  # noqa: F401
+from sde_ray.train.grad_guard import NonFiniteGuard
+from sde_ray.train.meter import StepMeter
+from sde_ray.train.session import RaySession, Session
 from sde_ray.train.step import train_step
-from sde_ray.train.preemption import stop_requested
 
 # Keys of a processed batch that are not model inputs.
 TARGET_ID_KEY = "target_id"
 QUERY_ID_KEY = "query_id"
+NEGATIVE_ID_KEY = "neg_target_id"
 
 
 @dataclass(frozen=True)
@@ -87,19 +89,6 @@ class RunArgs:
     data_counts: dict = field(default_factory=dict)  # what the data stage left out
     val_root: str | None = None  # the split validated on (driver.val_root_of); None: no validation
     console: Any = None  # train.console.ConsoleRelay to the driver's progress bar; None: stdout only
-
-
-# The schedule of one optimizer step's aftermath (torchtitan-style): what happens after step `step`.
-def should_log(step: int, train: TrainConfig) -> bool:
-    return step % train.log_every == 0 or step == train.max_steps
-
-
-def should_validate(step: int, train: TrainConfig, val_root: str | None) -> bool:
-    return bool(val_root) and train.eval_every > 0 and step % train.eval_every == 0
-
-
-def should_checkpoint(step: int, train: TrainConfig) -> bool:
-    return step % train.checkpoint_every == 0 or step == train.max_steps
 
 
 def clamp_temperatures(engine) -> None:
@@ -220,244 +209,243 @@ class TrainedModel:
         return copy.model
 
 
-def validation_p_at_1(model: torch.nn.Module, processor, val_root: str, config: Config, rank: int,
-                      world_size: int) -> float:
+def validate(model: torch.nn.Module, processor, val_root: str, config: Config, rank: int, world_size: int) -> float:
     """Validation P@1, every rank encoding its share under the training precision (same value on all)."""
-
     was_training = model.training
     model.eval()
     try:
-        return float(evaluate_validation(model, processor, val_root, max_queries=config.eval.val_queries,
-                                         batch_size=config.eval.batch_size, rank=rank, world_size=world_size,
-                                         precision=config.deepspeed.precision))
+        return float(validation_p_at_1(model, processor, val_root, max_queries=config.eval.val_queries,
+                                       batch_size=config.eval.batch_size, rank=rank, world_size=world_size,
+                                       precision=config.deepspeed.precision))
     finally:
         model.train(was_training)
 
 
 # ---------------------------------------------------------------------------------------------
-# The loop
+# The worker: start -> fit -> finish
 
 
-def _report(metrics: dict, checkpoint_dir: str | None = None, name: str | None = None) -> None:
-    checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name if checkpoint else None)
+@dataclass
+class Run:
+    """One worker's training run, as `start` built it: what `fit` and `finish` work on."""
 
+    config: Config
+    args: RunArgs
+    session: Session
+    engine: Any
+    state: TrainState
+    stream: Any  # train.data.BatchStream: this worker's local batches, from the resumed position
+    meter: StepMeter
+    cadence: Cadence
+    guard: NonFiniteGuard
+    trained: TrainedModel
+    logger: RunLogger | None  # rank 0's sinks
+    launch: str  # unique checkpoint names per attempt
+    processor: Any = None  # validation's batch processor (None: no validation split)
+    last_metrics: dict = field(default_factory=dict)  # the last logged row
 
-def _checkpoint_and_report(engine, state: TrainState, config: Config, rank: int, metrics: dict, launch: str) -> None:
-    with tempfile.TemporaryDirectory(prefix="sde_ray_ckpt_") as directory:
-        save_checkpoint(directory, engine, state, config, rank)
-        _report(metrics, directory, name=f"checkpoint_{state.step:06d}_{launch}")
+    @property
+    def rank(self) -> int:
+        return self.session.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.session.world_size
+
+    def notice(self, message: str) -> None:
+        if self.rank == 0:
+            notice(self.args, message)
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
     """The function every Ray Train worker runs; `loop_config` is `{"config": Config, "args": RunArgs}`
     as built by `driver.build_trainer` (Ray Train passes a dict)."""
-    config: Config = loop_config["config"]
     args: RunArgs = loop_config["args"]
+    run = start(loop_config["config"], args, RaySession(args.preemption))
+    if fit(run):
+        finish(run)
+
+
+def start(config: Config, args: RunArgs, session: Session) -> Run:
+    """Builds the engine (resumed when a checkpoint exists), the data stream at the resumed position,
+    the logger and the loop's components."""
     if not config.scaling.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
-    train = config.train
-    output_dir = config.train.output_dir
-    val_root, step_hook = args.val_root, args.step_hook
-    seed_everything(train.seed)
+    engine, state = resume(config, args, session)
+    train_data = args.train_data
+    check_order(state, train_data.spec(), session.rank, args)
+    state.data_order = train_data.spec()
+    # This worker's rows of the epoch order, after the rows the checkpoint consumed (none read before).
+    stream = batch_stream(train_data, session.rank, session.world_size, state.epoch, state.epoch_rows,
+                          lookahead=config.data.epoch_lookahead, batches_left=config.train.max_steps - state.step)
+    return assemble(config, args, session, engine, state, stream)
 
-    # 1-2. Model + objective (the same initial weights on every rank), and where to resume from.
-    module = build_train_module(config)
+
+def assemble(config: Config, args: RunArgs, session: Session, engine, state: TrainState, stream) -> Run:
+    """The run around a (resumed) engine and its stream: the logger (rank 0) and the loop's components."""
+    rank, world_size = session.rank, session.world_size
+    logger = RunLogger(config, config.train.output_dir, args.run_id, args.wandb_mode, state.step,
+                       console=args.console) if rank == 0 else None
+    engine.train()
+    return Run(config=config, args=args, session=session, engine=engine, state=state, stream=stream,
+               meter=StepMeter(config.spectral, config.train.global_batch_size, rank, world_size),
+               cadence=Cadence.of(config, validating=bool(args.val_root)),
+               guard=NonFiniteGuard(config.train.nan_policy, config.train.max_nan_skips),
+               trained=TrainedModel(config, engine, rank), logger=logger,
+               launch=broadcast_object(uuid.uuid4().hex[:8], world_size),
+               processor=BatchProcessor(config.model) if args.val_root else None)
+
+
+def resume(config: Config, args: RunArgs, session: Session) -> tuple[Any, TrainState]:
+    """The DeepSpeed engine and the run state, from the newest checkpoint when there is one (Ray's,
+    or a newer complete one the driver found on storage): exact DeepSpeed state when the world size
+    and ZeRO stage match, consolidated weights and a fresh optimizer otherwise (an elastic resize)."""
+    rank, world_size, train = session.rank, session.world_size, config.train
+    seed_everything(train.seed)
+    module = build_train_module(config)  # the same initial weights on every rank
     # The frozen weights' source and hash, which checkpoints record instead of the weights: rank 0
     # hashes them once, before ZeRO-3 partitions them (`checkpoint.base_identity`).
     base = base_identity(config, module.model) if rank == 0 else {}
     # Then one seed per rank: dropout and other module randomness differ across data-parallel ranks
     # (an exact resume restores each rank's RNG state from the checkpoint instead).
     seed_everything(train.seed + rank)
-    resume_stack = contextlib.ExitStack()
-    plan: ResumePlan | None = None
-    checkpoint = ray.train.get_checkpoint()
-    resume_dir = newer_checkpoint(checkpoint and resume_stack.enter_context(checkpoint.as_directory()),
-                                  args.resume_dir)  # Ray's, or a newer unregistered one
-    if resume_dir is not None:
-        plan = resume_plan(resume_dir, world_size, config.deepspeed.zero_stage)
-        check_resume_base(plan, base, rank, world_size)
-        if not plan.exact:
-            load_consolidated(module, plan)
-
-    # 3. DeepSpeed.
-    ds_config = build_deepspeed_config(config, world_size)
-    if rank == 0:
-        overrides = f" (overrides applied: {json.dumps(config.deepspeed.overrides)})" if config.deepspeed.overrides else ""
-        say(f"[sde_ray] world size {world_size}; DeepSpeed config{overrides}:\n{json.dumps(ds_config, indent=1)}")
-    engine = build_engine(module, ds_config)
-    state = TrainState(world_size=world_size, zero_stage=config.deepspeed.zero_stage)
-    if plan is not None:
-        restore_engine(engine, plan, rank)
-        state = TrainState(**{**plan.state.__dict__, "world_size": world_size, "zero_stage": config.deepspeed.zero_stage})
+    fresh = TrainState(world_size=world_size, zero_stage=config.deepspeed.zero_stage, base=base)
+    with session.resume_checkpoint() as offered_by_ray:
+        directory = newer_checkpoint(offered_by_ray, args.resume_dir)
+        plan = resume_plan(directory, world_size, config.deepspeed.zero_stage) if directory else None
+        if plan is not None:
+            # A trainable-only checkpoint goes onto the base it was trained on, or not at all (every rank).
+            check_resume_base(plan, base, rank, world_size)
+            if not plan.exact:
+                load_consolidated(module, plan)  # trainable-only: onto the frozen part as built
+        ds_config = build_deepspeed_config(config, world_size)
         if rank == 0:
-            how = "exact DeepSpeed state" if plan.exact else (
-                f"consolidated weights, fresh optimizer state (world size {plan.state.world_size} -> {world_size})")
-            notice(args, f"[sde_ray] resumed at step {state.step} from {plan.directory.name}: {how}")
-    state.base = base
-    resume_stack.close()
+            overrides = (f" (overrides applied: {json.dumps(config.deepspeed.overrides)})"
+                         if config.deepspeed.overrides else "")
+            say(f"[sde_ray] world size {world_size}; DeepSpeed config{overrides}:\n{json.dumps(ds_config, indent=1)}")
+        engine = build_engine(module, ds_config)
+        if plan is None:
+            return engine, fresh
+        restore_engine(engine, plan, rank)
+    state = TrainState(**{**plan.state.__dict__, "world_size": world_size, "zero_stage": fresh.zero_stage,
+                          "base": base})  # this launch's base (rank 0's; checked equal to the recorded one)
+    if rank == 0:
+        how = "exact DeepSpeed state" if plan.exact else (
+            f"consolidated weights, fresh optimizer state (world size {plan.state.world_size} -> {world_size})")
+        notice(args, f"[sde_ray] resumed at step {state.step} from {plan.directory.name}: {how}")
+    return engine, state
+
+
+def fit(run: Run) -> bool:
+    """Trains to `train.max_steps`; False when the driver asked to stop (a checkpoint was written)."""
+    config, state, engine, meter = run.config, run.state, run.engine, run.meter
+    chunk = chunk_size(config, run.world_size)  # GradCache: rows per encoder forward
     float_dtype = next(engine.module.parameters()).dtype
-
-    # Data: this worker's rows of the epoch order, positioned after the rows the checkpoint consumed
-    # (nothing before that position is read or decoded).
-    chunk = chunk_size(config, world_size)  # GradCache: rows per encoder forward
-    train_data = args.train_data
-    check_order(state, train_data.spec(), rank, args)
-    state.data_order = train_data.spec()
-    stream = batch_stream(train_data, rank, world_size, state.epoch, state.epoch_rows,
-                          lookahead=config.data.epoch_lookahead, batches_left=train.max_steps - state.step)
-
-    launch = broadcast_object(uuid.uuid4().hex[:8], world_size)  # unique checkpoint names per attempt
-    logger = RunLogger(config, output_dir, args.run_id, args.wandb_mode, state.step,
-                       console=args.console) if rank == 0 else None
-    trained = TrainedModel(config, engine, rank)
-    processor = None
-    if val_root:
-        processor = BatchProcessor(config.model)
-
-    # 4-5. Train.
-    window: dict[str, float] = {}
-    window_count, window_start, window_samples = 0, time.time(), 0
-    consecutive_nan = 0
-    replaced_rows = 0  # this rank's rows that stood in for read-time rejects, since the last sync
-    last_features = None
-    final_metrics: dict[str, float] = {}
-    engine.train()
-    while state.step < train.max_steps:
-        local_batch = stream.next()  # this worker's rows of the global batch of this step
+    while state.step < config.train.max_steps:
+        local_batch = run.stream.next()  # this worker's rows of the global batch of this step
         sample_ids = local_batch.pop(SAMPLE_ID)
-        replaced_rows += int(local_batch.pop(REPLACED).sum())
+        meter.batch(int(local_batch.pop(REPLACED).sum()))
         batch = to_model_inputs(local_batch, engine.device, float_dtype)
-        result = train_step(engine, batch, _step_context(config, state, rank, world_size, batch), chunk, world_size)
-        window_samples += train.global_batch_size
-        if not result.finite:
-            # Skipped whole on every rank: neither our step count nor DeepSpeed's moves, so the run
-            # continues as one without this batch.
-            consecutive_nan += 1
-            state.nan_skips += 1
-            state.grad_skips += result.skipped == "gradient"
-            message = f"non-finite {result.skipped} at step {state.step + 1} on at least one rank"
-            if train.nan_policy == "raise" or consecutive_nan > train.max_nan_skips:
-                raise FloatingPointError(
-                    f"{message}; train.nan_policy={train.nan_policy}, {consecutive_nan} consecutive "
-                    f"(train.max_nan_skips={train.max_nan_skips})"
-                )
-            if rank == 0:
-                notice(args, f"[sde_ray] {message}: skipped ({consecutive_nan}/{train.max_nan_skips})")
+        result = train_step(engine, batch, step_context(config, state, run.rank, run.world_size, batch), chunk,
+                            run.world_size)
+        skipped = run.guard.check(result, state)  # raises under nan_policy=raise or too many in a row
+        if skipped:  # skipped whole on every rank: the run continues as one without this batch
+            run.notice(skipped)
             continue
-        consecutive_nan = 0
         clamp_temperatures(engine)  # the optimizer stepped
-        for key, value in {**result.metrics, "loss": result.loss}.items():
-            window[key] = window.get(key, 0.0) + float(value)
-        window_count += 1
-        last_features = (result.query, result.target)
-        step_losses = [result.loss]
-        state.step += 1
-        state.samples += train.global_batch_size
-        state.epoch, state.epoch_rows = stream.epoch, stream.epoch_rows
+        meter.step(result)
+        state.advance(config.train.global_batch_size, run.stream.epoch, run.stream.epoch_rows)
+        after_step(run, run.cadence.at(state.step))
+        if run.args.step_hook is not None:
+            call_hook(run.args.step_hook, step=state.step, rank=run.rank, world_size=run.world_size,
+                      module=engine.module, sample_ids=sample_ids.tolist(), epoch=run.stream.epoch,
+                      losses=[result.loss])
+        if state.step < config.train.max_steps and run.session.stop_requested():
+            meter.sync_replaced(state)
+            checkpoint_and_report(run, {**run.last_metrics, "step": state.step, "samples": state.samples,
+                                        "preempted": 1})
+            return False  # SIGTERM on the driver: stopped at this step boundary with a checkpoint
+    return True
 
-        is_last = state.step == train.max_steps
-        do_log = should_log(state.step, train)
-        do_eval = should_validate(state.step, train, val_root)
-        do_checkpoint = should_checkpoint(state.step, train)
-        if do_log or do_eval or do_checkpoint:
-            replaced_rows = _count_replaced(state, replaced_rows, world_size)
-            report = _step_metrics(window, window_count, config, rank, world_size, last_features)
-            elapsed = max(time.time() - window_start, 1e-9)
-            report.update(step=state.step, epoch=state.epoch, samples=state.samples, world_size=world_size,
-                          lr=float(engine.get_lr()[0]), samples_per_s=window_samples / elapsed,
-                          steps_per_s=(window_samples / train.global_batch_size) / elapsed, nan_skips=state.nan_skips,
-                          grad_skips=state.grad_skips,
-                          data_rows_replaced=state.rows_replaced,  # rejected while reading, this run
-                          **args.data_counts)  # shards skipped, rows the converter rejected
-            if do_eval:
-                report["val_p_at_1"] = validation_p_at_1(trained.for_validation(), processor, val_root, config,
-                                                         rank, world_size)
-            if logger is not None:
-                logger.log(state.step, report)
-            if do_checkpoint and not is_last:
-                _checkpoint_and_report(engine, state, config, rank, report, launch)
-            elif not is_last:
-                _report(report)
-            final_metrics = report
-            window, window_count, window_start, window_samples = {}, 0, time.time(), 0
-        if step_hook is not None:
-            call_hook(step_hook, step=state.step, rank=rank, world_size=world_size, module=engine.module,
-                      sample_ids=sample_ids.tolist(), epoch=stream.epoch, losses=step_losses)
-        if state.step < train.max_steps and stop_requested(args.preemption, rank, world_size):
-            replaced_rows = _count_replaced(state, replaced_rows, world_size)
-            _checkpoint_and_report(engine, state, config, rank, {**final_metrics, "step": state.step,
-                                                                 "samples": state.samples, "preempted": 1}, launch)
-            return  # SIGTERM on the driver: stopped at this step boundary with a checkpoint
 
-    # 6. Spectrum, export, final checkpoint (the driver evaluates the export after fit()).
-    if not final_metrics and logger is not None:
+def after_step(run: Run, due: Due) -> None:
+    """The cadence's work after a step: the window's metrics logged, validated, reported to Ray
+    (with a checkpoint when due); every rank runs it at the same steps (collectives inside)."""
+    if not due.log:
+        return
+    state = run.state
+    run.meter.sync_replaced(state)
+    report = run.meter.window_metrics()
+    report.update(step=state.step, epoch=state.epoch, samples=state.samples, world_size=run.world_size,
+                  lr=float(run.engine.get_lr()[0]), nan_skips=state.nan_skips, grad_skips=state.grad_skips,
+                  data_rows_replaced=state.rows_replaced,  # rejected while reading, this run
+                  **run.args.data_counts)  # shards skipped, rows the converter rejected
+    if due.validate:
+        report["val_p_at_1"] = validate(run.trained.for_validation(), run.processor, run.args.val_root,
+                                        run.config, run.rank, run.world_size)
+    if run.logger is not None:
+        run.logger.log(state.step, report, console=due.console)
+    if due.checkpoint:
+        checkpoint_and_report(run, report)
+    elif due.report:
+        run.session.report(report)
+    run.last_metrics = report
+    run.meter.reset()
+
+
+def checkpoint_and_report(run: Run, metrics: dict) -> None:
+    with tempfile.TemporaryDirectory(prefix="sde_ray_ckpt_") as directory:
+        save_checkpoint(directory, run.engine, run.state, run.config, run.rank)
+        run.session.report(metrics, directory, name=f"checkpoint_{run.state.step:06d}_{run.launch}")
+
+
+def finish(run: Run) -> None:
+    """Spectrum plot, the final checkpoint with the run's summary, then the `save_pretrained` export
+    (rank 0; after the checkpoint, since it merges LoRA in place). The driver evaluates the export
+    after fit()."""
+    config, state, rank = run.config, run.state, run.rank
+    summary: dict[str, Any] = dict(run.last_metrics)
+    if not summary and run.logger is not None:
         # A relaunch of a finished run trains no step: its summary is the last logged one (what
         # `sde-ray compare` records), not an empty one.
-        final_metrics = logger.last_logged()
-    summary: dict[str, Any] = dict(final_metrics)
-    replaced_rows = _count_replaced(state, replaced_rows, world_size)
-    summary.update(step=state.step, samples=state.samples, world_size=world_size,
+        summary = run.logger.last_logged()
+    run.meter.sync_replaced(state)
+    summary.update(step=state.step, samples=state.samples, world_size=run.world_size,
                    data_rows_replaced=state.rows_replaced)
-    if last_features is not None:
-        rule = spectrum_rule(config.spectral)
-        _, spectra = spectral_snapshot(last_features[0], last_features[1], rule, rank, world_size)
+    if run.meter.features is not None:
+        _, spectra = run.meter.spectra()
         if rank == 0:
-            path = plot_spectrum(spectra, Path(output_dir) / "plots" / "spectrum.png",
+            path = plot_spectrum(spectra, Path(config.train.output_dir) / "plots" / "spectrum.png",
                                  title=f"{config.loss.name}: singular values at step {state.step}")
-            logger.log_image("spectrum", str(path), state.step)
-    export_dir = Path(output_dir) / "model"
+            run.logger.log_image("spectrum", str(path), state.step)
+    export_dir = Path(config.train.output_dir) / "model"
     if rank == 0:  # Ray keeps rank 0's metrics only
         summary["model_dir"] = str(export_dir)
         # Where and when training ended: the driver's evaluation starts after it (tests check it).
         summary.update(train_worker_pid=os.getpid(), train_finished_at=time.time())
-        if torch.device(engine.device).type == "cuda":
-            summary["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(engine.device) / 2**30
-    if logger is not None:
-        logger.finish(dict(summary))
+        if torch.device(run.engine.device).type == "cuda":
+            summary["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(run.engine.device) / 2**30
+    if run.logger is not None:
+        run.logger.finish(dict(summary))
     # Always a checkpoint: Ray Train keeps the metrics of checkpointed reports only (the Result's).
-    _checkpoint_and_report(engine, state, config, rank, summary, launch)
+    checkpoint_and_report(run, summary)
     # The export comes last: it merges LoRA into the weights it is given in place (under ZeRO-0/1/2
     # the engine's own), in the training dtype, with no second copy of the backbone. The driver
     # evaluates it after fit() returns, i.e. after every worker is past this line.
-    model = trained.for_export()
+    model = run.trained.for_export()
     if model is not None:
         model.save_pretrained(str(export_dir), in_place=True)
 
 
-def _count_replaced(state: TrainState, replaced_rows: int, world_size: int) -> int:
-    """Adds every rank's count of replaced rows since the last sync to `state.rows_replaced` (one
-    all-reduce; all ranks call it at the same steps) and returns the new local count, 0."""
-    state.rows_replaced += int(all_reduce(torch.tensor([replaced_rows], dtype=torch.int64, device="cpu"), world_size).item())
-    return 0
-
-
-def _step_context(config: Config, state: TrainState, rank: int, world_size: int, batch: dict):
-    target_ids, negative_ids = batch.get(TARGET_ID_KEY), batch.get("neg_target_id")
-    if (config.loss.duplicate_targets != "ignore" and config.loss.duplicate_key == "pair"
-            and target_ids is not None and QUERY_ID_KEY in batch):
-        # Rows that share a query share their positives too (one all-gather of the ids, every rank).
-        target_ids, negative_ids = duplicate_groups(batch[QUERY_ID_KEY], target_ids, rank, world_size, negative_ids)
+def step_context(config: Config, state: TrainState, rank: int, world_size: int, batch: dict) -> StepContext:
+    """The objective's view of this step: progress, rank, the targets' ids, the shared generator."""
+    by_pair = config.loss.duplicate_targets != "ignore" and config.loss.duplicate_key == "pair"
     return StepContext(
         progress=state.step / config.train.max_steps,
         rank=rank,
         world_size=world_size,
         training=True,
-        # With explicit negatives: one id per target row, in the objectives' per-query layout.
-        target_ids=ids_with_negatives(target_ids, negative_ids),
+        target_ids=step_target_ids(batch.get(TARGET_ID_KEY), batch.get(NEGATIVE_ID_KEY),
+                                   batch.get(QUERY_ID_KEY) if by_pair else None, rank, world_size),
         generator=step_generator(config.train.seed, state.step, 0),
     )
-
-
-def _step_metrics(window: dict[str, float], count: int, config: Config, rank: int, world_size: int,
-                  last_features) -> dict[str, float]:
-    """Window means of the objective's metrics, averaged over ranks, plus spectral diagnostics
-    for objectives that do not compute them (the InfoNCE baseline logs the same numbers as SDE)."""
-    local = {k: v / max(count, 1) for k, v in window.items()}
-    if last_features is not None and "effective_rank_q" not in local:
-        rule = spectrum_rule(config.spectral)
-        diagnostics, _ = spectral_snapshot(last_features[0], last_features[1], rule, rank, world_size)
-        local.update(diagnostics)
-    return mean_over_ranks(local, world_size)

@@ -4,7 +4,7 @@ Kubernetes (pod deletion, node drain) and Slurm (`scancel`, the time limit with 
 SIGTERM to the job's driver, the `sde-ray train` process; the Ray Train workers are actors in other
 processes and never see it (and the train function runs in a worker thread, where Python cannot
 install a signal handler). So the driver's handler only raises a flag held by a tiny Ray actor;
-rank 0 reads it after every optimizer step and one collective (`all_reduce` MAX) gives every rank
+rank 0 reads it after every optimizer step (`train.session.RaySession`) and one collective gives every rank
 the same answer, so all of them stop at the same step, write a checkpoint (a `ray.train.report`
 barrier) and return. `fit()` then returns normally and the driver exits with `EXIT_PREEMPTED`;
 rerunning the same command resumes from that checkpoint. A second SIGTERM restores the previous
@@ -21,8 +21,6 @@ import signal
 import sys
 
 import ray
-
-from sde_ray.distributed import all_ranks_true
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped cleanly with a checkpoint; rerun to resume
 
@@ -64,10 +62,3 @@ class Preemption:
     def __exit__(self, *exc) -> None:
         signal.signal(signal.SIGTERM, self._previous or signal.SIG_DFL)
 
-
-def stop_requested(flag, rank: int, world_size: int) -> bool:
-    """Worker side, at a step boundary: whether the driver asked to stop, the same on every rank."""
-    if flag is None:
-        return False
-    local = bool(ray.get(flag.get.remote())) if rank == 0 else False
-    return not all_ranks_true(not local, world_size)  # rank 0's answer, agreed by one all-reduce

@@ -119,7 +119,7 @@ def train_step(engine, batch: dict[str, torch.Tensor], context, chunk: int, worl
         with torch.no_grad():
             for piece in pieces:
                 replay_states.append(rng_state(device))
-                query, target = engine(piece)
+                query, target = engine(piece)  # an `engine.Encoded`
                 cached_query.append(query)
                 cached_target.append(target)
     after_encode = rng_state(device)
@@ -131,7 +131,7 @@ def train_step(engine, batch: dict[str, torch.Tensor], context, chunk: int, worl
     if cached_query:
         set_rng_state(replay_states[0], device)
         leaves = (torch.cat(cached_query[1:]).requires_grad_(True), torch.cat(cached_target[1:]).requires_grad_(True))
-    loss, metrics, query, target = engine(pieces[0], context, leaves)
+    loss, metrics, query, target = engine(pieces[0], context, leaves)  # an `engine.Scored`
     if not all_ranks_finite(loss, world_size):
         set_rng_state(step_start, device)  # a skipped step leaves no trace, randomness included
         return StepResult(finite=False, loss=float(loss.detach()), chunks=len(pieces), skipped="loss")

@@ -16,7 +16,7 @@ from sde_ray.data.mmeb import eval_image_source
 from sde_ray.embed.batch import EmbedActor, prepare_piece, run_embed
 from sde_ray.embed.corpus import Columns, plan_files
 from sde_ray.eval.encode import ModelEncoder
-from sde_ray.eval.runner import select_datasets
+from sde_ray.eval.roots import select_datasets
 from sde_ray.eval.scoring import encode_dataset, prepare_dataset
 from sde_ray.models import export_config
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from sde_ray.config import Config, with_values
 from sde_ray.embed.card import write_model_card
 from sde_ray.eval.encode import model_identity
-from sde_ray.eval.runner import evaluate_model
+from sde_ray.eval.evaluation import evaluate_model
 
 
 def test_card_reports_training_and_scores_and_leaves_the_identity(tmp_path, tiny_export, synthetic_mmeb):

@@ -15,7 +15,7 @@ def validation_worker(rank: int, world_size: int, rendezvous: str, out_dir: str,
     """Distributed validation P@1 of a seed-0 tiny-clip; saves the value and the items it encoded."""
     from sde_ray.config import ModelConfig
     from sde_ray.eval import encode
-    from sde_ray.eval.runner import validation_p_at_1
+    from sde_ray.eval.validation import validation_p_at_1
     from sde_ray.models import BatchProcessor, build_model
 
     gloo_workers.start(rank, world_size, rendezvous)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from sde_ray.config import Config
 from sde_ray.eval.diagnostics import feature_diagnostics
-from sde_ray.eval.runner import evaluate_prepared, select_datasets
+from sde_ray.eval.evaluation import evaluate_prepared
+from sde_ray.eval.roots import select_datasets
 
 DATASETS = ["SynObject", "SynCaption_t2i"]  # image → text and text → image
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from sde_ray.eval.encode import CachedEncoder, ModelEncoder, module_identity
-from sde_ray.eval.runner import evaluate_prepared, select_datasets
+from sde_ray.eval.evaluation import evaluate_prepared
+from sde_ray.eval.roots import select_datasets
 from sde_ray.eval.scoring import prepare_dataset
 from sde_ray.data.mmeb import eval_image_source
 

@@ -8,7 +8,7 @@ import pytest
 from sde_ray.data.mmeb import DatasetInfo
 from sde_ray.eval.dataset import build_table
 from sde_ray.eval.gap import fit_remedy, fit_rows
-from sde_ray.eval.runner import gap_remedy_effect
+from sde_ray.eval.evaluation import gap_remedy_effect
 from sde_ray.eval.scoring import EncodedDataset
 
 ROWS, CANDIDATES, DIM = 120, 6, 16

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from sde_ray.eval.runner import evaluate_model, select_datasets
+from sde_ray.eval.evaluation import evaluate_model
+
+from sde_ray.eval.roots import select_datasets
 
 
 @pytest.fixture

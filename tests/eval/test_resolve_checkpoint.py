@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from sde_ray.config import load_config, to_dict
-from sde_ray.eval.runner import resolve_checkpoint
+from sde_ray.eval.checkpoints import resolve_checkpoint
 from sde_ray.models import build_model
 from sde_ray.models.build import load_pretrained
 from sde_ray.train.checkpoint import write_manifest

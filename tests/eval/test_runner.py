@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from sde_ray.config import load_config, to_dict
-from sde_ray.eval.runner import evaluate_model, run_eval, validation_p_at_1
+from sde_ray.eval.evaluation import evaluate_model
+from sde_ray.eval.runner import run_eval
+from sde_ray.eval.validation import validation_p_at_1
 
 from .conftest import E2E_DATASETS
 from .test_report_and_plots import assert_real_png
@@ -142,7 +144,7 @@ def test_bad_inputs_are_named(synthetic_mmeb, tmp_path):
     with pytest.raises(FileNotFoundError, match="not an exported model"):
         run_eval(tmp_path, synthetic_mmeb["eval_dir"], config=config, output_dir=tmp_path / "o")
     with pytest.raises(ValueError, match="NoSuchSet"):
-        from sde_ray.eval.runner import select_datasets
+        from sde_ray.eval.roots import select_datasets
 
         select_datasets(__import__("pathlib").Path(synthetic_mmeb["eval_dir"]), ["NoSuchSet"])
 

@@ -27,7 +27,7 @@ def test_rank_slices_cover_every_item_once():
 
 
 def test_two_gloo_ranks_match_single_process_validation(synthetic_mmeb, tiny_export, tmp_path):
-    from sde_ray.eval.runner import _validation_slice, validation_p_at_1
+    from sde_ray.eval.validation import _validation_slice, validation_p_at_1
 
     _, model, processor = tiny_export
     root = synthetic_mmeb["eval_dir"]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sde_ray.eval.runner import evaluate_model
+from sde_ray.eval.evaluation import evaluate_model
 
 
 def test_a_dataset_with_no_scorable_row_is_reported_and_the_rest_scored(synthetic_mmeb, tiny_export, tmp_path):

@@ -18,13 +18,16 @@ ROWS = 8
 
 def _step_in(engine, config, batch, state, chunk):
     from sde_ray.train.checkpoint import consolidated_state_dict
-    from sde_ray.train.loop import _step_context, _step_metrics, to_model_inputs
+    from sde_ray.train.loop import step_context, to_model_inputs
+    from sde_ray.train.meter import StepMeter
     from sde_ray.train.step import train_step
 
     inputs = to_model_inputs(batch, engine.device, torch.float32)
-    result = train_step(engine, inputs, _step_context(config, state, 0, 1, inputs), chunk, 1)
+    result = train_step(engine, inputs, step_context(config, state, 0, 1, inputs), chunk, 1)
     assert result.finite
-    logged = _step_metrics({"loss": result.loss}, 1, config, 0, 1, (result.query, result.target))
+    meter = StepMeter(config.spectral, config.train.global_batch_size, 0, 1)
+    meter.step(result)
+    logged = {k: v for k, v in meter.window_metrics().items() if k not in ("samples_per_s", "steps_per_s")}
     return result.loss, logged, consolidated_state_dict(engine)
 
 

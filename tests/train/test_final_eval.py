@@ -17,7 +17,8 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 def test_final_eval_on_eval_actors_after_fit(ray_cluster, small_config):
     from sde_ray.eval.encode import model_identity
-    from sde_ray.eval.runner import evaluate_model, run_eval
+    from sde_ray.eval.evaluation import evaluate_model
+    from sde_ray.eval.runner import run_eval
     from sde_ray.models import BatchProcessor, load_pretrained
     from sde_ray.train.driver import run_train
 

@@ -114,3 +114,21 @@ def test_a_nan_gradient_in_a_replayed_chunk_skips_the_step_whole(process_group, 
     assert any(not torch.equal(want[name], before[name]) for name in want)  # it did train
     for name, value in want.items():
         torch.testing.assert_close(got[name], value, rtol=0, atol=0, msg=name)
+
+
+def test_the_non_finite_guard_counts_gradient_skips_and_resets_on_a_finite_step():
+    """The policy alone on step results: two skips, a finite step, two more: never more than 2 in
+    a row, so `skip` with max 2 continues; a third in a row raises, naming the count."""
+    from sde_ray.train.checkpoint import TrainState
+    from sde_ray.train.grad_guard import NonFiniteGuard
+    from sde_ray.train.step import StepResult
+
+    guard, state = NonFiniteGuard("skip", 2), TrainState(step=4)
+    loss, gradient = StepResult(False, float("nan"), skipped="loss"), StepResult(False, 1.0, skipped="gradient")
+    assert guard.check(loss, state) == "[sde_ray] non-finite loss at step 5 on at least one rank: skipped (1/2)"
+    assert "gradient at step 5" in guard.check(gradient, state)
+    assert guard.check(StepResult(True, 1.0), state) is None
+    guard.check(gradient, state), guard.check(gradient, state)
+    with pytest.raises(FloatingPointError, match="3 consecutive"):
+        guard.check(loss, state)
+    assert (state.nan_skips, state.grad_skips) == (5, 3)

@@ -36,7 +36,7 @@ def lora_vlm(data_cache):
 def _engine(config):
     from sde_ray.train.checkpoint import base_identity
     from sde_ray.train.deepspeed_config import build_deepspeed_config
-    from sde_ray.train.engine import build_engine, build_train_module, seed_everything
+    from sde_ray.train.engine import build_train_module, seed_everything
 
     seed_everything(config.train.seed)
     module = build_train_module(config)
@@ -45,13 +45,13 @@ def _engine(config):
 
 
 def _steps(engine, config, batches, state) -> list[float]:
-    from sde_ray.train.loop import _step_context, clamp_temperatures, to_model_inputs
+    from sde_ray.train.loop import clamp_temperatures, step_context, to_model_inputs
     from sde_ray.train.step import train_step
 
     losses = []
     for batch in batches:
         batch = to_model_inputs(batch, engine.device, torch.float32)
-        result = train_step(engine, batch, _step_context(config, state, 0, 1, batch), CHUNK, 1)
+        result = train_step(engine, batch, step_context(config, state, 0, 1, batch), CHUNK, 1)
         assert result.finite
         clamp_temperatures(engine)
         state.step += 1
@@ -66,7 +66,7 @@ def _trainable(engine) -> dict[str, torch.Tensor]:
 def test_lora_vlm_resumed_from_a_trainable_only_checkpoint_equals_the_uninterrupted_run(
         process_group, lora_vlm, tmp_path):
     from sde_ray.config import with_values
-    from sde_ray.eval.runner import export_ray_checkpoint
+    from sde_ray.eval.checkpoints import export_ray_checkpoint
     from sde_ray.models import load_pretrained, load_trained_weights
     from sde_ray.runs import CONSOLIDATED
     from sde_ray.train.checkpoint import (

@@ -82,7 +82,7 @@ def test_bf16_zero3_validation_on_every_rank(ray_cluster, small_config, read_met
     """bf16 under ZeRO-3: each rank gathers the full weights onto its device and validates its share;
     the reported P@1 agrees with the exported weights validated in one process under bf16 autocast
     (bf16 layer norms vs autocast's fp32 ones may flip a near-tie: one query of slack)."""
-    from sde_ray.eval.runner import _validation_slice, validation_p_at_1
+    from sde_ray.eval.validation import _validation_slice, validation_p_at_1
     from sde_ray.models import BatchProcessor, load_pretrained
     from sde_ray.train.driver import build_trainer
 

@@ -28,7 +28,7 @@ def test_vlm_family_trains_validates_and_evaluates_at_mixed_resolutions(name, st
                                                                          tmp_path, capsys):
     from sde_ray.data.batches import raw_batch_from_rows
     from sde_ray.data.shards import iter_samples
-    from sde_ray.eval.runner import evaluate_model
+    from sde_ray.eval.evaluation import evaluate_model
     from sde_ray.models import BatchProcessor, load_pretrained
     from sde_ray.train.driver import run_train
 
