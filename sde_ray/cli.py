@@ -15,7 +15,7 @@ from pathlib import Path
 
 from sde_ray.config import ConfigError, DataConfig, dump_yaml, load_config, with_values
 
-BENCHMARKS = ("spectral", "data", "train", "eval", "models", "search", "serve", "checkpoint")
+BENCHMARKS = ("spectral", "data", "train", "eval", "models", "search", "serve", "checkpoint", "upload")
 
 
 def _add_config_args(parser: argparse.ArgumentParser, default: str | None = "configs/default.yaml") -> None:

@@ -347,6 +347,10 @@ class TrainConfig:
         "training goes on (async; Ray Train's CheckpointUploadMode.ASYNC) or before the next step (sync). "
         "The final and the preemption checkpoints are always uploaded before the workers return.")
     keep_checkpoints: int = doc(2, "Checkpoints kept on storage.")
+    checkpoint_frozen: bool = doc(
+        False, "Also write the frozen parameters (a LoRA or frozen tower's base weights) into every checkpoint. "
+        "Off: a checkpoint holds the trainable parameters, optimizer and objective state, and names the base "
+        "by id and content hash; a resume rebuilds the frozen part from the base (docs/training.md).")
     eval_every: int = doc(0, "Steps between on-the-fly P@1 validations (0: only at the end).")
     log_every: int = doc(5, "Steps between metric reports.")
     nan_policy: Literal["raise", "skip"] = doc("raise", "A non-finite loss or gradient (on any rank) aborts the run, or skips that step whole.")

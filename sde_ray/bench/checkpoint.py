@@ -1,99 +1,199 @@
-"""`sde-ray bench checkpoint`: what a periodic checkpoint costs the training loop, in one run.
+"""What a LoRA run's checkpoints and export cost, before and after trainable-only checkpoints:
+`sde-ray bench checkpoint [--quick] [--json PATH]`.
 
-Two fits of the same run (Ray Train + DeepSpeed, 1 worker, the config's model, `train.output_dir`
-as the storage: give it an `s3://` / `gs://` URL to measure uploads to the store), one with
-`train.checkpoint_upload=sync` and one with `async`, checkpointing every `CHECKPOINT_EVERY` steps.
-Rank 0 stamps the wall clock after every step (the step hook); a step's time is the gap to the
-previous stamp, so the step that checkpoints includes its save (and, in sync mode, the upload),
-and in async mode the steps after it run while the upload is in flight. Printed side by side:
+Two models, each with LoRA on q/k/v/o under bf16 and ZeRO-2 (the LoRA recipes' setting): the tiny
+Qwen2-VL, and (not with --quick) a ~1B-parameter Qwen2-VL built from a config (2048 wide, 16
+layers), written once as a local `from_pretrained` folder. For each, two fresh processes run side
+by side, one per way of working, each on a real one-process DeepSpeed engine after one training
+step (the tiny model; the 1B saves before its first step, see `STEP_BELOW`):
 
-- plain: the median step with no checkpoint near it (neither at nor right after one);
-- checkpoint step: the median step that saves a checkpoint, and its ratio to plain (sync: save +
-  upload block the loop; async: the save only);
-- after checkpoint: the median step right after one (async: the upload runs meanwhile).
+- before: the backbone loaded in fp32 (DeepSpeed casts it to bf16), whole checkpoints
+  (`train.checkpoint_frozen=true`: the frozen backbone in consolidated.pt and in DeepSpeed's
+  model states), the export as it was (a cloned state dict loaded into an fp32 rebuild, LoRA
+  merged on a deep copy);
+- after: the backbone loaded straight in bf16, trainable-only checkpoints, the export merged in
+  place in the training dtype.
+
+Reported per phase (load, save, export): seconds, and peak host memory above the phase's start
+(the process's VmHWM, reset before the phase through /proc/self/clear_refs); the checkpoint's bytes.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
-import statistics
+import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 
-from sde_ray.config import Config, load_config, with_values
+import torch
 
-CHECKPOINT_EVERY = 4
-
-
-class _Stamps:
-    """Step hook: appends (step, wall time) of rank 0 to a local file (the bench runs a local Ray)."""
-
-    def __init__(self, path: str):
-        self.path = path
-
-    def __call__(self, step, rank, world_size, module, **_):
-        import time
-
-        if rank == 0:
-            with open(self.path, "a") as handle:
-                handle.write(json.dumps([step, time.perf_counter()]) + "\n")
+MiB = 2**20
+# Models this large save before any step: a bf16 step of the 1B on a shared 2-core CPU ran past 13
+# minutes. Its AdamW moments (2 × the 0.1 % that trains) are then absent from both ways alike.
+STEP_BELOW = 100_000_000
+# ~1B parameters: 16 layers × (attention 12.6M + MLP 50.3M) + embeddings; the tiny tokenizer's vocab.
+BILLION = {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 16,
+           "num_key_value_heads": 8}
 
 
-def step_times(path: Path) -> dict[int, float]:
-    stamps = [json.loads(line) for line in path.read_text().splitlines()]
-    return {step: now - before for (_, before), (step, now) in zip(stamps, stamps[1:])}
+def _rss_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
 
 
-def summarize(times: dict[int, float], every: int, warmup: int) -> dict:
-    """Median step times by kind (steps before `warmup` left out)."""
-    kept = {s: t for s, t in times.items() if s > warmup}
-    plain = [t for s, t in kept.items() if s % every not in (0, 1)]
-    at = [t for s, t in kept.items() if s % every == 0]
-    after = [t for s, t in kept.items() if s % every == 1]
-    med = statistics.median
-    return {"plain_s": med(plain), "checkpoint_step_s": med(at), "after_checkpoint_s": med(after),
-            "checkpoint_step_over_plain": med(at) / med(plain), "after_checkpoint_over_plain": med(after) / med(plain),
-            "steps": {"plain": len(plain), "checkpoint": len(at), "after": len(after)}}
+class Phase:
+    """Wall seconds and peak resident memory above the start of a `with` block (Linux)."""
+
+    def __enter__(self):
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        self.start_rss, self.start = _rss_bytes("VmRSS"), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start
+        self.peak_mib = (_rss_bytes("VmHWM") - self.start_rss) / MiB
 
 
-def main(json_path: str | None = None, config: Config | None = None, quick: bool = False) -> dict:
-    import ray
+def write_billion_model(folder: Path) -> int:
+    """A ~1B Qwen2-VL (random bf16 weights) with the tiny processors, as a `from_pretrained` folder;
+    returns its parameter count."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-    from sde_ray import storage
-    from sde_ray.ray_cluster import start_local
-    from sde_ray.train.driver import build_trainer, resolve_paths
+    from sde_ray.config import ModelConfig
+    from sde_ray.models.processing import load_processors
+    from sde_ray.models.tiny import tiny_backbone
 
-    config = resolve_paths(config or load_config(None, []))
-    steps = 2 * CHECKPOINT_EVERY + 1 if quick else 8 * CHECKPOINT_EVERY + 1
+    tiny = ModelConfig(kind="vlm", name_or_path="tiny-qwen2-vl")
+    tokenizer, image_processor = load_processors(tiny)
+    config = tiny_backbone("tiny-qwen2-vl", tiny, tokenizer).config.to_dict()
+    head_dim = BILLION["hidden_size"] // BILLION["num_attention_heads"]
+    config["text_config"].update(BILLION, head_dim=head_dim)
+    config["text_config"].pop("layer_types", None)  # per-layer lists of the tiny depth: rebuilt for 16
+    config["text_config"]["rope_parameters"]["mrope_section"] = [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]
+    config["vision_config"]["hidden_size"] = BILLION["hidden_size"]  # the merger's output width
+    hf_config = Qwen2VLConfig(**{k: v for k, v in config.items() if k not in ("architectures", "model_type")})
+    model = Qwen2VLForConditionalGeneration._from_config(hf_config, dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    image_processor.save_pretrained(folder)
+    return sum(p.numel() for p in model.parameters())
+
+
+def _config(name_or_path: str, whole: bool):
+    from sde_ray.config import load_config
+
+    return load_config(None, [
+        "model.kind=vlm", f"model.name_or_path={name_or_path}", "model.lora.enabled=true",
+        "deepspeed.precision=bf16", "deepspeed.zero_stage=2", "train.global_batch_size=4",
+        "train.micro_batch_size=0", "scaling.num_workers=1", "logging.wandb=false",
+        f"train.checkpoint_frozen={str(whole).lower()}"])
+
+
+def _old_export(engine, config, directory: Path) -> None:
+    """The export before this change: a cloned consolidated state dict, loaded into an fp32 rebuild,
+    saved with LoRA merged on a deep copy."""
+    from sde_ray.models.build import match_shapes
+    from sde_ray.train.checkpoint import consolidated_state_dict
+    from sde_ray.train.engine import build_train_module
+
+    weights = consolidated_state_dict(engine)
+    copy = build_train_module(config, dtype=torch.float32)
+    copy.load_state_dict(match_shapes({k: v.float() for k, v in weights.items()}, copy))
+    copy.model.save_pretrained(directory)
+
+
+def measure(name_or_path: str, before: bool, out: str) -> None:
+    """One way of working on one model in this (fresh) process; writes its numbers as JSON to `out`."""
+    import torch.distributed as dist
+
+    from sde_ray.bench.models import _raw_batch
+    from sde_ray.models import BatchProcessor
+    from sde_ray.train.checkpoint import TrainState, base_identity, save_checkpoint
+    from sde_ray.train.deepspeed_config import build_deepspeed_config
+    from sde_ray.train.engine import build_engine, build_train_module, seed_everything
+    from sde_ray.train.loop import step_context, to_model_inputs
+    from sde_ray.train.step import train_step
+
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    results: dict = {"model": config.model.name_or_path, "storage": config.train.output_dir,
-                     "checkpoint_every": CHECKPOINT_EVERY, "max_steps": steps}
-    started = start_local(2, log_to_driver=False)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    config = _config(name_or_path, whole=before)
+    seed_everything(0)
+    with Phase() as load:
+        module = build_train_module(config, dtype=torch.float32 if before else None)
+        engine = build_engine(module, build_deepspeed_config(config, 1))
+    base = base_identity(config, engine.module.model) if not before else {}
+    raw = _raw_batch(4, config.model.image_size)
+    batch = to_model_inputs(BatchProcessor(config.model)(raw), engine.device, torch.bfloat16)
+    state = TrainState(world_size=1, zero_stage=2, base=base)
+    if sum(p.numel() for p in engine.module.parameters()) < STEP_BELOW:
+        train_step(engine, batch, step_context(config, state, 0, 1, batch), 4, 1)
+        state.step = 1
+    work = Path(tempfile.mkdtemp(prefix="sde_ray_bench_ckpt_"))
     try:
-        with tempfile.TemporaryDirectory(prefix="bench-ckpt-", dir=storage.scratch_dir()) as scratch:
-            for mode in ("sync", "async"):
-                stamps = Path(scratch) / f"{mode}.jsonl"
-                output = storage.join(config.train.output_dir, f"bench-checkpoint-{mode}-{os.getpid()}")
-                run = with_values(config, {
-                    "train.checkpoint_upload": mode, "train.checkpoint_every": CHECKPOINT_EVERY,
-                    "train.max_steps": steps, "train.log_every": steps, "train.eval_every": 0,
-                    "train.keep_checkpoints": 2, "scaling.num_workers": 1, "train.output_dir": output,
-                    "train.storage_path": storage.join(output, "ray"), "train.run_name": f"bench-{mode}",
-                    "logging.wandb": False})
-                build_trainer(run, step_hook=_Stamps(str(stamps))).fit()
-                results[mode] = summarize(step_times(stamps), CHECKPOINT_EVERY, warmup=2)
+        with Phase() as save:
+            save_checkpoint(work / "checkpoint", engine, state, config, rank=0)
+        checkpoint_bytes = sum(f.stat().st_size for f in (work / "checkpoint").rglob("*") if f.is_file())
+        with Phase() as export:
+            if before:
+                _old_export(engine, config, work / "export")
+            else:
+                engine.module.model.save_pretrained(work / "export", in_place=True)
     finally:
-        if started:
-            ray.shutdown()
-    results["async_checkpoint_step_over_sync"] = (results["async"]["checkpoint_step_s"]
-                                                  / results["sync"]["checkpoint_step_s"])
-    for mode in ("sync", "async"):
-        r = results[mode]
-        print(f"{mode:>5}: plain step {r['plain_s'] * 1e3:7.1f} ms | checkpoint step {r['checkpoint_step_s'] * 1e3:7.1f} ms "
-              f"({r['checkpoint_step_over_plain']:.2f}x) | step after {r['after_checkpoint_s'] * 1e3:7.1f} ms "
-              f"({r['after_checkpoint_over_plain']:.2f}x)")
-    print(f"async / sync checkpoint step: {results['async_checkpoint_step_over_sync']:.2f}")
+        shutil.rmtree(work, ignore_errors=True)
+    parameters = sum(p.numel() for p in engine.module.parameters())
+    trainable = sum(p.numel() for p in engine.module.parameters() if p.requires_grad)
+    Path(out).write_text(json.dumps({
+        "parameters": parameters, "trainable": trainable, "checkpoint_mib": checkpoint_bytes / MiB,
+        **{f"{label}_{key}": value for label, phase in (("load", load), ("save", save), ("export", export))
+           for key, value in (("s", phase.seconds), ("peak_mib", phase.peak_mib))}}))
+    dist.destroy_process_group()
+
+
+def _in_fresh_process(name_or_path: str, before: bool) -> dict:
+    context = multiprocessing.get_context("spawn")
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        process = context.Process(target=measure, args=(name_or_path, before, out.name))
+        process.start()
+        process.join()
+        if process.exitcode != 0:
+            raise RuntimeError(f"the measurement of {name_or_path} (before={before}) failed: exit {process.exitcode}")
+        return json.loads(Path(out.name).read_text())
+
+
+def main(json_path: str | None = None, config=None, quick: bool = False) -> list[dict]:
+    del config  # the benchmark fixes its models and settings
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="sde_ray_bench_1b_") as folder:
+        models = [("tiny-qwen2-vl", "tiny-qwen2-vl")]
+        if not quick:
+            write_billion_model(Path(folder))
+            models.append(("qwen2-vl ~1B (from config)", folder))
+        for label, name_or_path in models:
+            before, after = _in_fresh_process(name_or_path, True), _in_fresh_process(name_or_path, False)
+            rows.append({"model": label, "before": before, "after": after})
+    print("LoRA (q/k/v/o, r=8) under bf16, ZeRO-2, one process; before -> after (ratio after/before)")
+    for row in rows:
+        before, after = row["before"], row["after"]
+        print(f"{row['model']}: {after['parameters'] / 1e6:.1f}M parameters, {after['trainable'] / 1e6:.4f}M trainable")
+        for key, unit in (("checkpoint_mib", "MiB"), ("save_s", "s"), ("save_peak_mib", "MiB"), ("load_s", "s"),
+                          ("load_peak_mib", "MiB"), ("export_s", "s"), ("export_peak_mib", "MiB")):
+            ratio = after[key] / before[key] if before[key] > 0 else float("nan")
+            row[f"{key}_ratio"] = ratio
+            print(f"  {key:<16}{before[key]:>10.2f} -> {after[key]:>10.2f} {unit:<4} ({ratio:.3f})")
     if json_path:
-        Path(json_path).write_text(json.dumps(results, indent=1) + "\n")
-    return results
+        Path(json_path).write_text(json.dumps(rows, indent=2))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,8 +1,9 @@
 """Which model `sde-ray eval` (and `sde-ray embed`, `sde-ray mine`) scores: a run directory (its
 exported `model/`, else its newest complete checkpoint), a Ray Train checkpoint (`consolidated.pt` +
-`state.json`, exported to a `save_pretrained` folder first) or an exported `save_pretrained` folder;
-and the default output folder: `<run>/eval` for a run directory (or its `model/`), otherwise
-`<checkpoint>-eval` beside the checkpoint.
+`state.json`, exported to a `save_pretrained` folder first; a trainable-only one onto its base, rebuilt
+from the saved config and refused unless its frozen weights hash to the recorded sha256) or an exported
+`save_pretrained` folder; and the default output folder: `<run>/eval` for a run directory (or its
+`model/`), otherwise `<checkpoint>-eval` beside the checkpoint.
 """
 
 from __future__ import annotations
@@ -74,14 +75,17 @@ def _export_is_current(run_dir: Path, checkpoint: Path | None) -> bool:
 
 
 def _state_dict_prefix(saved_keys: Sequence[str], model_keys: Sequence[str]) -> str:
-    """The prefix under which the model's parameters sit in a training module's state dict."""
-    first = model_keys[0]
-    for key in saved_keys:
-        if key.endswith(first):
-            prefix = key[: len(key) - len(first)]
-            if all(prefix + k in saved_keys for k in model_keys):
-                return prefix
-    raise KeyError(f"the checkpoint's weights do not contain this model's parameters (e.g. {first!r})")
+    """The prefix under which the model's parameters sit in a training module's state dict: the one
+    under which the saved keys that are the model's are found (a trainable-only checkpoint holds some
+    of them, a full one all)."""
+    saved, own = set(saved_keys), set(model_keys)
+    for model_key in model_keys:
+        for key in saved_keys:
+            if key.endswith(model_key):
+                prefix = key[: len(key) - len(model_key)]
+                if all(k[len(prefix):] in own for k in saved if k.startswith(prefix)):
+                    return prefix
+    raise KeyError(f"the checkpoint's weights do not contain this model's parameters (e.g. {model_keys[0]!r})")
 
 
 def export_ray_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
@@ -90,7 +94,7 @@ def export_ray_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: str | os.P
     import torch
 
     from sde_ray.config import from_dict
-    from sde_ray.models import build_model
+    from sde_ray.models import build_model, load_trained_weights
 
     checkpoint_dir = Path(checkpoint_dir)
     state = json.loads((checkpoint_dir / STATE).read_text())
@@ -101,8 +105,12 @@ def export_ray_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: str | os.P
     weights = torch.load(checkpoint_dir / CONSOLIDATED, map_location="cpu", weights_only=True)
     model_keys = list(model.state_dict())
     prefix = _state_dict_prefix(list(weights), model_keys)
-    model.load_state_dict({k: weights[prefix + k] for k in model_keys})
-    return model.save_pretrained(out_dir)
+    # A trainable-only checkpoint lacks the frozen weights: they stay as built from the base it names
+    # (checked against its content hash).
+    load_trained_weights(model, {k[len(prefix):]: v for k, v in weights.items()
+                                 if k.startswith(prefix) and k[len(prefix):] in model_keys},
+                         state.get("base") if state.get("trainable_only") else None)
+    return model.save_pretrained(out_dir, in_place=True)
 
 
 def resolve_checkpoint(checkpoint: str | os.PathLike, work_dir: Path) -> ResolvedCheckpoint:

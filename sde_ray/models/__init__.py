@@ -8,6 +8,8 @@
 - `BatchProcessor(model_config)`: raw MMEB batch -> fixed-shape numpy arrays (Ray Data actors);
   `pack_patches` packs a VLM side's padded patches as the Hugging Face processors do.
 - `count_parameters(model) -> {"total", "trainable"}`.
+- `weights_fingerprint`, `check_base`, `load_trained_weights`: a checkpoint that holds the trainable
+  weights only names its base by a content hash of the frozen ones, and is loaded onto a rebuilt base.
 
 The names `tiny-clip`, `tiny-siglip`, `tiny-qwen2-vl`, `tiny-qwen2.5-vl`, `tiny-qwen3-vl` build small
 random models in code; any other `model.name_or_path` goes through `from_pretrained`. See docs/models.md.
@@ -17,11 +19,14 @@ from sde_ray.models.build import (
     KINDS,
     apply_lora,
     build_model,
+    check_base,
     count_parameters,
     export_config,
     load_pretrained,
+    load_trained_weights,
     resolve_export,
     warm_start,
+    weights_fingerprint,
 )
 from sde_ray.models.dual_encoder import DualEncoder
 from sde_ray.models.embedder import Embedder, tower_of
@@ -38,13 +43,16 @@ __all__ = [
     "VLMEmbedder",
     "apply_lora",
     "build_model",
+    "check_base",
     "count_parameters",
     "decode_image",
     "export_config",
     "last_token_pool",
     "load_pretrained",
+    "load_trained_weights",
     "pack_patches",
     "resolve_export",
     "tower_of",
     "warm_start",
+    "weights_fingerprint",
 ]

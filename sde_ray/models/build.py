@@ -49,14 +49,14 @@ def _check_model_type(config: ModelConfig, model_type: str) -> None:
         )
 
 
-def _assemble_dual_encoder(config: ModelConfig) -> nn.Module:
+def _assemble_dual_encoder(config: ModelConfig, dtype: torch.dtype = torch.float32) -> nn.Module:
     """VisionTextDualEncoderModel from two checkpoints; projection_dim 0: identity-initialised text width."""
     from transformers import AutoConfig, VisionTextDualEncoderModel
 
     text_width = AutoConfig.from_pretrained(config.text_name_or_path).hidden_size
     width = config.projection_dim or text_width
     model = VisionTextDualEncoderModel.from_vision_text_pretrained(
-        config.vision_name_or_path, config.text_name_or_path, projection_dim=width, dtype=torch.float32
+        config.vision_name_or_path, config.text_name_or_path, projection_dim=width, dtype=dtype
     )
     if not config.projection_dim:
         with torch.no_grad():  # start from the towers' own pooled embeddings where the shapes allow
@@ -66,18 +66,20 @@ def _assemble_dual_encoder(config: ModelConfig) -> nn.Module:
     return model
 
 
-def _load_backbone(config: ModelConfig, tokenizer) -> nn.Module:
+def _load_backbone(config: ModelConfig, tokenizer, dtype: torch.dtype) -> nn.Module:
     if config.vision_name_or_path:
-        return _assemble_dual_encoder(config)
+        return _assemble_dual_encoder(config, dtype)
     if config.name_or_path in TINY_MODELS:
-        return tiny_backbone(config.name_or_path, config, tokenizer)
+        return tiny_backbone(config.name_or_path, config, tokenizer).to(dtype)
     import transformers
 
     hf_config = transformers.AutoConfig.from_pretrained(config.name_or_path)
     _check_model_type(config, hf_config.model_type)  # before loading any weights
     auto = getattr(transformers, KINDS[config.kind].auto_class)
-    # float32 master weights whatever the checkpoint stores; DeepSpeed casts for bf16/fp16.
-    return auto.from_pretrained(config.name_or_path, config=hf_config, dtype=torch.float32)
+    # Straight into the training dtype (DeepSpeed keeps fp32 master copies of the trainable weights
+    # only): a 7B in bf16 holds 15 GB of host memory while it loads, not 30 in fp32 then a cast.
+    # transformers 5 loads shard by shard onto an empty model (low_cpu_mem_usage is its default).
+    return auto.from_pretrained(config.name_or_path, config=hf_config, dtype=dtype)
 
 
 def _check_compatible(config: ModelConfig, backbone: nn.Module) -> None:
@@ -126,15 +128,17 @@ def apply_lora(backbone: nn.Module, lora: LoraConfig) -> nn.Module:
     return get_peft_model(backbone, peft_config)
 
 
-def build_model(model_config: ModelConfig, seed: int = 0) -> Embedder:
+def build_model(model_config: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> Embedder:
     """The encoder of `model_config`. `seed` fixes every random initialisation (tiny weights, LoRA
-    adapters) without touching torch's global RNG: pass the same seed on every rank."""
+    adapters) without touching torch's global RNG: pass the same seed on every rank. The backbone's
+    weights are loaded in `dtype` (the training precision: no fp32 copy of a bf16 run's backbone);
+    tiny models are initialised in fp32 and cast, so every dtype starts from the same values."""
     if model_config.kind not in KINDS:
         raise ValueError(f"model.kind={model_config.kind!r}; expected one of {', '.join(KINDS)}.")
     tokenizer, image_processor = load_processors(model_config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        backbone = _load_backbone(model_config, tokenizer)
+        backbone = _load_backbone(model_config, tokenizer, dtype)
         _check_compatible(model_config, backbone)
         if model_config.init_from:
             warm_start(backbone, model_config.init_from)
@@ -167,7 +171,8 @@ def warm_start(backbone: nn.Module, init_from: str | Path) -> None:
     export = resolve_export(init_from)
     meta = json.loads((export / EXPORT_FILE).read_text())
     kind = meta["model_config"]["kind"]
-    source = getattr(transformers, KINDS[kind].auto_class).from_pretrained(str(export), dtype=torch.float32)
+    dtype = next(backbone.parameters()).dtype  # one copy in the training dtype, not an fp32 one
+    source = getattr(transformers, KINDS[kind].auto_class).from_pretrained(str(export), dtype=dtype)
     theirs, ours = source.state_dict(), backbone.state_dict()
     missing, unexpected = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
     mismatched = [k for k in ours if k in theirs and theirs[k].shape != ours[k].shape]
@@ -207,6 +212,63 @@ def load_pretrained(directory: str | Path) -> tuple[Embedder, ModelConfig]:
         model.backbone = PeftModel.from_pretrained(model.backbone, str(Path(directory) / adapter)).merge_and_unload()
     model.eval()
     return model, config
+
+
+def weights_fingerprint(named_tensors) -> dict:
+    """The content hash of `(name, tensor)` pairs: sha256 over each name, dtype, shape and bytes, in
+    name order, and their element count. A checkpoint that holds the trainable parameters only
+    records it for the frozen ones (the base it was trained on), so a resume or an export rebuilds
+    them from the base and refuses another base. One pass over the bytes, read in place (no copy)."""
+    import hashlib
+
+    digest, numel = hashlib.sha256(), 0
+    for name, tensor in sorted(named_tensors, key=lambda item: item[0]):
+        tensor = tensor.detach()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        if tensor.numel():
+            digest.update(memoryview(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+        numel += tensor.numel()
+    return {"sha256": digest.hexdigest(), "numel": numel}
+
+
+def check_base(found: dict, base: dict) -> None:
+    """Refuses a base whose frozen weights (`weights_fingerprint` of the rebuilt ones) are not the
+    ones a checkpoint was trained on (`base`, as the checkpoint recorded it)."""
+    if (found["sha256"], found["numel"]) != (base["sha256"], base["numel"]):
+        raise ValueError(
+            f"the frozen weights rebuilt from the base ({base.get('name_or_path', '?')}) differ from the ones "
+            f"the checkpoint was trained on: sha256 {found['sha256'][:12]} ({found['numel']} values), "
+            f"recorded {base['sha256'][:12]} ({base['numel']} values)")
+
+
+def load_trained_weights(module: nn.Module, weights: dict[str, torch.Tensor], base: dict | None = None,
+                         verify_base: bool = True) -> None:
+    """Loads a checkpoint's `weights` into a freshly built `module`. Every key of `weights` must be
+    the module's (shapes may differ only by a 0-dim <-> (1,) view); the keys it lacks are the frozen
+    part, kept as built from the base the checkpoint names (`base`), whose content hash is checked
+    here unless the caller checked it already (`verify_base=False`: the training loop hashes once,
+    on rank 0). A full checkpoint (no key missing) needs no base."""
+    own = module.state_dict()
+    unknown = sorted(set(weights) - set(own))
+    if unknown:
+        raise KeyError(f"the checkpoint holds weights this model lacks: {unknown[:5]}")
+    missing = [key for key in own if key not in weights]
+    if missing and verify_base:
+        if not base:
+            raise KeyError(f"the checkpoint lacks weights of this model and names no base: {missing[:5]}")
+        check_base(weights_fingerprint((key, own[key]) for key in missing), base)
+    module.load_state_dict(match_shapes(weights, module), strict=not missing)
+
+
+def match_shapes(weights: dict[str, torch.Tensor], module: nn.Module) -> dict[str, torch.Tensor]:
+    """`weights` with each tensor viewed in the module's shape where only the shape differs
+    (0-dim parameters travel through DeepSpeed as shape (1,))."""
+    own = module.state_dict()
+    return {
+        key: value.reshape(own[key].shape) if key in own and value.shape != own[key].shape
+        and value.numel() == own[key].numel() else value
+        for key, value in weights.items()
+    }
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:

@@ -172,23 +172,29 @@ class Embedder(nn.Module):
         return ids, mask, self.normalize_pixels(batch[key], key), has_image
 
     # ------------------------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | Path, merge_lora: bool = True) -> Path:
+    def save_pretrained(self, directory: str | Path, merge_lora: bool = True, in_place: bool = False) -> Path:
         """Writes a folder that `sde_ray.models.load_pretrained` (and plain `from_pretrained`) reads:
         the backbone, tokenizer, image processor and our ModelConfig. LoRA adapters are merged into
         the weights (`merge_lora`), or kept: the base weights at the top (what plain `from_pretrained`
         loads) and the adapter in `adapter/` (peft's `PeftModel.from_pretrained(base, dir/adapter)`).
         CLIP exports also get sentence-transformers' module files (`SENTENCE_TRANSFORMERS_FILES`).
         Call it on an unpartitioned model (with ZeRO-3, load consolidated weights into a fresh
-        `build_model` first)."""
+        `build_model` first). The weights are written in the model's dtype. `in_place`: the adapters
+        are merged into (or removed from) this model's own weights, with no second copy of the
+        backbone; the model has no adapters afterwards (for a model about to be dropped)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         backbone = self.backbone
         has_lora = hasattr(backbone, "merge_and_unload")
-        if has_lora and merge_lora:  # merge a copy: the training model keeps its adapters
-            backbone = copy.deepcopy(backbone).merge_and_unload()
-        elif has_lora:
-            backbone.save_pretrained(directory / ADAPTER_DIR)
-            backbone = copy.deepcopy(backbone).unload()  # the base weights, adapters removed unmerged
+        if has_lora:
+            if not merge_lora:
+                backbone.save_pretrained(directory / ADAPTER_DIR)
+            if not in_place:  # merge a copy: the model keeps its adapters
+                backbone = copy.deepcopy(backbone)
+            # Merged: each adapted weight += B·A in its own dtype, layer by layer; else the base weights.
+            backbone = backbone.merge_and_unload() if merge_lora else backbone.unload()
+            if in_place:
+                self.backbone = backbone
         backbone.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
         self.image_processor.save_pretrained(directory)

@@ -18,6 +18,10 @@ from sde_ray.models import build_model, tower_of
 from sde_ray.train.deepspeed_config import per_group_schedule
 
 
+# The dtype the weights train in (DeepSpeed casts the module to it; backbones load straight into it).
+TRAINING_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 class Encoded(NamedTuple):
     """`TrainModule.forward` without a context: the features of one chunk (a pair, so `query, target =
     module(batch)` reads as before; NamedTuples let DeepSpeed's ZeRO-3 hooks reach the tensors)."""
@@ -63,10 +67,11 @@ class TrainModule(torch.nn.Module):
         return Scored(loss, metrics, query.detach(), positives.detach())
 
 
-def build_train_module(config: Config) -> TrainModule:
+def build_train_module(config: Config, dtype: torch.dtype | None = None) -> TrainModule:
     """The encoder and the objective, with the towers' learning-rate scales (`sde_ray.models.tower_of`);
-    a tower whose scale is 0 is frozen."""
-    model = build_model(config.model, seed=config.train.seed)
+    a tower whose scale is 0 is frozen. The backbone loads in `dtype`, by default the training
+    precision's (DeepSpeed would cast it to that anyway)."""
+    model = build_model(config.model, seed=config.train.seed, dtype=dtype or TRAINING_DTYPES[config.deepspeed.precision])
     scales = {"vision": config.train.vision_lr_scale, "text": config.train.text_lr_scale}
     for name, parameter in model.named_parameters():
         if scales[tower_of(name)] == 0:

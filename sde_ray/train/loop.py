@@ -19,9 +19,10 @@ same three functions run under a `LocalSession` in one process:
   see `sde_ray.eval.sharded`) / checkpoint (every `checkpoint_every` steps and every
   `checkpoint_every_minutes`, uploaded in the background under `checkpoint_upload=async`) / report
   → the step hook and the preemption flag;
-- `finish(run)`: spectrum plot, `save_pretrained` export (rank 0), final checkpoint with the run's
-  summary. The full MMEB evaluation is not run here: the driver runs it on the eval actors after
-  `fit()` returns, so no rank ever waits in a collective while another evaluates.
+- `finish(run)`: spectrum plot, final checkpoint with the run's summary, then the `save_pretrained`
+  export (rank 0; LoRA merged in place, so it comes after the last checkpoint). The full MMEB
+  evaluation is not run here: the driver runs it on the eval actors after `fit()` returns, so no
+  rank ever waits in a collective while another evaluates.
 
 Every report is a barrier (`ray.train.report`), so each rank reports under the same step conditions.
 """
@@ -46,15 +47,17 @@ from sde_ray.eval.plots import plot_spectrum
 from sde_ray.eval.validation import validation_p_at_1
 from sde_ray.losses import StepContext
 from sde_ray.losses.batch import step_target_ids
-from sde_ray.models import BatchProcessor
+from sde_ray.models import BatchProcessor, load_trained_weights
 from sde_ray.distributed import broadcast_object
 from sde_ray.runs import RunLogger, say
 from sde_ray.train.cadence import Cadence, Due
 from sde_ray.train.checkpoint import (
     TrainState,
+    base_identity,
+    check_resume_base,
     consolidated_state_dict,
+    has_frozen,
     load_consolidated,
-    match_shapes,
     restore_engine,
     resume_plan,
     save_checkpoint,
@@ -163,12 +166,12 @@ def to_model_inputs(batch: dict, device: torch.device, float_dtype: torch.dtype)
 
 
 class TrainedModel:
-    """The trained encoder, un-wrapped: on every rank's device for validation, in fp32 for export.
+    """The trained encoder, un-wrapped: on every rank's device for validation, on rank 0 for export,
+    in the training dtype.
 
-    Validation: unpartitioned weights (ZeRO-0/1/2) are the engine's module itself, on the worker's
-    device in the engine's precision; under ZeRO-3 every rank gathers the full weights into a
-    cached copy on its device (a collective), in the engine's dtype. Export: an fp32 copy on the
-    CPU of rank 0 (what `save_pretrained` writes; a collective under ZeRO-3).
+    Unpartitioned weights (ZeRO-0/1/2) are the engine's module itself. Under ZeRO-3 a copy is built
+    from the config (the frozen base as loaded) and only the trainable weights are gathered into it:
+    on every rank's device for validation (a cached copy; a collective), on rank 0's CPU for export.
     """
 
     def __init__(self, config: Config, engine, rank: int):
@@ -184,20 +187,27 @@ class TrainedModel:
 
         if self.device_copy is None:
             self.device_copy = build_train_module(self.config).to(self.engine.device, next(module.parameters()).dtype)
-        params = list(module.parameters())
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        # The frozen weights are the base's in both: only the trained ones are gathered and copied.
+        copies = dict(self.device_copy.named_parameters())
+        trained = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters([p for _, p in trained], modifier_rank=None):
             with torch.no_grad():
-                for target, source in zip(self.device_copy.parameters(), params):
-                    target.copy_(source.data.reshape(target.shape))
+                for name, source in trained:
+                    copies[name].copy_(source.data.reshape(copies[name].shape))
         return self.device_copy.model
 
     def for_export(self) -> torch.nn.Module | None:
-        """An fp32 copy of the encoder on rank 0's CPU, None elsewhere. Every rank must call it."""
-        weights = consolidated_state_dict(self.engine)
+        """The encoder to export on rank 0 (None elsewhere), in the training dtype, to be saved
+        `in_place` (a LoRA merge needs no second copy of the backbone): export it after the last
+        checkpoint. Every rank must call it (ZeRO-3 gathers the trainable weights)."""
+        if not self.engine.zero_optimization_partition_weights():
+            return self.engine.module.model if self.rank == 0 else None
+        weights = consolidated_state_dict(self.engine, trainable_only=has_frozen(self.engine.module), copy=False)
         if self.rank != 0:
             return None
-        copy = build_train_module(self.config)
-        copy.load_state_dict(match_shapes({k: v.float() for k, v in weights.items()}, copy))
+        dtype = next(self.engine.module.parameters()).dtype
+        copy = build_train_module(self.config).to(dtype)
+        load_trained_weights(copy, weights, verify_base=False)  # the frozen part: the base, as trained on
         return copy.model
 
 
@@ -295,15 +305,21 @@ def resume(config: Config, args: RunArgs, session: Session) -> tuple[Any, TrainS
     rank, world_size, train = session.rank, session.world_size, config.train
     seed_everything(train.seed)
     module = build_train_module(config)  # the same initial weights on every rank
+    # The frozen weights' source and hash, which checkpoints record instead of the weights: rank 0
+    # hashes them once, before ZeRO-3 partitions them (`checkpoint.base_identity`).
+    base = base_identity(config, module.model) if rank == 0 else {}
     # Then one seed per rank: dropout and other module randomness differ across data-parallel ranks
     # (an exact resume restores each rank's RNG state from the checkpoint instead).
     seed_everything(train.seed + rank)
-    fresh = TrainState(world_size=world_size, zero_stage=config.deepspeed.zero_stage)
+    fresh = TrainState(world_size=world_size, zero_stage=config.deepspeed.zero_stage, base=base)
     with session.resume_checkpoint() as offered_by_ray:
         directory = newer_checkpoint(offered_by_ray, args.resume_dir)
         plan = resume_plan(directory, world_size, config.deepspeed.zero_stage) if directory else None
-        if plan is not None and not plan.exact:
-            load_consolidated(module, plan.directory)
+        if plan is not None:
+            # A trainable-only checkpoint goes onto the base it was trained on, or not at all (every rank).
+            check_resume_base(plan, base, rank, world_size)
+            if not plan.exact:
+                load_consolidated(module, plan)  # trainable-only: onto the frozen part as built
         ds_config = build_deepspeed_config(config, world_size)
         if rank == 0:
             overrides = (f" (overrides applied: {json.dumps(config.deepspeed.overrides)})"
@@ -313,7 +329,8 @@ def resume(config: Config, args: RunArgs, session: Session) -> tuple[Any, TrainS
         if plan is None:
             return engine, fresh
         restore_engine(engine, plan, rank)
-    state = TrainState(**{**plan.state.__dict__, "world_size": world_size, "zero_stage": fresh.zero_stage})
+    state = TrainState(**{**plan.state.__dict__, "world_size": world_size, "zero_stage": fresh.zero_stage,
+                          "base": base})  # this launch's base (rank 0's; checked equal to the recorded one)
     if rank == 0:
         how = "exact DeepSpeed state" if plan.exact else (
             f"consolidated weights, fresh optimizer state (world size {plan.state.world_size} -> {world_size})")
@@ -390,8 +407,9 @@ def checkpoint_and_report(run: Run, metrics: dict, background: bool = False) -> 
 
 
 def finish(run: Run) -> None:
-    """Spectrum plot, `save_pretrained` export (rank 0) and the final checkpoint with the run's
-    summary (the driver evaluates the export after fit())."""
+    """Spectrum plot, the final checkpoint with the run's summary, then the `save_pretrained` export
+    (rank 0; after the checkpoint, since it merges LoRA in place). The driver evaluates the export
+    after fit()."""
     config, state, rank = run.config, run.state, run.rank
     summary: dict[str, Any] = dict(run.last_metrics)
     if not summary and run.logger is not None:
@@ -408,11 +426,8 @@ def finish(run: Run) -> None:
                 path = plot_spectrum(spectra, plots / "spectrum.png",
                                      title=f"{config.loss.name}: singular values at step {state.step}")
                 run.logger.log_image("spectrum", str(path), state.step)
-    model = run.trained.for_export()
+    export_dir = storage.join(config.train.output_dir, "model")
     if rank == 0:  # Ray keeps rank 0's metrics only
-        export_dir = storage.join(config.train.output_dir, "model")
-        with storage.writable_dir(export_dir) as local:  # scratch, uploaded when the output is remote
-            model.save_pretrained(str(local))
         summary["model_dir"] = export_dir
         # Where and when training ended: the driver's evaluation starts after it (tests check it).
         summary.update(train_worker_pid=os.getpid(), train_finished_at=time.time())
@@ -422,6 +437,13 @@ def finish(run: Run) -> None:
         run.logger.finish(dict(summary))
     # Always a checkpoint: Ray Train keeps the metrics of checkpointed reports only (the Result's).
     checkpoint_and_report(run, summary)
+    # The export comes last: it merges LoRA into the weights it is given in place (under ZeRO-0/1/2
+    # the engine's own), in the training dtype, with no second copy of the backbone. The driver
+    # evaluates it after fit() returns, i.e. after every worker is past this line.
+    model = run.trained.for_export()
+    if model is not None:
+        with storage.writable_dir(export_dir) as local:  # scratch, uploaded when the output is remote
+            model.save_pretrained(str(local), in_place=True)
 
 
 def step_context(config: Config, state: TrainState, rank: int, world_size: int, batch: dict) -> StepContext:

@@ -42,11 +42,11 @@ def test_quick_train_bench_reports_all_variants_and_ratios(ray_cluster, small_co
 
 
 def test_checkpoint_bench_classifies_steps_by_their_distance_to_a_checkpoint(tmp_path):
-    """`sde-ray bench checkpoint`'s arithmetic on hand-made stamps: every 4th step saves, the step
+    """`sde-ray bench upload`'s arithmetic on hand-made stamps: every 4th step saves, the step
     after it runs during the upload; steps up to the warm-up are left out."""
     import json
 
-    from sde_ray.bench.checkpoint import step_times, summarize
+    from sde_ray.bench.upload import step_times, summarize
 
     clock, stamps = 0.0, []
     durations = {1: 9.0, 2: 1.0, 3: 1.0, 4: 5.0, 5: 2.0, 6: 1.0, 7: 1.2, 8: 4.0, 9: 3.0}
