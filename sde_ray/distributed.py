@@ -47,6 +47,24 @@ def get_world_size() -> int:
     return dist.get_world_size() if is_initialized() else 1
 
 
+def start_single_process_group() -> None:
+    """A one-rank gloo group on a free loopback port, for a one-process DeepSpeed engine outside Ray
+    (benchmarks); `stop_process_group` ends it."""
+    import os
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+
+
+def stop_process_group() -> None:
+    if is_initialized():
+        dist.destroy_process_group()
+
+
 def group_device() -> torch.device:
     """The device the default group's backend moves: the current CUDA device under NCCL, else the CPU."""
     if is_initialized() and "nccl" in str(dist.get_backend()).lower():

@@ -24,7 +24,6 @@ import json
 import multiprocessing
 import os
 import shutil
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -110,8 +109,7 @@ def _old_export(engine, config, directory: Path) -> None:
 
 def measure(name_or_path: str, before: bool, out: str) -> None:
     """One way of working on one model in this (fresh) process; writes its numbers as JSON to `out`."""
-    import torch.distributed as dist
-
+    from sde_ray import distributed
     from sde_ray.bench.models import _raw_batch
     from sde_ray.models import BatchProcessor
     from sde_ray.train.checkpoint import TrainState, base_identity, save_checkpoint
@@ -121,11 +119,7 @@ def measure(name_or_path: str, before: bool, out: str) -> None:
     from sde_ray.train.step import train_step
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    distributed.start_single_process_group()
     config = _config(name_or_path, whole=before)
     seed_everything(0)
     with Phase() as load:
@@ -156,7 +150,7 @@ def measure(name_or_path: str, before: bool, out: str) -> None:
         "parameters": parameters, "trainable": trainable, "checkpoint_mib": checkpoint_bytes / MiB,
         **{f"{label}_{key}": value for label, phase in (("load", load), ("save", save), ("export", export))
            for key, value in (("s", phase.seconds), ("peak_mib", phase.peak_mib))}}))
-    dist.destroy_process_group()
+    distributed.stop_process_group()
 
 
 def _in_fresh_process(name_or_path: str, before: bool) -> dict:
