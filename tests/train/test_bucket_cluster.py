@@ -35,14 +35,15 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 KILL_AT, CHECKPOINT_EVERY, STEPS = 3, 2, 4
 
 DRIVER = """
-import json, os, sys, time
+import json, os, sys
 import ray
+import ray.train
 from sde_ray import storage
 from sde_ray.config import load_config
 from sde_ray.train.driver import run_train
 
 config = load_config(None, json.loads(sys.argv[1]))
-log_prefix, run_dir = sys.argv[2], f"{config.train.storage_path}/{config.train.run_name}"
+log_prefix = sys.argv[2]
 ray.init(address=config.scaling.address, log_to_driver=False)
 head = ray.get_runtime_context().get_node_id()  # the driver runs on the head
 
@@ -54,12 +55,11 @@ def hook(step, rank, world_size, module, sample_ids, epoch, losses):
     storage.append_text(f"{log_prefix}/rank{rank}-{os.getpid()}.jsonl", json.dumps(record) + "\\n")
     marker = f"{log_prefix}/killed"
     if step == %(kill)d and rank == 1 and not storage.exists(marker):
-        # The step-%(ckpt)d checkpoint uploads in the background: die once Ray has registered it.
-        snapshot = f"{run_dir}/checkpoint_manager_snapshot.json"
-        deadline = time.time() + 120
-        while not (storage.exists(snapshot) and "checkpoint_%(ckpt)06d" in storage.read_text(snapshot)):
-            assert time.time() < deadline, "the step-%(ckpt)d checkpoint was never registered"
-            time.sleep(0.2)
+        # The step-%(ckpt)d checkpoint uploads in the background: die once Ray Train has registered it
+        # (this call blocks until every in-flight report of this worker is processed).
+        names = [c.checkpoint.path for c in ray.train.get_all_reported_checkpoints(
+            consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=180)]
+        assert any("checkpoint_%(ckpt)06d" in name for name in names), names
         storage.write_text(marker, str(os.getpid()))
         os._exit(1)
 
