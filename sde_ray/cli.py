@@ -13,9 +13,9 @@ import json
 import sys
 from pathlib import Path
 
-from sde_ray.config import ConfigError, DataConfig, dump_yaml, load_config, with_values
+from sde_ray.config import Config, ConfigError, DataConfig, dump_yaml, load_config, with_values
 
-BENCHMARKS = ("spectral", "data", "train", "eval", "models", "search", "serve", "checkpoint", "upload")
+BENCHMARKS = ("spectral", "data", "train", "eval", "models", "search", "serve", "checkpoint", "upload", "startup")
 
 
 def _add_config_args(parser: argparse.ArgumentParser, default: str | None = "configs/default.yaml") -> None:
@@ -88,7 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--subsets", nargs="*", default=None)
     convert.add_argument("--split", default="original")
     convert.add_argument("--samples-per-shard", type=int, default=DataConfig().samples_per_shard)
-    convert.add_argument("--workers", type=int, default=1)
+    convert.add_argument("--workers", type=int, default=1,
+                         help="Processes of this machine; with --ray, the local Ray's CPUs when no cluster is joined.")
+    convert.add_argument("--ray", action="store_true",
+                         help="Convert as Ray tasks on every CPU of the cluster at RAY_ADDRESS (a local Ray of "
+                         "--workers CPUs without one); --src and --out must be paths every node shares.")
+    verify = data_commands.add_parser(
+        "verify", help="Check converted shards against their manifest: sizes, tar headers and sha256 (reads every byte).")
+    verify.add_argument("shards", help="The converted folder (local or s3:// / gs://) holding manifest.json.")
     synth = data_commands.add_parser("synth", help="Write the synthetic MMEB (train + eval layouts).")
     synth.add_argument("--out", required=True)
     synth.add_argument("--seed", type=int, default=0)
@@ -196,9 +203,15 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "data" and args.data_command == "convert-mmeb":
         from sde_ray.data.convert import convert_mmeb
 
+        executor = {"workers": args.workers}
+        if args.ray:
+            from sde_ray.ray_cluster import connect, conversion_executor
+
+            connect(Config(), local_cpus=args.workers)
+            executor = conversion_executor()
         manifest = convert_mmeb(
             args.src, args.out, subsets=args.subsets, split=args.split,
-            samples_per_shard=args.samples_per_shard, workers=args.workers,
+            samples_per_shard=args.samples_per_shard, **executor,
         )
         print(json.dumps({k: manifest[k] for k in ("num_samples", "num_shards", "rejected") if k in manifest}))
         if not manifest["num_samples"]:  # nothing to train on is a failure, whatever the cause
@@ -207,6 +220,20 @@ def _dispatch(args: argparse.Namespace) -> int:
                   f"(details in {Path(args.out) / 'rejects.jsonl'})", file=sys.stderr)
             return 1
         return 0
+    if args.command == "data" and args.data_command == "verify":
+        from sde_ray import storage
+        from sde_ray.data.convert import load_manifest
+        from sde_ray.data.shards import check_shards
+
+        manifest = load_manifest(args.shards)  # every shard it lists, a missing one included
+        listed = [storage.join(args.shards, entry["name"]) for entry in manifest["shards"]]
+        try:
+            check = check_shards(listed, manifest, depth="sha256")
+            ok, skipped = len(check.paths), check.skipped
+        except RuntimeError as error:  # not one shard passed
+            ok, skipped = 0, {"all": str(error)}
+        print(json.dumps({"listed": len(listed), "ok": ok, "skipped": skipped}, indent=1))
+        return 1 if skipped else 0
     if args.command == "data" and args.data_command == "synth":
         from sde_ray.data.synthetic import write_synthetic_mmeb
 

@@ -164,6 +164,12 @@ class DataConfig:
     subsets: list[str] = doc([], "MMEB-train subsets to use; empty means all found.")
     split: str = doc("original", "MMEB-train split: original | diverse_instruction | train (legacy).")
     samples_per_shard: int = doc(1024, "Samples per .tar shard written by the converter (one Ray Data read task each).")
+    shard_check: Literal["manifest", "headers", "sha256"] = doc(
+        "manifest", "How a launch checks each shard that its manifest lists: manifest (its byte size, a stat or a "
+        "listing; counts from the manifest, no shard opened), headers (also parse every tar header: the pre-issue-28 "
+        "check, seconds per 100k samples: docs/benchmarks.md) or sha256 (also hash every byte against the conversion's checksum; "
+        "`sde-ray data verify` does this once). A mismatching shard is skipped, counted and reported."
+    )
     shuffle_seed: int = doc(0, "Seed of the per-epoch shard-order and sample shuffle (the epoch order, docs/data.md).")
     shuffle_window: int = doc(
         8192, "Rows of the sample-shuffle window (rounded down to whole global batches): consecutive rows of "

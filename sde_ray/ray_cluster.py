@@ -7,7 +7,9 @@ Ray Data's `data.data_cpus`, plus a sliver for a Tune trial's driver, one GPU pe
 local start, the capacity checks and Tune's concurrency. `worker_env` is the environment a training
 worker needs; `start_local` the fixed-size local Ray of the benchmarks; `logs_dir` where the Ray
 session this process joined keeps every process's log files (what `log_to_driver=False` keeps off
-the console). Application side: the library (spectral, losses, models, data) never imports this.
+the console). `ray_tasks` / `conversion_executor`: the MMEB conversion as Ray tasks across the
+cluster's CPUs (the in-job path and `sde-ray data convert-mmeb --ray`). Application side: the
+library (spectral, losses, models, data) never imports this.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from sde_ray.config import Config, ConfigError, is_elastic, worker_counts
@@ -115,6 +118,30 @@ def start_local(num_cpus: int, log_to_driver: bool = True, fresh: bool = False) 
             if attempt == 2 or "timed out during startup" not in str(error):
                 raise
     return True
+
+
+def ray_tasks(fn, items: list) -> Iterator:
+    """`fn(item)` for every item as Ray tasks of one CPU each, spread over the cluster's CPUs; the
+    results as they finish. Each task gets a fresh worker process (`max_calls=1`): what a task's
+    process loaded (the converter's parquet rows, its open zips) is returned to the node when the
+    task ends, not kept by a pooled worker that Ray Data or training would reuse."""
+    import ray
+
+    remote = ray.remote(num_cpus=1, max_calls=1)(fn)
+    pending = [remote.remote(item) for item in items]
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        yield ray.get(done[0])
+
+
+def conversion_executor() -> dict:
+    """The `prepare_data` / `convert_mmeb` arguments that convert as Ray tasks on every CPU of the
+    cluster this process joined (before training starts, they are all free); none without one."""
+    import ray
+
+    if not ray.is_initialized():
+        return {}
+    return {"run_tasks": ray_tasks, "workers": max(1, int(ray.cluster_resources().get("CPU", 1)))}
 
 
 def _driver_log_level(log_to_driver: bool) -> int:

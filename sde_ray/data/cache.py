@@ -1,8 +1,10 @@
 """From config to shards on disk: the synthetic MMEB and converted shards, cached under a file lock.
 
 `prepare_data(config)` generates/converts into `data.cache_dir` on first use and returns absolute
-shard paths (Ray Train chdirs workers), the eval root, the manifest and the shard check (corrupt
-shards dropped, per-shard sample counts: the input of the epoch order, `sde_ray.data.order`).
+shard paths (Ray Train chdirs workers), the eval root, the manifest and the shard check (shards
+that disagree with the manifest dropped, per-shard sample counts: the input of the epoch order,
+`sde_ray.data.order`). A launch with a warm cache reads the manifest and stats each shard: no
+shard is opened (`data.shard_check`, `sde_ray.data.shards.SHARD_CHECKS`).
 Concurrent callers (Tune trials) serialise on an exclusive lock and reuse what the first wrote.
 No Ray here.
 """
@@ -87,8 +89,9 @@ def _ensure_synthetic(cache: Path, synth) -> Path:
     return target
 
 
-def _converted(train_dir: Path, shard_dir: Path, config) -> dict:
-    """Converts once; a complete manifest for the same source and settings is reused as is."""
+def _converted(train_dir: Path, shard_dir: Path, config, executor: dict) -> dict:
+    """Converts once (`executor`: `convert_mmeb`'s `run_tasks`/`workers`, e.g. Ray tasks); a
+    complete manifest for the same source and settings is reused as is."""
     from sde_ray.data.convert import convert_mmeb, load_manifest
 
     manifest_path = shard_dir / MANIFEST
@@ -99,7 +102,8 @@ def _converted(train_dir: Path, shard_dir: Path, config) -> dict:
                 and sorted(manifest["subsets"]) == sorted(config.data.subsets or manifest["subsets"])):
             return manifest
     return convert_mmeb(train_dir, shard_dir, subsets=config.data.subsets or None, split=config.data.split,
-                        samples_per_shard=config.data.samples_per_shard, workers=1, progress=False)
+                        samples_per_shard=config.data.samples_per_shard, progress=False,
+                        **({"workers": 1} | executor))
 
 
 # The synthetic MMEB-V2's training and held-out evaluation folders (different seeds: no clip or
@@ -155,14 +159,16 @@ def _locked_cache(config) -> Iterator[Path]:
         yield cache
 
 
-def prepare_data(config) -> PreparedData:
-    """Shards and eval root for `config.data`: generate/convert into the cache on first use.
+def prepare_data(config, run_tasks=None, workers: int = 1) -> PreparedData:
+    """Shards and eval root for `config.data`: generate/convert into the cache on first use (as
+    `convert_mmeb` with `run_tasks`/`workers`: the drivers pass Ray tasks over the cluster's CPUs),
+    then check the shards against their manifest (`data.shard_check`).
 
     Safe to call from concurrent processes (e.g. Tune trials): the cache is locked while it is
     filled, and later callers reuse what the first one wrote.
     """
     with _locked_cache(config) as cache:
-        return _prepare_locked(config, cache)
+        return _prepare_locked(config, cache, {"run_tasks": run_tasks, "workers": workers} if run_tasks else {})
 
 
 def synthetic_eval_dir(config) -> str:
@@ -172,14 +178,14 @@ def synthetic_eval_dir(config) -> str:
         return str(_ensure_synthetic(cache, config.data.synth) / "MMEB-eval")
 
 
-def _prepare_locked(config, cache: Path) -> PreparedData:
+def _prepare_locked(config, cache: Path, executor: dict) -> PreparedData:
     data = config.data
     val_dir = None  # only the synthetic set ships a validation split of its own
     if data.source == "synthetic":
         root = _ensure_synthetic(cache, data.synth)
         train_dir, eval_dir, val_dir = root / "MMEB-train", root / "MMEB-eval", root / "MMEB-val"
         shard_dir = root / f"shards-{data.split}-{data.samples_per_shard}"
-        manifest = _converted(train_dir, shard_dir, config)
+        manifest = _converted(train_dir, shard_dir, config, executor)
         shards = [str(shard_dir / entry["name"]) for entry in manifest["shards"]]
         if data.synth_v2:
             manifest, shards = _with_synthetic_v2(cache, config, manifest, shards)
@@ -196,10 +202,10 @@ def _prepare_locked(config, cache: Path) -> PreparedData:
         train_dir = Path(data.mmeb_train_dir).expanduser().resolve()
         key = hashlib.sha256(str(train_dir).encode()).hexdigest()[:12]
         shard_dir = cache / f"mmeb-{key}-{data.split}-{data.samples_per_shard}"
-        manifest = _converted(train_dir, shard_dir, config)
+        manifest = _converted(train_dir, shard_dir, config, executor)
         shards = [str(shard_dir / entry["name"]) for entry in manifest["shards"]]
         eval_dir = Path(data.mmeb_eval_dir).expanduser().resolve() if data.mmeb_eval_dir else None
-    check = check_shards(shards, manifest)
+    check = check_shards(shards, manifest, depth=data.shard_check)
     return PreparedData(shards=check.paths, eval_dir=str(eval_dir) if eval_dir else "",
                         manifest=manifest, skipped_shards=check.skipped, check=check,
                         val_dir=str(val_dir) if val_dir else "")

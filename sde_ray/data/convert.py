@@ -13,7 +13,9 @@ as `qry.img` / `pos.img` / `neg.img` when the row has that image (docs/architect
 - Resume: each finished shard is written to a temporary name, renamed, and recorded in
   `_parts/<shard>.json` with its sha256; a rerun keeps shards whose bytes still match and redoes the
   rest (half-written, truncated, or from a different plan).
-- Nothing is written outside `out`. Parallel over processes with a tqdm progress bar.
+- Nothing is written outside `out`. Parallel over this machine's processes (`workers`) or as tasks
+  of any executor (`run_tasks`: Ray tasks across a cluster, `sde_ray.ray_cluster.ray_tasks`), with a
+  tqdm progress bar; the shards are the same bytes either way.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import os
 import re
 import tarfile
 import warnings
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -36,6 +39,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from sde_ray import storage
+from sde_ray.data.shards import sha256_of
 from sde_ray.data.mmeb import (
     MANIFEST,
     TRAIN_COLUMNS,
@@ -59,6 +63,8 @@ REJECT_REASONS = (
     "empty_query", "empty_positive", "absolute_path", "parent_path", "zip_member_escapes",
     "missing_image", "undecodable_image", "corrupt_zip_member", "unreadable_zip",
 )
+# A parallel executor: runs fn(item) for every item, yields the results in any order.
+RunTasks = Callable[[Callable, list], Iterable]
 IMAGE_FIELDS = (("qry", "qry_image_path"), ("pos", "pos_image_path"), ("neg", "neg_image_path"))
 
 
@@ -91,11 +97,7 @@ def target_hash(text: str, image: bytes | None) -> str:
 
 
 def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return sha256_of(str(path))
 
 
 def check_image(data: bytes) -> None:
@@ -268,6 +270,30 @@ def convert_shard(task: ShardTask) -> dict:
     return record
 
 
+def convert_shard_group(tasks: Sequence[ShardTask]) -> list[dict]:
+    """Converts a group of shards one after another in this process (one task of a conversion run
+    as Ray tasks), then lets go of the parquet rows and image archives it opened: a task reads each
+    subset's rows once for its whole group, and its process keeps nothing afterwards."""
+    try:
+        return [convert_shard(task) for task in tasks]
+    finally:
+        _clear_worker_caches()
+
+
+def shard_groups(tasks: Sequence[ShardTask], groups: int) -> list[list[ShardTask]]:
+    """`tasks` cut into at most `groups` consecutive runs whose lengths differ by at most one."""
+    groups = max(1, min(groups, len(tasks)))
+    size, extra = divmod(len(tasks), groups)
+    bounds = np.cumsum([0] + [size + (i < extra) for i in range(groups)])
+    return [list(tasks[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+# Groups per worker when converting as tasks: enough that a slow group (image-heavy rows) does not
+# leave the other CPUs idle at the end, few enough that each subset's parquet is read only a few
+# times per worker (every shard mixes all subsets, so every group reads every subset's rows).
+GROUPS_PER_WORKER = 2
+
+
 def _finished(out: Path, name: str, plan_hash: str) -> dict | None:
     """The recorded result of a shard if its file is complete and unchanged, else None."""
     part, shard = out / PARTS_DIR / f"{name}.json", out / name
@@ -288,8 +314,14 @@ def _finished(out: Path, name: str, plan_hash: str) -> dict | None:
 
 def convert_mmeb(src: str | os.PathLike, out: str | os.PathLike, subsets: list[str] | None = None,
                  split: str = "original", samples_per_shard: int = 1024, workers: int = 1,
-                 progress: bool | None = None) -> dict:
-    """Converts an MMEB-train root to WebDataset shards under `out`; returns the manifest."""
+                 progress: bool | None = None, run_tasks: RunTasks | None = None) -> dict:
+    """Converts an MMEB-train root to WebDataset shards under `out`; returns the manifest.
+
+    `workers` > 1: that many processes of this machine. `run_tasks(fn, items)`: an executor that
+    runs `fn(item)` for every item in parallel and yields the results in any order (Ray tasks across
+    a cluster's CPUs, `sde_ray.ray_cluster.ray_tasks`): the shards are cut into `workers` x
+    `GROUPS_PER_WORKER` groups, one task each; `src` and `out` must then be paths every node reads
+    and writes. Every path writes the same bytes (each shard is a pure function of its rows)."""
     src, out = Path(src).expanduser().resolve(), Path(out).expanduser().resolve()
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
@@ -337,7 +369,11 @@ def convert_mmeb(src: str | os.PathLike, out: str | os.PathLike, subsets: list[s
                                    tuple(sorted(meta_tasks.items())), plan_hash))
     bar = tqdm(total=len(names), initial=len(records), unit="shard", desc="convert-mmeb",
                disable=(None if progress is None else not progress))
-    if workers == 1 or len(tasks) <= 1:
+    if run_tasks is not None and tasks:
+        for group in run_tasks(convert_shard_group, shard_groups(tasks, workers * GROUPS_PER_WORKER)):
+            records.update((record["name"], record) for record in group)
+            bar.update(len(group))
+    elif workers == 1 or len(tasks) <= 1:
         try:
             for task in tasks:
                 records[task.name] = convert_shard(task)
@@ -351,7 +387,20 @@ def convert_mmeb(src: str | os.PathLike, out: str | os.PathLike, subsets: list[s
                 records[record["name"]] = record
                 bar.update()
     bar.close()
+    _check_written(out, names, records)
     return _write_outputs(out, src, split, samples_per_shard, plan_hash, names, records, counts, meta_tasks)
+
+
+def _check_written(out: Path, names: list[str], records: dict[str, dict]) -> None:
+    """Every shard is in `out` at the size its writer recorded (a stat each): a task that ran on a
+    node without `out` on a shared file system wrote its shards where this process cannot see them."""
+    absent = [name for name in names
+              if not (out / name).is_file() or (out / name).stat().st_size != records[name]["bytes"]]
+    if absent:
+        raise RuntimeError(f"{len(absent)} converted shard(s) are not in {out} as their writers recorded "
+                           f"({', '.join(absent[:3])}{', ...' if len(absent) > 3 else ''}): conversion tasks on "
+                           "other nodes wrote elsewhere; convert into a folder every node shares "
+                           "(--out / data.cache_dir)")
 
 
 def _write_outputs(out: Path, src: Path, split: str, samples_per_shard: int, plan_hash: str,

@@ -1,9 +1,11 @@
 """WebDataset shards on the driver and in the read tasks: expansion, validation, selective reads.
 
 - `expand_shards`: files from paths, folders and globs (local, s3:// or gs://), made absolute.
-- `check_shards`: drops corrupt or truncated shards (tar headers past the end of the file, sizes
-  or sample counts that disagree with the manifest, optionally sha256), reporting each skipped
-  shard with its reason. Nothing is fatal but an empty result.
+- `check_shards`: drops shards that disagree with the manifest written at conversion (missing,
+  or a byte size that differs: one stat / listing per shard, no shard opened; `SHARD_CHECKS` adds
+  the tar headers and the sha256 for a one-time deep check), reporting each skipped shard with
+  its reason. Shards without a manifest entry are parsed (their sample counts are only in their
+  headers). Nothing is fatal but an empty result.
 - `read_samples(path, rows)` / `iter_samples(path, rows, chunk_rows)`: the raw members of the
   samples at the given row indices of one shard (all at once / in chunks, one pass). The other
   samples' bytes are neither read nor decoded (what lets a resume start mid-epoch without
@@ -19,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import glob
+import hashlib
 import logging
 import os
 import tarfile
@@ -98,47 +101,39 @@ class ShardCheck:
         return sum(self.samples[p] for p in self.paths)
 
 
-def check_shards(shards: list[str] | str, manifest: dict | None = None, verify_sha256: bool = False) -> ShardCheck:
-    """Drops corrupt, truncated or manifest-mismatching local shards (remote ones are taken on trust).
+# How deeply `check_shards` looks at a shard that has a manifest entry (data.shard_check):
+# - manifest: its byte size against the manifest (a stat, or one HEAD/listing on a store); the
+#   sample count is the manifest's. What every launch does: a truncated or half-copied shard
+#   changes size; a shard rewritten in place with the same size is the one thing it misses.
+# - headers: also parses every tar header (the check every launch did before issue 28): catches a
+#   shard whose structure is broken at the same size, at seconds per 100k samples (docs/benchmarks.md).
+# - sha256: also hashes every byte against the checksum recorded at conversion (reads every
+#   shard whole: `sde-ray data verify`, a one-time check after a copy, not a per-launch one).
+SHARD_CHECKS = ("manifest", "headers", "sha256")
 
-    A shard is checked against the manifest entry with the same file name when one is given: byte
-    size, sample count and (with `verify_sha256`) checksum. Empty shards are dropped silently, as
-    they carry nothing. Raises only when no usable shard is left.
+
+def check_shards(shards: list[str] | str, manifest: dict | None = None, depth: str = "manifest") -> ShardCheck:
+    """Drops missing, truncated or manifest-mismatching shards, local or in an object store.
+
+    A shard is checked against the manifest entry with the same file name (`depth`, one of
+    `SHARD_CHECKS`: size; + tar headers and sample count; + sha256). A shard without an entry has
+    its tar headers parsed for its sample count (local) or is taken on trust (remote). Empty shards
+    are dropped silently, as they carry nothing. Raises only when no usable shard is left.
     """
+    if depth not in SHARD_CHECKS:
+        raise ValueError(f"shard check {depth!r} is not one of {SHARD_CHECKS}")
     expected = {entry["name"]: entry for entry in (manifest or {}).get("shards", [])}
     check = ShardCheck(paths=[])
     for path in expand_shards(shards):
         entry = expected.get(os.path.basename(path))
-        if _is_remote(path):
-            # Object stores: the counts come from the manifest beside the shards (no shard is read
-            # here); a size that disagrees with it (one HEAD request) drops the shard.
-            try:
-                if entry and storage.size(path) != entry["bytes"]:
-                    raise ValueError(f"size {storage.size(path)} != manifest {entry['bytes']} bytes")
-            except (OSError, ValueError) as exc:
-                check.skipped[path] = str(exc)
-                continue
-            check.paths.append(path)
-            if entry:
-                check.samples[path] = entry["num_samples"]
-            continue
         try:
-            if not os.path.isfile(path):
-                raise ValueError("file not found")
-            if entry and os.path.getsize(path) != entry["bytes"]:
-                raise ValueError(f"size {os.path.getsize(path)} != manifest {entry['bytes']} bytes")
-            count = tar_sample_count(path)
-            if entry and count != entry["num_samples"]:
-                raise ValueError(f"{count} samples != manifest {entry['num_samples']}")
-            if entry and verify_sha256:
-                from sde_ray.data.convert import sha256_file
-
-                if sha256_file(path) != entry["sha256"]:
-                    raise ValueError("sha256 differs from the manifest")
+            count = _checked_count(path, entry, depth)
         except (OSError, ValueError) as exc:
             check.skipped[path] = str(exc)
             continue
-        if count:
+        if count is None:  # a remote shard without a manifest entry: its count is unknown
+            check.paths.append(path)
+        elif count:
             check.paths.append(path)
             check.samples[path] = count
     if check.skipped:
@@ -148,6 +143,33 @@ def check_shards(shards: list[str] | str, manifest: dict | None = None, verify_s
         raise RuntimeError(f"no usable WebDataset shard left out of {shards}; skipped: {check.skipped}")
     return check
 
+
+def _checked_count(path: str, entry: dict | None, depth: str) -> int | None:
+    """The sample count of one shard after the checks `depth` asks for; ValueError/OSError if it fails."""
+    remote = _is_remote(path)
+    if not remote and not os.path.isfile(path):
+        raise ValueError("file not found")
+    if entry is None:
+        return None if remote else tar_sample_count(path)
+    size = storage.size(path) if remote else os.path.getsize(path)
+    if size != entry["bytes"]:
+        raise ValueError(f"size {size} != manifest {entry['bytes']} bytes")
+    if depth in ("headers", "sha256") and not remote:
+        count = tar_sample_count(path)
+        if count != entry["num_samples"]:
+            raise ValueError(f"{count} samples != manifest {entry['num_samples']}")
+    if depth == "sha256" and sha256_of(path) != entry["sha256"]:
+        raise ValueError("sha256 differs from the manifest")
+    return entry["num_samples"]
+
+
+def sha256_of(path: str) -> str:
+    """The sha256 of a file, local or in an object store, read in 1 MiB pieces."""
+    digest = hashlib.sha256()
+    with storage.open_input(path) as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def sample_key(member_name: str) -> str:

@@ -27,18 +27,25 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from sde_ray import storage
-from sde_ray.config import Config, ConfigError, ModelConfig, dump_yaml, is_elastic, with_values, worker_counts
+from sde_ray.config import Config, ConfigError, dump_yaml, is_elastic, with_values, worker_counts
 from sde_ray.data.cache import prepare_data
 from sde_ray.eval.report import results_markdown, write_results
 from sde_ray.eval.roots import eval_root, select_datasets
 from sde_ray.eval.runner import final_evaluation
-from sde_ray.models import BatchProcessor, count_parameters
-from sde_ray.ray_cluster import check_capacity, connect, logs_dir, worker_env, worker_node_resources
+from sde_ray.models import count_parameters
+from sde_ray.ray_cluster import (
+    check_capacity,
+    connect,
+    conversion_executor,
+    logs_dir,
+    worker_env,
+    worker_node_resources,
+)
 from sde_ray.runs import METRICS_FILE, run_id, wandb_mode
 from sde_ray.train.deepspeed_config import build_deepspeed_config
 from sde_ray.train.checkpoint_store import prepare_resume, prune_unregistered
 from sde_ray.train.console import ConsoleRelay, ProgressConsole
-from sde_ray.train.data import train_data_from_config
+from sde_ray.train.data import ProcessorFactory, train_data_from_config
 from sde_ray.train.loop import RunArgs, build_train_module, train_loop_per_worker
 from sde_ray.train.preemption import Preemption
 from sde_ray.train.run_dir import claim_run_dir
@@ -164,7 +171,7 @@ def build_trainer(
     """
     config = resolve_paths(config)
     if prepared is None:
-        prepared = prepare_data(config)
+        prepared = prepare_data(config, **conversion_executor())
     check_eval_root(config, prepared)  # before Ray Data or a worker starts
     scaling = config.scaling
     num_workers = (scaling.min_workers, scaling.max_workers) if is_elastic(scaling) else scaling.num_workers
@@ -174,7 +181,7 @@ def build_trainer(
     # The rank-0 progress line is the run's progress display; Ray Data's bars would interleave with it.
     ray.data.DataContext.get_current().enable_progress_bars = False
     # No Ray Train dataset: each worker reads its rows of the epoch order itself (sde_ray.train.data).
-    factory = _ProcessorFactory(config.model, config.loss.negatives_per_query,
+    factory = ProcessorFactory(config.model, config.loss.negatives_per_query,
                                 config.data.negatives_sidecar, prepared.shards)
     train_data = train_data_from_config(config, prepared, factory)
     epoch = train_data.order(0)
@@ -243,23 +250,6 @@ def worker_payload(config: Config, prepared=None, train_data=None, step_hook: Ca
     return {"config": config, "args": args}
 
 
-class _ProcessorFactory:
-    """Builds the model's BatchProcessor inside a Ray Data actor (picklable: a config dataclass)."""
-
-    def __init__(self, model_config: ModelConfig, negatives_per_query: int = 0, sidecar: str = "",
-                 shards: list[str] | None = None):
-        self.model_config = model_config
-        self.negatives_per_query, self.sidecar, self.shards = negatives_per_query, sidecar, shards or []
-
-    def __call__(self):
-        processor = BatchProcessor(self.model_config, self.negatives_per_query)
-        if self.sidecar and self.negatives_per_query:
-            from sde_ray.data.negatives import MinedNegatives
-
-            return MinedNegatives(processor, self.sidecar, self.shards, self.negatives_per_query)
-        return processor
-
-
 def check_negatives(config: Config, shards: list[str]) -> None:
     """A mined sidecar must cover exactly these shards' samples, with enough negatives each: checked
     on the driver, before any worker starts. A sidecar feeds mined negatives
@@ -326,7 +316,7 @@ def run_train(config: Config, dry_run: bool = False, verbose: bool = False,
     started = connect(config, log_to_driver=verbose)
     try:
         check_capacity(config)
-        prepared = prepare_data(config)
+        prepared = prepare_data(config, **conversion_executor())
         check_negatives(config, prepared.shards)
         relay = None if verbose else ConsoleRelay.start()
         with Preemption() as preemption, ProgressConsole.around(relay, config.logging.console_every):

@@ -22,7 +22,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from sde_ray import storage
 from sde_ray.config import Config, TuneConfig, with_values
 from sde_ray.data.cache import prepare_data
-from sde_ray.ray_cluster import TRIAL_DRIVER_CPU, check_capacity, connect, run_resources
+from sde_ray.ray_cluster import TRIAL_DRIVER_CPU, check_capacity, connect, conversion_executor, run_resources
 from sde_ray.train.driver import build_trainer, resolve_paths
 from sde_ray.tune.outputs import best_row, plot, trial_rows, write_best_config, write_csv
 from sde_ray.tune.placement import ReleaseStoppedTrials, release_after_sweep
@@ -137,7 +137,7 @@ def run_tune(sweep_path: str | os.PathLike, overrides: list[str] | None = None, 
     # Trial actors run in their own directories: give them absolute paths. Data is generated /
     # converted once here, not raced for by concurrent trials.
     resolved = resolve_paths(sweep.config)
-    prepared = prepare_data(resolved)
+    prepared = prepare_data(resolved, **conversion_executor())
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=resolved, sweep_dir=str(out), train_storage=train_storage,
                              prepared=prepared),

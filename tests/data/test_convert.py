@@ -175,11 +175,61 @@ def test_resume_redoes_only_the_half_written_shard(mmeb_train: Path, tmp_path: P
     assert second == first
 
 
-def test_parallel_workers_write_identical_shards(mmeb_train: Path, tmp_path: Path) -> None:
-    one = convert_mmeb(mmeb_train, tmp_path / "one", samples_per_shard=4, workers=1, progress=False)
-    two = convert_mmeb(mmeb_train, tmp_path / "two", samples_per_shard=4, workers=2, progress=False)
-    assert [e["sha256"] for e in one["shards"]] == [e["sha256"] for e in two["shards"]]
-    assert (tmp_path / "one" / "rejects.jsonl").read_text() == (tmp_path / "two" / "rejects.jsonl").read_text()
+@pytest.mark.ray
+def test_processes_and_ray_tasks_write_the_single_process_bytes(mmeb_train: Path, tmp_path: Path,
+                                                                ray_cluster) -> None:
+    from sde_ray.ray_cluster import conversion_executor
+
+    one = convert_mmeb(mmeb_train, tmp_path / "one", samples_per_shard=2, workers=1, progress=False)
+    parallel = {"two": {"workers": 2}, "ray": conversion_executor()}
+    assert parallel["ray"]["workers"] == 4  # every CPU of the session's cluster: 8 groups of 1-2 shards
+    for name, executor in parallel.items():
+        manifest = convert_mmeb(mmeb_train, tmp_path / name, samples_per_shard=2, progress=False, **executor)
+        assert manifest == one, name  # same shards, counts, checksums and rejects, in the same order
+        for entry in one["shards"]:
+            assert (tmp_path / name / entry["name"]).read_bytes() == (tmp_path / "one" / entry["name"]).read_bytes()
+        assert (tmp_path / name / "rejects.jsonl").read_text() == (tmp_path / "one" / "rejects.jsonl").read_text()
+
+
+def test_shard_checks_by_depth_and_data_verify(mmeb_train: Path, tmp_path: Path, capsys) -> None:
+    from sde_ray.cli import main
+    from sde_ray.data.shards import check_shards
+
+    out = tmp_path / "shards"
+    manifest = convert_mmeb(mmeb_train, out, samples_per_shard=2, progress=False)
+    paths = [str(out / entry["name"]) for entry in manifest["shards"]]
+    counts = {}  # the independent reference: tarfile's members, by key
+    for key in read_shards(out, manifest):
+        counts[key] = counts.get(key, 0) + 1
+    for depth in ("manifest", "headers", "sha256"):
+        check = check_shards(paths, manifest, depth=depth)
+        assert check.paths == [p for p, e in zip(paths, manifest["shards"]) if e["num_samples"]] and not check.skipped
+        assert check.num_samples == len(counts) == manifest["num_samples"]
+
+    truncated, flipped, headerless, deleted = [p for p, e in zip(paths, manifest["shards"]) if e["num_samples"]][:4]
+    data = Path(truncated).read_bytes()
+    Path(truncated).write_bytes(data[:-512])
+    data = bytearray(Path(flipped).read_bytes())
+    data[600] ^= 0xFF  # inside the first member's data: same size, same tar structure
+    Path(flipped).write_bytes(bytes(data))
+    data = Path(headerless).read_bytes()
+    Path(headerless).write_bytes(bytes(512) + data[512:])  # the first header zeroed: an empty archive
+    os.remove(deleted)
+    reasons = {depth: check_shards(paths, manifest, depth=depth).skipped for depth in ("manifest", "headers", "sha256")}
+    # A launch (manifest) stats each shard: it catches what changes a shard's size or removes it;
+    # the header parse also catches the broken structure; only the hash sees a changed byte.
+    assert set(reasons["manifest"]) == {truncated, deleted}
+    assert set(reasons["headers"]) == {truncated, deleted, headerless}
+    assert set(reasons["sha256"]) == {truncated, deleted, headerless, flipped}
+    assert "!= manifest" in reasons["manifest"][truncated] and reasons["manifest"][deleted] == "file not found"
+    assert "samples != manifest" in reasons["headers"][headerless]
+    assert "sha256" in reasons["sha256"][flipped]
+
+    assert main(["data", "verify", str(out)]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["listed"] == len(paths) and set(report["skipped"]) == set(reasons["sha256"])
+    with pytest.raises(ValueError, match="not one of"):
+        check_shards(paths, manifest, depth="md5")
 
 
 def test_subset_selection_and_clear_errors(mmeb_train: Path, tmp_path: Path) -> None:
