@@ -202,6 +202,28 @@ def batch_groups(config, paths: list[str], counts: list[int]) -> np.ndarray | No
         raise ConfigError(f"data.batching={mode}: {exc}") from None
 
 
+class ProcessorFactory:
+    """Builds the model's BatchProcessor (with mined negatives when asked) inside a Ray Data task or
+    a training worker; picklable: a config dataclass and paths. It lives here, not in the driver, so
+    that unpickling it in a worker imports no driver-side module (the evaluation runner pulls in
+    matplotlib and wandb: seconds of every worker's start, before its first step)."""
+
+    def __init__(self, model_config, negatives_per_query: int = 0, sidecar: str = "",
+                 shards: list[str] | None = None):
+        self.model_config = model_config
+        self.negatives_per_query, self.sidecar, self.shards = negatives_per_query, sidecar, shards or []
+
+    def __call__(self):
+        from sde_ray.models import BatchProcessor
+
+        processor = BatchProcessor(self.model_config, self.negatives_per_query)
+        if self.sidecar and self.negatives_per_query:
+            from sde_ray.data.negatives import MinedNegatives
+
+            return MinedNegatives(processor, self.sidecar, self.shards, self.negatives_per_query)
+        return processor
+
+
 def train_data_from_config(config, prepared, processor_factory) -> TrainData:
     """The `TrainData` of `config.data` / `config.train` and a `PreparedData` (the driver calls it)."""
     check = prepared.check

@@ -43,7 +43,6 @@ import torch
 
 from sde_ray import storage
 from sde_ray.config import Config
-from sde_ray.eval.plots import plot_spectrum
 from sde_ray.eval.validation import validation_p_at_1
 from sde_ray.losses import StepContext
 from sde_ray.losses.batch import step_target_ids
@@ -422,6 +421,9 @@ def finish(run: Run) -> None:
     if run.meter.features is not None:
         _, spectra = run.meter.spectra()
         if rank == 0:
+            # Imported here: matplotlib is ~1-3 s of a worker's start, and only rank 0 plots, after training.
+            from sde_ray.eval.plots import plot_spectrum
+
             with storage.writable_dir(storage.join(config.train.output_dir, "plots")) as plots:  # uploaded when remote
                 path = plot_spectrum(spectra, plots / "spectrum.png",
                                      title=f"{config.loss.name}: singular values at step {state.step}")
