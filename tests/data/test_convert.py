@@ -180,13 +180,11 @@ def test_processes_and_ray_tasks_write_the_single_process_bytes(mmeb_train: Path
                                                                 ray_cluster) -> None:
     from sde_ray.ray_cluster import conversion_executor
 
-    one = convert_mmeb(mmeb_train, tmp_path / "one", samples_per_shard=3, workers=1, progress=False)
-    executor = conversion_executor()
-    assert executor["workers"] == 4  # every CPU of the session's cluster
-    # workers=1 here: 2 Ray tasks of 3 shards each (a fresh process per task costs seconds on 2 cores).
-    parallel = {"two": {"workers": 2}, "ray": {**executor, "workers": 1}}
+    one = convert_mmeb(mmeb_train, tmp_path / "one", samples_per_shard=2, workers=1, progress=False)
+    parallel = {"two": {"workers": 2}, "ray": conversion_executor()}
+    assert parallel["ray"]["workers"] == 4  # every CPU of the session's cluster: 8 groups of 1-2 shards
     for name, executor in parallel.items():
-        manifest = convert_mmeb(mmeb_train, tmp_path / name, samples_per_shard=3, progress=False, **executor)
+        manifest = convert_mmeb(mmeb_train, tmp_path / name, samples_per_shard=2, progress=False, **executor)
         assert manifest == one, name  # same shards, counts, checksums and rejects, in the same order
         for entry in one["shards"]:
             assert (tmp_path / name / entry["name"]).read_bytes() == (tmp_path / "one" / entry["name"]).read_bytes()
