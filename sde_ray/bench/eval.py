@@ -15,6 +15,20 @@ Timed: encoding the queries and candidates and scoring them (reading parquet and
 same work in both modes and is done once, outside the clock); modes alternate per repeat so
 machine load hits both alike. Reported: queries/s of each mode, their ratio, the items each mode
 encodes, and whether both give identical hits (they must).
+
+`feed`: how the Ray encoding actors are fed, on MMEB-shaped sets of `FEED_SHAPE` with
+`FEED_IMAGE_SIZE`-pixel images, an exported `config.model`, `eval.num_workers` actors, no embedding
+cache, whole passes timed from the first request to the last score (actor start-up included in
+both), on one local Ray cluster, the two alternating:
+- `before`: the driver reads and decodes each dataset's images, one dataset after another, and the
+  actors (`RayEncoderPool`) decode, resize and tokenise each batch, then run its forward; weights
+  in fp32 under autocast.
+- `after`: `sde_ray.eval.streamed`: Ray Data CPU tasks decode, resize and tokenise, uint8 arrays
+  stream to the actors, which run only the forward in the training dtype; all datasets in one
+  pipeline.
+Reported per mode: queries/s, and the encoder's input wait: the share of the actors' wall time
+not spent in forwards (1 − Σ forward seconds / (actors × pass seconds)); and whether both passes
+give the same P@1 per dataset (with deepspeed.precision=fp32 they must).
 """
 
 from __future__ import annotations
@@ -41,6 +55,9 @@ from sde_ray.eval.scoring import dataset_hits, encode_dataset, prepare_dataset, 
 # MMEB-eval's shape: 1,000 queries per set; ImageNet-1K's 1,000 labels; 1,000 candidates per query.
 QUERIES, LABELS, CANDIDATES, POOL, NAIVE_ROWS = 1000, 1000, 1000, 2000, 4
 QUICK_SHAPE = {"queries": 40, "labels": 40, "candidates": 40, "pool": 80, "naive_rows": 4}
+FEED_SHAPE = {"queries": 500, "labels": 500, "candidates": 100, "pool": 1000}
+FEED_QUICK_SHAPE = {"queries": 16, "labels": 16, "candidates": 8, "pool": 16}
+FEED_IMAGE_SIZE = 224  # the tiny models resize to their own size: the decode and resize are real work
 SHAPED_SETS = ("ImageNet-1K", "MSCOCO_t2i")  # catalog names, so the built-in catalog describes them
 
 
@@ -125,6 +142,72 @@ def _timed_pass(prepared, encoder) -> tuple[float, dict[str, int]]:
     return time.perf_counter() - start, correct
 
 
+def _feed_pass(mode: str, model_dir: Path, root: Path, config: Config) -> tuple[float, float, dict[str, float]]:
+    """One whole pass of `mode`: (seconds, forward seconds summed over the actors, P@1 per dataset)."""
+    import ray
+
+    from sde_ray.eval.encode import CachedEncoder, RayEncoderPool
+    from sde_ray.eval.evaluation import evaluate_prepared
+    from sde_ray.eval.streamed import evaluate_streamed
+
+    infos = select_datasets(root, list(SHAPED_SETS))
+    start = time.perf_counter()
+    if mode == "before":
+        pool = RayEncoderPool(model_dir, config.eval.num_workers, config.eval.batch_size, progress=False,
+                              precision=config.deepspeed.precision)
+        try:
+            evaluation = evaluate_prepared(None, pool, eval_root=root, infos=infos)
+            seconds = time.perf_counter() - start
+            forward = sum(ray.get([actor.forward_seconds.remote() for actor in pool.actors]))
+        finally:
+            pool.shutdown()
+    else:
+        evaluation, record = evaluate_streamed(model_dir, root, infos, config, CachedEncoder(None, mode),
+                                               progress=False)
+        seconds, forward = time.perf_counter() - start, record.forward_seconds
+    return seconds, forward, {name: score.p_at_1 for name, score in evaluation.scores.items()}
+
+
+def feed(config: Config, tmp: Path, quick: bool) -> dict:
+    """`before` and `after` (see the module docstring), alternating, on one local Ray cluster."""
+    import os
+
+    import ray
+
+    from sde_ray.models import build_model
+    from sde_ray.ray_cluster import start_local
+
+    shape = FEED_QUICK_SHAPE if quick else FEED_SHAPE
+    root = write_mmeb_shaped(tmp / "mmeb-shaped-feed", config.data.synth.seed, shape["queries"], shape["labels"],
+                             shape["candidates"], shape["pool"], image_size=FEED_IMAGE_SIZE)
+    model_dir = build_model(config.model, seed=config.train.seed).save_pretrained(tmp / "feed-model")
+    repeats = 1 if quick else 2
+    started = start_local(max(4, os.cpu_count() or 1), log_to_driver=False, fresh=True)
+    times: dict[str, list[float]] = {"before": [], "after": []}
+    waits: dict[str, list[float]] = {"before": [], "after": []}
+    p_at_1: dict[str, dict[str, float]] = {}
+    try:
+        for _ in range(repeats):
+            for mode in ("before", "after"):
+                seconds, forward, p_at_1[mode] = _feed_pass(mode, model_dir, root, config)
+                times[mode].append(seconds)
+                waits[mode].append(1 - forward / (config.eval.num_workers * seconds))
+    finally:
+        if started:
+            ray.shutdown()
+    queries = 2 * shape["queries"]
+    result: dict = {"sets": list(SHAPED_SETS), **shape, "image_size": FEED_IMAGE_SIZE, "repeats": repeats,
+                    "num_workers": config.eval.num_workers, "precision": config.deepspeed.precision,
+                    "decode_concurrency": config.eval.decode_concurrency}
+    for mode in ("before", "after"):
+        seconds = statistics.median(times[mode])
+        result[mode] = {"queries": queries, "seconds": seconds, "queries_per_s": queries / seconds,
+                        "encoder_input_wait": statistics.median(waits[mode]), "p_at_1": p_at_1[mode]}
+    result["speedup_after_over_before"] = result["after"]["queries_per_s"] / result["before"]["queries_per_s"]
+    result["identical_p_at_1"] = p_at_1["before"] == p_at_1["after"]
+    return result
+
+
 def main(json_path: str | None = None, config: Config | None = None, quick: bool = False) -> dict:
     from sde_ray.models import BatchProcessor, build_model
 
@@ -168,6 +251,7 @@ def main(json_path: str | None = None, config: Config | None = None, quick: bool
         # One repeat: at a ratio of hundreds, load noise cannot change the conclusion, and a naive
         # pass over 1,001-item rows costs minutes of CPU.
         shaped = mmeb_shaped(encoder, shaped_root, shape, repeats=1)
+        fed = feed(config, Path(tmp), quick)
 
     queries = sum(p.table.num_rows for p in modes["dedup"])
     result = {
@@ -190,6 +274,7 @@ def main(json_path: str | None = None, config: Config | None = None, quick: bool
     result["speedup_dedup_over_naive"] = result["dedup"]["queries_per_s"] / result["naive"]["queries_per_s"]
     result["identical_p_at_1"] = correct["dedup"] == correct["naive"]
     result["mmeb_shaped"] = shaped
+    result["feed"] = fed
 
     print(f"eval bench: {queries} queries over {len(infos)} datasets, {synth.num_candidates} candidates each")
     for mode in ("naive", "dedup"):
@@ -209,6 +294,13 @@ def main(json_path: str | None = None, config: Config | None = None, quick: bool
         f"  dedup / naive: {shaped['speedup_dedup_over_naive']:.1f}x; "
         f"identical P@1 on the naive rows: {shaped['identical_p_at_1']}"
     )
+    print(f"Feeding the eval actors: {fed['queries']} + {fed['queries']} MMEB-shaped queries, "
+          f"{fed['image_size']} px images, {fed['num_workers']} actor(s), {fed['precision']}")
+    for mode in ("before", "after"):
+        row = fed[mode]
+        print(f"  {mode:<6} {row['queries_per_s']:8.1f} queries/s, encoder waiting for input "
+              f"{100 * row['encoder_input_wait']:.0f}% of the time")
+    print(f"  after / before: {fed['speedup_after_over_before']:.2f}x; identical P@1: {fed['identical_p_at_1']}")
     if json_path:
         Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -28,8 +28,8 @@ from sde_ray.data.mmeb import DatasetInfo
 from sde_ray.eval import plots
 from sde_ray.eval.checkpoints import default_output_dir, resolve_checkpoint
 from sde_ray.eval.diagnostics import feature_diagnostics, pool_pairs, training_history, write_history_plots
-from sde_ray.eval.encode import CachedEncoder, RayEncoderPool, model_identity
-from sde_ray.eval.evaluation import Evaluation, evaluate_prepared, gap_remedy_effect
+from sde_ray.eval.encode import CachedEncoder, model_identity
+from sde_ray.eval.evaluation import Evaluation, gap_remedy_effect
 from sde_ray.eval.report import write_results, write_vlm2vec_scores
 from sde_ray.eval.roots import benchmark_version, resolve_eval_root, select_datasets
 from sde_ray.ray_cluster import connect, worker_node_resources
@@ -53,21 +53,18 @@ def evaluate_on_actors(
     keep_encoded: bool = False,
     model_id: str | None = None,
 ) -> tuple[Evaluation, dict]:
-    """Encodes on `eval.num_workers` Ray actors (GPU actors when the cluster has GPUs) through the
-    embedding cache; returns the evaluation and a record of the run: where each actor ran (pid,
-    host, device, precision) and the cache's hits / misses (requests = one side of one dataset)."""
-    pool = RayEncoderPool(model_dir, config.eval.num_workers, config.eval.batch_size,
-                          precision=eval_precision(config), resources=worker_node_resources(config))
-    try:
-        actors = pool.describe()
-        encoder = CachedEncoder(pool, model_id or model_identity(model_dir), cache_dir)
-        evaluation = evaluate_prepared(
-            None, encoder, eval_root=eval_root, infos=infos, keep_encoded=keep_encoded, progress=True
-        )
-    finally:
-        pool.shutdown()
-    record = {"evaluated_by": actors, "embedding_cache": {"hits": encoder.hits, "misses": encoder.misses,
-                                                          "dir": str(cache_dir) if cache_dir else None}}
+    """Encodes on `eval.num_workers` Ray actors (GPU actors when the cluster has GPUs), fed by Ray Data
+    CPU tasks that decode and tokenise (`sde_ray.eval.streamed`), through the embedding cache;
+    returns the evaluation and a record of the run: where each actor ran (pid, host, device,
+    precision, weights' dtype) and the cache's hits / misses (requests = one side of one dataset)."""
+    from sde_ray.eval.streamed import evaluate_streamed
+
+    cache = CachedEncoder(None, model_id or model_identity(model_dir), cache_dir)
+    evaluation, stream = evaluate_streamed(model_dir, eval_root, infos, config, cache,
+                                           keep_encoded=keep_encoded, resources=worker_node_resources(config))
+    record = {"evaluated_by": stream.actors, "decoded_by": sorted(stream.decoded_by),
+              "embedding_cache": {"hits": stream.hits, "misses": stream.misses,
+                                  "dir": str(cache_dir) if cache_dir else None}}
     return evaluation, record
 
 
