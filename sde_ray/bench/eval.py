@@ -55,7 +55,7 @@ from sde_ray.eval.scoring import dataset_hits, encode_dataset, prepare_dataset, 
 # MMEB-eval's shape: 1,000 queries per set; ImageNet-1K's 1,000 labels; 1,000 candidates per query.
 QUERIES, LABELS, CANDIDATES, POOL, NAIVE_ROWS = 1000, 1000, 1000, 2000, 4
 QUICK_SHAPE = {"queries": 40, "labels": 40, "candidates": 40, "pool": 80, "naive_rows": 4}
-FEED_SHAPE = {"queries": 500, "labels": 500, "candidates": 100, "pool": 1000}
+FEED_SHAPE = {"queries": 300, "labels": 300, "candidates": 100, "pool": 600}
 FEED_QUICK_SHAPE = {"queries": 16, "labels": 16, "candidates": 8, "pool": 16}
 FEED_IMAGE_SIZE = 224  # the tiny models resize to their own size: the decode and resize are real work
 SHAPED_SETS = ("ImageNet-1K", "MSCOCO_t2i")  # catalog names, so the built-in catalog describes them

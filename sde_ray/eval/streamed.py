@@ -41,7 +41,7 @@ from sde_ray.eval.evaluation import Evaluation
 from sde_ray.eval.metrics import DatasetScore
 from sde_ray.eval.scoring import EncodedDataset, PreparedDataset, score_dataset, unscorable_reason
 
-DECODE_RETRIES = 3
+DECODE_TASK_MEMORY = 512 << 20  # bytes a CPU task asks for: a chunk of decoded images and their model inputs
 SIDES = tuple(PREFIXES)  # "query", "target": the side's index travels in the rows
 NEUTRAL = "in"  # rows of both sides share one column per array: `in_input_ids`, `in_pixel_values`, ...
 
@@ -171,7 +171,6 @@ class StreamRecord:
 
     actors: list[dict] = dataclasses.field(default_factory=list)
     decoded_by: set[int] = dataclasses.field(default_factory=set)
-    encoded_by: set[int] = dataclasses.field(default_factory=set)
     forward_seconds: float = 0.0
     hits: int = 0
     misses: int = 0
@@ -254,11 +253,12 @@ def evaluate_streamed(
         use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
         precision = actor_precision(config.deepspeed.precision, use_gpu)
         dataset = ray.data.from_items(chunks, override_num_blocks=len(chunks))
-        # A task's own option (a retry when its node goes) also keeps Ray Data from fusing this stage into
-        # the actors' (it fuses stages with equal remote arguments): the decoding must not run in the actors.
+        # The tasks' own memory request (a chunk's decoded images and arrays) also keeps Ray Data from fusing
+        # this stage into the actors' (it fuses stages with equal resource requests): the actors must not decode.
         dataset = dataset.map_batches(
-            prepare_chunk, batch_size=1, num_cpus=1, concurrency=config.eval.decode_concurrency or None,
-            max_retries=DECODE_RETRIES, fn_kwargs={"source": source, "model_dir": str(model_dir)})
+            prepare_chunk, batch_size=1, num_cpus=1, memory=DECODE_TASK_MEMORY,
+            concurrency=config.eval.decode_concurrency or None,
+            fn_kwargs={"source": source, "model_dir": str(model_dir)})
         dataset = dataset.map_batches(
             ForwardActor, batch_size=config.eval.batch_size, concurrency=config.eval.num_workers,
             num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1, resources=dict(resources or {}) or None,
@@ -288,7 +288,6 @@ def evaluate_streamed(
     source.close()
     if pending:
         raise RuntimeError(f"eval: the pipeline ended without every item of {[p.info.name for p in pending.values()]}")
-    record.encoded_by = {a["pid"] for a in record.actors}
     # Report order is the datasets' order, whatever order they finished in.
     order = [info.name for info in infos]
     scores = {name: scores[name] for name in order if name in scores}
