@@ -7,7 +7,8 @@ The pieces live by concern: which model is scored (`eval.checkpoints`), which ro
 training, spread over the training ranks (`eval.validation`).
 
 `run_eval(checkpoint, ...)` resolves the checkpoint (`eval.checkpoints.resolve_checkpoint`), encodes with
-`eval.num_workers` Ray actors (one GPU each when the cluster has GPUs), writes results.json / .md /
+`eval.num_workers` Ray actors (one GPU each when the cluster has GPUs) fed by Ray Data CPU tasks that
+decode and tokenise (`eval.streamed`), writes results.json / .md /
 .csv, the diagnostics and the plots into the output folder, VLM2Vec-layout score files into its
 `vlm2vec/` (see `sde_ray.eval.report.write_vlm2vec_scores`), and logs them to wandb. Embeddings are
 cached under `<output>/embedding_cache`, keyed by the model's identity and each dataset's content,

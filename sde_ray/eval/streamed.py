@@ -42,6 +42,9 @@ from sde_ray.eval.metrics import DatasetScore
 from sde_ray.eval.scoring import EncodedDataset, PreparedDataset, score_dataset, unscorable_reason
 
 DECODE_TASK_MEMORY = 512 << 20  # bytes a CPU task asks for: a chunk of decoded images and their model inputs
+# Ray Data hands out work once every actor is up (a model load from a bucket can take minutes), so the
+# first actor ready does not take every batch of a small set.
+ACTOR_START_S = 600
 SIDES = tuple(PREFIXES)  # "query", "target": the side's index travels in the rows
 NEUTRAL = "in"  # rows of both sides share one column per array: `in_input_ids`, `in_pixel_values`, ...
 
@@ -165,6 +168,23 @@ def _chunks(index: int, side: int, items: list[Item], size: int) -> list[dict]:
             for start in range(0, len(items), size)]
 
 
+def _file(batch: dict, pending: dict[int, _Pending]) -> set[int]:
+    """Files each row's embedding under its dataset, side and item; returns the datasets touched."""
+    touched = set()
+    for d, side, i, error, row in zip(batch["dataset"], batch["side"], batch["index"], batch["error"],
+                                      batch["embedding"]):
+        p = pending[int(d)]
+        if p.embeddings[side] is None:
+            p.embeddings[side] = np.full((len(p.items(side)), len(row)), np.nan, dtype=np.float32)
+        if error:  # the image could not be had: its row stays NaN, its rows are misses
+            p.missing.setdefault(p.items(side)[i].image, error)
+        else:
+            p.embeddings[side][i] = row
+        p.arrived[side][i] = True
+        touched.add(int(d))
+    return touched
+
+
 @dataclasses.dataclass
 class StreamRecord:
     """What the pass did: who encoded and decoded, the cache's hits and misses, the forward time."""
@@ -264,27 +284,24 @@ def evaluate_streamed(
             num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1, resources=dict(resources or {}) or None,
             fn_constructor_args=(str(model_dir), config.eval.batch_size, use_gpu, precision))
         total = sum(len(c["chunk"]["texts"]) for c in chunks)
-        with tqdm(total=total, desc="encoding", unit="item", leave=False, disable=None if progress else True) as bar:
-            for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-                record.forward_seconds += float(batch["forward_s"].sum())
-                record.decoded_by.update(int(pid) for pid in np.unique(batch["decoded_by"]))
-                record.actors.extend(json.loads(a) for a in batch["actor"] if a)
-                done = set()
-                for d, side, i, error, row in zip(batch["dataset"], batch["side"], batch["index"], batch["error"],
-                                                  batch["embedding"]):
-                    p = pending[int(d)]
-                    if p.embeddings[side] is None:
-                        p.embeddings[side] = np.full((len(p.items(side)), len(row)), np.nan, dtype=np.float32)
-                    if error:  # the image could not be had: its row stays NaN, its rows are misses
-                        p.missing.setdefault(p.items(side)[i].image, error)
-                    else:
-                        p.embeddings[side][i] = row
-                    p.arrived[side][i] = True
-                    done.add(int(d))
-                bar.update(len(batch["index"]))
-                for d in done:
-                    if all(a.all() for a in pending[d].arrived):
-                        finish(d)
+        actors: dict[int, dict] = {}
+        context = ray.data.DataContext.get_current()
+        previous_wait, context.wait_for_min_actors_s = context.wait_for_min_actors_s, ACTOR_START_S
+        try:
+            batches = dataset.iter_batches(batch_size=None, batch_format="numpy")
+            with tqdm(total=total, desc="encoding", unit="item", leave=False,
+                      disable=None if progress else True) as bar:
+                for batch in batches:
+                    record.forward_seconds += float(batch["forward_s"].sum())
+                    record.decoded_by.update(int(pid) for pid in np.unique(batch["decoded_by"]))
+                    actors.update((a["pid"], a) for a in map(json.loads, filter(None, batch["actor"])))
+                    for d in _file(batch, pending):
+                        if all(a.all() for a in pending[d].arrived):
+                            finish(d)
+                    bar.update(len(batch["index"]))
+        finally:
+            context.wait_for_min_actors_s = previous_wait
+        record.actors = list(actors.values())
     source.close()
     if pending:
         raise RuntimeError(f"eval: the pipeline ended without every item of {[p.info.name for p in pending.values()]}")

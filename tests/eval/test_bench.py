@@ -37,5 +37,6 @@ def test_quick_benchmark_reports_both_modes(ray_cluster, tmp_path):
     for mode in ("before", "after"):
         assert fed[mode]["queries"] == 2 * FEED_QUICK_SHAPE["queries"] and set(fed[mode]["p_at_1"]) == set(fed["sets"])
         assert 0.0 <= fed[mode]["encoder_input_wait"] < 1.0
-    assert fed["speedup_after_over_before"] == pytest.approx(
+        assert 0 < fed[mode]["seconds_since_actors_ready"] < fed[mode]["seconds"]
+    assert fed["after_over_before_queries_per_s"] == pytest.approx(
         fed["after"]["queries_per_s"] / fed["before"]["queries_per_s"])
