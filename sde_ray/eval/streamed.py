@@ -25,7 +25,6 @@ cache hit knows the image is unusable too), and every row that uses it is a miss
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from pathlib import Path
@@ -43,7 +42,7 @@ from sde_ray.eval.scoring import EncodedDataset, PreparedDataset, score_dataset,
 
 DECODE_TASK_MEMORY = 512 << 20  # bytes a CPU task asks for: a chunk of decoded images and their model inputs
 # Ray Data hands out work once every actor is up (a model load from a bucket can take minutes), so the
-# first actor ready does not take every batch of a small set.
+# first actor ready does not take every batch before the others start.
 ACTOR_START_S = 600
 SIDES = tuple(PREFIXES)  # "query", "target": the side's index travels in the rows
 NEUTRAL = "in"  # rows of both sides share one column per array: `in_input_ids`, `in_pixel_values`, ...
@@ -103,12 +102,25 @@ def prepare_chunk(batch: dict, *, source: ImageSource, model_dir: str) -> dict:
     return out
 
 
+class Roster:
+    """Ray actor (no CPU): every encoding actor signs in once its model is loaded, so the record lists
+    each one started, whether or not Ray Data handed it a batch."""
+
+    def __init__(self):
+        self.members: list[dict] = []
+
+    def sign_in(self, description: dict) -> None:
+        self.members.append(description)
+
+    def everyone(self) -> list[dict]:
+        return self.members
+
+
 class ForwardActor:
     """Ray Data actor: the exported model's forward on prepared arrays (one GPU when given), its
-    weights in the training dtype. Each output batch says which process encoded it and how long its
-    forward took (the first row carries the batch's seconds, the others 0)."""
+    weights in the training dtype. Each output batch carries its forward's seconds on its first row."""
 
-    def __init__(self, model_dir: str, batch_size: int, use_gpu: bool, precision: str):
+    def __init__(self, model_dir: str, batch_size: int, use_gpu: bool, precision: str, roster):
         import socket
         import torch
 
@@ -120,10 +132,10 @@ class ForwardActor:
         with storage.readable_dir(model_dir) as local:  # a bucket's export: this node's scratch copy
             self.encoder = load_encoder(local, batch_size, "cuda" if use_gpu else "cpu", precision, cast_weights=True)
         weights = next(self.encoder.model.parameters())
-        self.description = json.dumps({
+        ray.get(roster.sign_in.remote({
             "pid": os.getpid(), "host": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id(),
             "device": str(self.encoder.device), "precision": self.encoder.precision,
-            "weights_dtype": str(weights.dtype).removeprefix("torch."), "started_at": time.time()})
+            "weights_dtype": str(weights.dtype).removeprefix("torch."), "started_at": time.time()}))
 
     def __call__(self, batch: dict) -> dict:
         rows = len(batch["index"])
@@ -138,8 +150,7 @@ class ForwardActor:
         forward = np.zeros(rows, dtype=np.float64)
         forward[0] = self.encoder.forward_seconds - before
         return {"dataset": batch["dataset"], "side": batch["side"], "index": batch["index"], "error": batch["error"],
-                "decoded_by": batch["decoded_by"], "embedding": embedding, "forward_s": forward,
-                "actor": np.array([self.description] + [""] * (rows - 1), dtype=object)}
+                "decoded_by": batch["decoded_by"], "embedding": embedding, "forward_s": forward}
 
 
 @dataclasses.dataclass
@@ -279,12 +290,12 @@ def evaluate_streamed(
             prepare_chunk, batch_size=1, num_cpus=1, memory=DECODE_TASK_MEMORY,
             concurrency=config.eval.decode_concurrency or None,
             fn_kwargs={"source": source, "model_dir": str(model_dir)})
+        roster = ray.remote(num_cpus=0)(Roster).remote()
         dataset = dataset.map_batches(
             ForwardActor, batch_size=config.eval.batch_size, concurrency=config.eval.num_workers,
             num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1, resources=dict(resources or {}) or None,
-            fn_constructor_args=(str(model_dir), config.eval.batch_size, use_gpu, precision))
+            fn_constructor_args=(str(model_dir), config.eval.batch_size, use_gpu, precision, roster))
         total = sum(len(c["chunk"]["texts"]) for c in chunks)
-        actors: dict[int, dict] = {}
         context = ray.data.DataContext.get_current()
         previous_wait, context.wait_for_min_actors_s = context.wait_for_min_actors_s, ACTOR_START_S
         try:
@@ -294,14 +305,14 @@ def evaluate_streamed(
                 for batch in batches:
                     record.forward_seconds += float(batch["forward_s"].sum())
                     record.decoded_by.update(int(pid) for pid in np.unique(batch["decoded_by"]))
-                    actors.update((a["pid"], a) for a in map(json.loads, filter(None, batch["actor"])))
                     for d in _file(batch, pending):
                         if all(a.all() for a in pending[d].arrived):
                             finish(d)
                     bar.update(len(batch["index"]))
+            record.actors = ray.get(roster.everyone.remote())
         finally:
             context.wait_for_min_actors_s = previous_wait
-        record.actors = list(actors.values())
+            ray.kill(roster)
     source.close()
     if pending:
         raise RuntimeError(f"eval: the pipeline ended without every item of {[p.info.name for p in pending.values()]}")
