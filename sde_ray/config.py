@@ -412,7 +412,10 @@ class EvalConfig:
     data_dir: str = doc("", "MMEB-eval layout root; empty: the synthetic eval split in the cache.")
     datasets: list[str] = doc([], "Datasets to evaluate; empty means all found.")
     batch_size: int = doc(64, "Encoding batch size.")
-    num_workers: int = doc(1, "Ray workers encoding in parallel.")
+    num_workers: int = doc(1, "Ray workers encoding in parallel (one GPU each when the cluster has GPUs).")
+    decode_concurrency: int = doc(
+        0, "Ray Data CPU tasks reading, decoding, resizing and tokenising the eval items for the encoding "
+        "workers (one CPU each); 0: as many as Ray Data's autoscaling gives.")
     val_data_dir: str = doc(
         "", "MMEB-eval layout root validated on during training (what sweeps tune on). Empty: the synthetic "
         "set's validation split (its own draw: no query of the evaluation split), else `data_dir`'s first rows, "
@@ -871,6 +874,7 @@ RANGES: dict[str, Range] = {
     "model.lora.alpha": above(0),
     "eval.batch_size": at_least(1),
     "eval.num_workers": at_least(1),
+    "eval.decode_concurrency": at_least(0),
     "eval.val_queries": at_least(1),
     "embed.rows_per_file": at_least(1),
     "embed.batch_size": at_least(1),

@@ -15,6 +15,22 @@ Timed: encoding the queries and candidates and scoring them (reading parquet and
 same work in both modes and is done once, outside the clock); modes alternate per repeat so
 machine load hits both alike. Reported: queries/s of each mode, their ratio, the items each mode
 encodes, and whether both give identical hits (they must).
+
+`feed`: how the Ray encoding actors are fed, on MMEB-shaped sets of `FEED_SHAPE` with
+`FEED_IMAGE_SIZE`-pixel images, an exported `config.model`, `eval.num_workers` actors, no embedding
+cache, passes timed from the first request to the last score, on one local Ray cluster, the two
+alternating:
+- `before`: the driver reads and decodes each dataset's images, one dataset after another, and the
+  actors (`RayEncoderPool`) decode, resize and tokenise each batch, then run its forward; weights
+  in fp32 under autocast.
+- `after`: `sde_ray.eval.streamed`: Ray Data CPU tasks decode, resize and tokenise, uint8 arrays
+  stream to the actors, which run only the forward in the training dtype; all datasets in one
+  pipeline.
+Reported per mode: queries/s over the whole pass and since the last actor had loaded the model (the
+start of an actor is a process start and a model load, which a loaded machine stretches), and the
+encoder's input wait over that second window: the share of the actors' time not spent in forwards
+(1 − Σ forward seconds / (actors × seconds)); and whether both passes give the same P@1 per dataset
+(with deepspeed.precision=fp32 they must).
 """
 
 from __future__ import annotations
@@ -41,6 +57,9 @@ from sde_ray.eval.scoring import dataset_hits, encode_dataset, prepare_dataset, 
 # MMEB-eval's shape: 1,000 queries per set; ImageNet-1K's 1,000 labels; 1,000 candidates per query.
 QUERIES, LABELS, CANDIDATES, POOL, NAIVE_ROWS = 1000, 1000, 1000, 2000, 4
 QUICK_SHAPE = {"queries": 40, "labels": 40, "candidates": 40, "pool": 80, "naive_rows": 4}
+FEED_SHAPE = {"queries": 300, "labels": 300, "candidates": 100, "pool": 600}
+FEED_QUICK_SHAPE = {"queries": 16, "labels": 16, "candidates": 8, "pool": 16}
+FEED_IMAGE_SIZE = 224  # the tiny models resize to their own size: the decode and resize are real work
 SHAPED_SETS = ("ImageNet-1K", "MSCOCO_t2i")  # catalog names, so the built-in catalog describes them
 
 
@@ -125,6 +144,80 @@ def _timed_pass(prepared, encoder) -> tuple[float, dict[str, int]]:
     return time.perf_counter() - start, correct
 
 
+def _feed_pass(mode: str, model_dir: Path, root: Path, config: Config) -> dict:
+    """One whole pass of `mode`: its seconds, the seconds since the last actor had loaded the model,
+    the forward seconds summed over the actors, and the P@1 per dataset."""
+    import ray
+
+    from sde_ray.eval.encode import CachedEncoder, RayEncoderPool
+    from sde_ray.eval.evaluation import evaluate_prepared
+    from sde_ray.eval.streamed import evaluate_streamed
+
+    infos = select_datasets(root, list(SHAPED_SETS))
+    start = time.perf_counter()
+    if mode == "before":
+        pool = RayEncoderPool(model_dir, config.eval.num_workers, config.eval.batch_size, progress=False,
+                              precision=config.deepspeed.precision)
+        try:
+            evaluation = evaluate_prepared(None, pool, eval_root=root, infos=infos)
+            seconds, ended = time.perf_counter() - start, time.time()
+            forward = sum(ray.get([actor.forward_seconds.remote() for actor in pool.actors]))
+            actors = pool.describe()
+        finally:
+            pool.shutdown()
+    else:
+        evaluation, record = evaluate_streamed(model_dir, root, infos, config, CachedEncoder(None, mode),
+                                               progress=False)
+        seconds, ended = time.perf_counter() - start, time.time()
+        forward, actors = record.forward_seconds, record.actors
+    return {"seconds": seconds, "since_ready": ended - max(a["started_at"] for a in actors), "forward": forward,
+            "p_at_1": {name: score.p_at_1 for name, score in evaluation.scores.items()}}
+
+
+def feed(config: Config, tmp: Path, quick: bool) -> dict:
+    """`before` and `after` (see the module docstring), alternating, on one local Ray cluster."""
+    import os
+
+    import ray
+
+    from sde_ray.models import build_model
+    from sde_ray.ray_cluster import start_local
+
+    shape = FEED_QUICK_SHAPE if quick else FEED_SHAPE
+    root = write_mmeb_shaped(tmp / "mmeb-shaped-feed", config.data.synth.seed, shape["queries"], shape["labels"],
+                             shape["candidates"], shape["pool"], image_size=FEED_IMAGE_SIZE)
+    model_dir = build_model(config.model, seed=config.train.seed).save_pretrained(tmp / "feed-model")
+    repeats = 1 if quick else 2
+    started = start_local(max(4, os.cpu_count() or 1), log_to_driver=False, fresh=True)
+    passes: dict[str, list[dict]] = {"before": [], "after": []}
+    try:
+        for _ in range(repeats):
+            for mode in ("before", "after"):
+                passes[mode].append(_feed_pass(mode, model_dir, root, config))
+    finally:
+        if started:
+            ray.shutdown()
+    queries = 2 * shape["queries"]
+    result: dict = {"sets": list(SHAPED_SETS), **shape, "image_size": FEED_IMAGE_SIZE, "repeats": repeats,
+                    "num_workers": config.eval.num_workers, "precision": config.deepspeed.precision,
+                    "decode_concurrency": config.eval.decode_concurrency}
+    workers = config.eval.num_workers
+    for mode, runs in passes.items():
+        result[mode] = {
+            "queries": queries,
+            "seconds": statistics.median(r["seconds"] for r in runs),
+            "queries_per_s": statistics.median(queries / r["seconds"] for r in runs),
+            "seconds_since_actors_ready": statistics.median(r["since_ready"] for r in runs),
+            "queries_per_s_since_actors_ready": statistics.median(queries / r["since_ready"] for r in runs),
+            "encoder_input_wait": statistics.median(1 - r["forward"] / (workers * r["since_ready"]) for r in runs),
+            "p_at_1": runs[-1]["p_at_1"],
+        }
+    for rate in ("queries_per_s", "queries_per_s_since_actors_ready"):
+        result[f"after_over_before_{rate}"] = result["after"][rate] / result["before"][rate]
+    result["identical_p_at_1"] = all(b["p_at_1"] == a["p_at_1"] for b, a in zip(passes["before"], passes["after"]))
+    return result
+
+
 def main(json_path: str | None = None, config: Config | None = None, quick: bool = False) -> dict:
     from sde_ray.models import BatchProcessor, build_model
 
@@ -168,6 +261,7 @@ def main(json_path: str | None = None, config: Config | None = None, quick: bool
         # One repeat: at a ratio of hundreds, load noise cannot change the conclusion, and a naive
         # pass over 1,001-item rows costs minutes of CPU.
         shaped = mmeb_shaped(encoder, shaped_root, shape, repeats=1)
+        fed = feed(config, Path(tmp), quick)
 
     queries = sum(p.table.num_rows for p in modes["dedup"])
     result = {
@@ -190,6 +284,7 @@ def main(json_path: str | None = None, config: Config | None = None, quick: bool
     result["speedup_dedup_over_naive"] = result["dedup"]["queries_per_s"] / result["naive"]["queries_per_s"]
     result["identical_p_at_1"] = correct["dedup"] == correct["naive"]
     result["mmeb_shaped"] = shaped
+    result["feed"] = fed
 
     print(f"eval bench: {queries} queries over {len(infos)} datasets, {synth.num_candidates} candidates each")
     for mode in ("naive", "dedup"):
@@ -209,6 +304,16 @@ def main(json_path: str | None = None, config: Config | None = None, quick: bool
         f"  dedup / naive: {shaped['speedup_dedup_over_naive']:.1f}x; "
         f"identical P@1 on the naive rows: {shaped['identical_p_at_1']}"
     )
+    print(f"Feeding the eval actors: {fed['queries']} + {fed['queries']} MMEB-shaped queries, "
+          f"{fed['image_size']} px images, {fed['num_workers']} actor(s), {fed['precision']}")
+    for mode in ("before", "after"):
+        row = fed[mode]
+        print(f"  {mode:<6} {row['queries_per_s']:8.1f} queries/s whole pass, "
+              f"{row['queries_per_s_since_actors_ready']:8.1f} since the actors were ready; encoder waiting "
+              f"for input {100 * row['encoder_input_wait']:.0f}% of that time")
+    print(f"  after / before: {fed['after_over_before_queries_per_s']:.2f}x whole pass, "
+          f"{fed['after_over_before_queries_per_s_since_actors_ready']:.2f}x since ready; "
+          f"identical P@1: {fed['identical_p_at_1']}")
     if json_path:
         Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -182,6 +182,7 @@ def run_embed(config: Config, checkpoint: str, corpus: str, out_dir: str, progre
 
     from sde_ray.eval.checkpoints import resolve_checkpoint
 
+    from sde_ray.eval.encode import actor_precision
     from sde_ray.eval.runner import eval_precision
     from sde_ray.ray_cluster import connect
 
@@ -206,9 +207,7 @@ def run_embed(config: Config, checkpoint: str, corpus: str, out_dir: str, progre
         started_ray = connect(config, local_cpus=os.cpu_count() or 1, log_to_driver=False)
         try:
             use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
-            precision = eval_precision(config)
-            if precision == "fp16" and not use_gpu:  # fp16 autocast is a GPU mode (as the eval actors)
-                precision = "bf16"
+            precision = actor_precision(eval_precision(config), use_gpu)
             items = [{"file": i, "piece": dataclasses.asdict(p)} for i in pending for p in files[i].pieces]
             dataset = ray.data.from_items(items, override_num_blocks=len(items))
             dataset = dataset.map_batches(

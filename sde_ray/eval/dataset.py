@@ -162,6 +162,20 @@ def load_table(
     return build_table(name, read_rows(dataset_dir, max_rows), dedup=dedup)
 
 
+def read_image(path: str, source: ImageSource) -> tuple[bytes | None, str | None]:
+    """(the image's encoded bytes, None) or (None, why it is missing)."""
+    try:
+        return source.read(path), None
+    except (FileNotFoundError, UnsafePathError) as exc:
+        return None, str(exc)
+    except Exception as exc:  # an unreadable archive member: the image cannot be had either
+        return None, undecodable(exc)
+
+
+def undecodable(exc: Exception) -> str:
+    return f"undecodable image ({type(exc).__name__}: {exc})"
+
+
 def load_images(paths: list[str], source: ImageSource) -> tuple[dict[str, bytes], dict[str, str]]:
     """(path -> encoded bytes, path -> why it is missing) for each path; decodability is checked."""
     from PIL import Image
@@ -169,16 +183,17 @@ def load_images(paths: list[str], source: ImageSource) -> tuple[dict[str, bytes]
     found: dict[str, bytes] = {}
     missing: dict[str, str] = {}
     for path in paths:
+        data, reason = read_image(path, source)
+        if data is None:
+            missing[path] = reason
+            continue
         try:
-            data = source.read(path)
             with Image.open(io.BytesIO(data)) as image:
                 # A full decode: verify() checks the structure only and passes a truncated JPEG,
                 # which would then abort the evaluation when encoded instead of counting a miss.
                 image.load()
-        except (FileNotFoundError, UnsafePathError) as exc:
-            missing[path] = str(exc)
         except Exception as exc:  # PIL raises many types for bad bytes; all mean "cannot decode"
-            missing[path] = f"undecodable image ({type(exc).__name__}: {exc})"
+            missing[path] = undecodable(exc)
         else:
             found[path] = data
     return found, missing

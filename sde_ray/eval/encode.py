@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -42,6 +43,14 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
     return AUTOCAST_DTYPES[precision]
 
 
+def actor_precision(precision: str, use_gpu: bool) -> str:
+    """The precision an encoding actor runs in: fp16 autocast is a GPU mode, so CPU actors of an fp16
+    run encode in bf16; checked against the known precisions."""
+    precision = "bf16" if precision == "fp16" and not use_gpu else precision
+    autocast_dtype(precision)
+    return precision
+
+
 def _prefix(side: str) -> str:
     if side not in PREFIXES:
         raise ValueError(f"side must be one of {list(PREFIXES)}, got {side!r}")
@@ -56,11 +65,14 @@ class ModelEncoder:
     """A model and its `BatchProcessor` in this process (validation, tests, the Ray actors).
 
     `device` moves the model there (default: where its parameters are); `calls` counts the batches
-    encoded (what the embedding-cache tests count).
+    encoded (what the embedding-cache tests count) and `forward_seconds` the time spent in their
+    forwards (what `bench eval` sets against the wall time: the rest the encoder waited for input).
+    `cast_weights`: the weights are cast to `precision` (the training dtype: a bf16 run's eval actors
+    hold bf16 weights, half the memory and no per-op casts), not only the forward autocast.
     """
 
     def __init__(self, model: torch.nn.Module, processor, batch_size: int = 64, device: str | None = None,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", cast_weights: bool = False):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model, self.processor, self.batch_size = model, processor, batch_size
@@ -68,7 +80,9 @@ class ModelEncoder:
         if next(model.parameters()).device != self.device:
             model.to(self.device)
         self.precision, self.dtype = precision, autocast_dtype(precision)
-        self.calls = 0
+        if cast_weights and self.dtype is not None:
+            model.to(self.dtype)
+        self.calls, self.forward_seconds = 0, 0.0
 
     def encode_batch(self, side: str, texts: list[str], images: list, frames: list | None = None) -> np.ndarray:
         return self.encode_arrays(side, self.processor.encode_inputs(texts, images, _prefix(side), frames))
@@ -80,6 +94,7 @@ class ModelEncoder:
         prefix = _prefix(side)
         # A VLM's padded patch columns cut to the batch's largest image: only those bytes reach the device.
         arrays = trim_patches(arrays)
+        started = time.perf_counter()
         batch = {key: torch.from_numpy(np.ascontiguousarray(value)).to(self.device) for key, value in arrays.items()}
         was_training = self.model.training
         self.model.eval()
@@ -89,7 +104,9 @@ class ModelEncoder:
                 features = self.model.encode_side(batch, prefix)
         finally:
             self.model.train(was_training)
-        return features.detach().float().cpu().numpy()
+        out = features.detach().float().cpu().numpy()  # the copy back waits for the device: counted
+        self.forward_seconds += time.perf_counter() - started
+        return out
 
     def encode(self, requests: Sequence[tuple]) -> list[np.ndarray]:
         """Requests `(side, texts, images)`, or `(side, texts, images, frames)` with per item a
@@ -110,13 +127,13 @@ class ModelEncoder:
 
 
 def load_encoder(model_dir: str | os.PathLike, batch_size: int, device: str | None = None,
-                 precision: str = "fp32") -> ModelEncoder:
-    """A `ModelEncoder` for an exported `save_pretrained` folder (weights kept in fp32; the forward
-    runs under autocast in `precision`)."""
+                 precision: str = "fp32", cast_weights: bool = False) -> ModelEncoder:
+    """A `ModelEncoder` for an exported `save_pretrained` folder (the forward runs under autocast in
+    `precision`; the weights are cast to it with `cast_weights`, else kept as saved)."""
     from sde_ray.models import BatchProcessor, load_pretrained
 
     model, model_config = load_pretrained(str(model_dir))
-    return ModelEncoder(model, BatchProcessor(model_config), batch_size, device, precision)
+    return ModelEncoder(model, BatchProcessor(model_config), batch_size, device, precision, cast_weights)
 
 
 def model_identity(model_dir: str | os.PathLike) -> str:
@@ -142,12 +159,21 @@ def module_identity(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def image_digest(image: bytes | None) -> bytes | None:
+    return hashlib.sha256(image).digest() if image is not None else None
+
+
 def request_key(model_id: str, side: str, texts: Sequence[str], images: Sequence) -> str:
     """The cache key of one request: the model, the side and every item's text and image bytes."""
+    return digests_key(model_id, side, texts, [image_digest(image) for image in images])
+
+
+def digests_key(model_id: str, side: str, texts: Sequence[str], digests: Sequence[bytes | None]) -> str:
+    """`request_key` from each image's sha256 digest (None: no image), made where the bytes were read."""
     digest = hashlib.sha256(f"{model_id}\0{_prefix(side)}\0{len(texts)}".encode())
-    for text, image in zip(texts, images):
+    for text, image in zip(texts, digests):
         digest.update(text.encode() + b"\0")
-        digest.update(hashlib.sha256(image).digest() if image is not None else b"-")
+        digest.update(image if image is not None else b"-")
     return digest.hexdigest()
 
 
@@ -164,7 +190,8 @@ class CachedEncoder:
         self.memory: dict[str, np.ndarray] = {}
         self.hits = self.misses = 0
 
-    def _load(self, key: str) -> np.ndarray | None:
+    def load(self, key: str) -> np.ndarray | None:
+        """The cached embeddings of a request key (None when absent)."""
         if key in self.memory:
             return self.memory[key]
         path = storage.join(self.cache_dir, f"{key}.npy") if self.cache_dir else None
@@ -173,7 +200,10 @@ class CachedEncoder:
             return self.memory[key]
         return None
 
-    def _store(self, key: str, array: np.ndarray) -> None:
+    def store(self, key: str, array: np.ndarray) -> None:
+        self.memory[key] = array
+        if self.cache_dir is None:
+            return
         path = storage.join(self.cache_dir, f"{key}.npy")
         if storage.is_remote(path):  # an object appears whole when its upload completes
             buffer = io.BytesIO()
@@ -187,14 +217,13 @@ class CachedEncoder:
 
     def encode(self, requests: Sequence[tuple[str, list[str], list]]) -> list[np.ndarray]:
         keys = [request_key(self.model_id, side, texts, images) for side, texts, images in requests]
-        found = [self._load(key) for key in keys]
+        found = [self.load(key) for key in keys]
         todo = [i for i, array in enumerate(found) if array is None]
         self.hits, self.misses = self.hits + len(keys) - len(todo), self.misses + len(todo)
         # One call for everything missing, so a parallel encoder still sees all the work at once.
         for i, array in zip(todo, self.encoder.encode([requests[i] for i in todo]) if todo else []):
-            found[i] = self.memory[keys[i]] = array
-            if self.cache_dir is not None:
-                self._store(keys[i], array)
+            found[i] = array
+            self.store(keys[i], array)
         return found
 
 
@@ -210,6 +239,10 @@ class _EncoderActor:
 
     def encode_batch(self, side: str, texts: list[str], images: list) -> np.ndarray:
         return self.encoder.encode_batch(side, texts, images)
+
+    def forward_seconds(self) -> float:
+        """Seconds spent in forwards so far (`bench eval`: the rest of the wall time was input)."""
+        return self.encoder.forward_seconds
 
     def describe(self) -> dict:
         """Where this actor runs (recorded in the results: which process evaluated)."""
@@ -245,10 +278,7 @@ class RayEncoderPool:
         # `resources`: a custom one (scaling.worker_node_resource) that keeps the actors on the worker nodes.
         actor = ray.remote(num_cpus=cpus_per_worker, num_gpus=1 if use_gpu else 0,
                            resources=dict(resources or {}))(_EncoderActor)
-        # fp16 autocast is a GPU mode; CPU actors of an fp16 run encode in bf16.
-        if precision == "fp16" and not use_gpu:
-            precision = "bf16"
-        autocast_dtype(precision)
+        precision = actor_precision(precision, use_gpu)
         self.actors = [actor.remote(str(model_dir), batch_size, use_gpu, precision) for _ in range(num_workers)]
         self.batch_size, self.progress = batch_size, progress
 

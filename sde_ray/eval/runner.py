@@ -7,7 +7,8 @@ The pieces live by concern: which model is scored (`eval.checkpoints`), which ro
 training, spread over the training ranks (`eval.validation`).
 
 `run_eval(checkpoint, ...)` resolves the checkpoint (`eval.checkpoints.resolve_checkpoint`), encodes with
-`eval.num_workers` Ray actors (one GPU each when the cluster has GPUs), writes results.json / .md /
+`eval.num_workers` Ray actors (one GPU each when the cluster has GPUs) fed by Ray Data CPU tasks that
+decode and tokenise (`eval.streamed`), writes results.json / .md /
 .csv, the diagnostics and the plots into the output folder, VLM2Vec-layout score files into its
 `vlm2vec/` (see `sde_ray.eval.report.write_vlm2vec_scores`), and logs them to wandb. Embeddings are
 cached under `<output>/embedding_cache`, keyed by the model's identity and each dataset's content,
@@ -28,8 +29,8 @@ from sde_ray.data.mmeb import DatasetInfo
 from sde_ray.eval import plots
 from sde_ray.eval.checkpoints import default_output_dir, resolve_checkpoint
 from sde_ray.eval.diagnostics import feature_diagnostics, pool_pairs, training_history, write_history_plots
-from sde_ray.eval.encode import CachedEncoder, RayEncoderPool, model_identity
-from sde_ray.eval.evaluation import Evaluation, evaluate_prepared, gap_remedy_effect
+from sde_ray.eval.encode import CachedEncoder, model_identity
+from sde_ray.eval.evaluation import Evaluation, gap_remedy_effect
 from sde_ray.eval.report import write_results, write_vlm2vec_scores
 from sde_ray.eval.roots import benchmark_version, resolve_eval_root, select_datasets
 from sde_ray.ray_cluster import connect, worker_node_resources
@@ -53,21 +54,18 @@ def evaluate_on_actors(
     keep_encoded: bool = False,
     model_id: str | None = None,
 ) -> tuple[Evaluation, dict]:
-    """Encodes on `eval.num_workers` Ray actors (GPU actors when the cluster has GPUs) through the
-    embedding cache; returns the evaluation and a record of the run: where each actor ran (pid,
-    host, device, precision) and the cache's hits / misses (requests = one side of one dataset)."""
-    pool = RayEncoderPool(model_dir, config.eval.num_workers, config.eval.batch_size,
-                          precision=eval_precision(config), resources=worker_node_resources(config))
-    try:
-        actors = pool.describe()
-        encoder = CachedEncoder(pool, model_id or model_identity(model_dir), cache_dir)
-        evaluation = evaluate_prepared(
-            None, encoder, eval_root=eval_root, infos=infos, keep_encoded=keep_encoded, progress=True
-        )
-    finally:
-        pool.shutdown()
-    record = {"evaluated_by": actors, "embedding_cache": {"hits": encoder.hits, "misses": encoder.misses,
-                                                          "dir": str(cache_dir) if cache_dir else None}}
+    """Encodes on `eval.num_workers` Ray actors (GPU actors when the cluster has GPUs), fed by Ray Data
+    CPU tasks that decode and tokenise (`sde_ray.eval.streamed`), through the embedding cache;
+    returns the evaluation and a record of the run: where each actor ran (pid, host, device,
+    precision, weights' dtype) and the cache's hits / misses (requests = one side of one dataset)."""
+    from sde_ray.eval.streamed import evaluate_streamed
+
+    cache = CachedEncoder(None, model_id or model_identity(model_dir), cache_dir)
+    evaluation, stream = evaluate_streamed(model_dir, eval_root, infos, config, cache,
+                                           keep_encoded=keep_encoded, resources=worker_node_resources(config))
+    record = {"evaluated_by": stream.actors, "decoded_by": sorted(stream.decoded_by),
+              "embedding_cache": {"hits": stream.hits, "misses": stream.misses,
+                                  "dir": str(cache_dir) if cache_dir else None}}
     return evaluation, record
 
 

@@ -1,12 +1,13 @@
 """Validation spread over the ranks of a process group (Ray-free: rank, world size and the gather
 are arguments).
 
-Every rank holds the same prepared datasets (read once per process), encodes a contiguous slice of
-each dataset's distinct queries and of its de-duplicated candidates on its own device, and one
-gather of those slices gives every rank every embedding, in item order; each rank then scores
-locally and so returns the same P@1 as a single process encoding everything. The only wait is at
-that one gather, and the slices differ by at most one item per dataset, so no rank waits much
-longer than its share of the validation itself.
+Every rank reads the same tables (parquet only) and, of the images, only those of its share
+(`prepare_share`): a contiguous slice of each dataset's distinct queries and of its de-duplicated
+candidates, which it encodes on its own device. One gather of those slices and of the images each
+rank found missing gives every rank every embedding, in item order, and every missing image; each
+rank then scores locally and so returns the same P@1 as a single process reading and encoding
+everything. The only wait is at that one gather, and the slices differ by at most one item per
+dataset, so no rank waits much longer than its share of the validation itself.
 
 `gather(obj) -> list` returns every rank's `obj` in rank order (an all-gather of Python objects).
 """
@@ -17,7 +18,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from sde_ray.data.mmeb import DatasetInfo, ImageSource
 from sde_ray.distributed import all_gather_object, get_world_size
+from sde_ray.eval.dataset import load_images, load_table
 from sde_ray.eval.scoring import EncodedDataset, Encoder, PreparedDataset, Request
 
 Gather = Callable[[Any], list]
@@ -32,6 +35,18 @@ def rank_slice(count: int, rank: int, world_size: int) -> slice:
     return slice(start, start + base + (1 if rank < extra else 0))
 
 
+def prepare_share(eval_root, info: DatasetInfo, source: ImageSource, max_rows: int | None, rank: int,
+                  world_size: int) -> PreparedDataset:
+    """A dataset's whole table with the images of the rank's share only: its slice of the distinct
+    queries and of the distinct candidates (what `sharded_encode` has it encode). Its `scorable`
+    knows this rank's missing images only; `sharded_encode` scores with every rank's."""
+    table = load_table(eval_root, info.name, max_rows=max_rows)
+    mine = (table.queries[rank_slice(len(table.queries), rank, world_size)]
+            + table.candidates[rank_slice(len(table.candidates), rank, world_size)])
+    images, missing = load_images(list(dict.fromkeys(item.image for item in mine if item.image)), source)
+    return PreparedDataset(info, table, images, missing, table.scorable(set(missing)))
+
+
 def _sliced(request: Request, part: slice) -> Request:
     side, texts, images = request
     return side, texts[part], images[part]
@@ -44,17 +59,20 @@ def sharded_encode(
     requests = [r for p in prepared for r in p.requests()]
     mine = [_sliced(r, rank_slice(len(r[1]), rank, world_size)) for r in requests]
     local = encoder.encode(mine) if mine else []
-    everyone = gather(local) if world_size > 1 else [local]
+    found_missing = [p.missing_images for p in prepared]  # of this rank's share of the images
+    everyone = gather((local, found_missing)) if world_size > 1 else [(local, found_missing)]
     # All ranks' pieces of request i, in rank order = request i in item order.
     full = []
     for i in range(len(requests)):
-        pieces = [np.asarray(parts[i], dtype=np.float32) for parts in everyone]
+        pieces = [np.asarray(parts[i], dtype=np.float32) for parts, _ in everyone]
         width = max(piece.shape[1] if piece.ndim == 2 else 0 for piece in pieces)
         full.append(np.concatenate([p.reshape(-1, width) for p in pieces]))
-    return [
-        EncodedDataset(p.info, p.table, p.missing_images, p.scorable, full[2 * k], full[2 * k + 1])
-        for k, p in enumerate(prepared)
-    ]
+    encoded = []
+    for k, p in enumerate(prepared):
+        missing = {path: why for _, found in everyone for path, why in found[k].items()}
+        encoded.append(EncodedDataset(p.info, p.table, missing, p.table.scorable(set(missing)), full[2 * k],
+                                      full[2 * k + 1]))
+    return encoded
 
 
 def all_gather_objects(obj: Any) -> list:

@@ -12,10 +12,11 @@ import gloo_workers
 
 def validation_worker(rank: int, world_size: int, rendezvous: str, out_dir: str, eval_root: str,
                       datasets: list[str], max_queries: int) -> None:
-    """Distributed validation P@1 of a seed-0 tiny-clip; saves the value and the items it encoded."""
+    """Distributed validation P@1 of a seed-0 tiny-clip; saves the value, the items it encoded and the
+    images it loaded."""
     from sde_ray.config import ModelConfig
     from sde_ray.eval import encode
-    from sde_ray.eval.validation import validation_p_at_1
+    from sde_ray.eval.validation import _validation_slice, validation_p_at_1
     from sde_ray.models import BatchProcessor, build_model
 
     gloo_workers.start(rank, world_size, rendezvous)
@@ -31,5 +32,7 @@ def validation_worker(rank: int, world_size: int, rendezvous: str, out_dir: str,
     encode.ModelEncoder.encode_batch = counting
     value = validation_p_at_1(model, BatchProcessor(config), eval_root, max_queries=max_queries,
                               batch_size=4, datasets=datasets, rank=rank, world_size=world_size)
-    torch.save({"p_at_1": value, "items": sum(encoded)}, Path(out_dir) / f"rank{rank}.pt")
+    shares = _validation_slice(str(Path(eval_root).resolve()), tuple(datasets), max_queries, rank, world_size)
+    loaded = sorted({f"{p.info.name}/{path}" for p in shares for path in p.images})  # the images this rank read
+    torch.save({"p_at_1": value, "items": sum(encoded), "images": loaded}, Path(out_dir) / f"rank{rank}.pt")
     gloo_workers.finish()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from sde_ray.eval.encode import CachedEncoder, ModelEncoder, module_identity
 from sde_ray.eval.evaluation import evaluate_prepared
@@ -91,6 +92,15 @@ def test_bf16_autocast_features_are_fp32_and_close(prepared, tiny_export):
     bf16 = ModelEncoder(model, processor, batch_size=8, precision="bf16").encode([(side, texts, images)])[0]
     assert bf16.dtype == np.float32 and not np.array_equal(fp32, bf16)  # autocast really ran in bf16
     cosine = (fp32 * bf16).sum(1) / np.linalg.norm(fp32, axis=1) / np.linalg.norm(bf16, axis=1)
+    assert cosine.min() > 0.99
+    # The eval actors' mode: the weights themselves in the training dtype (a copy: the fixture's stays fp32).
+    import copy
+
+    cast = ModelEncoder(copy.deepcopy(model), processor, batch_size=8, precision="bf16", cast_weights=True)
+    assert {p.dtype for p in cast.model.parameters()} == {torch.bfloat16}
+    weights_bf16 = cast.encode([(side, texts, images)])[0]
+    assert weights_bf16.dtype == np.float32 and cast.forward_seconds > 0
+    cosine = (fp32 * weights_bf16).sum(1) / np.linalg.norm(fp32, axis=1) / np.linalg.norm(weights_bf16, axis=1)
     assert cosine.min() > 0.99
 
 

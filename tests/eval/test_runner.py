@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import shutil
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 from sde_ray.config import load_config, to_dict
+from sde_ray.data.mmeb import eval_image_source
 from sde_ray.eval.evaluation import evaluate_model
 from sde_ray.eval.runner import run_eval
 from sde_ray.eval.validation import validation_p_at_1
@@ -41,30 +43,49 @@ def _history(path):
     path.write_text("\n".join(rows) + "\n")
 
 
+def break_one_query_image(eval_root, dataset: str) -> None:
+    """Truncates the first query image of `dataset` (a file under eval_images/ is read before the
+    zip's member of that path): its row must be a miss, not an abort."""
+    query_image = pq.read_table(next((eval_root / dataset).glob("*.parquet"))).column("qry_img_path")[0].as_py()
+    source = eval_image_source(eval_root)
+    broken = eval_root / "eval_images" / query_image
+    broken.parent.mkdir(parents=True)
+    broken.write_bytes(source.read(query_image)[:40])
+    source.close()
+
+
 def test_run_directory_on_ray_matches_in_process_eval(ray_cluster, synthetic_mmeb, tiny_export, tmp_path):
+    """The actors, fed by Ray Data CPU tasks (`sde_ray.eval.streamed`), score every dataset as the
+    in-process evaluation of the original model does, an undecodable image included; the decoding
+    ran in the CPU tasks' processes, not the actors'."""
     folder, model, processor = tiny_export
     run = tmp_path / "run"
     shutil.copytree(folder, run / "model")
     _history(run / "metrics.jsonl")
+    eval_root = tmp_path / "MMEB-eval"
+    shutil.copytree(synthetic_mmeb["eval_dir"], eval_root)
+    break_one_query_image(eval_root, "SynObject")
     config = load_config(
         None, ["eval.num_workers=2", "eval.batch_size=16", "logging.wandb=true", "logging.wandb_mode=offline"]
     )
-    results = run_eval(
-        run, synthetic_mmeb["eval_dir"], datasets=E2E_DATASETS, config=config, gap_remedy="procrustes"
-    )
+    results = run_eval(run, eval_root, datasets=E2E_DATASETS, config=config, gap_remedy="procrustes")
     out = run / "eval"
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["overall"] == pytest.approx(results["overall"])
     assert list(on_disk["datasets"]) == E2E_DATASETS  # the catalog's report order
     for name, row in on_disk["datasets"].items():
-        assert row["num_queries"] == 8 and row["num_missing"] == 0 and 0.0 <= row["p_at_1"] <= 1.0
+        assert row["num_queries"] == 8 and row["num_missing"] == (name == "SynObject") and 0.0 <= row["p_at_1"] <= 1.0
+    actors = on_disk["evaluated_by"]
+    assert len({a["pid"] for a in actors}) == 2 and on_disk["decoded_by"]
+    assert not set(on_disk["decoded_by"]) & {a["pid"] for a in actors}
+    assert {(a["precision"], a["weights_dtype"]) for a in actors} == {("fp32", "float32")}
     assert set(on_disk["meta_tasks"]) == {"classification", "vqa", "retrieval", "grounding"}
     assert on_disk["ind"] is not None and on_disk["ood"] is not None
     assert "| SynObject |" in (out / "results.md").read_text()
     assert (out / "results.csv").read_text().count("\n") == len(E2E_DATASETS) + 4 + 3 + 1
 
     # Ray actors reloading the export score exactly like the in-process path on the original model.
-    local = evaluate_model(model, processor, synthetic_mmeb["eval_dir"], datasets=E2E_DATASETS, batch_size=16)
+    local = evaluate_model(model, processor, eval_root, datasets=E2E_DATASETS, batch_size=16)
     assert {n: r["p_at_1"] for n, r in local["datasets"].items()} == {
         n: r["p_at_1"] for n, r in on_disk["datasets"].items()
     }

@@ -1,5 +1,5 @@
 """Validation spread over 2 gloo ranks scores exactly like one process encoding everything, and
-each rank encodes only its share of the distinct items."""
+each rank encodes only its share of the distinct items and reads only their images."""
 
 from __future__ import annotations
 
@@ -38,3 +38,7 @@ def test_two_gloo_ranks_match_single_process_validation(synthetic_mmeb, tiny_exp
     distinct = sum(len(p.table.queries) + len(p.table.candidates) for p in prepared)
     assert sum(r["items"] for r in ranks) == distinct
     assert all(abs(r["items"] - distinct / 2) <= 2 * len(prepared) for r in ranks)
+    # Each rank read only the images of its share: together every image of the slice.
+    every_image = sorted({f"{p.info.name}/{path}" for p in prepared for path in p.table.image_paths()})
+    assert all(0 < len(r["images"]) < len(every_image) for r in ranks)
+    assert sorted(set(ranks[0]["images"]) | set(ranks[1]["images"])) == every_image
