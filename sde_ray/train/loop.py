@@ -18,7 +18,8 @@ same three functions run under a `LocalSession` in one process:
   state advanced → the meter → the cadence's log / validation P@1 (every rank encodes its share,
   see `sde_ray.eval.sharded`) / checkpoint (every `checkpoint_every` steps and every
   `checkpoint_every_minutes`, uploaded in the background under `checkpoint_upload=async`) / report
-  → the step hook and the preemption flag;
+  → the step hook and, at the cadence's steps (`train.stop_check_every`, every logged step), the
+  preemption flag;
 - `finish(run)`: spectrum plot, final checkpoint with the run's summary, then the `save_pretrained`
   export (rank 0; LoRA merged in place, so it comes after the last checkpoint). The full MMEB
   evaluation is not run here: the driver runs it on the eval actors after `fit()` returns, so no
@@ -151,12 +152,16 @@ def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
 def to_model_inputs(batch: dict, device: torch.device, float_dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Tensors on the engine's device; float inputs in the engine's precision (pixels arrive as uint8
     and stay so: the model normalises them on its device). A VLM's padded patches are cut to the
-    batch's largest image first (`trim_patches`): only those bytes cross to the device."""
+    batch's largest image first (`trim_patches`): only those bytes cross to the device. The per-row
+    facts (`sde_ray.models.is_host_fact`: has_image, token spans, image grids) stay on the host, where
+    the model reads them without waiting on the device."""
+    from sde_ray.models import is_host_fact
     from sde_ray.models.vlm import trim_patches
 
     out = {}
     for key, value in trim_patches(batch).items():
-        tensor = torch.as_tensor(value if isinstance(value, torch.Tensor) else np.asarray(value), device=device)
+        tensor = torch.as_tensor(value if isinstance(value, torch.Tensor) else np.asarray(value),
+                                 device="cpu" if is_host_fact(key) else device)
         out[key] = tensor.to(float_dtype) if tensor.is_floating_point() else tensor
     return out
 
@@ -357,12 +362,13 @@ def fit(run: Run) -> bool:
         clamp_temperatures(engine)  # the optimizer stepped
         meter.step(result)
         state.advance(config.train.global_batch_size, run.stream.epoch, run.stream.epoch_rows)
-        after_step(run, run.cadence.at(state.step))
+        due = run.cadence.at(state.step)
+        after_step(run, due)
         if run.args.step_hook is not None:
             call_hook(run.args.step_hook, step=state.step, rank=run.rank, world_size=run.world_size,
                       module=engine.module, sample_ids=sample_ids.tolist(), epoch=run.stream.epoch,
                       losses=[result.loss])
-        if state.step < config.train.max_steps and run.session.stop_requested():
+        if due.stop_check and run.session.stop_requested():  # at the cadence's steps, on every rank alike
             meter.sync_replaced(state)
             checkpoint_and_report(run, {**run.last_metrics, "step": state.step, "samples": state.samples,
                                         "preempted": 1})
