@@ -120,7 +120,7 @@ class Embedder(nn.Module):
         from sde_ray.losses.infonce import with_negatives
 
         device = next(self.parameters()).device
-        negatives = {key: torch.as_tensor(value, device=None if is_host_fact(key) else device).flatten(0, 1)
+        negatives = {key: torch.as_tensor(value, device="cpu" if is_host_fact(key) else device).flatten(0, 1)
                      for key, value in batch.items() if key.startswith("neg_") and key != "neg_target_id"}
         return query, with_negatives(target, self.encode_side(negatives, "neg"))
 
@@ -255,7 +255,7 @@ def is_host_fact(key: str) -> bool:
 def host_fact(batch: dict, key: str) -> torch.Tensor:
     """`batch[key]` as a CPU tensor. From the BatchProcessor it is one (numpy, or kept on the host by
     the loop); a batch built by hand with device tensors pays one host sync here."""
-    return torch.as_tensor(batch[key]).cpu()
+    return torch.as_tensor(batch[key], device="cpu")
 
 
 def token_span(batch: dict, prefix: str, attention_mask: torch.Tensor) -> tuple[int, int]:

@@ -37,11 +37,11 @@ def pack_patches(pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Te
     """Padded per-row patches [B, max_patches, D] and grids [B, 3] → the rows' real patches
     concatenated in row order, [Σ t·h·w, D] (the Hugging Face processors' `pixel_values`). The grids
     are read on the host (a batch's per-row facts): the device only gathers the rows."""
-    grid_thw = grid_thw.cpu()
+    grid_thw = torch.as_tensor(grid_thw, device="cpu")
     counts = grid_thw.prod(dim=1)
     if counts.numel() and int(counts.max()) > pixel_values.shape[1]:
         raise ValueError(f"image_grid_thw {grid_thw.tolist()} needs more patches than the {pixel_values.shape[1]} stored.")
-    used = torch.arange(pixel_values.shape[1]) < counts[:, None]
+    used = torch.arange(pixel_values.shape[1], device="cpu") < counts[:, None]
     index = used.flatten().nonzero().squeeze(1).to(pixel_values.device)  # host-to-device: nothing waits
     return pixel_values.flatten(0, 1).index_select(0, index)
 

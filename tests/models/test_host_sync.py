@@ -79,6 +79,6 @@ def test_a_training_step_objective_and_its_metrics_read_nothing_back(raw, host_s
             loss, metrics, query, target = module(batch, StepContext())
             meter.step(StepResult(True, loss.detach(), metrics, query, target))
         assert ours(found) == [], f"host syncs in sde_ray: {ours(found)}"
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     logged = meter.window_metrics()
     assert logged["loss"] == sum(losses) / 2 and logged["loss_instance"] == logged["loss"]
