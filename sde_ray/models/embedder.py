@@ -244,7 +244,7 @@ def tower_of(parameter_name: str) -> str:
 
 # The per-row facts of a side the BatchProcessor computes on the host (`{prefix}<suffix>`): the model
 # reads them there, so a forward never waits on the device to learn them. The training loop keeps
-# them on the host when it moves a batch (`sde_ray.train.loop.to_model_inputs`).
+# them on the host when it moves a batch (`sde_ray.models.to_model_inputs`).
 HOST_FACT_SUFFIXES = ("_has_image", "_token_span", "_image_grid_thw", "_video_grid_thw")
 
 

@@ -39,7 +39,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from sde_ray import storage
@@ -48,7 +47,7 @@ from sde_ray.eval.plots import plot_spectrum
 from sde_ray.eval.validation import validation_p_at_1
 from sde_ray.losses import StepContext
 from sde_ray.losses.batch import step_target_ids
-from sde_ray.models import BatchProcessor, load_trained_weights
+from sde_ray.models import BatchProcessor, load_trained_weights, to_model_inputs
 from sde_ray.distributed import broadcast_object
 from sde_ray.runs import RunLogger, say
 from sde_ray.train.cadence import Cadence, Due
@@ -147,23 +146,6 @@ def check_order(state: TrainState, spec: dict, rank: int, args: RunArgs) -> None
 def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
     """Randomness for the objective, identical on every rank and reproducible after a resume."""
     return torch.Generator().manual_seed(seed * 1_000_003 + step * 1_009 + micro)
-
-
-def to_model_inputs(batch: dict, device: torch.device, float_dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Tensors on the engine's device; float inputs in the engine's precision (pixels arrive as uint8
-    and stay so: the model normalises them on its device). A VLM's padded patches are cut to the
-    batch's largest image first (`trim_patches`): only those bytes cross to the device. The per-row
-    facts (`sde_ray.models.is_host_fact`: has_image, token spans, image grids) stay on the host, where
-    the model reads them without waiting on the device."""
-    from sde_ray.models import is_host_fact
-    from sde_ray.models.vlm import trim_patches
-
-    out = {}
-    for key, value in trim_patches(batch).items():
-        tensor = torch.as_tensor(value if isinstance(value, torch.Tensor) else np.asarray(value),
-                                 device="cpu" if is_host_fact(key) else device)
-        out[key] = tensor.to(float_dtype) if tensor.is_floating_point() else tensor
-    return out
 
 
 # ---------------------------------------------------------------------------------------------

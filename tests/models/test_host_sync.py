@@ -4,8 +4,8 @@ for every queued kernel, and with 8-row micro-batches the GPU then waits on Pyth
 
 Recorded with tests/conftest.py `host_syncs` (every op that would read device memory into the host,
 with the caller that ran it) on the real tiny models and the BatchProcessor's batches, as the
-training loop feeds them (`to_model_inputs`: the per-row facts stay on the host). What transformers
-itself reads (its mask and M-RoPE code) is listed, not asserted: it is not ours to change.
+training loop feeds them (`sde_ray.models.to_model_inputs`: the per-row facts stay on the host).
+What transformers itself reads (its mask and M-RoPE code) is counted, not asserted: not ours to change.
 Reference for the values: the same forward with the per-row facts taken from the device tensors
 (the path of a batch built by hand), and the transformers model itself (tests/models/test_models.py).
 """
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from sde_ray.config import ModelConfig, load_config
-from sde_ray.models import BatchProcessor, build_model
+from sde_ray.models import BatchProcessor, build_model, to_model_inputs
 
 MODELS = {"tiny-clip": ModelConfig(kind="dual_encoder", name_or_path="tiny-clip"),
           "tiny-qwen2-vl": ModelConfig(kind="vlm", name_or_path="tiny-qwen2-vl")}
@@ -27,8 +27,6 @@ def ours(found: list[tuple[str, str]]) -> list[tuple[str, str]]:
 
 
 def model_inputs(config: ModelConfig, raw: dict) -> dict:
-    from sde_ray.train.loop import to_model_inputs
-
     return to_model_inputs(BatchProcessor(config)(raw), torch.device("cpu"), torch.float32)
 
 
