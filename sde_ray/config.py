@@ -133,6 +133,12 @@ class ModelConfig:
         "Represent the user's input.", "prompt_format=chat: the system turn of a side without a task instruction."
     )
     image_token: str = doc("<|image_1|>", "MMEB's image placeholder, swapped for the backbone's own token.")
+    check_inputs: bool = doc(
+        False,
+        "Debug switch: VLMs check every batch's image-pad token counts against its image grids. Each check reads "
+        "the device (a host sync per side); by default it runs on the model's first forward only (the batches "
+        "come from the same BatchProcessor), and the forward reads nothing back from the device.",
+    )
     normalize: bool = doc(True, "L2-normalise embeddings before the contrastive logits.")
     gradient_checkpointing: bool = doc(False, "Enable activation checkpointing in the backbone.")
     lora: LoraConfig = doc(LoraConfig(), "Optional LoRA adapters.")
@@ -359,6 +365,10 @@ class TrainConfig:
         "by id and content hash; a resume rebuilds the frozen part from the base (docs/training.md).")
     eval_every: int = doc(0, "Steps between on-the-fly P@1 validations (0: only at the end).")
     log_every: int = doc(5, "Steps between metric reports.")
+    stop_check_every: int = doc(
+        10, "Steps between two readings of the driver's stop flag (a SIGTERM, sde_ray/train/preemption.py): "
+        "rank 0's Ray actor call and one all-reduce, a host sync, so not every step; it is also read at every "
+        "logged step. A SIGTERM stops the run within this many steps (size the grace period to it).")
     nan_policy: Literal["raise", "skip"] = doc("raise", "A non-finite loss or gradient (on any rank) aborts the run, or skips that step whole.")
     max_nan_skips: int = doc(3, "With nan_policy=skip, consecutive non-finite steps tolerated before aborting.")
     output_dir: str = doc("runs/default", "Run outputs: resolved config, metrics, checkpoints, plots, results.")
@@ -923,6 +933,7 @@ RANGES: dict[str, Range] = {
     "train.checkpoint_every": at_least(1),
     "train.checkpoint_every_minutes": at_least(0, why="0: by step only"),
     "train.log_every": at_least(1),
+    "train.stop_check_every": at_least(1),
     "train.lr": above(0),
     "train.adam_beta1": within(0, 1, high_open=True),
     "train.adam_beta2": within(0, 1, high_open=True),

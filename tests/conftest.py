@@ -101,6 +101,60 @@ def tiny_export(tmp_path_factory):
     return folder, model, BatchProcessor(config)
 
 
+@pytest.fixture
+def host_syncs():
+    """`with host_syncs(tensors) as found:` records every op run inside that, on a GPU, would make the
+    host wait for the device: a read into Python (`.item()`, `int()`, `float()`, `bool()`),
+    `torch.equal`, `nonzero` and the ops built on it (boolean-mask indexing, `masked_select`,
+    `repeat_interleave` without an output size) of a tensor computed from `tensors` (the "device"
+    ones: parameters, a batch's device inputs; what is made from them is tracked op by op). Each
+    entry is (op, the innermost caller outside torch: "file:line"). On a CPU these reads cost
+    nothing and torch.cuda.set_sync_debug_mode needs CUDA: this is where the suite sees them."""
+    return _record_host_syncs
+
+
+_SYNCING_OPS = ("aten._local_scalar_dense", "aten.equal", "aten.nonzero", "aten.masked_select",
+                "aten.repeat_interleave.Tensor", "aten.is_nonzero", "aten._unique2", "aten.unique_consecutive")
+_ON_DEVICE = "_sde_ray_test_on_device"  # the mark of a tensor computed on the (simulated) device
+
+
+@contextlib.contextmanager
+def _record_host_syncs(device_tensors):
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    for tensor in device_tensors:
+        setattr(tensor, _ON_DEVICE, True)
+    found: list[tuple[str, str]] = []
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            inputs = [x for x in tree_leaves((args, kwargs or {})) if isinstance(x, torch.Tensor)]
+            on_device = any(getattr(x, _ON_DEVICE, False) for x in inputs)
+            name = str(func)
+            bool_index = name.startswith("aten.index.Tensor") and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool and getattr(i, _ON_DEVICE, False)
+                for i in (args[1] if len(args) > 1 else ()) or ())
+            if on_device and (name.startswith(_SYNCING_OPS) or bool_index):
+                caller = next(f for f in reversed(traceback.extract_stack()[:-1]) if "/torch/" not in f.filename)
+                found.append((name, f"{caller.filename}:{caller.lineno}"))
+            out = func(*args, **(kwargs or {}))
+            if on_device:
+                for tensor in tree_leaves(out):
+                    if isinstance(tensor, torch.Tensor):
+                        setattr(tensor, _ON_DEVICE, True)
+            return out
+
+    try:
+        with Recorder():
+            yield found
+    finally:
+        for tensor in device_tensors:
+            delattr(tensor, _ON_DEVICE)
+
+
 @contextlib.contextmanager
 def _default_device_meta():
     previous = torch.get_default_device()

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from sde_ray import storage
+from sde_ray.models.embedder import is_host_fact
 from sde_ray.models.vlm import trim_patches
 
 PREFIXES = {"query": "qry", "target": "pos"}
@@ -95,7 +96,10 @@ class ModelEncoder:
         # A VLM's padded patch columns cut to the batch's largest image: only those bytes reach the device.
         arrays = trim_patches(arrays)
         started = time.perf_counter()
-        batch = {key: torch.from_numpy(np.ascontiguousarray(value)).to(self.device) for key, value in arrays.items()}
+        # Per-row facts (has_image, token spans, grids) stay on the host, where the model reads them
+        # without waiting on the device (`models.is_host_fact`).
+        batch = {key: torch.from_numpy(np.ascontiguousarray(value)).to("cpu" if is_host_fact(key) else self.device)
+                 for key, value in arrays.items()}
         was_training = self.model.training
         self.model.eval()
         self.calls += 1

@@ -6,7 +6,9 @@ values or the objective's own frozen dataclasses (`SDEObjective(SDESpectral, SDE
 `ClipLoss(rank=, world_size=)` does, so nothing here imports `sde_ray.config`. Its forward is `objective(query, target, context) -> (loss, metrics)` where
 `query`/`target` are this rank's raw (B × d) encoder features (before L2 normalisation), `context` is
 a `StepContext`, `loss` is this rank's scalar loss (the mean over ranks is the global loss) and
-`metrics` is a dict of floats for logging. Objectives with parameters (heads, a learnable
+`metrics` is a dict of floats or detached 0-dim tensors for logging (a loss term stays a tensor on
+the features' device: the training loop reads the window's metrics back in one transfer at its log
+step, never one `float()` per metric per step). Objectives with parameters (heads, a learnable
 temperature) are trained together with the encoder.
 """
 

@@ -138,9 +138,9 @@ class DisNCLObjective(torch.nn.Module):
         )
         loss = alignment + self.w_exclusive * decorrelation
         metrics = {
-            "loss_alignment": float(alignment.detach()),
-            "loss_decorrelation": float(decorrelation.detach()),
-            "pair_weight_min": float(weights.min()),
+            "loss_alignment": alignment.detach(),
+            "loss_decorrelation": decorrelation.detach(),
+            "pair_weight_min": weights.detach().min(),
         }
         metrics.update(modality_gap_metrics(query, target, world_size))
         return loss, metrics

@@ -109,15 +109,15 @@ class DSRSDObjective(ContrastiveObjective):
             + self.w_orthogonality * orthogonality
         )
         metrics = {
-            "loss_contrastive": float(contrastive.detach()),
-            "loss_regression": float(regression.detach()),
-            "loss_decorrelation": float(decorrelation.detach()),
-            "loss_orthogonality": float(orthogonality.detach()),
+            "loss_contrastive": contrastive.detach(),
+            "loss_regression": regression.detach(),
+            "loss_decorrelation": decorrelation.detach(),
+            "loss_orthogonality": orthogonality.detach(),
         }
         if self.w_instance > 0:
             instance = batch.info_nce(scale, self.duplicates, normalize=True)
             loss = loss + self.w_instance * instance
-            metrics["loss_instance"] = float(instance.detach())
+            metrics["loss_instance"] = instance.detach()
         metrics.update(modality_gap_metrics(query, target, world_size))
         return loss, metrics
 

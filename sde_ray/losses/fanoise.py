@@ -129,7 +129,7 @@ class FANoiseObjective(ContrastiveObjective):
             self.spectral_mode,
             self.auto_gram_ratio,
         )
-        realised = float(noise.float().pow(2).sum() / features.detach().float().pow(2).sum().clamp_min(1e-12))
+        realised = (noise.float().pow(2).sum() / features.detach().float().pow(2).sum().clamp_min(1e-12)).detach()
         return features + noise, realised
 
     def contrastive(self, batch: ContrastiveBatch, context: StepContext):
@@ -146,7 +146,7 @@ class FANoiseObjective(ContrastiveObjective):
         loss = batch.replace(query=noisy_query, positives=noisy_target).info_nce(
             self.scale(), self.duplicates, normalize=True)
         metrics = {
-            "loss_instance": float(loss.detach()),
+            "loss_instance": loss.detach(),
             "fanoise_level": level,
             "fanoise_energy_query": query_energy,
             "fanoise_energy_target": target_energy,

@@ -138,9 +138,9 @@ class GapObjective(ContrastiveObjective):
         centroid = (all_q.mean(0) - all_t.mean(0)).pow(2).sum()
         loss = instance + self.w_gap * pull + self.w_centroid * centroid
         metrics = {
-            "loss_instance": float(instance.detach()),
-            "loss_gap_remedy": float(pull.detach()),
-            "loss_gap_centroid": float(centroid.detach()),
+            "loss_instance": instance.detach(),
+            "loss_gap_remedy": pull.detach(),
+            "loss_gap_centroid": centroid.detach(),
         }
         metrics.update(modality_gap_metrics(query, target, context.world_size))
         return loss, metrics

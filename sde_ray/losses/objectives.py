@@ -48,7 +48,7 @@ class InfoNCEObjective(ContrastiveObjective):
 
     def contrastive(self, batch: ContrastiveBatch, context: StepContext):
         loss = batch.info_nce(self.scale(), self.duplicates, normalize=True)
-        return loss, {"loss_instance": float(loss.detach())}
+        return loss, {"loss_instance": loss.detach()}
 
 
 def build_infonce(config, embed_dim: int) -> InfoNCEObjective:

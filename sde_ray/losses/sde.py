@@ -216,11 +216,11 @@ class SDEObjective(ContrastiveObjective):
             lc.w_snr,
         )
         metrics = {
-            "loss": float(total.detach()),
-            "loss_instance": float(loss_instance.detach()),
-            "loss_hellinger": float(loss_hellinger.detach()),
-            "loss_subspace": float(loss_subspace.detach()),
-            "loss_snr": float(loss_snr.detach()),
+            "loss": total.detach(),
+            "loss_instance": loss_instance.detach(),
+            "loss_hellinger": loss_hellinger.detach(),
+            "loss_subspace": loss_subspace.detach(),
+            "loss_snr": loss_snr.detach(),
             "alpha": alpha,
             "lambda": lam,
             "spectral_mode_gram": 1.0 if mode == "gram" else 0.0,

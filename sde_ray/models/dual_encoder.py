@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sde_ray.models.embedder import Embedder, trim_padding, vision_keepalive
+from sde_ray.models.embedder import Embedder, token_span, trim_padding, vision_keepalive
 
 
 def _head_text(model, input_ids, attention_mask, pooling):
@@ -87,10 +87,12 @@ class DualEncoder(Embedder):
         family = DUAL_ENCODER_TYPES[model.config.model_type]
         pooling = self.model_config.pooling
         if family.causal_text:
-            input_ids, attention_mask = trim_padding(input_ids, attention_mask)
+            span = token_span(batch, prefix, attention_mask)
+            input_ids, attention_mask = trim_padding(input_ids, attention_mask, span)
         text = family.text_features(model, input_ids, attention_mask, pooling)
-        rows = has_image.nonzero().squeeze(1)
+        rows = has_image.nonzero().squeeze(1)  # on the host: the batch's per-row fact
         if rows.numel() == 0:
             return text + vision_keepalive(lambda px: family.image_features(model, px, pooling), pixel_values)
-        image = family.image_features(model, pixel_values[rows], pooling)
+        rows = rows.to(text.device)  # a host-to-device copy: nothing waits
+        image = family.image_features(model, pixel_values.index_select(0, rows), pooling)
         return text.index_add(0, rows, image.to(text.dtype))

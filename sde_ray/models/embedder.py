@@ -103,6 +103,7 @@ class Embedder(nn.Module):
         # of the module (DeepSpeed) cannot round them. Device copies are made once per device.
         self.pixel_normalization = PixelNormalization.of(image_processor)
         self._pixel_constants: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._inputs_checked = False  # see `inputs_checked`
 
     def encode_side(self, batch: dict, prefix: str) -> torch.Tensor:
         raise NotImplementedError
@@ -119,8 +120,8 @@ class Embedder(nn.Module):
         from sde_ray.losses.infonce import with_negatives
 
         device = next(self.parameters()).device
-        negatives = {key: torch.as_tensor(value, device=device).flatten(0, 1) for key, value in batch.items()
-                     if key.startswith("neg_") and key != "neg_target_id"}
+        negatives = {key: torch.as_tensor(value, device="cpu" if is_host_fact(key) else device).flatten(0, 1)
+                     for key, value in batch.items() if key.startswith("neg_") and key != "neg_target_id"}
         return query, with_negatives(target, self.encode_side(negatives, "neg"))
 
     # ------------------------------------------------------------------------------------------
@@ -153,14 +154,22 @@ class Embedder(nn.Module):
         return x.sub_(mean).div_(std).to(self.parameter_dtype())
 
     def text_inputs(self, batch: dict, prefix: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(input_ids, attention_mask, has_image) of one side, as tensors on the model's device."""
+        """(input_ids, attention_mask, has_image) of one side: the tokens on the model's device, cut to
+        the batch's real columns (`trim_padding`, causal towers only: `trim`), and `has_image` on the
+        host (`host_fact`)."""
         device = next(self.parameters()).device
         names = [f"{prefix}_{key}" for key in ("input_ids", "attention_mask", "pixel_values", "has_image")]
         missing = [name for name in names if name not in batch]
         if missing:
             raise KeyError(f"model batch lacks {missing}; build it with sde_ray.models.BatchProcessor.")
-        ids, mask, has_image = (torch.as_tensor(batch[names[i]], device=device) for i in (0, 1, 3))
-        return ids.long(), mask.long(), has_image.bool()
+        ids, mask = (torch.as_tensor(batch[names[i]], device=device) for i in (0, 1))
+        return ids.long(), mask.long(), host_fact(batch, names[3]).bool()
+
+    def inputs_checked(self) -> bool:
+        """Whether this forward may skip the batch checks that read the device (a host sync each):
+        they run on the model's first forward, and on every one under `model.check_inputs`."""
+        checked, self._inputs_checked = self._inputs_checked, True
+        return checked and not self.model_config.check_inputs
 
     def side_inputs(
         self, batch: dict, prefix: str
@@ -233,17 +242,48 @@ def tower_of(parameter_name: str) -> str:
     return "vision" if any(marker in parameter_name for marker in VISION_TOWER_MARKERS) else "text"
 
 
-def trim_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Drops the columns that are padding in every row (trailing for right padding, leading for left).
+# The per-row facts of a side the BatchProcessor computes on the host (`{prefix}<suffix>`): the model
+# reads them there, so a forward never waits on the device to learn them. The training loop keeps
+# them on the host when it moves a batch (`sde_ray.models.to_model_inputs`).
+HOST_FACT_SUFFIXES = ("_has_image", "_token_span", "_image_grid_thw", "_video_grid_thw")
+
+
+def is_host_fact(key: str) -> bool:
+    return key.endswith(HOST_FACT_SUFFIXES)
+
+
+def host_fact(batch: dict, key: str) -> torch.Tensor:
+    """`batch[key]` as a CPU tensor. From the BatchProcessor it is one (numpy, or kept on the host by
+    the loop); a batch built by hand with device tensors pays one host sync here."""
+    return torch.as_tensor(batch[key], device="cpu")
+
+
+def token_span(batch: dict, prefix: str, attention_mask: torch.Tensor) -> tuple[int, int]:
+    """(first, one past the last) column any row of the side uses: from the rows' `{prefix}_token_span`
+    on the host, or, for a batch without it (built by hand), from the mask (one host sync)."""
+    key = f"{prefix}_token_span"
+    if key in batch:
+        spans = host_fact(batch, key)
+        used = spans[:, 1] > spans[:, 0]
+        if not bool(used.any()):
+            return 0, attention_mask.shape[1]
+        return int(spans[used, 0].min()), int(spans[used, 1].max())
+    used = attention_mask.any(dim=0).nonzero()
+    if used.numel() == 0:
+        return 0, attention_mask.shape[1]
+    return int(used[0]), int(used[-1]) + 1
+
+
+def trim_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 span: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drops the columns outside `span` (`token_span`): those that are padding in every row
+    (trailing for right padding, leading for left).
 
     Batches arrive padded to a fixed max length; most rows are far shorter. For a causal tower with
     an attention mask (CLIP's text tower, a decoder LM) no real token sees a pad, so the result is
     unchanged and the cost falls with the real length. Not for bidirectional towers that pool at a
     fixed position (SigLIP)."""
-    used = attention_mask.any(dim=0).nonzero()
-    if used.numel() == 0:
-        return input_ids, attention_mask
-    start, end = int(used[0]), int(used[-1]) + 1
+    start, end = span
     return input_ids[:, start:end], attention_mask[:, start:end]
 
 

@@ -6,8 +6,10 @@ maps a raw batch (`qry_text`, `pos_text`, `qry_image`, `pos_image`, `target_hash
 `{qry,pos}_input_ids` int64 [B, L], `{qry,pos}_attention_mask` int64 [B, L],
 `{qry,pos}_pixel_values` uint8 [B, 3, H, W] (VLMs: [B, max_patches, 3·P·P] with
 `{qry,pos}_image_grid_thw` int64 [B, 3]; zeros where a row has no image), `{qry,pos}_has_image` bool
-[B], `target_id` int64 [B] and `query_id` int64 [B] (the same content id of the query's text and
-image bytes).
+[B], `{qry,pos}_token_span` int64 [B, 2] (each row's first and one-past-last real token column: with
+`has_image` and the grids, the per-row facts the model reads on the host instead of the device),
+`target_id` int64 [B] and `query_id` int64 [B] (the same content id of the query's text and image
+bytes).
 
 With `negatives_per_query=K > 0` the raw batch also carries per-row lists `neg_text`, `neg_image` and
 optionally `neg_target_hash` (the dataset's own negatives, see sde_ray/data/batches.py, or a mined
@@ -249,7 +251,7 @@ class BatchProcessor:
         self, texts: Sequence[str], images: Sequence[Any] | None, prefix: str,
         frames: Sequence[Sequence[Any]] | None = None,
     ) -> dict[str, np.ndarray]:
-        """One side: texts (with MMEB placeholders) and images (bytes / PIL / None) → the four
+        """One side: texts (with MMEB placeholders) and images (bytes / PIL / None) → the
         `{prefix}_*` arrays. Used by the evaluator for query and candidate lists alike. `frames`:
         per row a video's frames (bytes / PIL; [] for none), VLMs with model.video_frames > 0 only."""
         texts = list(texts)
@@ -263,7 +265,15 @@ class BatchProcessor:
         has_image = np.array([image is not None for image in decoded], dtype=bool)
         if self.config.kind == "vlm":
             videos = self._decode_videos(frames, len(texts), prefix)
-            return self._encode_vlm(texts, decoded, has_image, prefix, videos)
+            out = self._encode_vlm(texts, decoded, has_image, prefix, videos)
+        else:
+            out = self._encode_dual(texts, decoded, has_image, prefix, frames)
+        out[f"{prefix}_token_span"] = token_spans(out[f"{prefix}_attention_mask"])
+        return out
+
+    def _encode_dual(self, texts: list[str], decoded: list, has_image: np.ndarray, prefix: str,
+                     frames: Sequence[Sequence[Any]] | None) -> dict[str, np.ndarray]:
+        """The dual encoder's side: tokens padded to max_text_length and uint8 [B, 3, H, W] pixels."""
         if frames is not None and any(len(f) for f in frames):
             raise ValueError(f"{prefix}: video frames given to a dual encoder (model.kind=vlm has a video path).")
         if not texts:
@@ -563,6 +573,18 @@ class VisualGeometry:
     def tokens(self, height: int, width: int) -> int:
         new_height, new_width = self.resized(height, width)
         return new_height * new_width // self.factor**2
+
+
+def token_spans(attention_mask: np.ndarray) -> np.ndarray:
+    """Each row's (first, one past the last) column with attention_mask 1, int64 [B, 2] ((0, 0) for an
+    empty row): a per-row fact the model reads on the host to cut a batch's all-padding columns
+    (`sde_ray.models.embedder.trim_padding`), where reading the mask itself would wait on the device."""
+    mask = np.asarray(attention_mask).astype(bool)
+    spans = np.zeros((mask.shape[0], 2), dtype=np.int64)
+    used = mask.any(axis=1)
+    spans[used, 0] = mask[used].argmax(axis=1)
+    spans[used, 1] = mask.shape[1] - mask[used][:, ::-1].argmax(axis=1)
+    return spans
 
 
 def patchify_image(image: np.ndarray, patch_size: int, merge_size: int) -> np.ndarray:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sde_ray.models.embedder import Embedder, trim_padding, vision_keepalive
+from sde_ray.models.embedder import Embedder, host_fact, token_span, trim_padding, vision_keepalive
 
 # Same image processor (Qwen2VLImageProcessor), patch layout, M-RoPE index and forward signature.
 VLM_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
@@ -35,12 +35,15 @@ def last_token_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch
 
 def pack_patches(pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
     """Padded per-row patches [B, max_patches, D] and grids [B, 3] → the rows' real patches
-    concatenated in row order, [Σ t·h·w, D] (the Hugging Face processors' `pixel_values`)."""
-    counts = grid_thw.prod(dim=1).to(pixel_values.device)
+    concatenated in row order, [Σ t·h·w, D] (the Hugging Face processors' `pixel_values`). The grids
+    are read on the host (a batch's per-row facts): the device only gathers the rows."""
+    grid_thw = torch.as_tensor(grid_thw, device="cpu")
+    counts = grid_thw.prod(dim=1)
     if counts.numel() and int(counts.max()) > pixel_values.shape[1]:
         raise ValueError(f"image_grid_thw {grid_thw.tolist()} needs more patches than the {pixel_values.shape[1]} stored.")
-    used = torch.arange(pixel_values.shape[1], device=pixel_values.device) < counts[:, None]
-    return pixel_values[used]
+    used = torch.arange(pixel_values.shape[1], device="cpu") < counts[:, None]
+    index = used.flatten().nonzero().squeeze(1).to(pixel_values.device)  # host-to-device: nothing waits
+    return pixel_values.flatten(0, 1).index_select(0, index)
 
 
 # A side's grid key suffix -> its patch column's suffix (images, and videos with model.video_frames).
@@ -113,28 +116,22 @@ class VLMEmbedder(Embedder):
 
     def _visual_inputs(self, batch: dict, prefix: str, has_image: torch.Tensor, image_tokens: torch.Tensor,
                        video_tokens: torch.Tensor | None) -> tuple[list, list, list]:
-        """The chunk's images then videos: ([normalised packed patches], [grids on device], [kinds])."""
+        """The chunk's images then videos: ([normalised packed patches], [grids on device], [kinds]).
+        The grids and `has_image` are read on the host; the token counts (on the device) are checked
+        against them only when `inputs_checked` says so."""
         device = next(self.parameters()).device
         merge = self._patch[1] ** 2
-        grid_all = torch.as_tensor(batch[f"{prefix}_image_grid_thw"]).long()
-        expected = grid_all.prod(dim=1).to(device) // merge
-        seen = image_tokens.sum(1)
+        grid_all = host_fact(batch, f"{prefix}_image_grid_thw").long()
+        expected = grid_all.prod(dim=1) // merge
         video_grid_all = None
         if video_tokens is not None:
-            video_grid_all = torch.as_tensor(batch[f"{prefix}_video_grid_thw"]).long()
-            video_expected = video_grid_all.prod(dim=1).to(device) // merge
-            if not torch.equal(video_tokens.sum(1), video_expected):
-                raise ValueError(f"{prefix}: video-pad token counts {video_tokens.sum(1).tolist()} do not match the "
-                                 f"videos' grids {video_grid_all.tolist()}; build the batch with a BatchProcessor "
-                                 "of the same model config.")
-            expected, seen = expected + video_expected, seen + video_tokens.sum(1)
-        if not torch.equal(image_tokens.sum(1), grid_all.prod(dim=1).to(device) // merge) or not torch.equal(
-                expected > 0, has_image):
-            raise ValueError(
-                f"{prefix}: image-pad token counts {image_tokens.sum(1).tolist()} do not match the images' grids "
-                f"{grid_all.tolist()} (has_image {has_image.tolist()}); build the batch with a BatchProcessor of "
-                "the same model config."
-            )
+            video_grid_all = host_fact(batch, f"{prefix}_video_grid_thw").long()
+        visual = expected + (0 if video_grid_all is None else video_grid_all.prod(dim=1) // merge)
+        if not torch.equal(visual > 0, has_image):  # host tensors: no sync
+            raise ValueError(f"{prefix}: has_image {has_image.tolist()} does not match the grids {grid_all.tolist()}; "
+                             "build the batch with a BatchProcessor of the same model config.")
+        if not self.inputs_checked():
+            self._check_visual_tokens(prefix, image_tokens, grid_all, video_tokens, video_grid_all)
         patches, grids, kinds = [], [], []
         pixel_key = f"{prefix}_pixel_values"
         rows = (grid_all.prod(dim=1) > 0).nonzero().squeeze(1)
@@ -152,6 +149,21 @@ class VLMEmbedder(Embedder):
                 kinds.append("video")
         return patches, grids, kinds
 
+    def _check_visual_tokens(self, prefix: str, image_tokens: torch.Tensor, grid_all: torch.Tensor,
+                             video_tokens: torch.Tensor | None, video_grid_all: torch.Tensor | None) -> None:
+        """Each row's image-pad (and video-pad) token count equals its grid's visual tokens (reads the
+        device: see `Embedder.inputs_checked`)."""
+        merge = self._patch[1] ** 2
+        for name, tokens, grid in (("image", image_tokens, grid_all), ("video", video_tokens, video_grid_all)):
+            if tokens is None:
+                continue
+            counts = tokens.sum(1).cpu()
+            if not torch.equal(counts, grid.prod(dim=1) // merge):
+                raise ValueError(
+                    f"{prefix}: {name}-pad token counts {counts.tolist()} do not match the {name}s' grids "
+                    f"{grid.tolist()}; build the batch with a BatchProcessor of the same model config."
+                )
+
     def encode_side(self, batch: dict, prefix: str) -> torch.Tensor:
         device = next(self.parameters()).device
         grid_key = f"{prefix}_image_grid_thw"
@@ -159,7 +171,7 @@ class VLMEmbedder(Embedder):
             raise KeyError(f"model batch lacks '{grid_key}'; build it with a BatchProcessor of this VLM "
                            "(images at their own resolution, as patches with their grids).")
         input_ids, attention_mask, has_image = self.text_inputs(batch, prefix)
-        input_ids, attention_mask = trim_padding(input_ids, attention_mask)
+        input_ids, attention_mask = trim_padding(input_ids, attention_mask, token_span(batch, prefix, attention_mask))
         model = self._multimodal_model()
         image_tokens = input_ids == self._image_token_id
         video_tokens = None

@@ -11,7 +11,10 @@ loop asks `cadence.at(step)` instead of testing step numbers itself:
   sends no SIGTERM: this bounds what it costs); the last step's checkpoint is `finish`'s, which
   reports the run summary with it;
 - report to Ray (a barrier: every rank reports at the same steps) whenever anything above happened,
-  except at the last step (again `finish`'s report).
+  except at the last step (again `finish`'s report);
+- read the driver's stop flag (`train.session.Session.stop_requested`: rank 0's Ray actor call and
+  an all-reduce, a host sync) every `train.stop_check_every` steps and at every logged step, not
+  at every step.
 
 The wall-clock rule's answer must be the same on every rank although their clocks differ: it reads
 `distributed.SlowestClock` (the slowest rank's time, one all-reduce per step, none when the option is
@@ -37,6 +40,7 @@ class Due:
     checkpoint: bool = False  # a mid-run checkpoint (never at the last step: `finish` writes that one)
     console: bool = False  # a console line for the logged metrics
     last: bool = False
+    stop_check: bool = False  # the driver's stop flag is read (never at the last step: nothing left to stop)
 
     @property
     def report(self) -> bool:
@@ -52,6 +56,7 @@ class Cadence:
     checkpoint_every: int
     console_every: int
     validating: bool  # a validation split exists
+    stop_check_every: int = 1
     checkpoint_seconds: float = 0.0  # train.checkpoint_every_minutes in seconds; 0: by step only
     world_size: int = 1  # the ranks that agree on the wall-clock rule
     clock: SlowestClock | None = None  # since the last checkpoint (None: no wall-clock rule)
@@ -64,6 +69,7 @@ class Cadence:
         seconds = train.checkpoint_every_minutes * 60.0
         return cls(max_steps=train.max_steps, log_every=train.log_every, eval_every=train.eval_every,
                    checkpoint_every=train.checkpoint_every, console_every=max(1, config.logging.console_every),
+                   stop_check_every=train.stop_check_every,
                    validating=validating, checkpoint_seconds=seconds, world_size=world_size,
                    clock=SlowestClock(now) if seconds > 0 else None)
 
@@ -88,4 +94,5 @@ class Cadence:
         # Validated and checkpointed steps are logged too: their metrics go with the report.
         log = step % self.log_every == 0 or last or validate or checkpoint
         return Due(log=log, validate=validate, checkpoint=checkpoint,
-                   console=log and (step % self.console_every == 0 or last), last=last)
+                   console=log and (step % self.console_every == 0 or last), last=last,
+                   stop_check=not last and (log or step % self.stop_check_every == 0))

@@ -18,7 +18,8 @@ same three functions run under a `LocalSession` in one process:
   state advanced → the meter → the cadence's log / validation P@1 (every rank encodes its share,
   see `sde_ray.eval.sharded`) / checkpoint (every `checkpoint_every` steps and every
   `checkpoint_every_minutes`, uploaded in the background under `checkpoint_upload=async`) / report
-  → the step hook and the preemption flag;
+  → the step hook and, at the cadence's steps (`train.stop_check_every`, every logged step), the
+  preemption flag;
 - `finish(run)`: spectrum plot, final checkpoint with the run's summary, then the `save_pretrained`
   export (rank 0; LoRA merged in place, so it comes after the last checkpoint). The full MMEB
   evaluation is not run here: the driver runs it on the eval actors after `fit()` returns, so no
@@ -38,7 +39,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from sde_ray import storage
@@ -46,7 +46,7 @@ from sde_ray.config import Config
 from sde_ray.eval.validation import validation_p_at_1
 from sde_ray.losses import StepContext
 from sde_ray.losses.batch import step_target_ids
-from sde_ray.models import BatchProcessor, load_trained_weights
+from sde_ray.models import BatchProcessor, load_trained_weights, to_model_inputs
 from sde_ray.distributed import broadcast_object
 from sde_ray.runs import RunLogger, say
 from sde_ray.train.cadence import Cadence, Due
@@ -145,19 +145,6 @@ def check_order(state: TrainState, spec: dict, rank: int, args: RunArgs) -> None
 def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
     """Randomness for the objective, identical on every rank and reproducible after a resume."""
     return torch.Generator().manual_seed(seed * 1_000_003 + step * 1_009 + micro)
-
-
-def to_model_inputs(batch: dict, device: torch.device, float_dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Tensors on the engine's device; float inputs in the engine's precision (pixels arrive as uint8
-    and stay so: the model normalises them on its device). A VLM's padded patches are cut to the
-    batch's largest image first (`trim_patches`): only those bytes cross to the device."""
-    from sde_ray.models.vlm import trim_patches
-
-    out = {}
-    for key, value in trim_patches(batch).items():
-        tensor = torch.as_tensor(value if isinstance(value, torch.Tensor) else np.asarray(value), device=device)
-        out[key] = tensor.to(float_dtype) if tensor.is_floating_point() else tensor
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,12 +343,13 @@ def fit(run: Run) -> bool:
         clamp_temperatures(engine)  # the optimizer stepped
         meter.step(result)
         state.advance(config.train.global_batch_size, run.stream.epoch, run.stream.epoch_rows)
-        after_step(run, run.cadence.at(state.step))
+        due = run.cadence.at(state.step)
+        after_step(run, due)
         if run.args.step_hook is not None:
             call_hook(run.args.step_hook, step=state.step, rank=run.rank, world_size=run.world_size,
                       module=engine.module, sample_ids=sample_ids.tolist(), epoch=run.stream.epoch,
                       losses=[result.loss])
-        if state.step < config.train.max_steps and run.session.stop_requested():
+        if due.stop_check and run.session.stop_requested():  # at the cadence's steps, on every rank alike
             meter.sync_replaced(state)
             checkpoint_and_report(run, {**run.last_metrics, "step": state.step, "samples": state.samples,
                                         "preempted": 1})

@@ -1,7 +1,7 @@
 """The step meter: what the loop measures between two logged steps, owned by one object.
 
 It holds the window (sums of the objective's metrics and the loss over the finite steps since the
-last log), its timing and the samples it consumed (skipped steps read their batch too, so they
+last log, kept on the device until the log step reads them back at once), its timing and the samples it consumed (skipped steps read their batch too, so they
 count), this rank's rows that stood in for read-time rejects since the last sync, and the last
 step's features (the spectral diagnostics and the final spectrum plot are computed from them).
 
@@ -20,6 +20,20 @@ from sde_ray.spectral import spectral_snapshot, spectrum_rule
 
 # A metric every spectral objective logs itself; without it the meter computes the diagnostics.
 SPECTRAL_MARKER = "effective_rank_q"
+
+
+def on_host(values: dict) -> dict[str, float]:
+    """`values` (floats and 0-dim tensors) as floats: the tensors stacked per device and brought over
+    in one transfer each (one host sync, not one per metric)."""
+    out = {key: float(value) for key, value in values.items() if not isinstance(value, torch.Tensor)}
+    by_device: dict[torch.device, list[str]] = {}
+    for key, value in values.items():
+        if isinstance(value, torch.Tensor):
+            by_device.setdefault(value.device, []).append(key)
+    for keys in by_device.values():
+        stacked = torch.stack([values[key].reshape(()).to(torch.float64) for key in keys]).cpu()
+        out.update(zip(keys, stacked.tolist()))
+    return {key: out[key] for key in values}
 
 
 class StepMeter:
@@ -41,9 +55,13 @@ class StepMeter:
         self.samples += self.global_batch_size
 
     def step(self, result) -> None:
-        """A finite step: its loss, metrics and features enter the window."""
-        for key, value in {**result.metrics, "loss": result.loss}.items():
-            self.sums[key] = self.sums.get(key, 0.0) + float(value)
+        """A finite step: its loss, metrics and features enter the window. Tensor values are summed
+        where they are, in float64 (the sums a host loop over `float()`s would make), so a step reads
+        nothing back from the device; `window_metrics` brings them over in one transfer."""
+        for key, value in {**result.metrics, "loss": result.loss_value}.items():
+            if isinstance(value, torch.Tensor):
+                value = value.detach().to(torch.float64)
+            self.sums[key] = self.sums.get(key, 0.0) + value
         self.steps += 1
         self.features = (result.query, result.target)
 
@@ -60,7 +78,7 @@ class StepMeter:
 
     def window_metrics(self) -> dict[str, float]:
         """The window's means averaged over ranks, with throughput (a collective)."""
-        local = {key: value / max(self.steps, 1) for key, value in self.sums.items()}
+        local = {key: value / max(self.steps, 1) for key, value in on_host(self.sums).items()}
         if self.features is not None and SPECTRAL_MARKER not in local:
             local.update(self.spectra()[0])  # the InfoNCE baseline logs the same numbers as SDE
         metrics = mean_over_ranks(local, self.world_size)

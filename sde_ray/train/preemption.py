@@ -4,13 +4,14 @@ Kubernetes (pod deletion, node drain) and Slurm (`scancel`, the time limit with 
 SIGTERM to the job's driver, the `sde-ray train` process; the Ray Train workers are actors in other
 processes and never see it (and the train function runs in a worker thread, where Python cannot
 install a signal handler). So the driver's handler only raises a flag held by a tiny Ray actor;
-rank 0 reads it after every optimizer step (`train.session.RaySession`) and one collective gives every rank
-the same answer, so all of them stop at the same step, write a checkpoint (a `ray.train.report`
-barrier) and return. `fit()` then returns normally and the driver exits with `EXIT_PREEMPTED`;
+rank 0 reads it every `train.stop_check_every` optimizer steps and at every logged step
+(`train.cadence`, `train.session.RaySession`; not every step: the actor call and the collective make
+the host wait for the device) and one collective gives every rank the same answer, so all of them
+stop at the same step, write a checkpoint (a `ray.train.report` barrier) and return. `fit()` then returns normally and the driver exits with `EXIT_PREEMPTED`;
 rerunning the same command resumes from that checkpoint. A second SIGTERM restores the previous
 handler and re-delivers the signal (a forced stop).
 
-The stop costs one step plus one checkpoint: size Kubernetes' `terminationGracePeriodSeconds` (30 s
+The stop costs up to `train.stop_check_every` steps plus one checkpoint: size Kubernetes' `terminationGracePeriodSeconds` (30 s
 by default), Ray's `RAY_JOB_STOP_WAIT_TIME_S` (3 s by default; the runtime envs here set 300) or
 Slurm's `--signal=B:TERM@<seconds>` to fit it. A lost spot node sends nothing at all:
 `train.checkpoint_every_minutes` (the wall-clock rule of `train.cadence.Cadence.checkpoint_due`)

@@ -52,15 +52,22 @@ from sde_ray.train.grad_guard import GradientGuard
 @dataclass
 class StepResult:
     """What one `train_step` did. `finite=False`: skipped whole, the weights did not move; `skipped`
-    says why ("loss" or "gradient": non-finite on at least one rank)."""
+    says why ("loss" or "gradient": non-finite on at least one rank). The loss and the objective's
+    metrics stay as they were computed (0-dim tensors on the device, or floats): reading `loss` is a
+    host sync; the loop's meter sums `loss_value` and the metrics without one."""
 
     finite: bool
-    loss: float
-    metrics: dict[str, float] = field(default_factory=dict)
+    loss_value: torch.Tensor | float
+    metrics: dict[str, torch.Tensor | float] = field(default_factory=dict)
     query: torch.Tensor | None = None  # this worker's features, detached (diagnostics)
     target: torch.Tensor | None = None
     chunks: int = 1
     skipped: str | None = None
+
+    @property
+    def loss(self) -> float:
+        """This rank's loss as a float (a host sync when it is a device tensor)."""
+        return float(self.loss_value)
 
 
 def rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -134,7 +141,7 @@ def train_step(engine, batch: dict[str, torch.Tensor], context, chunk: int, worl
     loss, metrics, query, target = engine(pieces[0], context, leaves)  # an `engine.Scored`
     if not all_ranks_finite(loss, world_size):
         set_rng_state(step_start, device)  # a skipped step leaves no trace, randomness included
-        return StepResult(finite=False, loss=float(loss.detach()), chunks=len(pieces), skipped="loss")
+        return StepResult(finite=False, loss_value=loss.detach(), chunks=len(pieces), skipped="loss")
     backward(engine, loss)
 
     # 3. Replay each cached chunk with a graph and push its cached feature gradients through it.
@@ -152,7 +159,7 @@ def train_step(engine, batch: dict[str, torch.Tensor], context, chunk: int, worl
         with guard.skipped_update():
             engine.step()  # the boundary: DeepSpeed clears its gradients, nothing is updated
         set_rng_state(step_start, device)
-        return StepResult(finite=False, loss=float(loss.detach()), chunks=len(pieces), skipped="gradient")
+        return StepResult(finite=False, loss_value=loss.detach(), chunks=len(pieces), skipped="gradient")
     engine.step()
     if leaves is not None:
         # The replays redrew chunks 1..k-1's masks: return to where the one pass over the chunks ended.
@@ -162,5 +169,5 @@ def train_step(engine, batch: dict[str, torch.Tensor], context, chunk: int, worl
     # The objectives all-gather equal shapes, so the objective and its spectral stage saw local × world rows.
     rows = query.shape[0] * world_size
     metrics = {**metrics, "rows_objective": float(rows), "rows_spectral": float(rows)}
-    return StepResult(finite=True, loss=float(loss.detach()), metrics=metrics, query=query, target=target,
+    return StepResult(finite=True, loss_value=loss.detach(), metrics=metrics, query=query, target=target,
                       chunks=len(pieces))

@@ -22,6 +22,14 @@ def test_the_cadence_of_a_run_with_validation():
     assert _steps(Cadence.of(config, validating=False), "validate") == []
 
 
+def test_the_stop_flag_is_read_at_logged_steps_and_every_stop_check_every_steps_never_at_the_last():
+    config = load_config(None, ["train.max_steps=12", "train.log_every=4", "train.checkpoint_every=100",
+                                "train.stop_check_every=3", "logging.wandb=false"])
+    assert _steps(Cadence.of(config, validating=False), "stop_check") == [3, 4, 6, 8, 9]
+    every_step = load_config(None, ["train.max_steps=4", "train.stop_check_every=1", "logging.wandb=false"])
+    assert _steps(Cadence.of(every_step, validating=False), "stop_check") == [1, 2, 3]
+
+
 def test_the_last_step_is_logged_off_the_schedule_and_the_console_needs_a_logged_step():
     config = load_config(None, ["train.max_steps=7", "train.log_every=3", "train.checkpoint_every=7",
                                 "train.eval_every=0", "logging.console_every=2", "logging.wandb=false"])

@@ -71,7 +71,7 @@ def test_fit_follows_the_cadence_and_finish_reports_the_summary(make_run, read_m
 def test_a_stop_request_checkpoints_at_the_step_boundary(make_run):
     from sde_ray.train.loop import fit
 
-    run = make_run("train.max_steps=6")
+    run = make_run("train.max_steps=6", "train.stop_check_every=1")  # step 3 is not a logged one
     seen = []
 
     def stop_at_three(step: int) -> None:  # the driver's SIGTERM arrives during step 3
