@@ -368,7 +368,7 @@ def test_launcher_nodes_can_reach_the_checkpoint_bucket(path):
             scopes = [s for account in node_config.get("serviceAccounts", []) for s in account.get("scopes", [])]
             assert any("cloud-platform" in s or "devstorage" in s for s in scopes), f"{name}: no storage scope"
     scheme = {"aws": "s3://", "gcp": "gs://"}[data["provider"]["type"]]
-    assert f"train.storage_path={scheme}" in text, "the file should say where checkpoints go"
+    assert f"--output-dir {scheme}" in text, "the file should say that a run's artifacts live in the bucket"
 
 
 def test_every_kuberay_pod_mounts_the_shared_volume():
