@@ -79,3 +79,13 @@ def start_node(args: list[str], log_path: Path, attempts: int = 3,
             time.sleep(1)
         stop(process)
     raise RuntimeError(f"ray start {' '.join(args)} failed {attempts} times:\n{log_path.read_text()[-3000:]}")
+
+
+def start_head(temp_dir: Path, num_cpus: int, extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen, int]:
+    """A head node without a dashboard, on free ports, its session under `temp_dir` (keep that path
+    short: socket paths have a length limit); returns the process and its GCS port."""
+    gcs, client = free_ports(2)
+    process = start_node(["--head", f"--port={gcs}", f"--ray-client-server-port={client}", "--include-dashboard=false",
+                          f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}", *node_port_flags()],
+                         temp_dir / "head.log", extra_env=extra_env)
+    return process, gcs

@@ -101,13 +101,10 @@ def test_bucket_only_run_on_three_nodes(s3_server, s3_bucket, small_config, data
     before = _files(tmp_path)
 
     temp_dir = Path(tempfile.mkdtemp(prefix="sdeb", dir="/tmp"))  # short: socket paths have a length limit
-    gcs, client = ray_nodes.free_ports(2)
     processes = []
     try:
-        processes.append(ray_nodes.start_node(
-            ["--head", f"--port={gcs}", f"--ray-client-server-port={client}", "--include-dashboard=false",
-             "--num-cpus=1", f"--temp-dir={temp_dir}", *ray_nodes.node_port_flags()], temp_dir / "head.log",
-            extra_env={"SDE_RAY_SCRATCH": str(scratch["head"])}))
+        head, gcs = ray_nodes.start_head(temp_dir, num_cpus=1, extra_env={"SDE_RAY_SCRATCH": str(scratch["head"])})
+        processes.append(head)
         for name in ("node1", "node2"):
             processes.append(ray_nodes.start_node(
                 [f"--address=127.0.0.1:{gcs}", "--num-cpus=2", "--resources={\"gpu_node\": 1}",

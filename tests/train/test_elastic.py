@@ -68,12 +68,10 @@ def _metrics(output_dir: Path) -> list[dict]:
 
 def test_run_grows_from_one_to_two_workers(small_config, tmp_path):
     temp_dir = Path(tempfile.mkdtemp(prefix="sdeel", dir="/tmp"))  # short: socket paths have a length limit
-    gcs, client = ray_nodes.free_ports(2)
     processes = []
     try:
-        processes.append(ray_nodes.start_node(
-            ["--head", f"--port={gcs}", f"--ray-client-server-port={client}", "--include-dashboard=false",
-             "--num-cpus=2", f"--temp-dir={temp_dir}", *ray_nodes.node_port_flags()], temp_dir / "head.log"))
+        head, gcs = ray_nodes.start_head(temp_dir, num_cpus=2)
+        processes.append(head)
         # 2 CPUs: one 1.5-CPU worker + the 0.5 data CPUs. The elastic policy takes every worker that
         # fits, so a 1-CPU worker would take both CPUs and starve Ray Data (check_capacity refuses it).
         config = small_config("scaling.min_workers=1", "scaling.max_workers=2", "scaling.cpus_per_worker=1.5",
