@@ -1,7 +1,8 @@
 """The LoRA recipes' ZeRO stage: ZeRO-1, which reduces gradients once per optimizer step (at the
 accumulation boundary) where ZeRO-2 reduces at every GradCache chunk. Its GradCache step must give
 the gradients of one plain autograd pass over the whole batch (test_gradcache's exact-Adam
-reference), on a real engine in this process, and the recipes must validate with it."""
+reference), on a real engine in this process, the recipes must validate with it, and the reductions
+per step are counted by torch's profiler, not taken from DeepSpeed's source."""
 
 from __future__ import annotations
 
@@ -45,3 +46,36 @@ def test_a_zero_1_lora_gradcache_step_equals_one_plain_pass(process_group, data_
                                         batch, helpers.ROWS, 0.0, rng_seed=5)
     assert abs(result.loss - want_loss) <= helpers.RTOL_LOSS * abs(want_loss)
     helpers.assert_deltas(before, helpers.trainable(engine.module), want)
+
+
+def _all_reduces_in_one_step(helpers, data_cache, batch, stage: int, chunks: int) -> int:
+    """gloo all-reduces one GradCache step issues (after a warm-up step), counted by torch's profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from sde_ray.train.deepspeed_config import build_deepspeed_config
+    from sde_ray.train.engine import build_engine
+    from sde_ray.train.step import train_step
+
+    lora = [f"deepspeed.zero_stage={stage}", "model.lora.enabled=true", "model.lora.dropout=0.0"]
+    config = helpers.case_config(data_cache, "dual_encoder", "sde", helpers.ROWS // chunks, *lora)
+    engine = build_engine(helpers.build_module(config, 0.0), build_deepspeed_config(config, 1))
+    step = lambda: train_step(engine, batch, helpers.step_context(batch, 0, 1), helpers.ROWS // chunks, 1)  # noqa: E731
+    step()  # buffers and hooks set up outside the count
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        step()
+    return sum(1 for event in profiler.events() if event.name == "gloo:all_reduce")
+
+
+def test_zero_1_reduces_once_per_step_where_zero_2_reduces_per_chunk(process_group, data_cache):
+    """The recipes' reason for ZeRO-1, measured: the collectives torch's profiler sees in one step
+    (the process group has one rank, but DeepSpeed issues every collective all the same). ZeRO-1's
+    count does not depend on the number of GradCache chunks; ZeRO-2's grows with each chunk."""
+    if str(HERE) not in sys.path:
+        sys.path.insert(0, str(HERE))
+    import test_gradcache as helpers
+
+    batch = helpers.local_batches(data_cache, "dual_encoder", 1, helpers.ROWS)[0]
+    zero_1 = [_all_reduces_in_one_step(helpers, data_cache, batch, 1, chunks) for chunks in (1, 4)]
+    zero_2 = [_all_reduces_in_one_step(helpers, data_cache, batch, 2, chunks) for chunks in (1, 4)]
+    assert zero_1[0] == zero_1[1], zero_1
+    assert zero_2[1] - zero_2[0] == 3, zero_2  # one more reduction for each chunk after the first
