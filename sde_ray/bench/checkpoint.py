@@ -132,6 +132,9 @@ def measure(name_or_path: str, before: bool, out: str) -> None:
     if sum(p.numel() for p in engine.module.parameters()) < STEP_BELOW:
         train_step(engine, batch, step_context(config, state, 0, 1, batch), 4, 1)
         state.step = 1
+    # Counted before the export, which merges the adapters into the base in place.
+    parameters = sum(p.numel() for p in engine.module.parameters())
+    trainable = sum(p.numel() for p in engine.module.parameters() if p.requires_grad)
     work = Path(tempfile.mkdtemp(prefix="sde_ray_bench_ckpt_"))
     try:
         with Phase() as save:
@@ -144,8 +147,6 @@ def measure(name_or_path: str, before: bool, out: str) -> None:
                 engine.module.model.save_pretrained(work / "export", in_place=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    parameters = sum(p.numel() for p in engine.module.parameters())
-    trainable = sum(p.numel() for p in engine.module.parameters() if p.requires_grad)
     Path(out).write_text(json.dumps({
         "parameters": parameters, "trainable": trainable, "checkpoint_mib": checkpoint_bytes / MiB,
         **{f"{label}_{key}": value for label, phase in (("load", load), ("save", save), ("export", export))
