@@ -401,6 +401,10 @@ class DeepSpeedConfig:
     zero_stage: int = doc(2, "ZeRO stage 0-3.")
     precision: Literal["fp32", "bf16", "fp16"] = doc("fp32", "Training precision (fp16 needs a GPU).")
     offload_optimizer: bool = doc(False, "ZeRO-Offload of optimizer state to CPU memory.")
+    zero_init: bool = doc(
+        False, "ZeRO-3 full fine-tuning: the backbone loads already partitioned (transformers' from_pretrained "
+        "under DeepSpeed's zero.Init), so no rank ever holds the whole model. Needs zero_stage 3 and a "
+        "from_pretrained checkpoint in model.name_or_path; not with LoRA or model.init_from.")
     overrides: dict[str, Any] = doc({}, "Raw DeepSpeed JSON keys applied last (logged on rank 0).")
 
 
@@ -1010,6 +1014,16 @@ def validate(config: Config) -> None:
     if d.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {d.zero_stage}.")
     check_precision(config)
+    if d.zero_init:
+        m = config.model
+        problem = ("needs deepspeed.zero_stage=3" if d.zero_stage != 3 else
+                   "loads a from_pretrained checkpoint partitioned: model.name_or_path must name one, not a tiny "
+                   "in-code model or an assembled dual encoder" if not m.name_or_path or m.name_or_path.startswith("tiny-") else
+                   "is for full fine-tuning: LoRA trains too little to partition (the LoRA recipes use ZeRO-1)"
+                   if m.lora.enabled else
+                   "cannot warm-start: model.init_from loads whole weights into each rank" if m.init_from else "")
+        if problem:
+            raise ConfigError(f"deepspeed.zero_init {problem}.")
     sp = config.spectral
     if sp.partition == "soft" and sp.fence != "iqr":
         raise ConfigError(

@@ -293,3 +293,13 @@ def tiny_processors(name: str, config: ModelConfig) -> tuple[PreTrainedTokenizer
 def tiny_backbone(name: str, config: ModelConfig, tokenizer: PreTrainedTokenizerFast):
     """A randomly initialised tiny `transformers` model (initialised from torch's global RNG)."""
     return TINY_MODELS[name].backbone(config, tokenizer)
+
+
+def save_tiny_checkpoint(name: str, config: ModelConfig, folder) -> None:
+    """A tiny model written as a Hub download holds one (the backbone's own `save_pretrained`, the
+    tokenizer, the image processor; no sde_ray files), so it loads through the `from_pretrained`
+    path a real checkpoint takes. Its weights are `tiny_backbone`'s from torch's global RNG."""
+    tokenizer, image_processor = tiny_processors(name, config)
+    tiny_backbone(name, config, tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    image_processor.save_pretrained(folder)

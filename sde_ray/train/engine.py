@@ -67,16 +67,52 @@ class TrainModule(torch.nn.Module):
         return Scored(loss, metrics, query.detach(), positives.detach())
 
 
-def build_train_module(config: Config, dtype: torch.dtype | None = None) -> TrainModule:
+def build_train_module(config: Config, dtype: torch.dtype | None = None, ds_config: dict | None = None) -> TrainModule:
     """The encoder and the objective, with the towers' learning-rate scales (`sde_ray.models.tower_of`);
     a tower whose scale is 0 is frozen. The backbone loads in `dtype`, by default the training
-    precision's (DeepSpeed would cast it to that anyway)."""
-    model = build_model(config.model, seed=config.train.seed, dtype=dtype or TRAINING_DTYPES[config.deepspeed.precision])
+    precision's (DeepSpeed would cast it to that anyway). With `deepspeed.zero_init` and the run's
+    `ds_config` (every rank calls it then: a collective), the backbone loads partitioned."""
+    dtype = dtype or TRAINING_DTYPES[config.deepspeed.precision]
+    with zero3_partitioned_load(ds_config if config.deepspeed.zero_init else None):
+        model = build_model(config.model, seed=config.train.seed, dtype=dtype)
     scales = {"vision": config.train.vision_lr_scale, "text": config.train.text_lr_scale}
     for name, parameter in model.named_parameters():
         if scales[tower_of(name)] == 0:
             parameter.requires_grad_(False)
     return TrainModule(model, build_objective(config, model.embed_dim), scales)
+
+
+@contextlib.contextmanager
+def zero3_partitioned_load(ds_config: dict | None):
+    """transformers' `from_pretrained` inside the block loads each weight straight into its ZeRO-3
+    partition (DeepSpeed's zero.Init, which transformers enters while it sees a live HfDeepSpeedConfig
+    of stage 3): no rank holds the whole model, and the weights equal a plain load's. No-op for None."""
+    if ds_config is None:
+        yield
+        return
+    import deepspeed
+    import torch._dynamo  # noqa: F401  (imported inside zero.Init, which patches Tensor.__new__, it fails)
+    import transformers.modeling_utils  # noqa: F401  (it imports torch._dynamo on first use)
+    from transformers.integrations import HfDeepSpeedConfig
+
+    skip_cpu_shared_memory_kernel()
+    deepspeed.init_distributed()  # wraps the process group Ray Train (or the caller) set up
+    keep_alive = HfDeepSpeedConfig(ds_config)  # transformers holds only a weak reference to it
+    try:
+        yield
+    finally:
+        del keep_alive
+
+
+def gathered(parameters: list[torch.nn.Parameter], modifier_rank: int | None = None):
+    """ZeRO-3 partitioned `parameters` whole on every rank inside the block (a collective: every rank
+    enters it); with `modifier_rank`, that rank's changes are partitioned back. Plain parameters: no-op."""
+    partitioned = [p for p in parameters if hasattr(p, "ds_id")]
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank)
 
 
 @contextlib.contextmanager

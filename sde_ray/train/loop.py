@@ -65,7 +65,7 @@ from sde_ray.train.checkpoint_store import newer_checkpoint
 from sde_ray.train.data import REPLACED, SAMPLE_ID, batch_stream
 from sde_ray.train.deepspeed_config import build_deepspeed_config, chunk_size
 # Built without Ray in `engine` (the device check builds them too); imported here for the loop and its callers.
-from sde_ray.train.engine import TrainModule, build_engine, build_train_module, seed_everything  # noqa: F401
+from sde_ray.train.engine import TrainModule, build_engine, build_train_module, gathered, seed_everything  # noqa: F401
 from sde_ray.train.grad_guard import NonFiniteGuard
 from sde_ray.train.meter import StepMeter
 from sde_ray.train.session import RaySession, Session
@@ -290,10 +290,14 @@ def resume(config: Config, args: RunArgs, session: Session) -> tuple[Any, TrainS
     and ZeRO stage match, consolidated weights and a fresh optimizer otherwise (an elastic resize)."""
     rank, world_size, train = session.rank, session.world_size, config.train
     seed_everything(train.seed)
-    module = build_train_module(config)  # the same initial weights on every rank
+    ds_config = build_deepspeed_config(config, world_size)
+    # The same initial weights on every rank (under `deepspeed.zero_init`, each rank's partition of them).
+    module = build_train_module(config, ds_config=ds_config)
     # The frozen weights' source and hash, which checkpoints record instead of the weights: rank 0
-    # hashes them once, before ZeRO-3 partitions them (`checkpoint.base_identity`).
-    base = base_identity(config, module.model) if rank == 0 else {}
+    # hashes them once, before ZeRO-3 partitions them (`checkpoint.base_identity`; already partitioned
+    # under zero_init: every rank gathers the frozen ones for it).
+    with gathered([p for p in module.model.parameters() if not p.requires_grad]):
+        base = base_identity(config, module.model) if rank == 0 else {}
     # Then one seed per rank: dropout and other module randomness differ across data-parallel ranks
     # (an exact resume restores each rank's RNG state from the checkpoint instead).
     seed_everything(train.seed + rank)
@@ -304,9 +308,9 @@ def resume(config: Config, args: RunArgs, session: Session) -> tuple[Any, TrainS
         if plan is not None:
             # A trainable-only checkpoint goes onto the base it was trained on, or not at all (every rank).
             check_resume_base(plan, base, rank, world_size)
-            if not plan.exact:
-                load_consolidated(module, plan)  # trainable-only: onto the frozen part as built
-        ds_config = build_deepspeed_config(config, world_size)
+            if not plan.exact:  # trainable-only: onto the frozen part as built
+                with gathered(list(module.parameters()), modifier_rank=0):  # zero_init: rank 0's load, partitioned
+                    load_consolidated(module, plan)
         if rank == 0:
             overrides = (f" (overrides applied: {json.dumps(config.deepspeed.overrides)})"
                          if config.deepspeed.overrides else "")

@@ -326,16 +326,12 @@ def test_a_checkpoint_folder_loads_through_from_pretrained(name, model_type, raw
     """A non-tiny name: a folder as a Hub download holds it (the backbone's own save_pretrained, the
     tokenizer, the image processor; no sde_ray files) goes through AutoConfig /
     AutoModelForImageTextToText / AutoTokenizer / AutoImageProcessor and embeds as the model it holds."""
-    from sde_ray.models.processing import load_processors
-    from sde_ray.models.tiny import tiny_backbone
+    from sde_ray.models.tiny import save_tiny_checkpoint
 
     tiny = ModelConfig(kind="vlm", name_or_path=name)
-    tokenizer, image_processor = load_processors(tiny)
     folder = tmp_path / model_type
     torch.manual_seed(0)
-    tiny_backbone(name, tiny, tokenizer).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    image_processor.save_pretrained(folder)
+    save_tiny_checkpoint(name, tiny, folder)
     assert not (folder / "sde_ray_model.json").exists()
 
     config = ModelConfig(kind="vlm", name_or_path=str(folder))
