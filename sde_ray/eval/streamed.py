@@ -25,6 +25,7 @@ cache hit knows the image is unusable too), and every row that uses it is a miss
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import time
 from pathlib import Path
@@ -288,18 +289,22 @@ def evaluate_streamed(
         # this stage into the actors' (it fuses stages with equal resource requests): the actors must not decode.
         dataset = dataset.map_batches(
             prepare_chunk, batch_size=1, num_cpus=1, memory=DECODE_TASK_MEMORY,
-            concurrency=config.eval.decode_concurrency or None,
+            compute=ray.data.TaskPoolStrategy(size=config.eval.decode_concurrency or None),
             fn_kwargs={"source": source, "model_dir": str(model_dir)})
         roster = ray.remote(num_cpus=0)(Roster).remote()
+        # max_restarts=0: a lost actor fails the evaluation, as a lost actor of the in-process pool
+        # always did (Ray Data's default, restarting forever, also makes Ray's core worker print an
+        # error line on the driver's console for every actor whose arguments sit in the object store).
         dataset = dataset.map_batches(
-            ForwardActor, batch_size=config.eval.batch_size, concurrency=config.eval.num_workers,
+            ForwardActor, batch_size=config.eval.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=config.eval.num_workers), max_restarts=0,
             num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1, resources=dict(resources or {}) or None,
             fn_constructor_args=(str(model_dir), config.eval.batch_size, use_gpu, precision, roster))
         total = sum(len(c["chunk"]["texts"]) for c in chunks)
         context = ray.data.DataContext.get_current()
         previous_wait, context.wait_for_min_actors_s = context.wait_for_min_actors_s, ACTOR_START_S
         try:
-            batches = dataset.iter_batches(batch_size=None, batch_format="numpy")
+            batches = _quiet_console(dataset.iter_batches(batch_size=None, batch_format="numpy"))
             with tqdm(total=total, desc="encoding", unit="item", leave=False,
                       disable=None if progress else True) as bar:
                 for batch in batches:
@@ -326,3 +331,19 @@ def evaluate_streamed(
                             unscorable)
     return evaluation, record
 
+
+
+def _quiet_console(batches):
+    """`batches`, with Ray Data's own console lines (execution plans, "finished in", warnings) kept
+    off the driver's terminal while they stream: they still go to the Ray session's log folder (its
+    file handler is untouched). The evaluation prints its own progress and tables."""
+    handlers = [h for h in logging.getLogger("ray.data").handlers
+                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+    levels = [h.level for h in handlers]
+    for handler in handlers:
+        handler.setLevel(logging.ERROR)
+    try:
+        yield from batches
+    finally:
+        for handler, level in zip(handlers, levels):
+            handler.setLevel(level)
