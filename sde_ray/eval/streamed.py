@@ -28,6 +28,7 @@ import dataclasses
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -222,6 +223,7 @@ def evaluate_streamed(
     dataset) and filled with what was encoded (its `encoder` is not used). `resources`: a custom
     resource that keeps the actors on the worker nodes (`scaling.worker_node_resource`)."""
     import ray
+    from ray.util.annotations import RayDeprecationWarning
     from tqdm.auto import tqdm
 
     source = eval_image_source(eval_root)
@@ -292,14 +294,18 @@ def evaluate_streamed(
             compute=ray.data.TaskPoolStrategy(size=config.eval.decode_concurrency or None),
             fn_kwargs={"source": source, "model_dir": str(model_dir)})
         roster = ray.remote(num_cpus=0)(Roster).remote()
-        # max_restarts=0: a lost actor fails the evaluation, as a lost actor of the in-process pool
-        # always did (Ray Data's default, restarting forever, also makes Ray's core worker print an
-        # error line on the driver's console for every actor whose arguments sit in the object store).
-        dataset = dataset.map_batches(
-            ForwardActor, batch_size=config.eval.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=config.eval.num_workers), max_restarts=0,
-            num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1, resources=dict(resources or {}) or None,
-            fn_constructor_args=(str(model_dir), config.eval.batch_size, use_gpu, precision, roster))
+        # Not restarted: a lost actor fails the evaluation, as a lost actor of the in-process pool always
+        # did (Ray Data's default, restarting forever, also makes Ray's core worker print an error line
+        # on the driver's console for every actor whose arguments sit in the object store). Ray 2.60
+        # names no parameter for an actor's restarts; `ray_remote_args_fn`, the one way, warns that it
+        # is deprecated (removal announced for 2.64): that warning is silenced here, for this call.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", category=RayDeprecationWarning)
+            dataset = dataset.map_batches(
+                ForwardActor, batch_size=config.eval.batch_size,
+                compute=ray.data.ActorPoolStrategy(size=config.eval.num_workers), ray_remote_args_fn=_not_restarted,
+                num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1, resources=dict(resources or {}) or None,
+                fn_constructor_args=(str(model_dir), config.eval.batch_size, use_gpu, precision, roster))
         total = sum(len(c["chunk"]["texts"]) for c in chunks)
         context = ray.data.DataContext.get_current()
         previous_wait, context.wait_for_min_actors_s = context.wait_for_min_actors_s, ACTOR_START_S
@@ -331,6 +337,12 @@ def evaluate_streamed(
                             unscorable)
     return evaluation, record
 
+
+
+def _not_restarted() -> dict:
+    """The eval actors' remote args over Ray Data's defaults (a function: `map_batches` deprecates
+    passing remote args as keywords)."""
+    return {"max_restarts": 0, "max_task_retries": 0}
 
 
 def _quiet_console(batches):

@@ -53,7 +53,9 @@ def test_the_default_jobs_console_is_progress_validation_table_and_paths(data_ca
                    if ": validation" in line]
     assert [m and m[1] for m in validations] == ["2", "4"]
 
-    paths = dict(line.split(": ", 1) for line in console[-6:])
+    # The paths end stdout (stderr, appended above, may hold Ray's token-auth notice when this process
+    # has not started Ray before: RAY_AUTH_MODE is then unset in the child's environment).
+    paths = dict(line.split(": ", 1) for line in run.stdout.splitlines()[-6:])
     assert list(paths) == ["output_dir", "model_dir", "checkpoint", "metrics_jsonl", "spectrum_plot", "logs"]
     assert Path(paths["output_dir"]) == out and Path(paths["metrics_jsonl"]).is_file()
     # The chatter went to Ray's log folder: the workers' DeepSpeed lines are there, and no warning
