@@ -109,6 +109,7 @@ def test_total_is_the_lambda_weighted_sum():
     config.loss.w_hellinger, config.loss.w_subspace, config.loss.w_snr = 2.0, 0.5, 0.7
     objective = build_objective(config, 16)
     loss, m = objective(*_features(), _context())
+    m = {k: float(v) for k, v in m.items()}  # the metrics are device tensors (read once per log window)
     expected = (
         0.3 * m["loss_instance"]
         + 0.7 * (2.0 * m["loss_hellinger"] + 0.5 * m["loss_subspace"])
