@@ -287,6 +287,9 @@ def evaluate_streamed(
         use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
         precision = actor_precision(config.deepspeed.precision, use_gpu)
         dataset = ray.data.from_items(chunks, override_num_blocks=len(chunks))
+        # On the dataset's own context: `from_items` copies the process's, so a later change to that
+        # one never reaches this pipeline (it did not: the second actor could be killed unstarted).
+        dataset.context.wait_for_min_actors_s = ACTOR_START_S
         # The tasks' own memory request (a chunk's decoded images and arrays) also keeps Ray Data from fusing
         # this stage into the actors' (it fuses stages with equal resource requests): the actors must not decode.
         dataset = dataset.map_batches(
@@ -307,8 +310,6 @@ def evaluate_streamed(
                 num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1, resources=dict(resources or {}) or None,
                 fn_constructor_args=(str(model_dir), config.eval.batch_size, use_gpu, precision, roster))
         total = sum(len(c["chunk"]["texts"]) for c in chunks)
-        context = ray.data.DataContext.get_current()
-        previous_wait, context.wait_for_min_actors_s = context.wait_for_min_actors_s, ACTOR_START_S
         try:
             batches = _quiet_console(dataset.iter_batches(batch_size=None, batch_format="numpy"))
             with tqdm(total=total, desc="encoding", unit="item", leave=False,
@@ -322,7 +323,6 @@ def evaluate_streamed(
                     bar.update(len(batch["index"]))
             record.actors = ray.get(roster.everyone.remote())
         finally:
-            context.wait_for_min_actors_s = previous_wait
             ray.kill(roster)
     source.close()
     if pending:
