@@ -331,6 +331,15 @@ class TrainConfig:
         "contrastive and spectral batch stay train.global_batch_size). 0: the whole local batch "
         "(global / workers), the plain one-forward step.",
     )
+    chunk_tokens: int = doc(
+        0,
+        "Token budget of one GradCache chunk on each worker, for batches whose rows differ in length (dynamic "
+        "resolution, documents): a chunk ends before the row that would take its padded token positions "
+        "(sequences × trimmed width, queries + targets + negatives; a VLM's visual tokens included) over it, "
+        "and holds at most train.micro_batch_size rows when that is set. Every rank runs as many chunks as the "
+        "rank that needs most (one all-reduce per step); DeepSpeed's accumulation is then the step's own "
+        "(managed_gradient_accumulation=false). 0: chunks of train.micro_batch_size rows.",
+    )
     lr: float = doc(1e-3, "Peak learning rate.")
     vision_lr_scale: float = doc(
         1.0, "The vision tower's learning rate as a multiple of train.lr (its own AdamW parameter groups, on "
@@ -798,11 +807,12 @@ def chunk_size(config: Config, world_size: int) -> int:
 
 
 def check_precision(config: Config) -> None:
-    if config.deepspeed.precision == "fp16" and config.train.micro_batch_size:
-        raise ConfigError(
-            "train.micro_batch_size (GradCache chunks) does not support deepspeed.precision=fp16: the dynamic "
-            "loss scale would scale the cached feature gradients twice; use bf16 or train.micro_batch_size=0."
-        )
+    for key in ("micro_batch_size", "chunk_tokens"):
+        if config.deepspeed.precision == "fp16" and getattr(config.train, key):
+            raise ConfigError(
+                f"train.{key} (GradCache chunks) does not support deepspeed.precision=fp16: the dynamic loss "
+                f"scale would scale the cached feature gradients twice; use bf16 or train.{key}=0."
+            )
     if config.deepspeed.precision == "fp16" and not config.scaling.use_gpu:
         raise ConfigError("deepspeed.precision=fp16 needs a GPU (scaling.use_gpu=true); use bf16 or fp32 on CPU.")
 
@@ -866,6 +876,7 @@ def within(low: float, high: float, low_open: bool = False, high_open: bool = Fa
 RANGES: dict[str, Range] = {
     "train.global_batch_size": at_least(1),
     "train.micro_batch_size": at_least(0, why="0: the whole local batch"),
+    "train.chunk_tokens": at_least(0, why="0: chunks of train.micro_batch_size rows"),
     "train.warmup_steps": at_least(0),
     "train.weight_decay": at_least(0),
     "train.grad_clip": at_least(0),

@@ -85,6 +85,9 @@ def build_deepspeed_config(config: Config, world_size: int) -> dict[str, Any]:
         "bf16": {"enabled": ds.precision == "bf16"},
         "fp16": {"enabled": ds.precision == "fp16"},
         "steps_per_print": _QUIET_STEPS,
+        # A token budget changes the chunk count from step to step: the step, not DeepSpeed's fixed
+        # micro-step count, says when the optimizer steps (`sde_ray.train.step`).
+        "managed_gradient_accumulation": not train.chunk_tokens,
         "wall_clock_breakdown": False,
     }
     return deep_merge(result, ds.overrides)

@@ -228,7 +228,9 @@ def visual_token_report(config: Config, world_size: int) -> str:
     return (f"[sde_ray] visual tokens per image: {fewest}..{most} (model.min_pixels={geometry.min_pixels}, "
             f"max_pixels={geometry.max_pixels}, one token per {geometry.factor}×{geometry.factor} pixels); a 448×448 "
             f"image: {at_448}. Per micro-batch of {chunk} rows ({images} image sides): up to {images * most} visual "
-            f"tokens, {images * at_448} if every side were a 448×448 image")
+            f"tokens, {images * at_448} if every side were a 448×448 image"
+            + (f"; chunks end at {config.train.chunk_tokens} token positions (train.chunk_tokens)"
+               if config.train.chunk_tokens else ""))
 
 
 def worker_payload(config: Config, prepared=None, train_data=None, step_hook: Callable[..., None] | None = None,

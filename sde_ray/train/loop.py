@@ -339,7 +339,7 @@ def fit(run: Run) -> bool:
         meter.batch(int(local_batch.pop(REPLACED).sum()))
         batch = to_model_inputs(local_batch, engine.device, float_dtype)
         result = train_step(engine, batch, step_context(config, state, run.rank, run.world_size, batch), chunk,
-                            run.world_size)
+                            run.world_size, config.train.chunk_tokens)
         skipped = run.guard.check(result, state)  # raises under nan_policy=raise or too many in a row
         if skipped:  # skipped whole on every rank: the run continues as one without this batch
             run.notice(skipped)

@@ -22,9 +22,12 @@ plain step: one forward, one backward.
 
 DeepSpeed sees every chunk as one micro-step (`gradient_accumulation_steps` = chunks, see
 `deepspeed_config`), so its micro-step counter reaches the accumulation boundary at the last chunk
-and the optimizer steps once per global batch. No backward may be scaled by 1/chunks: the feature
-gradients are already those of the global loss. DeepSpeed scales in two places, and `backward` below
-turns both off (`scale_wrt_gas=False`, and a loss that is not itself an engine output: see there).
+and the optimizer steps once per global batch. Chunks bounded by a token budget (`chunk_sizes`) vary
+in number; every rank runs the largest count any rank needs, and DeepSpeed is told the step owns the
+boundary (`managed_gradient_accumulation=false`: the one `engine.step()` at the end). No backward
+may be scaled by 1/chunks: the feature gradients are already those of the global loss. DeepSpeed
+scales in two places, and `backward` below turns both off (`scale_wrt_gas=False`, and a loss that
+is not itself an engine output: see there).
 ZeRO-0 and ZeRO-1 reduce gradients once, at the boundary; ZeRO-2 and ZeRO-3 reduce (reduce-scatter)
 after every chunk's backward, because they partition gradients as they are produced
 (docs/training.md measures the cost).
@@ -43,9 +46,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-from sde_ray.distributed import all_ranks_true
+from sde_ray.distributed import all_ranks_true, group_device, max_over_ranks
 from sde_ray.train.grad_guard import GradientGuard
 
 
@@ -86,12 +90,80 @@ def all_ranks_finite(loss: torch.Tensor, world_size: int) -> bool:
     return all_ranks_true(bool(torch.isfinite(loss.detach()).all()), world_size)
 
 
-def split_rows(batch: dict[str, torch.Tensor], chunk: int) -> list[dict[str, torch.Tensor]]:
-    """The batch as consecutive chunks of `chunk` rows (every value is split along dim 0)."""
+def split_rows(batch: dict[str, torch.Tensor], sizes: list[int]) -> list[dict[str, torch.Tensor]]:
+    """The batch as consecutive chunks of `sizes[i]` rows (every value is split along dim 0)."""
     rows = len(next(iter(batch.values())))
-    if rows % chunk:
-        raise ValueError(f"a local batch of {rows} rows does not split into chunks of {chunk}")
-    return [{key: value[start:start + chunk] for key, value in batch.items()} for start in range(0, rows, chunk)]
+    if sum(sizes) != rows or min(sizes) < 1:
+        raise ValueError(f"a local batch of {rows} rows does not split into chunks of {sizes} rows")
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return [{key: value[start:start + size] for key, value in batch.items()} for start, size in zip(starts, sizes)]
+
+
+def row_spans(batch: dict) -> list[np.ndarray]:
+    """Per side (`{prefix}_token_span`, read on the host), each row's token spans as int64 [rows, m, 2]:
+    m = 1 for queries and targets, K for K negatives per row."""
+    spans = [np.asarray(torch.as_tensor(value, device="cpu")) for key, value in sorted(batch.items())
+             if key.endswith("_token_span")]
+    return [span.reshape(span.shape[0], -1, 2) for span in spans]
+
+
+def padded_tokens(spans: list[np.ndarray]) -> int:
+    """The token positions one forward over these rows computes: per side, its sequences × the width
+    the model trims them to (`models.embedder.trim_padding`: first used column to last, over every row)."""
+    total = 0
+    for span in spans:
+        flat = span.reshape(-1, 2)
+        used = flat[flat[:, 1] > flat[:, 0]]
+        if len(used):
+            total += len(flat) * int(used[:, 1].max() - used[:, 0].min())
+    return total
+
+
+def token_budget_sizes(spans: list[np.ndarray], budget: int, max_rows: int) -> list[int]:
+    """Consecutive chunks, each as long as it fits: a chunk ends before the row that would take its
+    `padded_tokens` over `budget` or its rows over `max_rows` (a row over the budget on its own is a
+    chunk of one). Rows keep their order: the objective sees the local batch as it came."""
+    rows = spans[0].shape[0]
+    sizes, start = [], 0
+    while start < rows:
+        end = start + 1
+        while (end < rows and end - start < max_rows
+               and padded_tokens([span[start:end + 1] for span in spans]) <= budget):
+            end += 1
+        sizes.append(end - start)
+        start = end
+    return sizes
+
+
+def split_to_count(sizes: list[int], spans: list[np.ndarray], count: int) -> list[int]:
+    """`sizes` cut further until there are `count` chunks (count <= rows): the chunk with the most
+    padded tokens among those of two or more rows is halved, each time. Every rank then runs the same
+    number of forwards and backwards, which ZeRO-3's gathers and ZeRO-2/3's reduce-scatters need."""
+    sizes = list(sizes)
+    while len(sizes) < count:
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        cost = [padded_tokens([span[a:a + n] for span in spans]) if n > 1 else -1 for a, n in zip(starts, sizes)]
+        i = int(np.argmax(cost))
+        sizes[i:i + 1] = [sizes[i] // 2, sizes[i] - sizes[i] // 2]
+    return sizes
+
+
+def chunk_sizes(batch: dict, chunk: int, token_budget: int, world_size: int) -> list[int]:
+    """The rows of each GradCache chunk of this rank's local batch: `chunk` rows each, or, with a
+    token budget (`train.chunk_tokens`), `token_budget_sizes` capped at `chunk` rows, as many chunks on
+    every rank as the rank that needs most (one all-reduce, read on the host)."""
+    rows = len(next(iter(batch.values())))
+    if not token_budget:
+        if rows % chunk:
+            raise ValueError(f"a local batch of {rows} rows does not split into chunks of {chunk}")
+        return [chunk] * (rows // chunk)
+    spans = row_spans(batch)
+    if not spans:
+        raise ValueError("train.chunk_tokens needs the batch's {qry,pos}_token_span (the BatchProcessor's)")
+    sizes = token_budget_sizes(spans, token_budget, chunk)
+    count = int(max_over_ranks(torch.tensor([len(sizes)], dtype=torch.int64, device=group_device()),
+                               world_size).item()) if world_size > 1 else len(sizes)
+    return split_to_count(sizes, spans, count)
 
 
 def backward(engine, loss: torch.Tensor) -> None:
@@ -110,12 +182,19 @@ def backward(engine, loss: torch.Tensor) -> None:
     engine.backward(loss.view_as(loss), scale_wrt_gas=False)
 
 
-def train_step(engine, batch: dict[str, torch.Tensor], context, chunk: int, world_size: int) -> StepResult:
+def train_step(engine, batch: dict[str, torch.Tensor], context, chunk: int, world_size: int,
+               token_budget: int = 0) -> StepResult:
     """One optimizer step of `engine` (a DeepSpeed engine around `loop.TrainModule`) on this worker's
-    local `batch`, encoded `chunk` rows at a time. `context` is the objective's `StepContext` for the
-    whole local batch; every rank must call this together (the objective and the checks collect)."""
+    local `batch`, encoded `chunk` rows at a time, or in chunks of at most `token_budget` padded tokens
+    (`chunk_sizes`; the engine's accumulation is then the caller's, see `deepspeed_config`). `context`
+    is the objective's `StepContext` for the whole local batch; every rank must call this together
+    (the objective and the checks collect)."""
     device = engine.device
-    pieces = split_rows(batch, chunk)
+    sizes = chunk_sizes(batch, chunk, token_budget, world_size)
+    pieces = split_rows(batch, sizes)
+    # DeepSpeed counts micro-steps to find the optimizer step, unless told the caller owns it (a
+    # chunk count that changes from step to step): then `engine.step()` runs once, at the end.
+    counted = engine.managed_gradient_accumulation()
     step_start = rng_state(device)
     guard = GradientGuard.of(engine)
     guard.begin()
@@ -146,9 +225,10 @@ def train_step(engine, batch: dict[str, torch.Tensor], context, chunk: int, worl
 
     # 3. Replay each cached chunk with a graph and push its cached feature gradients through it.
     if leaves is not None:
-        query_grads, target_grads = leaves[0].grad.split(chunk), leaves[1].grad.split(chunk)
+        query_grads, target_grads = leaves[0].grad.split(sizes[1:]), leaves[1].grad.split(sizes[1:])
         for piece, state, query_grad, target_grad in zip(pieces[1:], replay_states[1:], query_grads, target_grads):
-            engine.step()  # closes the previous chunk's micro-step (the boundary is the last chunk's, below)
+            if counted:
+                engine.step()  # closes the previous chunk's micro-step (the boundary is the last chunk's, below)
             set_rng_state(state, device)
             chunk_query, chunk_target = engine(piece)
             surrogate = (chunk_query * query_grad).sum() + (chunk_target * target_grad).sum()
@@ -168,6 +248,7 @@ def train_step(engine, batch: dict[str, torch.Tensor], context, chunk: int, worl
 
     # The objectives all-gather equal shapes, so the objective and its spectral stage saw local × world rows.
     rows = query.shape[0] * world_size
-    metrics = {**metrics, "rows_objective": float(rows), "rows_spectral": float(rows)}
+    metrics = {**metrics, "rows_objective": float(rows), "rows_spectral": float(rows),
+               "chunks": float(len(pieces))}
     return StepResult(finite=True, loss_value=loss.detach(), metrics=metrics, query=query, target=target,
                       chunks=len(pieces))

@@ -108,6 +108,7 @@ def run_cases(loop_config: dict) -> None:
     import ray.train
 
     from sde_ray.config import from_dict
+    from sde_ray.distributed import all_gather_object
     from sde_ray.train.checkpoint import consolidated_state_dict
     from sde_ray.train.deepspeed_config import build_deepspeed_config, chunk_size, local_batch_size
     from sde_ray.train.loop import build_engine
@@ -141,10 +142,12 @@ def run_cases(loop_config: dict) -> None:
 
                 handle = engine.module.model.register_forward_hook(nan_at_call)
             lrs.append(float(engine.get_lr()[0]))
-            result = train_step(engine, mine, step_context(mine, rank, world_size), chunk, world_size)
+            result = train_step(engine, mine, step_context(mine, rank, world_size), chunk, world_size,
+                                config.train.chunk_tokens)
             if handle is not None:
                 handle.remove()
             outcomes.append({"finite": result.finite, "loss": result.loss,
+                             "chunks": all_gather_object(result.chunks, world_size),
                              "rows_objective": result.metrics.get("rows_objective"),
                              "rng_after": torch.get_rng_state()})
         weights = consolidated_state_dict(engine)
@@ -279,7 +282,26 @@ def two_workers(ray_cluster, data_cache, tmp_path_factory):
                   "config": skip_config, "poison": (1, 1, 3)})
     cases.append({"name": "without_that_batch", "dropout": DROPOUT, "rng_seed": 5,
                   "batches": [three[0], three[2]], "config": skip_config})
-    return batch, fit_cases(cases, 2, tmp_path_factory.mktemp("gradcache_two"), "gradcache_two")
+    # (f): chunks by a token budget under which the two ranks need different chunk counts.
+    budget, needs = uneven_token_budget(batch[0])
+    for stage in range(4):
+        cases.append({"name": f"tokens-zero{stage}", "dropout": 0.0, "rng_seed": 5, "batches": batch,
+                      "config": to_dict(case_config(data_cache, "dual_encoder", "sde", 0,
+                                                    f"deepspeed.zero_stage={stage}", f"train.chunk_tokens={budget}",
+                                                    workers=2))})
+    return batch, fit_cases(cases, 2, tmp_path_factory.mktemp("gradcache_two"), "gradcache_two"), needs
+
+
+def uneven_token_budget(batch: dict) -> tuple[int, list[int]]:
+    """A token budget under which rank 0's rows and rank 1's need different numbers of chunks (>= 2)."""
+    from sde_ray.train.step import row_spans, token_budget_sizes
+
+    halves = [{k: v[rank * ROWS:(rank + 1) * ROWS] for k, v in batch.items()} for rank in range(2)]
+    for budget in range(8, 4096, 8):
+        needs = [len(token_budget_sizes(row_spans(half), budget, ROWS)) for half in halves]
+        if min(needs) >= 2 and needs[0] != needs[1]:
+            return budget, needs
+    raise AssertionError("no token budget splits the two ranks' rows into different chunk counts")
 
 
 @pytest.mark.slow
@@ -288,7 +310,7 @@ def test_two_workers_step_equals_one_process_on_the_concatenated_batch(two_worke
     """2 workers × 2 chunks of 4 rows against one process on the 16 rows. The batch repeats target
     texts, so the target spectrum is rank-deficient: SDE must not depend on its rounding-level
     directions (tests/spectral/test_distributed.py checks that in isolation)."""
-    batch, results = two_workers
+    batch, results, _ = two_workers
     result = results[f"{loss}-zero{stage}"]
     config = case_config(data_cache, "dual_encoder", loss, 0, workers=2)
     _, want = reference(config, batch[0], 2 * ROWS, 0.0, rng_seed=5)  # the concatenated batch, world 1
@@ -300,7 +322,7 @@ def test_two_workers_step_equals_one_process_on_the_concatenated_batch(two_worke
 
 @pytest.mark.slow
 def test_a_non_finite_chunk_skips_the_whole_step_on_every_rank(two_workers):
-    _, results = two_workers
+    _, results, _ = two_workers
     poisoned, clean = results["poisoned"], results["without_that_batch"]
     assert [o["finite"] for o in poisoned["outcomes"]] == [True, False, True]  # rank 0 saw the skip too
     assert poisoned["global_steps"] == clean["global_steps"] == 2
@@ -308,6 +330,22 @@ def test_a_non_finite_chunk_skips_the_whole_step_on_every_rank(two_workers):
     assert poisoned["outcomes"][2]["loss"] == clean["outcomes"][1]["loss"]
     for name, value in clean["weights"].items():
         torch.testing.assert_close(poisoned["weights"][name], value, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", range(4))
+def test_token_budget_chunks_agree_across_ranks_and_equal_one_process(two_workers, data_cache, stage):
+    """(f) `train.chunk_tokens`: rank 0's rows and rank 1's need different chunk counts under the
+    budget; both run the larger count (the collectives of ZeRO-2/3 per chunk would hang otherwise),
+    DeepSpeed steps once (the step owns the accumulation boundary), and the update is the plain
+    one-process step on the 16 rows."""
+    batch, results, needs = two_workers
+    result = results[f"tokens-zero{stage}"]
+    assert result["outcomes"][0]["chunks"] == [max(needs)] * 2  # the rank that needed fewer ran the max
+    assert result["global_steps"] == 1
+    config = case_config(data_cache, "dual_encoder", "sde", 0, workers=2)
+    _, want = reference(config, batch[0], 2 * ROWS, 0.0, rng_seed=5)
+    assert_deltas(result["before"], result["weights"], want)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,7 +23,10 @@ def test_lora_recipes_validate_on_zero_1(recipe):
     assert config.model.lora.enabled and config.deepspeed.zero_stage == 1
 
 
-def test_a_zero_1_lora_gradcache_step_equals_one_plain_pass(process_group, data_cache):
+@pytest.mark.parametrize("by_tokens", [False, True], ids=["rows", "tokens"])
+def test_a_zero_1_lora_gradcache_step_equals_one_plain_pass(process_group, data_cache, by_tokens):
+    """2 chunks of rows, or chunks by a token budget (the recipes' `train.chunk_tokens`: DeepSpeed's
+    accumulation boundary is then the step's own)."""
     if str(HERE) not in sys.path:
         sys.path.insert(0, str(HERE))
     import test_gradcache as helpers
@@ -31,17 +34,21 @@ def test_a_zero_1_lora_gradcache_step_equals_one_plain_pass(process_group, data_
 
     from sde_ray.train.deepspeed_config import build_deepspeed_config
     from sde_ray.train.engine import build_engine
-    from sde_ray.train.step import train_step
+    from sde_ray.train.step import padded_tokens, row_spans, token_budget_sizes, train_step
 
     lora = ["deepspeed.zero_stage=1", "model.lora.enabled=true", "model.lora.dropout=0.0"]
     batch = helpers.local_batches(data_cache, "dual_encoder", 1, helpers.ROWS)[0]
-    config = helpers.case_config(data_cache, "dual_encoder", "sde", helpers.ROWS // 2, *lora)
+    budget = padded_tokens(row_spans(batch)) // 3 if by_tokens else 0  # a third of one chunk of all rows
+    chunks = len(token_budget_sizes(row_spans(batch), budget, helpers.ROWS)) if by_tokens else 2
+    config = helpers.case_config(data_cache, "dual_encoder", "sde", helpers.ROWS // 2, *lora,
+                                 f"train.chunk_tokens={budget}")
     module = helpers.build_module(config, 0.0)
     before = helpers.trainable(module)
     engine = build_engine(module, build_deepspeed_config(config, 1))
     torch.manual_seed(5)
-    result = train_step(engine, batch, helpers.step_context(batch, 0, 1), helpers.ROWS // 2, 1)
-    assert result.finite and result.chunks == 2 and engine.global_steps == 1
+    result = train_step(engine, batch, helpers.step_context(batch, 0, 1), helpers.ROWS // 2 if not by_tokens
+                        else helpers.ROWS, 1, budget)
+    assert result.finite and result.chunks == chunks >= 2 and engine.global_steps == 1
     want_loss, want = helpers.reference(helpers.case_config(data_cache, "dual_encoder", "sde", 0, *lora),
                                         batch, helpers.ROWS, 0.0, rng_seed=5)
     assert abs(result.loss - want_loss) <= helpers.RTOL_LOSS * abs(want_loss)
