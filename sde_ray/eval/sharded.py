@@ -47,18 +47,32 @@ def prepare_share(eval_root, info: DatasetInfo, source: ImageSource, max_rows: i
     return PreparedDataset(info, table, images, missing, table.scorable(set(missing)))
 
 
-def _sliced(request: Request, part: slice) -> Request:
+def _sliced(request: Request, part: slice, length: int | None = None) -> Request:
+    """The request's items in `part`, repeated from the first up to `length` items when given (an
+    empty part: the request's first item, its text alone, since this rank may not hold its image)."""
     side, texts, images = request
-    return side, texts[part], images[part]
+    texts, images = texts[part], images[part]
+    if length is not None and len(texts) < length:
+        pad_text, pad_image = (texts[0], images[0]) if texts else (request[1][0], None)
+        texts, images = texts + [pad_text] * (length - len(texts)), images + [pad_image] * (length - len(images))
+    return side, texts, images
 
 
 def sharded_encode(
-    prepared: Sequence[PreparedDataset], encoder: Encoder, rank: int, world_size: int, gather: Gather
+    prepared: Sequence[PreparedDataset], encoder: Encoder, rank: int, world_size: int, gather: Gather,
+    equal_shares: bool = False,
 ) -> list[EncodedDataset]:
-    """Every dataset encoded by all ranks together; the full embeddings on every rank."""
+    """Every dataset encoded by all ranks together; the full embeddings on every rank.
+
+    `equal_shares`: every rank encodes as many items of each request as the largest share (the
+    shorter shares padded, their extra rows dropped), so every rank runs the same forwards — a
+    ZeRO-3-partitioned model gathers its weights with collectives in each one."""
     requests = [r for p in prepared for r in p.requests()]
-    mine = [_sliced(r, rank_slice(len(r[1]), rank, world_size)) for r in requests]
+    parts = [rank_slice(len(r[1]), rank, world_size) for r in requests]
+    lengths = [-(-len(r[1]) // world_size) if equal_shares else None for r in requests]
+    mine = [_sliced(r, part, length) for r, part, length in zip(requests, parts, lengths)]
     local = encoder.encode(mine) if mine else []
+    local = [rows[:part.stop - part.start] for rows, part in zip(local, parts)]
     found_missing = [p.missing_images for p in prepared]  # of this rank's share of the images
     everyone = gather((local, found_missing)) if world_size > 1 else [(local, found_missing)]
     # All ranks' pieces of request i, in rank order = request i in item order.

@@ -46,6 +46,7 @@ def validation_p_at_1(
     world_size: int = 1,
     gather=None,
     precision: str = "fp32",
+    equal_shares: bool = False,
 ) -> float:
     """Mean P@1 over datasets on a small fixed slice: the first ⌈max_queries / #datasets⌉ rows of each.
 
@@ -53,7 +54,8 @@ def validation_p_at_1(
     `world_size > 1` every rank calls it with its own copy of the model on its device, loads the
     images of its share of the distinct items only and encodes that share; `gather` (every rank's
     object in rank order, default `sharded.all_gather_objects`) joins them and every rank returns
-    the same value.
+    the same value. `equal_shares`: every rank runs the same forwards (a ZeRO-3-partitioned model:
+    `sharded.sharded_encode`).
     """
     from sde_ray.eval.sharded import all_gather_objects, sharded_encode
 
@@ -61,7 +63,7 @@ def validation_p_at_1(
         str(Path(eval_root).resolve()), tuple(datasets) if datasets else None, max_queries, rank, world_size
     )
     encoder = ModelEncoder(model, processor, batch_size, precision=precision)
-    encoded = sharded_encode(prepared, encoder, rank, world_size, gather or all_gather_objects)
+    encoded = sharded_encode(prepared, encoder, rank, world_size, gather or all_gather_objects, equal_shares)
     scores = {e.info.name: score_dataset(e) for e in encoded}
     overall = summarize(scores, META_TASKS)["overall"]
     if overall is None:  # only datasets outside the catalog: their mean stands in

@@ -50,11 +50,14 @@ class TrainModule(torch.nn.Module):
         # Each encoder tower's learning rate as a multiple of train.lr (`build_engine` makes the groups).
         self.tower_lr_scales = dict(tower_lr_scales or {})
 
-    def forward(self, batch: dict[str, torch.Tensor], context=None, cached=None) -> Encoded | Scored:
+    def forward(self, batch: dict[str, torch.Tensor], context=None, cached=None,
+                side: str | None = None) -> Encoded | Scored | torch.Tensor:
         """Encode `batch`; with a `context`, also the objective, on `batch`'s features followed by the
         `cached` (query, target) features of the step's other chunks (see `sde_ray.train.step`).
         Both run inside the engine's forward, so ZeRO-3 gathers the encoder's and the objective's
-        parameters alike."""
+        parameters alike. `side` ("qry", "pos"): that side's features alone (`PartitionedEncoder`)."""
+        if side is not None:
+            return self.model.encode_side(batch, side)
         query, target = self.model(batch)
         # The spectral stage (SVD / eigh, partition thresholds) wants at least fp32 under bf16 too.
         query, target = query.float(), target.float()
@@ -65,6 +68,33 @@ class TrainModule(torch.nn.Module):
         loss, metrics = self.objective(query, target, context)
         positives = ContrastiveBatch.of(query, target).positives  # explicit negatives left out
         return Scored(loss, metrics, query.detach(), positives.detach())
+
+
+class PartitionedEncoder(torch.nn.Module):
+    """A ZeRO-3 engine's encoder as the evaluator's `ModelEncoder` sees a model (`encode_side`,
+    `parameters`, `train`/`eval`, `embed_dim`), every forward run through the engine. Calling the
+    partitioned module directly gathers each layer's own weights in its forward but not those a layer
+    reads from its children outside theirs (CLIP's text embeddings read the position table's size):
+    DeepSpeed fetches such external parameters only inside the engine's forward."""
+
+    def __init__(self, engine):
+        super().__init__()
+        object.__setattr__(self, "engine", engine)  # not a submodule: its parameters are the engine's
+
+    def encode_side(self, batch: dict[str, torch.Tensor], prefix: str) -> torch.Tensor:
+        return self.engine(batch, side=prefix)
+
+    def parameters(self, recurse: bool = True):
+        return self.engine.module.model.parameters(recurse)
+
+    def train(self, mode: bool = True) -> "PartitionedEncoder":
+        super().train(mode)
+        self.engine.module.model.train(mode)
+        return self
+
+    @property
+    def embed_dim(self) -> int:
+        return self.engine.module.model.embed_dim
 
 
 def build_train_module(config: Config, dtype: torch.dtype | None = None, ds_config: dict | None = None) -> TrainModule:

@@ -65,7 +65,8 @@ from sde_ray.train.checkpoint_store import newer_checkpoint
 from sde_ray.train.data import REPLACED, SAMPLE_ID, batch_stream
 from sde_ray.train.deepspeed_config import build_deepspeed_config, chunk_size
 # Built without Ray in `engine` (the device check builds them too); imported here for the loop and its callers.
-from sde_ray.train.engine import TrainModule, build_engine, build_train_module, gathered, seed_everything  # noqa: F401
+from sde_ray.train.engine import (  # noqa: F401
+    PartitionedEncoder, TrainModule, build_engine, build_train_module, gathered, seed_everything)
 from sde_ray.train.grad_guard import NonFiniteGuard
 from sde_ray.train.meter import StepMeter
 from sde_ray.train.session import RaySession, Session
@@ -155,38 +156,30 @@ class TrainedModel:
     """The trained encoder, un-wrapped: on every rank's device for validation, on rank 0 for export,
     in the training dtype.
 
-    Unpartitioned weights (ZeRO-0/1/2) are the engine's module itself. Under ZeRO-3 a copy is built
-    from the config (the frozen base as loaded) and only the trainable weights are gathered into it:
-    on every rank's device for validation (a cached copy; a collective), on rank 0's CPU for export.
+    It is the engine's module itself for validation, partitioned or not: under ZeRO-3 its forwards
+    gather each layer's weights as training's do (every rank runs the same forwards, `partitioned`),
+    so no rank ever holds the whole model. For export under ZeRO-3, a copy is built from the config
+    (the frozen base as loaded) on rank 0's CPU and only the trainable weights are gathered into it.
     """
 
     def __init__(self, config: Config, engine, rank: int):
         self.config, self.engine, self.rank = config, engine, rank
-        self.device_copy: TrainModule | None = None
+
+    @property
+    def partitioned(self) -> bool:
+        """ZeRO-3: the weights are partitioned over the ranks and every forward is a collective."""
+        return bool(self.engine.zero_optimization_partition_weights())
 
     def for_validation(self) -> torch.nn.Module:
-        """The encoder on this rank's device. Every rank must call it (ZeRO-3 gathers)."""
-        module = self.engine.module
-        if not self.engine.zero_optimization_partition_weights():
-            return module.model
-        import deepspeed
-
-        if self.device_copy is None:
-            self.device_copy = build_train_module(self.config).to(self.engine.device, next(module.parameters()).dtype)
-        # The frozen weights are the base's in both: only the trained ones are gathered and copied.
-        copies = dict(self.device_copy.named_parameters())
-        trained = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
-        with deepspeed.zero.GatheredParameters([p for _, p in trained], modifier_rank=None):
-            with torch.no_grad():
-                for name, source in trained:
-                    copies[name].copy_(source.data.reshape(copies[name].shape))
-        return self.device_copy.model
+        """The encoder on this rank's device (ZeRO-3: partitioned, run through the engine; every rank
+        must run it alike)."""
+        return PartitionedEncoder(self.engine) if self.partitioned else self.engine.module.model
 
     def for_export(self) -> torch.nn.Module | None:
         """The encoder to export on rank 0 (None elsewhere), in the training dtype, to be saved
         `in_place` (a LoRA merge needs no second copy of the backbone): export it after the last
         checkpoint. Every rank must call it (ZeRO-3 gathers the trainable weights)."""
-        if not self.engine.zero_optimization_partition_weights():
+        if not self.partitioned:
             return self.engine.module.model if self.rank == 0 else None
         weights = consolidated_state_dict(self.engine, trainable_only=has_frozen(self.engine.module), copy=False)
         if self.rank != 0:
@@ -197,14 +190,16 @@ class TrainedModel:
         return copy.model
 
 
-def validate(model: torch.nn.Module, processor, val_root: str, config: Config, rank: int, world_size: int) -> float:
-    """Validation P@1, every rank encoding its share under the training precision (same value on all)."""
+def validate(model: torch.nn.Module, processor, val_root: str, config: Config, rank: int, world_size: int,
+             partitioned: bool = False) -> float:
+    """Validation P@1, every rank encoding its share under the training precision (same value on all).
+    `partitioned` (ZeRO-3): every rank runs as many forwards as the largest share needs."""
     was_training = model.training
     model.eval()
     try:
         return float(validation_p_at_1(model, processor, val_root, max_queries=config.eval.val_queries,
                                        batch_size=config.eval.batch_size, rank=rank, world_size=world_size,
-                                       precision=config.deepspeed.precision))
+                                       precision=config.deepspeed.precision, equal_shares=partitioned))
     finally:
         model.train(was_training)
 
@@ -375,7 +370,7 @@ def after_step(run: Run, due: Due) -> None:
                   **run.args.data_counts)  # shards skipped, rows the converter rejected
     if due.validate:
         report["val_p_at_1"] = validate(run.trained.for_validation(), run.processor, run.args.val_root,
-                                        run.config, run.rank, run.world_size)
+                                        run.config, run.rank, run.world_size, run.trained.partitioned)
     if run.logger is not None:
         run.logger.log(state.step, report, console=due.console)
     if due.checkpoint:

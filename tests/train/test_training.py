@@ -79,7 +79,7 @@ def test_two_workers_learn_under_zero(stage, ray_cluster, small_config, read_met
 
 
 def test_bf16_zero3_validation_on_every_rank(ray_cluster, small_config, read_metrics):
-    """bf16 under ZeRO-3: each rank gathers the full weights onto its device and validates its share;
+    """bf16 under ZeRO-3: each rank validates its share with the partitioned model, through the engine;
     the reported P@1 agrees with the exported weights validated in one process under bf16 autocast
     (bf16 layer norms vs autocast's fp32 ones may flip a near-tie: one query of slack)."""
     from sde_ray.eval.validation import _validation_slice, validation_p_at_1

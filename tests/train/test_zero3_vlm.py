@@ -92,3 +92,34 @@ def test_zero_init_loads_a_checkpoint_partitioned_and_steps_like_one_process(gra
         torch.testing.assert_close(ranks[0]["before"][name].reshape(value.shape), value, atol=0, rtol=0)
     _, want = helpers.reference(plain, batch, 2 * ROWS, 0.0, rng_seed=5)
     helpers.assert_deltas(ranks[0]["before"], ranks[0]["weights"], want)
+
+
+@pytest.mark.slow
+def test_zero3_validation_runs_on_the_partitioned_model_and_equals_one_process(gradcache_helpers, data_cache,
+                                                                                synthetic_mmeb, tmp_path):
+    """Validation during a ZeRO-3 run encodes with the engine's partitioned module (no rank builds a
+    whole copy of the model), its forwards gathering each layer's weights as training's do. Every
+    forward is then a collective, so every rank must run as many: with batches of 1 and 15 queries
+    over the datasets, one rank's share is longer than the other's (or empty) — the shorter shares
+    are padded. P@1 equals one process validating the same weights, unpartitioned."""
+    import gloo_workers
+    import zero3_workers
+
+    from sde_ray.config import to_dict
+    from sde_ray.eval.validation import validation_p_at_1
+    from sde_ray.models import BatchProcessor
+
+    helpers = gradcache_helpers
+    config = helpers.case_config(data_cache, "dual_encoder", "sde", 0, "deepspeed.zero_stage=3",
+                                 "eval.val_queries=15", "eval.batch_size=1", workers=2)
+    # Every weight partitioned: none small enough for DeepSpeed to keep whole once gathered.
+    config.deepspeed.overrides["zero_optimization"] = {"stage3_param_persistence_threshold": 0}
+    root = synthetic_mmeb["eval_dir"]
+    ranks = gloo_workers.launch(zero3_workers.zero3_validation, tmp_path, to_dict(config), str(root),
+                                timeout_s=DEADLINE_S)
+    assert all(r["partitioned"] for r in ranks)
+    total = ranks[0]["total"]
+    assert all(r["held"] < 0.6 * total and r["materialised"] < 0.1 * total for r in ranks), ranks
+    model = helpers.build_module(config, 0.0).model.eval()  # the seed's weights, whole, in this process
+    single = validation_p_at_1(model, BatchProcessor(config.model), root, max_queries=15, batch_size=1)
+    assert [r["p_at_1"] for r in ranks] == [single, single]

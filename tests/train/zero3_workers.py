@@ -56,3 +56,32 @@ def gradcache_step(rank: int, world_size: int, rendezvous: str, out_dir: str, co
     torch.save({"finite": result.finite, "loss": result.loss, "before": before, "weights": weights,
                 "global_steps": engine.global_steps, "held": held, "total": total}, Path(out_dir) / f"rank{rank}.pt")
     finish()
+
+
+def zero3_validation(rank: int, world_size: int, rendezvous: str, out_dir: str, config_dict: dict,
+                     eval_root: str) -> None:
+    """The training loop's validation (`loop.validate` on `TrainedModel.for_validation`) of a fresh
+    ZeRO-3 engine; saves the P@1, and the weights this rank holds afterwards (`held`, its partition)
+    and materialised (`materialised`: gathered and not released) of the model's `total`."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), DS_ACCELERATOR="cpu")
+    from gloo_workers import finish, start
+
+    start(rank, world_size, rendezvous, timeout_s=COLLECTIVE_TIMEOUT_S)
+    from sde_ray.config import from_dict
+    from sde_ray.models import BatchProcessor
+    from sde_ray.train.deepspeed_config import build_deepspeed_config
+    from sde_ray.train.loop import TrainedModel, build_engine, build_train_module, seed_everything, validate
+
+    config = from_dict(config_dict)
+    seed_everything(config.train.seed)
+    engine = build_engine(build_train_module(config).train(), build_deepspeed_config(config, world_size))
+    trained = TrainedModel(config, engine, rank)
+    model = trained.for_validation()
+    value = validate(model, BatchProcessor(config.model), eval_root, config, rank, world_size, trained.partitioned)
+    parameters = list(model.parameters())  # what validation encoded with
+    torch.save({"p_at_1": value, "partitioned": trained.partitioned,
+                "held": sum(p.ds_tensor.numel() for p in parameters if hasattr(p, "ds_tensor")),
+                "materialised": sum(p.data.numel() for p in parameters),
+                "total": sum(getattr(p, "ds_numel", p.numel()) for p in parameters)},
+               Path(out_dir) / f"rank{rank}.pt")
+    finish()
