@@ -285,7 +285,7 @@ def _gradcache_worker(config: Config, batch: dict, chunks: list[int], steps: int
 
     def graphless_forward(engine, chunk: int) -> None:  # GradCache's extra pass alone: its step 1
         with torch.no_grad():
-            for piece in split_rows(batch, chunk):
+            for piece in split_rows(batch, [chunk] * (rows // chunk)):
                 engine(piece)
 
     runs = [lambda e=engines[0]: plain_step(e)]  # "today": the pre-GradCache loop body
@@ -311,6 +311,7 @@ def _gradcache_worker(config: Config, batch: dict, chunks: list[int], steps: int
 
 def _gradcache_process(config: Config, batch: dict, chunks: list[int], steps: int) -> dict:
     import multiprocessing
+    from queue import Empty
 
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
@@ -318,7 +319,14 @@ def _gradcache_process(config: Config, batch: dict, chunks: list[int], steps: in
                               args=(config, batch, chunks, steps, _free_port(), queue))
     process.start()
     try:
-        result = queue.get(timeout=3600)
+        while True:  # a child that died without a result fails the bench now, not after the hour
+            try:
+                result = queue.get(timeout=5)
+                break
+            except Empty:
+                if not process.is_alive():
+                    raise RuntimeError(f"the GradCache bench process exited with {process.exitcode} "
+                                       "before reporting (its traceback is above)") from None
     finally:
         process.join(timeout=60)
     if process.exitcode not in (0, None):
