@@ -44,12 +44,14 @@ the step started, and the step is reported skipped like a non-finite loss (`Step
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from sde_ray.distributed import all_ranks_true, group_device, max_over_ranks
+from sde_ray.models.embedder import host_fact
 from sde_ray.train.grad_guard import GradientGuard
 
 
@@ -90,46 +92,74 @@ def all_ranks_finite(loss: torch.Tensor, world_size: int) -> bool:
     return all_ranks_true(bool(torch.isfinite(loss.detach()).all()), world_size)
 
 
+def _starts(sizes: list[int]) -> list[int]:
+    """The first row of each chunk of `sizes` rows."""
+    return [0, *itertools.accumulate(sizes[:-1])]
+
+
 def split_rows(batch: dict[str, torch.Tensor], sizes: list[int]) -> list[dict[str, torch.Tensor]]:
     """The batch as consecutive chunks of `sizes[i]` rows (every value is split along dim 0)."""
     rows = len(next(iter(batch.values())))
     if sum(sizes) != rows or min(sizes) < 1:
         raise ValueError(f"a local batch of {rows} rows does not split into chunks of {sizes} rows")
-    starts = [sum(sizes[:i]) for i in range(len(sizes))]
-    return [{key: value[start:start + size] for key, value in batch.items()} for start, size in zip(starts, sizes)]
+    return [{key: value[start:start + size] for key, value in batch.items()}
+            for start, size in zip(_starts(sizes), sizes)]
 
 
 def row_spans(batch: dict) -> list[np.ndarray]:
     """Per side (`{prefix}_token_span`, read on the host), each row's token spans as int64 [rows, m, 2]:
     m = 1 for queries and targets, K for K negatives per row."""
-    spans = [np.asarray(torch.as_tensor(value, device="cpu")) for key, value in sorted(batch.items())
-             if key.endswith("_token_span")]
+    spans = [host_fact(batch, key).numpy() for key in sorted(batch) if key.endswith("_token_span")]
     return [span.reshape(span.shape[0], -1, 2) for span in spans]
+
+
+@dataclass
+class _Extents:
+    """One side's rows reduced to what a chunk's width needs: sequences per row, and each row's first
+    used column and one past its last (none used: +inf / -inf, so such rows never widen a chunk)."""
+
+    sequences: int
+    first: list[float]
+    last: list[float]
+
+    @staticmethod
+    def of(span: np.ndarray) -> "_Extents":
+        used = span[..., 1] > span[..., 0]
+        first = np.where(used, span[..., 0], np.inf).min(axis=1)
+        last = np.where(used, span[..., 1], -np.inf).max(axis=1)
+        return _Extents(span.shape[1], first.tolist(), last.tolist())
+
+
+def _chunk_tokens(rows: int, sides: list[tuple[int, float, float]]) -> int:
+    """Padded token positions of `rows` rows whose sides have (sequences, first, last) extents."""
+    return sum(rows * sequences * int(max(0.0, last - first)) for sequences, first, last in sides)
 
 
 def padded_tokens(spans: list[np.ndarray]) -> int:
     """The token positions one forward over these rows computes: per side, its sequences × the width
     the model trims them to (`models.embedder.trim_padding`: first used column to last, over every row)."""
-    total = 0
-    for span in spans:
-        flat = span.reshape(-1, 2)
-        used = flat[flat[:, 1] > flat[:, 0]]
-        if len(used):
-            total += len(flat) * int(used[:, 1].max() - used[:, 0].min())
-    return total
+    sides = [_Extents.of(span) for span in spans]
+    return _chunk_tokens(len(spans[0]), [(e.sequences, min(e.first, default=np.inf),
+                                          max(e.last, default=-np.inf)) for e in sides])
 
 
 def token_budget_sizes(spans: list[np.ndarray], budget: int, max_rows: int) -> list[int]:
     """Consecutive chunks, each as long as it fits: a chunk ends before the row that would take its
     `padded_tokens` over `budget` or its rows over `max_rows` (a row over the budget on its own is a
-    chunk of one). Rows keep their order: the objective sees the local batch as it came."""
+    chunk of one). Rows keep their order: the objective sees the local batch as it came. Each side's
+    extent is carried along as rows join (one pass over the rows: this runs every step)."""
+    sides = [_Extents.of(span) for span in spans]
     rows = spans[0].shape[0]
     sizes, start = [], 0
     while start < rows:
+        extent = [(e.sequences, e.first[start], e.last[start]) for e in sides]
         end = start + 1
-        while (end < rows and end - start < max_rows
-               and padded_tokens([span[start:end + 1] for span in spans]) <= budget):
-            end += 1
+        while end < rows and end - start < max_rows:
+            wider = [(n, min(first, e.first[end]), max(last, e.last[end]))
+                     for (n, first, last), e in zip(extent, sides)]
+            if _chunk_tokens(end + 1 - start, wider) > budget:
+                break
+            extent, end = wider, end + 1
         sizes.append(end - start)
         start = end
     return sizes
@@ -141,8 +171,8 @@ def split_to_count(sizes: list[int], spans: list[np.ndarray], count: int) -> lis
     number of forwards and backwards, which ZeRO-3's gathers and ZeRO-2/3's reduce-scatters need."""
     sizes = list(sizes)
     while len(sizes) < count:
-        starts = [sum(sizes[:i]) for i in range(len(sizes))]
-        cost = [padded_tokens([span[a:a + n] for span in spans]) if n > 1 else -1 for a, n in zip(starts, sizes)]
+        cost = [padded_tokens([span[a:a + n] for span in spans]) if n > 1 else -1
+                for a, n in zip(_starts(sizes), sizes)]
         i = int(np.argmax(cost))
         sizes[i:i + 1] = [sizes[i] // 2, sizes[i] - sizes[i] // 2]
     return sizes
