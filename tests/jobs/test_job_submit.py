@@ -44,7 +44,10 @@ def local_head():
     """A 4-CPU Ray head with a dashboard on free ports; yields its job-submission address."""
     gcs, dashboard, client = ray_nodes.free_ports(3)
     temp_dir = Path(tempfile.mkdtemp(prefix="sdejob", dir="/tmp"))  # short: Ray's socket paths have a length limit
-    head = ray_nodes.start(
+    # Waits for "Ray runtime started", not only for the dashboard: the dashboard answers before the
+    # raylet has registered, and on a loaded machine the raylet can still fail its start (it waits a
+    # bounded time for the dashboard agent's port file), taking the whole head down mid-test.
+    head = ray_nodes.start_node(
         ["--head", f"--port={gcs}", f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
          "--num-cpus=4", "--include-dashboard=true", f"--temp-dir={temp_dir}", *ray_nodes.node_port_flags()],
         temp_dir / "head.log",
@@ -58,6 +61,21 @@ def local_head():
         yield {"address": f"http://127.0.0.1:{dashboard}", "temp_dir": temp_dir}
     finally:
         ray_nodes.stop(head)
+
+
+def _head_logs(head: dict) -> str:
+    """The head's own record when a submit fails: `ray start --block`'s output (it names a Ray
+    process that exited) and the tails of the dashboard, GCS and raylet logs."""
+    temp_dir = head["temp_dir"]
+    parts = [("head.log", temp_dir / "head.log")]
+    logs = temp_dir / "session_latest" / "logs"
+    parts += [(name, logs / name) for name in ("dashboard.log", "dashboard.err", "gcs_server.out", "gcs_server.err",
+                                              "raylet.out", "raylet.err", "dashboard_agent.log")]
+    text = []
+    for name, path in parts:
+        if path.exists():
+            text.append(f"--- {name} ---\n" + path.read_text(errors="replace")[-2500:])
+    return "\n".join(text)
 
 
 def _ray_job(*args: str, auth: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -84,12 +102,12 @@ def test_submit_needs_the_token_and_validates_the_config_before_starting(local_h
 
     typo = _submit(local_head, ["python", "jobs/train.py", "--config", "configs/default.yaml", "train.max_step=4"])
     output = typo.stdout + typo.stderr
-    assert typo.returncode != 0 and "failed" in output
+    assert typo.returncode != 0 and "failed" in output, output[-3000:] + _head_logs(local_head)
     assert "Unknown config key 'train.max_step'" in output and "max_steps" in output
 
     dry = _submit(local_head, ["python", "jobs/train.py", "--config", "configs/default.yaml", "--dry-run",
                                "scaling.num_workers=1"])
-    assert dry.returncode == 0, dry.stdout[-3000:] + dry.stderr[-3000:]
+    assert dry.returncode == 0, dry.stdout[-3000:] + dry.stderr[-3000:] + _head_logs(local_head)
     assert "succeeded" in dry.stdout + dry.stderr and "parameters:" in dry.stdout
 
 
@@ -104,7 +122,7 @@ def test_train_job_runs_end_to_end(local_head, tmp_path):
          "--output-dir", str(output_dir)],
         submission_id=submission_id,
     )
-    assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-3000:]
+    assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-3000:] + _head_logs(local_head)
 
     status = _ray_job("status", "--address", local_head["address"], submission_id, timeout=120)
     assert f"{submission_id}' succeeded" in status.stdout + status.stderr
