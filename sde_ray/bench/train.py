@@ -148,7 +148,7 @@ def main(json_path: str | None = None, config: Config | None = None, quick: bool
         if started:
             ray.shutdown()
     after = plain_pass()
-    gradcache = gradcache_bench(config, [32, 64] if quick else [64, 1024, 4096],
+    gradcache = gradcache_bench(config, [64] if quick else [64, 1024, 4096],
                                 chunk=16 if quick else GRADCACHE_CHUNK, steps=2 if quick else 6)
     plain = _median(before[0] + after[0])
     plain_infonce = _median(before[1] + after[1])
