@@ -4,10 +4,15 @@ shared by the tests of this module).
 
 - A worker killed (os._exit on rank 1 after step 8): Ray Train restarts the group from the step-6
   checkpoint; the same rows on the same ranks, the same losses and the same final weights, at
-  ZeRO-2 and ZeRO-3.
+  ZeRO-3 (every parameter partitioned).
 - The driver killed (SIGKILL to its whole process group: driver, local Ray, workers) and the same
   `sde-ray train CONFIG` command run again, each in a fresh Python process: the run resumes from
-  its latest checkpoint in storage and ends on the same weights.
+  its latest checkpoint in storage and ends on the same weights, at ZeRO-2.
+
+The two stages are split between the two kinds of interruption (CI time: each case is a whole Ray
+run plus its restart): a resume restores the same checkpoint through the same code whichever way
+the run was interrupted, so each stage's exact restore is checked once, against its own
+uninterrupted reference.
 
 352 synthetic rows, global batch 64 over 2 workers in 2 GradCache chunks each: 5 steps per epoch
 (320 rows, a different 32-row tail left out each epoch), so 10 steps are 2 epochs; checkpoints at
@@ -99,7 +104,7 @@ def uninterrupted(ray_cluster, data_cache, tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [3])  # ZeRO-2: the driver-kill test below
 def test_worker_killed_in_epoch_1_and_resumed_equals_uninterrupted(stage, uninterrupted, small_config, tmp_path):
     from sde_ray.train.driver import build_trainer
 
