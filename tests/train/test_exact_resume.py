@@ -105,7 +105,8 @@ def uninterrupted(ray_cluster, data_cache, tmp_path_factory):
 
 
 @pytest.mark.parametrize("stage", [3])  # ZeRO-2: the driver-kill test below
-def test_worker_killed_in_epoch_1_and_resumed_equals_uninterrupted(stage, uninterrupted, small_config, tmp_path):
+def test_worker_killed_in_epoch_1_and_resumed_equals_uninterrupted(stage, uninterrupted, small_config, tmp_path,
+                                                                   read_metrics):
     from sde_ray.train.driver import build_trainer
 
     ref_weights, ref_log = uninterrupted(stage)
@@ -129,6 +130,10 @@ def test_worker_killed_in_epoch_1_and_resumed_equals_uninterrupted(stage, uninte
         assert len(ids) == len(set(ids)) == 5 * 64, epoch
     epochs = [{i for rec in got.values() if rec["epoch"] == e for i in rec["ids"]} for e in (0, 1)]
     assert epochs[0] != epochs[1]  # a different tail of 32 rows is left out each epoch
+    # metrics.jsonl: one row per step (log_every=1), the killed attempt's rows for the redone steps
+    # 7 and 8 dropped on resume; the run's counters are the uninterrupted schedule's.
+    assert [row["step"] for row in read_metrics(config.train.output_dir)] == list(range(1, 11))
+    assert resumed.metrics["step"] == 10 and resumed.metrics["samples"] == 10 * 64
     res_weights = consolidated_weights(resumed.checkpoint.path)
     assert ref_weights.keys() == res_weights.keys()
     for name in ref_weights:
