@@ -84,13 +84,15 @@ def _by_step(log: Path) -> dict[tuple[int, int], dict]:
 
 @pytest.fixture(scope="module")
 def uninterrupted(ray_cluster, data_cache, tmp_path_factory):
-    """`uninterrupted(stage)` -> (final consolidated weights, step log) of the config fitted once
-    without interruption at ZeRO `stage`; each stage runs on first use only."""
+    """`uninterrupted(stage)` -> (final consolidated weights, step log, final checkpoint's TrainState)
+    of the config fitted once without interruption at ZeRO `stage`; each stage runs on first use only."""
     from sde_ray.train.driver import build_trainer
 
-    runs: dict[int, tuple[dict, Path]] = {}
+    from sde_ray.train.checkpoint import TrainState
 
-    def get(stage: int) -> tuple[dict, Path]:
+    runs: dict[int, tuple[dict, Path, TrainState]] = {}
+
+    def get(stage: int) -> tuple[dict, Path, TrainState]:
         if stage not in runs:
             root = tmp_path_factory.mktemp(f"uninterrupted{stage}")
             config = load_config(None, SMALL + resume_overrides(stage) + [
@@ -98,7 +100,8 @@ def uninterrupted(ray_cluster, data_cache, tmp_path_factory):
                 f"train.run_name=uninterrupted-{stage}"])
             log = root / "steps.jsonl"
             result = build_trainer(config, step_hook=step_recorder(log)).fit()
-            runs[stage] = (consolidated_weights(result.checkpoint.path), log)
+            checkpoint = result.checkpoint.path
+            runs[stage] = (consolidated_weights(checkpoint), log, TrainState.read(checkpoint))
         return runs[stage]
 
     return get
@@ -107,9 +110,10 @@ def uninterrupted(ray_cluster, data_cache, tmp_path_factory):
 @pytest.mark.parametrize("stage", [3])  # ZeRO-2: the driver-kill test below
 def test_worker_killed_in_epoch_1_and_resumed_equals_uninterrupted(stage, uninterrupted, small_config, tmp_path,
                                                                    read_metrics):
+    from sde_ray.train.checkpoint import TrainState
     from sde_ray.train.driver import build_trainer
 
-    ref_weights, ref_log = uninterrupted(stage)
+    ref_weights, ref_log, ref_state = uninterrupted(stage)
     config = small_config(*resume_overrides(stage), f"train.run_name=resume-{stage}")
     res_log, marker = tmp_path / "resumed.jsonl", tmp_path / "resumed.killed"
     resumed = build_trainer(config, step_hook=step_recorder(res_log, marker, kill_at=8)).fit()
@@ -134,6 +138,11 @@ def test_worker_killed_in_epoch_1_and_resumed_equals_uninterrupted(stage, uninte
     # 7 and 8 dropped on resume; the run's counters are the uninterrupted schedule's.
     assert [row["step"] for row in read_metrics(config.train.output_dir)] == list(range(1, 11))
     assert resumed.metrics["step"] == 10 and resumed.metrics["samples"] == 10 * 64
+    # The final checkpoint's data position: where the uninterrupted run's is (the restart skipped
+    # the rows its checkpoint had consumed, no more, no fewer).
+    state = TrainState.read(resumed.checkpoint.path)
+    assert (state.step, state.samples, state.epoch, state.epoch_rows) == (
+        ref_state.step, ref_state.samples, ref_state.epoch, ref_state.epoch_rows) and state.step == 10
     res_weights = consolidated_weights(resumed.checkpoint.path)
     assert ref_weights.keys() == res_weights.keys()
     for name in ref_weights:
@@ -180,7 +189,7 @@ def test_driver_killed_and_rerun_finishes_with_the_uninterrupted_weights(uninter
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     assert "resumed at step" in done.stdout + done.stderr, (done.stdout + done.stderr)[-4000:]
 
-    reference, _ = uninterrupted(2)
+    reference, _, _ = uninterrupted(2)
     checkpoint = json.loads((output_dir / "results.json").read_text())["checkpoint"]
     restarted = consolidated_weights(checkpoint)
     assert reference.keys() == restarted.keys()
